@@ -1,0 +1,60 @@
+"""Engine and server settings: small frozen dataclasses, validated on creation; the CLI reads its defaults here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None  # None: the default model (SmolLM2-135M-Instruct)
+    dtype: str = "float32"
+    max_model_len: int | None = None  # None: the model's own context length
+    max_num_seqs: int = 16
+    max_num_batched_tokens: int = 256
+    max_queue: int = 256
+    kv_cache_memory: int | None = None  # bytes; None: derived from max_num_seqs x max_model_len, capped
+    block_size: int = 16
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
+        positive = {
+            "max_num_seqs": self.max_num_seqs,
+            "max_num_batched_tokens": self.max_num_batched_tokens,
+            "block_size": self.block_size,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.max_queue < 0:
+            raise ValueError("max_queue must be 0 or more")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError("max_model_len must be at least 2")
+        if self.kv_cache_memory is not None and self.kv_cache_memory < 1:
+            raise ValueError("kv_cache_memory must be positive")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+# Without an explicit budget the KV cache may not exceed this; preemption handles the rare overflow.
+DEFAULT_KV_CACHE_CAP = 512 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str | None = None
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError("port must be between 0 and 65535")

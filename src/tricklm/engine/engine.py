@@ -1,0 +1,82 @@
+"""Engine: loads a model folder, starts the engine loop, and turns prompts into engine requests."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tricklm.config import EngineConfig
+from tricklm.engine.core import EngineCore, set_num_threads
+from tricklm.engine.loop import EngineLoop, Sink
+from tricklm.engine.request import Request
+from tricklm.engine.sampling_params import SamplingParams
+from tricklm.model.loader import load_model
+from tricklm.model.resolve import DEFAULT_MODEL_NAME, resolve_model
+from tricklm.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class ContextLengthError(ValueError):
+    def __init__(self, max_model_len: int, num_prompt_tokens: int, num_completion_tokens: int) -> None:
+        self.max_model_len = max_model_len
+        self.num_prompt_tokens = num_prompt_tokens
+        self.num_completion_tokens = num_completion_tokens
+        super().__init__(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{num_prompt_tokens + num_completion_tokens} tokens ({num_prompt_tokens} in the messages, "
+            f"{num_completion_tokens} in the completion). Please reduce the length of the messages or completion."
+        )
+
+
+@dataclass(frozen=True)
+class LoadInfo:
+    model_dir: Path
+    model_name: str
+    load_seconds: float
+
+
+class Engine:
+    def __init__(self, config: EngineConfig | None = None, progress: bool = True) -> None:
+        self.config = config or EngineConfig()
+        set_num_threads(self.config.num_threads)
+        start = time.monotonic()
+        model_dir = resolve_model(self.config.model, progress=progress)
+        self.tokenizer = Tokenizer(model_dir)
+        model = load_model(model_dir, self.config.torch_dtype)
+        self.core = EngineCore(model, self.config)
+        self.loop = EngineLoop(self.core, self.config.max_queue)
+        name = DEFAULT_MODEL_NAME if self.config.model is None else model_dir.name
+        self.info = LoadInfo(model_dir, name, time.monotonic() - start)
+        self._ids = itertools.count()
+        logger.info("loaded %s from %s in %.1fs", name, model_dir, self.info.load_seconds)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.core.max_model_len
+
+    def new_request_id(self, prefix: str = "req") -> str:
+        return f"{prefix}-{next(self._ids)}"
+
+    def make_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+        """Validate length against the context window; resolve max_tokens=None to the rest of it."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("the prompt must contain at least one token")
+        room = self.max_model_len - n
+        max_tokens = room if params.max_tokens is None else params.max_tokens
+        if room < 1 or max_tokens > room:
+            raise ContextLengthError(self.max_model_len, n, max_tokens if params.max_tokens is not None else 1)
+        return Request(request_id, prompt_token_ids, params, max_tokens, self.tokenizer.eos_token_ids)
+
+    def submit(self, req: Request, sink: Sink) -> None:
+        self.loop.submit(req, sink)
+
+    def abort(self, request_id: str) -> None:
+        self.loop.abort(request_id)
+
+    def shutdown(self) -> None:
+        self.loop.shutdown()

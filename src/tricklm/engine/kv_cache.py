@@ -1,0 +1,63 @@
+"""The KV cache: allocated once from a memory budget, handed out to requests in fixed-size blocks."""
+
+from __future__ import annotations
+
+import torch
+
+from tricklm.engine.request import Request
+from tricklm.model.attention import KVCacheLayer
+from tricklm.model.config import ModelConfig
+
+
+def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
+
+
+class KVCache:
+    """Paged storage: slot s of every layer holds one token's K and V; block b owns slots [b*bs, (b+1)*bs).
+
+    Block 0 is never handed out, so padded gather indices (0) always point at harmless memory.
+    """
+
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype) -> None:
+        if num_blocks < 2:
+            raise ValueError("the KV cache budget is too small for even one block")
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        shape = (num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.layers = [
+            KVCacheLayer(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+            for _ in range(cfg.num_layers)
+        ]
+        self._free = list(range(num_blocks - 1, 0, -1))
+
+    @property
+    def num_usable_blocks(self) -> int:
+        return self.num_blocks - 1
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.num_usable_blocks * self.block_size
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_usable_blocks
+
+    def blocks_needed(self, req: Request, num_new_tokens: int) -> int:
+        total = req.num_computed_tokens + num_new_tokens
+        return max(0, -(-total // self.block_size) - len(req.block_table))
+
+    def can_allocate(self, req: Request, num_new_tokens: int) -> bool:
+        return self.blocks_needed(req, num_new_tokens) <= len(self._free)
+
+    def allocate(self, req: Request, num_new_tokens: int) -> None:
+        for _ in range(self.blocks_needed(req, num_new_tokens)):
+            req.block_table.append(self._free.pop())
+
+    def free(self, req: Request) -> None:
+        self._free.extend(reversed(req.block_table))
+        req.block_table = []

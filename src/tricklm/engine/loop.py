@@ -1,0 +1,128 @@
+"""Runs EngineCore.step() in a dedicated thread and routes each step's outputs to per-request sinks.
+
+Other threads only enqueue commands (add, abort) under a condition variable; the loop thread alone
+touches the scheduler, so no request state is shared. If a step raises, the loop marks itself dead,
+tells every live request, and refuses new ones (the server reports 503 instead of hanging).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tricklm.engine.core import EngineCore
+from tricklm.engine.request import EngineOutput, Request
+
+logger = logging.getLogger(__name__)
+
+Sink = Callable[[EngineOutput], None]
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+class QueueFullError(RuntimeError):
+    pass
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_prompt_tokens: int
+    num_generation_tokens: int
+    num_preemptions: int
+
+
+class EngineLoop:
+    def __init__(self, core: EngineCore, max_queue: int) -> None:
+        self.core = core
+        self.max_queue = max_queue
+        self._cond = threading.Condition()
+        self._incoming: list[tuple[Request, Sink]] = []
+        self._aborts: list[str] = []
+        self._sinks: dict[str, Sink] = {}
+        self._stopping = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="tricklm-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_alive(self) -> bool:
+        return self.error is None and self._thread.is_alive()
+
+    def submit(self, req: Request, sink: Sink) -> None:
+        with self._cond:
+            if not self.is_alive:
+                raise EngineDeadError(f"the engine has stopped: {self.error!r}")
+            if len(self._incoming) + len(self.core.scheduler.waiting) >= self.max_queue:
+                raise QueueFullError(f"the server is at capacity ({self.max_queue} requests waiting)")
+            self._incoming.append((req, sink))
+            self._cond.notify()
+
+    def abort(self, request_id: str) -> None:
+        with self._cond:
+            self._aborts.append(request_id)
+            self._cond.notify()
+
+    def stats(self) -> EngineStats:
+        s = self.core.scheduler
+        return EngineStats(
+            len(s.running),
+            len(s.waiting) + len(self._incoming),
+            self.core.kv_cache.usage,
+            self.core.num_prompt_tokens,
+            self.core.num_generation_tokens,
+            s.num_preemptions,
+        )
+
+    def shutdown(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        try:
+            while self._run_once():
+                pass
+        except BaseException as e:  # any failure must reach the waiting clients, not vanish with the thread
+            logger.exception("engine loop died")
+            self._die(e)
+
+    def _run_once(self) -> bool:
+        with self._cond:
+            while not (self._stopping or self._incoming or self._aborts or self.core.has_work):
+                self._cond.wait()
+            if self._stopping:
+                return False
+            incoming, self._incoming = self._incoming, []
+            aborts, self._aborts = self._aborts, []
+        for req, sink in incoming:
+            self._sinks[req.request_id] = sink
+            self.core.add_request(req)
+        for request_id in aborts:
+            out = self.core.abort(request_id)
+            if out is not None:
+                self._deliver(out)
+        for out in self.core.step():
+            self._deliver(out)
+        return True
+
+    def _deliver(self, out: EngineOutput) -> None:
+        sink = self._sinks.pop(out.request_id) if out.finished else self._sinks.get(out.request_id)
+        if sink is not None:
+            sink(out)
+
+    def _die(self, error: BaseException) -> None:
+        with self._cond:
+            self.error = error
+            pending = [(req.request_id, sink) for req, sink in self._incoming]
+            self._incoming = []
+        for request_id, sink in [*self._sinks.items(), *pending]:
+            sink(EngineOutput(request_id, [], error=f"engine failure: {error!r}"))
+        self._sinks.clear()

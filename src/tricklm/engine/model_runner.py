@@ -1,0 +1,104 @@
+"""Lays a scheduled batch out as one flat token sequence, runs the model once, samples."""
+
+from __future__ import annotations
+
+import torch
+
+from tricklm.engine.kv_cache import KVCache
+from tricklm.engine.request import Request, TokenLogprob
+from tricklm.engine.sampler import sample
+from tricklm.engine.scheduler import ScheduledBatch
+from tricklm.model.attention import AttentionMetadata, PrefillSegment, chunk_mask, decode_mask
+from tricklm.model.registry import CausalLM
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, kv_cache: KVCache) -> None:
+        self.model = model
+        self.kv = kv_cache
+        self.window = model.config.sliding_window
+        self.dtype = next(iter(model.parameters())).dtype  # type: ignore[attr-defined]
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> dict[str, tuple[int, TokenLogprob | None]]:
+        order = self._decodes_first(batch)
+        input_ids, positions, slots = self._flatten(order)
+        meta = self._metadata(order, slots)
+        hidden = self.model(input_ids, positions, self.kv.layers, meta)
+        rows, sampling = self._sampling_rows(order)
+        if not rows:
+            return {}
+        logits = self.model.compute_logits(hidden[rows])
+        results = sample(logits, sampling)
+        return {req.request_id: res for req, res in zip(sampling, results, strict=True)}
+
+    def forward_logits(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Logits of every token of the step, in batch order (for tests against a reference model)."""
+        with torch.inference_mode():
+            order = [(r, n) for r, n in zip(batch.requests, batch.num_tokens, strict=True)]
+            input_ids, positions, slots = self._flatten(order)
+            hidden = self.model(input_ids, positions, self.kv.layers, self._metadata(order, slots))
+            return self.model.compute_logits(hidden)
+
+    @staticmethod
+    def _decodes_first(batch: ScheduledBatch) -> list[tuple[Request, int]]:
+        pairs = list(zip(batch.requests, batch.num_tokens, strict=True))
+        return [p for p in pairs if p[1] == 1] + [p for p in pairs if p[1] > 1]
+
+    def _flatten(self, order: list[tuple[Request, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        bs = self.kv.block_size
+        for req, n in order:
+            start = req.num_computed_tokens
+            for p in range(start, start + n):
+                ids.append(req.token_id(p))
+                pos.append(p)
+                slots.append(req.block_table[p // bs] * bs + p % bs)
+        as_long = torch.long
+        return torch.tensor(ids, dtype=as_long), torch.tensor(pos, dtype=as_long), torch.tensor(slots, dtype=as_long)
+
+    def _metadata(self, order: list[tuple[Request, int]], slots: torch.Tensor) -> AttentionMetadata:
+        decodes = [req for req, n in order if n == 1]
+        meta = AttentionMetadata(slots, len(decodes), None, None, [])
+        if decodes:
+            lens = [r.num_computed_tokens + 1 for r in decodes]
+            meta.decode_context_index = self._context_index(decodes, max(lens))
+            meta.decode_mask = decode_mask(lens, self.window, self.dtype)
+        offset = len(decodes)
+        for req, n in order[len(decodes) :]:
+            start = req.num_computed_tokens
+            needs_mask = start > 0 or (self.window is not None and start + n > self.window)
+            meta.prefills.append(
+                PrefillSegment(
+                    offset,
+                    offset + n,
+                    start,
+                    self._context_index([req], start + n)[0] if start > 0 else None,
+                    chunk_mask(start, n, self.window, self.dtype) if needs_mask else None,
+                )
+            )
+            offset += n
+        return meta
+
+    def _context_index(self, reqs: list[Request], length: int) -> torch.Tensor:
+        """[len(reqs), length] cache slots of positions 0..length-1 (past a request's blocks: slot 0)."""
+        bs = self.kv.block_size
+        num_blocks = -(-length // bs)
+        table = torch.zeros(len(reqs), num_blocks, dtype=torch.long)
+        for i, req in enumerate(reqs):
+            row = req.block_table[:num_blocks]
+            table[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        pos = torch.arange(length)
+        return table[:, pos // bs] * bs + pos % bs
+
+    @staticmethod
+    def _sampling_rows(order: list[tuple[Request, int]]) -> tuple[list[int], list[Request]]:
+        rows, reqs, offset = [], [], 0
+        for req, n in order:
+            offset += n
+            if req.num_computed_tokens + n == req.num_tokens:
+                rows.append(offset - 1)
+                reqs.append(req)
+        return rows, reqs

@@ -1,0 +1,149 @@
+"""Decides, each step, how many tokens every request computes.
+
+Prefill, chunked prefill and decode are one mechanism: a request computes the tokens it has not yet
+computed, up to the step's token budget. Running requests go first (decodes are one token each), then
+waiting requests are admitted in arrival order while slots, budget and KV blocks allow. When the
+cache runs out mid-decode, the most recently admitted request is preempted (its blocks freed, to be
+recomputed later), so admission never deadlocks and nothing grows without bound.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from tricklm.engine.kv_cache import KVCache
+from tricklm.engine.request import EngineOutput, FinishReason, Request, RequestStatus, TokenLogprob
+
+
+@dataclass
+class ScheduledBatch:
+    requests: list[Request] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.requests)
+
+    def samples(self, i: int) -> bool:
+        """Whether request i has computed all its known tokens after this step (so it samples one)."""
+        req = self.requests[i]
+        return req.num_computed_tokens + self.num_tokens[i] == req.num_tokens
+
+
+class Scheduler:
+    def __init__(self, kv_cache: KVCache, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.kv = kv_cache
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self._schedule_running(batch, self.max_num_batched_tokens)
+        self._admit_waiting(batch, budget)
+        return batch
+
+    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
+        # Decodes (1 token) before prefill chunks, so a long prompt never starves running streams.
+        for req in sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1):
+            if budget == 0:
+                break
+            if req.status != RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self._make_room(req, n, batch):
+                continue
+            self.kv.allocate(req, n)
+            batch.requests.append(req)
+            batch.num_tokens.append(n)
+            budget -= n
+        return budget
+
+    def _make_room(self, req: Request, n: int, batch: ScheduledBatch) -> bool:
+        """Preempt the newest unscheduled running requests until `req` fits; False if `req` had to go."""
+        while not self.kv.can_allocate(req, n):
+            victims = [r for r in reversed(self.running) if r is not req and r not in batch.requests]
+            victim = victims[0] if victims else req
+            self._preempt(victim)
+            if victim is req:
+                return False
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv.free(req)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.WAITING
+        self.waiting.appendleft(req)
+        self.num_preemptions += 1
+
+    def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if not self.kv.can_allocate(req, n):
+                break
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = time.monotonic()
+            self.running.append(req)
+            self.kv.allocate(req, n)
+            batch.requests.append(req)
+            batch.num_tokens.append(n)
+            budget -= n
+
+    def update(
+        self, batch: ScheduledBatch, sampled: dict[str, tuple[int, TokenLogprob | None]]
+    ) -> list[EngineOutput]:
+        """Advance every scheduled request; return a delta for each one that produced a token."""
+        outputs = []
+        for req, n in zip(batch.requests, batch.num_tokens, strict=True):
+            req.num_computed_tokens += n
+            if req.request_id not in sampled:
+                continue
+            token_id, logprob = sampled[req.request_id]
+            req.output_token_ids.append(token_id)
+            reason = req.finish_reason_for(token_id)
+            if reason is not None:
+                self._finish(req, reason)
+            outputs.append(
+                EngineOutput(
+                    req.request_id,
+                    [token_id],
+                    reason,
+                    [logprob] if logprob is not None else None,
+                    req.num_prompt_tokens,
+                )
+            )
+        return outputs
+
+    def abort(self, request_id: str) -> Request | None:
+        for queue in (self.waiting, self.running):
+            for req in queue:
+                if req.request_id == request_id:
+                    self._finish(req, FinishReason.ABORT)
+                    return req
+        return None
+
+    def _finish(self, req: Request, reason: FinishReason) -> None:
+        if req.status == RequestStatus.RUNNING:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.kv.free(req)
+        req.status = {
+            FinishReason.STOP: RequestStatus.FINISHED_STOPPED,
+            FinishReason.LENGTH: RequestStatus.FINISHED_LENGTH,
+            FinishReason.ABORT: RequestStatus.FINISHED_ABORTED,
+        }[reason]

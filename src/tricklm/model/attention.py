@@ -1,0 +1,113 @@
+"""Attention over a paged KV cache, with the per-step metadata every layer shares.
+
+The model runner lays out a step's tokens as: all decode tokens first (one per sequence), then each
+prefill chunk. Decode sequences are attended in one batched call over their gathered, padded contexts;
+each prefill chunk is attended on its own, since padding a long chunk to the batch would waste compute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillSegment:
+    """One sequence's prefill chunk: tokens [token_start, token_end) of the step."""
+
+    token_start: int
+    token_end: int
+    start_pos: int  # position of the chunk's first token in its sequence
+    context_index: torch.Tensor | None  # cache slots of positions [0, start_pos + n); None if start_pos == 0
+    mask: torch.Tensor | None  # additive mask when the chunk cannot use is_causal
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] cache slot that each token's K/V is written to
+    num_decode_tokens: int
+    decode_context_index: torch.Tensor | None  # [B, Lmax] cache slots, padded
+    decode_mask: torch.Tensor | None  # [B, 1, 1, Lmax] additive, -inf on padding
+    prefills: list[PrefillSegment]
+
+
+class KVCacheLayer:
+    """K and V for one layer, stored as [num_slots, num_kv_heads, head_dim]."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k = k
+        self.v = v
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache: KVCacheLayer,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D]."""
+    cache.k.index_copy_(0, meta.slot_mapping, k)
+    cache.v.index_copy_(0, meta.slot_mapping, v)
+    out = torch.empty_like(q)
+    nd = meta.num_decode_tokens
+    if nd:
+        assert meta.decode_context_index is not None
+        idx = meta.decode_context_index
+        kc = cache.k[idx].transpose(1, 2)  # [B, Hkv, L, D]
+        vc = cache.v[idx].transpose(1, 2)
+        qd = q[:nd].unsqueeze(2)  # [B, Hq, 1, D]
+        o = F.scaled_dot_product_attention(qd, kc, vc, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True)
+        out[:nd] = o.squeeze(2)
+    for seg in meta.prefills:
+        s, e = seg.token_start, seg.token_end
+        if seg.context_index is None:
+            ks, vs = k[s:e], v[s:e]
+        else:
+            ks, vs = cache.k[seg.context_index], cache.v[seg.context_index]
+        out[s:e] = _attend(q[s:e], ks, vs, seg.mask, scale, causal=seg.mask is None)
+    return out
+
+
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, causal: bool
+) -> torch.Tensor:
+    """Single sequence: q [n, Hq, D], k/v [L, Hkv, D]."""
+    o = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0),
+        k.transpose(0, 1).unsqueeze(0),
+        v.transpose(0, 1).unsqueeze(0),
+        attn_mask=mask,
+        is_causal=causal and mask is None,
+        scale=scale,
+        enable_gqa=True,
+    )
+    return o.squeeze(0).transpose(0, 1)
+
+
+def chunk_mask(start_pos: int, num_tokens: int, sliding_window: int | None, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask for a chunk at positions [start_pos, start_pos + n) over keys [0, start_pos + n)."""
+    q_pos = torch.arange(start_pos, start_pos + num_tokens).unsqueeze(1)
+    k_pos = torch.arange(start_pos + num_tokens).unsqueeze(0)
+    allowed = k_pos <= q_pos
+    if sliding_window is not None:
+        allowed &= k_pos > q_pos - sliding_window
+    return _additive(allowed, dtype)
+
+
+def decode_mask(context_lens: list[int], sliding_window: int | None, dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, 1, Lmax] additive mask: each row sees its own context (and window) only."""
+    lens = torch.tensor(context_lens).unsqueeze(1)
+    k_pos = torch.arange(max(context_lens)).unsqueeze(0)
+    allowed = k_pos < lens
+    if sliding_window is not None:
+        allowed &= k_pos >= lens - sliding_window
+    return _additive(allowed, dtype)[:, None, None, :]
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    mask = torch.zeros(allowed.shape, dtype=dtype)
+    return mask.masked_fill_(~allowed, float("-inf"))

@@ -1,0 +1,158 @@
+"""Llama-family decoders: Llama (SmolLM2, TinyLlama), Mistral (sliding window), Qwen2 (q/k/v bias).
+
+Q/K/V and gate/up projections are fused into one matmul each; the loader splits checkpoint tensors
+into them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from tricklm.model.attention import AttentionMetadata, KVCacheLayer, paged_attention
+from tricklm.model.config import ModelConfig
+from tricklm.model.layers import RMSNorm, RotaryEmbedding, activation, load_shard
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.scale = self.head_dim**-0.5
+
+    def shard_offsets(self) -> dict[str, int]:
+        return {"q_proj": 0, "k_proj": self.q_size, "v_proj": self.q_size + self.kv_size}
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rope: RotaryEmbedding,
+        cache: KVCacheLayer,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        q, k = rope(positions, q, k)
+        o = paged_attention(q, k, v, cache, meta, self.scale)
+        return self.o_proj(o.reshape(t, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate_size = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.act = activation(cfg.hidden_act)
+
+    def shard_offsets(self) -> dict[str, int]:
+        return {"gate_proj": 0, "up_proj": self.intermediate_size}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)  # type: ignore[no-any-return]
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(cfg)
+        self.mlp = LlamaMLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rope: RotaryEmbedding,
+        cache: KVCacheLayer,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, rope, cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))  # type: ignore[no-any-return]
+
+
+class LlamaBody(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.rotary_emb = RotaryEmbedding(cfg)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Tokens in (flattened across the batch), hidden states out; `compute_logits` on chosen rows."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaBody(cfg)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCacheLayer],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        m = self.model
+        x = m.embed_tokens(input_ids)
+        for layer, cache in zip(m.layers, kv_caches, strict=True):
+            x = layer(x, positions, m.rotary_emb, cache, meta)
+        return m.norm(x)  # type: ignore[no-any-return]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return hidden @ weight.t()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        params = dict(self.named_parameters())
+        shards_seen: dict[str, int] = {}
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name or (self.lm_head is None and name == "lm_head.weight"):
+                continue
+            target, offset = self._map_name(name)
+            if target not in params:
+                continue
+            load_shard(params[target], tensor, offset, exact=offset is None)
+            shards_seen[target] = shards_seen.get(target, 0) + 1
+        # a fused parameter counts as loaded only once every one of its shards arrived
+        return {n for n, seen in shards_seen.items() if seen >= _num_shards(n)}
+
+    def _map_name(self, name: str) -> tuple[str, int | None]:
+        """Checkpoint name -> (our parameter name, row offset inside a fused parameter)."""
+        parts = name.split(".")
+        for i, part in enumerate(parts):
+            if part in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+                fused = "qkv_proj" if part.endswith(("q_proj", "k_proj", "v_proj")) else "gate_up_proj"
+                owner = self.get_submodule(".".join(parts[:i]))
+                offset = owner.shard_offsets()[part]
+                return ".".join([*parts[:i], fused, *parts[i + 1 :]]), offset
+        return name, None
+
+
+def _num_shards(name: str) -> int:
+    if ".qkv_proj." in name:
+        return 3
+    return 2 if ".gate_up_proj." in name else 1
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    """Llama with a sliding attention window (read from config)."""
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    """Llama with biases on q/k/v (set from config)."""

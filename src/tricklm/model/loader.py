@@ -1,0 +1,68 @@
+"""Build a model from a local Hugging Face folder (config.json + *.safetensors)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from tricklm.model.config import ModelConfig, ModelLoadError
+from tricklm.model.layers import RotaryEmbedding
+from tricklm.model.registry import CausalLM, model_class
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path} is missing") from None
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} does not hold a JSON object")
+    return data
+
+
+def load_config(model_dir: Path) -> ModelConfig:
+    return ModelConfig.from_dict(read_json(model_dir / "config.json"))
+
+
+def load_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> CausalLM:
+    cfg = load_config(model_dir)
+    cls = model_class(cfg)
+    with torch.device("meta"):
+        model = cls(cfg)
+    # Parameters are allocated uninitialised: every one is overwritten by the checkpoint (checked below).
+    model = model.to_empty(device="cpu")
+    _reset_buffers(model)
+    loaded = model.load_weights(_iter_safetensors(model_dir))  # type: ignore[operator]
+    missing = sorted(set(dict(model.named_parameters())) - loaded)
+    if missing:
+        shown = ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else "")
+        raise ModelLoadError(f"{model_dir}: {len(missing)} weights missing from the checkpoint: {shown}")
+    return model.to(dtype).eval().requires_grad_(False)  # type: ignore[return-value]
+
+
+def _reset_buffers(model: torch.nn.Module) -> None:
+    """Recompute non-persistent buffers (RoPE tables) that `to_empty` left uninitialised."""
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            fresh = RotaryEmbedding(model.config)  # type: ignore[arg-type]
+            module.cos, module.sin = fresh.cos, fresh.sin
+
+
+def _iter_safetensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{model_dir} has no *.safetensors weights")
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    yield name, f.get_tensor(name).float()
+        except (SafetensorError, OSError) as e:
+            raise ModelLoadError(f"{file} is not a readable safetensors file: {e}") from None

@@ -1,0 +1,42 @@
+"""Architecture name (config.json `architectures[0]`) -> model class."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from tricklm.model.attention import AttentionMetadata, KVCacheLayer
+from tricklm.model.config import ModelConfig, ModelLoadError
+from tricklm.model.gpt2 import GPT2LMHeadModel
+from tricklm.model.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+
+
+class CausalLM(Protocol):
+    config: ModelConfig
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCacheLayer],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor: ...
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+
+MODEL_REGISTRY: dict[str, type[torch.nn.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": MistralForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "GPT2LMHeadModel": GPT2LMHeadModel,
+}
+
+
+def model_class(cfg: ModelConfig) -> type[torch.nn.Module]:
+    cls = MODEL_REGISTRY.get(cfg.architecture)
+    if cls is None:
+        supported = ", ".join(sorted(MODEL_REGISTRY))
+        raise ModelLoadError(f"architecture {cfg.architecture!r} is not supported (supported: {supported})")
+    return cls

