@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 from tricklm.engine.engine import Engine
@@ -27,10 +28,9 @@ class RequestStream:
         loop = asyncio.get_running_loop()
 
         def sink(out: EngineOutput) -> None:
-            try:
+            # RuntimeError: the event loop is gone (shutdown), so nobody is listening any more.
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(self._queue.put_nowait, out)
-            except RuntimeError:
-                pass  # the event loop is gone (shutdown); nobody is listening any more
 
         engine.submit(req, sink)
 

@@ -7,13 +7,14 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tricklm.config import EngineConfig
 from tricklm.engine.core import EngineCore, set_num_threads
 from tricklm.engine.loop import EngineLoop, Sink
 from tricklm.engine.request import Request
 from tricklm.engine.sampling_params import SamplingParams
-from tricklm.model.loader import load_model
+from tricklm.model.loader import load_model, read_json
 from tricklm.model.resolve import DEFAULT_MODEL_NAME, resolve_model
 from tricklm.tokenizer import Tokenizer
 
@@ -46,6 +47,7 @@ class Engine:
         start = time.monotonic()
         model_dir = resolve_model(self.config.model, progress=progress)
         self.tokenizer = Tokenizer(model_dir)
+        self.generation_defaults = generation_defaults(model_dir)
         model = load_model(model_dir, self.config.torch_dtype)
         self.core = EngineCore(model, self.config)
         self.loop = EngineLoop(self.core, self.config.max_queue)
@@ -80,3 +82,17 @@ class Engine:
 
     def shutdown(self) -> None:
         self.loop.shutdown()
+
+
+_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def generation_defaults(model_dir: Path) -> dict[str, Any]:
+    """Sampling defaults from generation_config.json (only when it asks for sampling at all)."""
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return {}
+    cfg = read_json(path)
+    if cfg.get("do_sample") is False:
+        return {}
+    return {k: cfg[k] for k in _DEFAULT_KEYS if isinstance(cfg.get(k), int | float)}

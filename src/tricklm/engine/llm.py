@@ -42,7 +42,10 @@ class LLM:
         for delta, _ in self._run([prompt], self.params(**kwargs)):
             now = time.monotonic()
             for i, token_id in enumerate(delta.token_ids):
-                item: dict[str, Any] = {"token": delta.text if i == len(delta.token_ids) - 1 else "", "token_id": token_id}
+                item: dict[str, Any] = {
+                    "token": delta.text if i == len(delta.token_ids) - 1 else "",
+                    "token_id": token_id,
+                }
                 item["prefill_time_ms" if first else "step_ms"] = round(1000 * (now - (start if first else last)), 3)
                 first = False
                 yield item

@@ -41,6 +41,7 @@ class OutputProcessor:
         self._stop = StopStringMatcher(params.stop)
         self.num_prompt_tokens = num_prompt_tokens
         self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.text = ""
         self.finish_reason: str | None = None
         self.stop_hit = False
@@ -53,6 +54,8 @@ class OutputProcessor:
             self.timings.last_token = now
             self.timings.token_times.append(now)
         self.token_ids.extend(out.new_token_ids)
+        if self.logprobs is not None and out.logprobs:
+            self.logprobs.extend(out.logprobs)
         if out.error is not None:
             return Delta("", list(out.new_token_ids), error=out.error)
         raw = self._detok.push(out.new_token_ids)

@@ -47,7 +47,10 @@ class SamplingParams:
                 self.logprobs is not None and not 0 <= self.logprobs <= _MAX_LOGPROBS,
                 f"logprobs must be between 0 and {_MAX_LOGPROBS}",
             ),
-            (any(not -100.0 <= b <= 100.0 for b in self.logit_bias.values()), "logit_bias values must be in [-100, 100]"),
+            (
+                any(not -100.0 <= b <= 100.0 for b in self.logit_bias.values()),
+                "logit_bias values must be in [-100, 100]",
+            ),
         ]
         return [message for failed, message in checks if failed]
 

@@ -103,9 +103,7 @@ class Scheduler:
             batch.num_tokens.append(n)
             budget -= n
 
-    def update(
-        self, batch: ScheduledBatch, sampled: dict[str, tuple[int, TokenLogprob | None]]
-    ) -> list[EngineOutput]:
+    def update(self, batch: ScheduledBatch, sampled: dict[str, tuple[int, TokenLogprob | None]]) -> list[EngineOutput]:
         """Advance every scheduled request; return a delta for each one that produced a token."""
         outputs = []
         for req, n in zip(batch.requests, batch.num_tokens, strict=True):

@@ -107,7 +107,9 @@ def _hf_config(meta: dict[str, Any], has_output: bool) -> dict[str, Any]:
 
 
 def _generation_config(meta: dict[str, Any]) -> dict[str, Any]:
-    return {k: int(meta[f"tokenizer.ggml.{k}"]) for k in ("bos_token_id", "eos_token_id") if f"tokenizer.ggml.{k}" in meta}
+    return {
+        k: int(meta[f"tokenizer.ggml.{k}"]) for k in ("bos_token_id", "eos_token_id") if f"tokenizer.ggml.{k}" in meta
+    }
 
 
 def _dequantize_all(reader: Any, config: dict[str, Any], progress: bool, label: str) -> dict[str, torch.Tensor]:

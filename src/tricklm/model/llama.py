@@ -44,7 +44,7 @@ class LlamaAttention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         q, k = rope(positions, q, k)
         o = paged_attention(q, k, v, cache, meta, self.scale)
-        return self.o_proj(o.reshape(t, self.q_size))
+        return self.o_proj(o.reshape(t, self.q_size))  # type: ignore[no-any-return]
 
 
 class LlamaMLP(nn.Module):
@@ -139,7 +139,7 @@ class LlamaForCausalLM(nn.Module):
             if part in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
                 fused = "qkv_proj" if part.endswith(("q_proj", "k_proj", "v_proj")) else "gate_up_proj"
                 owner = self.get_submodule(".".join(parts[:i]))
-                offset = owner.shard_offsets()[part]
+                offset: int = owner.shard_offsets()[part]  # type: ignore[operator]
                 return ".".join([*parts[:i], fused, *parts[i + 1 :]]), offset
         return name, None
 

@@ -1,0 +1,3 @@
+from tricklm.cli import main
+
+raise SystemExit(main())

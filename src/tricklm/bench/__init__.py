@@ -1,0 +1,1 @@
+"""`tricklm bench`: a serving benchmark for any OpenAI-compatible server."""

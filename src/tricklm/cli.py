@@ -1,0 +1,95 @@
+"""`tricklm serve | demo | bench`: defaults come from the config dataclasses."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from tricklm.config import EngineConfig, ServerConfig
+from tricklm.model.config import ModelLoadError
+
+_ENGINE_DEFAULTS = EngineConfig()
+_SERVER_DEFAULTS = ServerConfig()
+
+
+def _parse_size(text: str) -> int:
+    """'512MiB', '1GiB', '300MB' or a plain byte count."""
+    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    lowered = text.strip().lower()
+    for unit, factor in units.items():
+        if lowered.endswith(unit):
+            return int(float(lowered[: -len(unit)]) * factor)
+    return int(lowered)
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    d = _ENGINE_DEFAULTS
+    p.add_argument("--model", default=None, help="HF model folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16"])
+    p.add_argument("--max-model-len", type=int, default=d.max_model_len, help="context window (default: model's)")
+    p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="requests decoded together")
+    p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens, help="tokens per step")
+    p.add_argument("--max-queue", type=int, default=d.max_queue, help="waiting requests before 429")
+    p.add_argument("--kv-cache-memory", type=_parse_size, default=None, help="KV cache budget, e.g. 512MiB")
+    p.add_argument("--num-threads", type=int, default=d.num_threads, help="torch threads (default: all cores)")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_queue=args.max_queue,
+        kv_cache_memory=args.kv_cache_memory,
+        num_threads=args.num_threads,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tricklm", description="A streaming LLM server for CPUs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve a model over HTTP (OpenAI-compatible + /generate)")
+    _add_engine_args(serve)
+    serve.add_argument("--host", default=_SERVER_DEFAULTS.host)
+    serve.add_argument("--port", type=int, default=_SERVER_DEFAULTS.port)
+    serve.add_argument("--served-model-name", default=None, help="model id shown by /v1/models")
+    serve.add_argument("--log-level", default=_SERVER_DEFAULTS.log_level)
+    demo = sub.add_parser("demo", help="stream a prompt to the terminal and compare streaming with non-streaming")
+    _add_engine_args(demo)
+    demo.add_argument("--prompt", default="Once upon a time, in a small village by the sea,")
+    demo.add_argument("--max-tokens", type=int, default=64)
+    from tricklm.bench.cli import add_bench_args
+
+    add_bench_args(sub.add_parser("bench", help="benchmark any OpenAI-compatible server"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        if args.command == "serve":
+            from tricklm.server.run import serve
+
+            return serve(engine_config(args), _server_config(args))
+        if args.command == "demo":
+            from tricklm.demo import run_demo
+
+            return run_demo(engine_config(args), args.prompt, args.max_tokens)
+        from tricklm.bench.cli import run_bench
+
+        return run_bench(args)
+    except (ModelLoadError, ValueError) as e:
+        print(f"tricklm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _server_config(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(args.host, args.port, args.served_model_name, args.log_level)

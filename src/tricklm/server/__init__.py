@@ -1,0 +1,1 @@
+"""HTTP layer: FastAPI app, SSE, the /generate API and the OpenAI-compatible API."""

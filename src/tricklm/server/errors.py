@@ -1,0 +1,58 @@
+"""Error bodies: FastAPI's 422 detail form for /generate, the OpenAI shape for /v1/*."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
+
+class APIError(Exception):
+    """An error with a status code and OpenAI fields; raised anywhere in a handler."""
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.type = type_
+        self.param = param
+        self.code = code
+        self.headers = headers
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def openai_response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status_code, headers=self.headers)
+
+    def detail_response(self) -> JSONResponse:
+        return JSONResponse({"detail": self.message}, status_code=self.status_code, headers=self.headers)
+
+
+def overloaded(message: str) -> APIError:
+    return APIError(429, message, "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+
+
+def unavailable(message: str) -> APIError:
+    return APIError(503, message, "service_unavailable", code="engine_unavailable", headers={"Retry-After": "5"})
+
+
+def validation_error_to_openai(errors: list[Any]) -> APIError:
+    """Turn pydantic's error list into one 400 naming the first bad parameter."""
+    first = errors[0] if errors else {}
+    loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
+    param = ".".join(loc) or None
+    msg = first.get("msg", "invalid request")
+    if first.get("type") == "json_invalid":
+        return APIError(400, f"request body is not valid JSON: {msg}", code="invalid_json")
+    if first.get("type") == "missing":
+        return APIError(400, f"'{param}' is a required parameter", param=param, code="missing_required_parameter")
+    return APIError(400, f"invalid value for '{param}': {msg}", param=param, code="invalid_value")

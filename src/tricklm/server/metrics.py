@@ -1,0 +1,58 @@
+"""Prometheus metrics under vLLM's names (prefixed `tricklm:`), one registry per app."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from tricklm.engine.engine import Engine
+    from tricklm.engine.output import OutputProcessor
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 60.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.running = Gauge("tricklm:num_requests_running", "Requests in the running batch", registry=r)
+        self.waiting = Gauge("tricklm:num_requests_waiting", "Requests waiting to be scheduled", registry=r)
+        self.kv_usage = Gauge("tricklm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use", registry=r)
+        self.prompt_tokens = Counter("tricklm:prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generation_tokens = Counter("tricklm:generation_tokens", "Tokens generated", registry=r)
+        self.success = Counter("tricklm:request_success", "Finished requests", ["finished_reason"], registry=r)
+        self.ttft = Histogram(
+            "tricklm:time_to_first_token_seconds", "Arrival to first token", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.itl = Histogram(
+            "tricklm:inter_token_latency_seconds", "Gap between tokens", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.e2e = Histogram(
+            "tricklm:e2e_request_latency_seconds", "Arrival to last token", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self._engine: Engine | None = None
+
+    def bind(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def observe_finished(self, proc: OutputProcessor) -> None:
+        t = proc.timings
+        self.prompt_tokens.inc(proc.num_prompt_tokens)
+        self.generation_tokens.inc(len(proc.token_ids))
+        self.success.labels(finished_reason=proc.finish_reason or "abort").inc()
+        if t.first_token is not None:
+            self.ttft.observe(t.first_token - t.arrival)
+        for a, b in zip(t.token_times, t.token_times[1:], strict=False):
+            self.itl.observe(b - a)
+        if t.last_token is not None:
+            self.e2e.observe(t.last_token - t.arrival)
+
+    def render(self) -> bytes:
+        if self._engine is not None:
+            stats = self._engine.loop.stats()
+            self.running.set(stats.num_running)
+            self.waiting.set(stats.num_waiting)
+            self.kv_usage.set(stats.kv_cache_usage)
+        return generate_latest(self.registry)

@@ -1,0 +1,83 @@
+"""What the routes share: the engine once loaded (or why it is not), the served name, and metrics."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from fastapi import Request
+
+from tricklm.engine.async_llm import AsyncEngine
+from tricklm.engine.engine import ContextLengthError, Engine
+from tricklm.engine.loop import EngineDeadError, QueueFullError
+from tricklm.server.errors import APIError, overloaded, unavailable
+from tricklm.server.metrics import Metrics
+
+
+class ServerState:
+    def __init__(self, served_model_name: str | None = None) -> None:
+        self.engine: Engine | None = None
+        self.async_engine: AsyncEngine | None = None
+        self.load_error: str | None = None
+        self._served_model_name = served_model_name
+        self.metrics = Metrics()
+        self._ready = threading.Event()
+
+    def set_engine(self, engine: Engine) -> None:
+        self.engine = engine
+        self.async_engine = AsyncEngine(engine)
+        self.metrics.bind(engine)
+        self._ready.set()
+
+    def load_in_background(self, factory: Callable[[], Engine]) -> threading.Thread:
+        def load() -> None:
+            try:
+                self.set_engine(factory())
+            except Exception as e:  # reported by /health and every route, never a crash
+                self.load_error = f"{type(e).__name__}: {e}"
+
+        thread = threading.Thread(target=load, name="tricklm-load", daemon=True)
+        thread.start()
+        return thread
+
+    @property
+    def served_model_name(self) -> str:
+        if self._served_model_name:
+            return self._served_model_name
+        return self.engine.info.model_name if self.engine else "unknown"
+
+    def health(self) -> tuple[int, dict[str, str]]:
+        if self.engine is None:
+            if self.load_error:
+                return 503, {"status": "error", "detail": f"model failed to load: {self.load_error}"}
+            return 503, {"status": "loading"}
+        if not self.engine.loop.is_alive:
+            return 503, {"status": "error", "detail": f"engine stopped: {self.engine.loop.error!r}"}
+        return 200, {"status": "ok"}
+
+    def require_engine(self) -> AsyncEngine:
+        code, body = self.health()
+        if code != 200 or self.async_engine is None:
+            raise unavailable(body.get("detail", "the model is still loading"))
+        return self.async_engine
+
+
+def get_state(request: Request) -> ServerState:
+    state: ServerState = request.app.state.server
+    return state
+
+
+@contextmanager
+def engine_errors(param_for_value_error: str | None = None) -> Iterator[None]:
+    """Map engine-side refusals to HTTP errors (status chosen once, here)."""
+    try:
+        yield
+    except ContextLengthError as e:
+        raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
+    except QueueFullError as e:
+        raise overloaded(str(e)) from None
+    except EngineDeadError as e:
+        raise unavailable(str(e)) from None
+    except ValueError as e:
+        raise APIError(400, str(e), param=param_for_value_error, code="invalid_value") from None

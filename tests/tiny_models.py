@@ -1,0 +1,155 @@
+"""Tiny random Hugging Face model folders for hermetic tests (no downloads).
+
+`make_tiny_model(path, arch, **overrides)` writes config.json, model.safetensors (float32),
+tokenizer.json (a byte-level BPE trained here on a short English text), tokenizer_config.json with a
+ChatML chat template, and generation_config.json. Weights are re-drawn with a large standard deviation
+so that logits are spread out (greedy decoding has no near-ties) and every bias is non-zero.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+BOS_TOKEN = "<|endoftext|>"
+EOS_TOKEN = "<|im_end|>"
+TOKENIZER_VOCAB_SIZE = 320
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "GPT2LMHeadModel")
+
+_TRAINING_TEXT = """\
+The quick brown fox jumps over the lazy dog. A small model can still answer questions about the weather,
+the time of day, and the names of the planets. The sun rises in the east and sets in the west.
+Once upon a time there was a little village by the sea, where the people fished and sang songs.
+Hello, world! How are you today? I am fine, thank you. What is your name? My name is Tiny.
+Numbers like 1, 2, 3, 42 and 1000 appear in text too, as do symbols such as #, $, % and &.
+The engine schedules requests, computes tokens in batches, and streams the answers back to the user.
+Cats and dogs are friends in this story; they share their food and sleep in the warm afternoon light.
+"""
+
+
+@functools.lru_cache(maxsize=1)
+def tokenizer_json() -> str:
+    """A byte-level BPE with ~320 tokens; ids 0, 1, 2 are the special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_TRAINING_TEXT.splitlines(), trainer=trainer)
+    return str(tok.to_str())
+
+
+def tokenizer_vocab_size() -> int:
+    from tokenizers import Tokenizer
+
+    return int(Tokenizer.from_str(tokenizer_json()).get_vocab_size(with_added_tokens=True))
+
+
+def special_token_id(token: str) -> int:
+    return SPECIAL_TOKENS.index(token)
+
+
+def _config(arch: str, vocab_size: int, overrides: dict[str, Any]) -> Any:
+    import transformers
+
+    bos, eos = special_token_id(BOS_TOKEN), special_token_id(EOS_TOKEN)
+    common: dict[str, Any] = {"vocab_size": vocab_size, "bos_token_id": bos, "eos_token_id": eos}
+    if arch == "GPT2LMHeadModel":
+        kwargs: dict[str, Any] = {
+            "n_embd": 64,
+            "n_head": 4,
+            "n_layer": 2,
+            "n_inner": 128,
+            "n_positions": 256,
+            "attn_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "resid_pdrop": 0.0,
+        }
+        return transformers.GPT2Config(**{**common, **kwargs, **overrides})
+    kwargs = {
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_hidden_layers": 2,
+        "intermediate_size": 128,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": False,
+    }
+    if arch == "MistralForCausalLM":
+        kwargs["sliding_window"] = 8
+    config_class = {
+        "LlamaForCausalLM": transformers.LlamaConfig,
+        "Qwen2ForCausalLM": transformers.Qwen2Config,
+        "MistralForCausalLM": transformers.MistralConfig,
+    }[arch]
+    return config_class(**{**common, **kwargs, **overrides})
+
+
+def _randomize(model: torch.nn.Module, std: float) -> None:
+    """Normal(0, std) everywhere, except norm scales which become 1 + Normal(0, std)."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            noise = torch.randn(param.shape, generator=gen, dtype=torch.float32) * std
+            is_norm_scale = param.dim() == 1 and name.endswith("weight")
+            param.copy_(noise + 1.0 if is_norm_scale else noise)
+
+
+def make_tiny_model(path: Path, arch: str, *, weight_std: float = 0.2, **overrides: Any) -> Path:
+    """Write a tiny random HF model folder for `arch` into `path` and return `path`.
+
+    `overrides` go to the transformers config class, e.g. `tie_word_embeddings=True`,
+    `rope_scaling={"rope_type": "linear", "factor": 2.0}` or `sliding_window=8`.
+    """
+    import transformers
+
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    vocab_size = tokenizer_vocab_size()
+    config = _config(arch, vocab_size, copy.deepcopy(overrides))  # transformers edits dicts in place
+    torch.manual_seed(0)
+    model = getattr(transformers, arch)(config).to(torch.float32).eval()
+    _randomize(model, weight_std)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    model.save_pretrained(path, safe_serialization=True)
+
+    (path / "tokenizer.json").write_text(tokenizer_json(), encoding="utf-8")
+    bos, eos = special_token_id(BOS_TOKEN), special_token_id(EOS_TOKEN)
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS_TOKEN,
+        "eos_token": EOS_TOKEN,
+        "pad_token": BOS_TOKEN,
+        "add_bos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": config.max_position_embeddings,
+        "chat_template": CHAT_TEMPLATE,
+    }
+    (path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2), encoding="utf-8")
+    generation_config = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": bos}
+    (path / "generation_config.json").write_text(json.dumps(generation_config, indent=2), encoding="utf-8")
+    return path
