@@ -20,6 +20,7 @@ from tricklm.engine.core import EngineCore
 from tricklm.engine.request import FinishReason, Request
 from tricklm.engine.sampling_params import SamplingParams
 from tricklm.engine.scheduler import ScheduledBatch
+from tricklm.model.config import ModelLoadError
 from tricklm.model.loader import load_model
 from tricklm.model.registry import CausalLM
 
@@ -60,9 +61,8 @@ class Case:
 
 
 def load_hf(path: Path) -> Any:
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, attn_implementation="eager"
-    )
+    auto = transformers.AutoModelForCausalLM
+    hf = auto.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
     hf.eval()
     # ignore_eos on our side; HF must not stop early either
     hf.generation_config.eos_token_id = None
@@ -174,9 +174,8 @@ def hf_logits(hf: Any, ids: list[int]) -> torch.Tensor:
 @torch.inference_mode()
 def hf_generate(hf: Any, prompt: list[int], n: int = NUM_NEW_TOKENS, use_cache: bool = True) -> list[int]:
     ids = torch.tensor([prompt])
-    out = hf.generate(
-        ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n, use_cache=use_cache
-    )
+    mask = torch.ones_like(ids)
+    out = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n, use_cache=use_cache)
     new: list[int] = out[0, len(prompt) :].tolist()
     assert len(new) == n
     return new
@@ -252,23 +251,25 @@ def test_recompute_without_cache_matches_cached(case: Case) -> None:
 def test_logits_of_every_step_match_hf(case: Case, budget: int) -> None:
     """Prefill (possibly in chunks, start_pos > 0) and decode steps, all rows against one HF forward."""
     prompt = random_prompt(PROMPT_LEN, case.vocab_size)
-    sequences, logits = drive_logits(
-        engine(case.ours, max_num_batched_tokens=budget), {"a": prompt}, NUM_NEW_TOKENS
-    )
+    core = engine(case.ours, max_num_batched_tokens=budget)
+    sequences, logits = drive_logits(core, {"a": prompt}, NUM_NEW_TOKENS)
     seq = sequences["a"]
     assert len(seq) == PROMPT_LEN + NUM_NEW_TOKENS
     assert seq[PROMPT_LEN:] == hf_generate(case.hf, prompt)
     assert_close(logits["a"], hf_logits(case.hf, seq[:-1]))
 
 
+# With a budget of 7 tokens, steps mix decodes with prefill chunks, and some chunks are 1 token long.
 BATCH_PROMPT_LENS = {"a": 5, "b": 24, "c": 13, "d": 1}
+
+
+def batch_prompts(vocab_size: int) -> dict[str, list[int]]:
+    return {rid: random_prompt(n, vocab_size, seed=i) for i, (rid, n) in enumerate(BATCH_PROMPT_LENS.items())}
 
 
 @pytest.mark.parametrize("budget", [512, 7], ids=["one-prefill", "chunked-prefill"])
 def test_batched_generation_matches_single(case: Case, budget: int) -> None:
-    prompts = {
-        rid: random_prompt(n, case.vocab_size, seed=i) for i, (rid, n) in enumerate(BATCH_PROMPT_LENS.items())
-    }
+    prompts = batch_prompts(case.vocab_size)
     together = run_engine(engine(case.ours, max_num_batched_tokens=budget), prompts)
     for rid, prompt in prompts.items():
         alone = run_engine(engine(case.ours), {rid: prompt})[rid]
@@ -279,21 +280,13 @@ def test_batched_generation_matches_single(case: Case, budget: int) -> None:
 @pytest.mark.parametrize("budget", [512, 7], ids=["one-prefill", "chunked-prefill"])
 def test_batched_logits_match_hf(case: Case, budget: int) -> None:
     """Mixed steps (decodes next to prefill chunks of other requests): every row against HF."""
-    prompts = {
-        rid: random_prompt(n, case.vocab_size, seed=i) for i, (rid, n) in enumerate(BATCH_PROMPT_LENS.items())
-    }
-    sequences, logits = drive_logits(
-        engine(case.ours, max_num_batched_tokens=budget), prompts, NUM_NEW_TOKENS
-    )
+    prompts = batch_prompts(case.vocab_size)
+    core = engine(case.ours, max_num_batched_tokens=budget)
+    sequences, logits = drive_logits(core, prompts, NUM_NEW_TOKENS)
     for rid, seq in sequences.items():
         assert_close(logits[rid], hf_logits(case.hf, seq[:-1]))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src bug: ModelRunner.forward_logits lays tokens out in batch order but _metadata assumes "
-    "1-token (decode) entries come first",
-)
 def test_forward_logits_keeps_batch_order(case: Case) -> None:
     """A 1-token prompt admitted after a longer one: rows come back in batch order, each correct."""
     prompts = {"a": random_prompt(5, case.vocab_size), "d": random_prompt(1, case.vocab_size, seed=3)}
@@ -327,3 +320,12 @@ def test_rope_scaling_matters(tmp_path: Path) -> None:
         scaled = hf_logits(load_hf(make_tiny_model(tmp_path / name, arch, **overrides)), prompt)
         assert torch.allclose(scaled[0], reference[0], atol=1e-5)  # position 0 is not rotated
         assert (scaled[1:] - reference[1:]).abs().amax(dim=-1).min() > 1e-3, name
+
+
+def test_qwen2_sliding_window_on_some_layers_is_refused(tmp_path: Path) -> None:
+    """Per-layer windows are not implemented: loading must say so, not silently compute other logits."""
+    window = {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1}
+    path = make_tiny_model(tmp_path / "q", "Qwen2ForCausalLM", **window)
+    assert load_hf(path).config.layer_types == ["full_attention", "sliding_attention"]
+    with pytest.raises(ModelLoadError, match="some layers only"):
+        load_model(path)

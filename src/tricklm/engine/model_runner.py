@@ -35,10 +35,18 @@ class ModelRunner:
     def forward_logits(self, batch: ScheduledBatch) -> torch.Tensor:
         """Logits of every token of the step, in batch order (for tests against a reference model)."""
         with torch.inference_mode():
-            order = [(r, n) for r, n in zip(batch.requests, batch.num_tokens, strict=True)]
+            order = self._decodes_first(batch)
             input_ids, positions, slots = self._flatten(order)
             hidden = self.model(input_ids, positions, self.kv.layers, self._metadata(order, slots))
-            return self.model.compute_logits(hidden)
+            logits = self.model.compute_logits(hidden)
+        starts, offset = {}, 0
+        for req, n in order:
+            starts[req.request_id] = offset
+            offset += n
+        rows = [
+            starts[r.request_id] + i for r, n in zip(batch.requests, batch.num_tokens, strict=True) for i in range(n)
+        ]
+        return logits[rows]
 
     @staticmethod
     def _decodes_first(batch: ScheduledBatch) -> list[tuple[Request, int]]:

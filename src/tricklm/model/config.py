@@ -47,9 +47,7 @@ class ModelConfig:
     def _llama_like(cls, arch: str, cfg: dict[str, Any]) -> ModelConfig:
         num_heads = cfg["num_attention_heads"]
         rope = _rope_parameters(cfg)
-        window = cfg.get("sliding_window")
-        if arch == "Qwen2ForCausalLM" and not cfg.get("use_sliding_window", False):
-            window = None
+        window = _sliding_window(arch, cfg)
         return cls(
             architecture=arch,
             vocab_size=cfg["vocab_size"],
@@ -89,6 +87,26 @@ class ModelConfig:
             tie_word_embeddings=True,
             raw=cfg,
         )
+
+
+def _sliding_window(arch: str, cfg: dict[str, Any]) -> int | None:
+    """One window for every layer, or none; models that slide on some layers only are refused."""
+    window = cfg.get("sliding_window")
+    layer_types = cfg.get("layer_types")
+    if arch == "Qwen2ForCausalLM" and not layer_types:
+        if not cfg.get("use_sliding_window", False):
+            return None
+        first_sliding = cfg.get("max_window_layers", 0)
+        layer_types = [
+            "full_attention" if i < first_sliding else "sliding_attention" for i in range(cfg["num_hidden_layers"])
+        ]
+    if layer_types:
+        kinds = set(layer_types)
+        if kinds == {"full_attention"}:
+            return None
+        if kinds != {"sliding_attention"}:
+            raise ModelLoadError(f"{arch} with sliding attention on some layers only is not supported")
+    return int(window) if window else None
 
 
 def _rope_parameters(cfg: dict[str, Any]) -> dict[str, Any]:
