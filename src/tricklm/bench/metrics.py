@@ -11,6 +11,7 @@ requests contribute latencies and tokens; failed ones are counted.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -116,7 +117,7 @@ def tpot(record: RequestRecord) -> float | None:
 
 def itls(record: RequestRecord) -> list[float]:
     times = record.chunk_times
-    return [b - a for a, b in zip(times, times[1:], strict=False)]
+    return [b - a for a, b in itertools.pairwise(times)]
 
 
 # ---- statistics ----------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ class EngineCore:
         if budget is None:
             max_len = self.config.max_model_len or model.config.max_position_embeddings
             budget = min(self.config.max_num_seqs * max_len * per_token, DEFAULT_KV_CACHE_CAP)
-        return 1 + budget // (per_token * self.config.block_size)
+        return budget // (per_token * self.config.block_size)  # block 0 (never handed out) included
 
     def add_request(self, req: Request) -> None:
         self.num_prompt_tokens += req.num_prompt_tokens

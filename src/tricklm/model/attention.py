@@ -55,21 +55,36 @@ def paged_attention(
     out = torch.empty_like(q)
     nd = meta.num_decode_tokens
     if nd:
-        assert meta.decode_context_index is not None
-        idx = meta.decode_context_index
-        kc = cache.k[idx].transpose(1, 2)  # [B, Hkv, L, D]
-        vc = cache.v[idx].transpose(1, 2)
-        qd = q[:nd].unsqueeze(2)  # [B, Hq, 1, D]
-        o = F.scaled_dot_product_attention(qd, kc, vc, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True)
-        out[:nd] = o.squeeze(2)
+        assert meta.decode_context_index is not None and meta.decode_mask is not None
+        out[:nd] = _decode_attention(q[:nd], cache, meta.decode_context_index, meta.decode_mask, scale)
     for seg in meta.prefills:
         s, e = seg.token_start, seg.token_end
         if seg.context_index is None:
             ks, vs = k[s:e], v[s:e]
         else:
-            ks, vs = cache.k[seg.context_index], cache.v[seg.context_index]
+            ks, vs = cache.k.index_select(0, seg.context_index), cache.v.index_select(0, seg.context_index)
         out[s:e] = _attend(q[s:e], ks, vs, seg.mask, scale, causal=seg.mask is None)
     return out
+
+
+def _decode_attention(
+    q: torch.Tensor, cache: KVCacheLayer, index: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """One query per sequence over its gathered context: q [B, Hq, D] -> [B, Hq, D].
+
+    Plain batched matmuls: for a single query row they beat the CPU flash-attention kernel, which is
+    especially slow in bfloat16.
+    """
+    b, length = index.shape
+    h_kv, d = cache.k.shape[1:]
+    flat = index.view(-1)
+    # index_select, not advanced indexing: the latter is far slower on CPU
+    k = cache.k.index_select(0, flat).view(b, length, h_kv, d).permute(0, 2, 3, 1)  # [B, Hkv, D, L]
+    v = cache.v.index_select(0, flat).view(b, length, h_kv, d).transpose(1, 2)  # [B, Hkv, L, D]
+    qg = q.view(b, h_kv, -1, d)  # query heads grouped under their KV head
+    scores = torch.matmul(qg, k).float() * scale + mask  # [B, Hkv, G, L]
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    return torch.matmul(probs, v).reshape(b, -1, d)
 
 
 def _attend(

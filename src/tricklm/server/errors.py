@@ -55,4 +55,6 @@ def validation_error_to_openai(errors: list[Any]) -> APIError:
         return APIError(400, f"request body is not valid JSON: {msg}", code="invalid_json")
     if first.get("type") == "missing":
         return APIError(400, f"'{param}' is a required parameter", param=param, code="missing_required_parameter")
+    if param is None:  # a check across fields: no single parameter to name
+        return APIError(400, f"invalid request: {msg}", code="invalid_value")
     return APIError(400, f"invalid value for '{param}': {msg}", param=param, code="invalid_value")

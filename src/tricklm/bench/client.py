@@ -1,0 +1,247 @@
+"""The HTTP side of the benchmark: one streamed OpenAI request → one `RequestRecord`, the health probe,
+model discovery and token counting. Whatever the server does, a request ends as a record, never as an
+exception: a non-200 status, an in-band `{"error": ...}` event, a dropped connection, a timeout, an event
+that is not JSON or a stream without `[DONE]` each mark the record failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from tricklm.bench.metrics import HealthSample, RequestRecord
+
+ENDPOINT_PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+_ERROR_BODY_CHARS = 300
+
+
+class BenchError(Exception):
+    """The benchmark cannot start (server unreachable, no model); reported without a traceback."""
+
+
+def normalize_base_url(url: str) -> str:
+    """`http://host:port`, accepting the `.../v1` form that OpenAI clients use."""
+    url = url.rstrip("/")
+    return url[: -len("/v1")] if url.endswith("/v1") else url
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where and what to send; every request of a run uses the same settings."""
+
+    base_url: str
+    model: str
+    endpoint: str = "completions"
+    output_len: int = 128
+    ignore_eos: bool = True
+    temperature: float = 0.0
+    timeout: float = 300.0
+
+    @property
+    def url(self) -> str:
+        return self.base_url + ENDPOINT_PATHS[self.endpoint]
+
+
+def request_body(target: Target, prompt: str) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": target.model}
+    if target.endpoint == "chat":
+        body["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        body["prompt"] = prompt
+    body |= {"max_tokens": target.output_len, "temperature": target.temperature, "stream": True}
+    body["stream_options"] = {"include_usage": True}
+    if target.ignore_eos:
+        body["ignore_eos"] = True
+    return body
+
+
+# ---- one streamed request ------------------------------------------------------------------------
+
+
+async def send_request(client: httpx.AsyncClient, target: Target, prompt: str, index: int) -> RequestRecord:
+    """Send one streaming request and time it; failures of any kind end up in the record."""
+    record = RequestRecord(index=index, start=time.perf_counter())
+    try:
+        async with asyncio.timeout(target.timeout):
+            await _exchange(client, target, prompt, record)
+    except (TimeoutError, httpx.TimeoutException):
+        record.fail("timeout", f"no complete answer within {target.timeout:g} s")
+    except httpx.HTTPError as e:
+        record.fail("connection", f"{type(e).__name__}: {e}")
+    except Exception as e:  # the tool must survive anything a server does
+        record.fail("client", f"{type(e).__name__}: {e}")
+    if record.end is None:
+        record.end = time.perf_counter()
+    return record
+
+
+async def _exchange(client: httpx.AsyncClient, target: Target, prompt: str, record: RequestRecord) -> None:
+    body = request_body(target, prompt)
+    async with client.stream("POST", target.url, json=body, timeout=target.timeout) as response:
+        if response.status_code != 200:
+            text = (await response.aread()).decode("utf-8", "replace")
+            record.end = time.perf_counter()
+            record.fail("http_status", f"HTTP {response.status_code}: {error_message(text)}")
+            return
+        await read_stream(sse_data(response.aiter_lines()), record)
+
+
+async def read_stream(events: AsyncIterator[str], record: RequestRecord) -> None:
+    """Consume SSE data payloads into `record` until `[DONE]`, an error event or the end of the stream."""
+    is_done = False
+    async for data in events:
+        record.end = time.perf_counter()
+        if data == "[DONE]":
+            is_done = True
+            break
+        apply_event(data, record, record.end)
+        if not record.is_ok:
+            return
+    if not is_done:
+        record.fail("incomplete", "the stream ended without data: [DONE]")
+
+
+def apply_event(data: str, record: RequestRecord, now: float) -> None:
+    """Update `record` from one OpenAI stream event (completion or chat chunk, usage chunk, error)."""
+    try:
+        event = json.loads(data)
+    except json.JSONDecodeError:
+        record.fail("bad_event", f"not JSON: {data[:_ERROR_BODY_CHARS]!r}")
+        return
+    if not isinstance(event, dict):
+        record.fail("bad_event", f"not a JSON object: {data[:_ERROR_BODY_CHARS]!r}")
+    elif event.get("error"):
+        record.fail("stream_error", error_message(data))
+    else:
+        _apply_chunk(event, record, now)
+
+
+def _apply_chunk(event: dict[str, Any], record: RequestRecord, now: float) -> None:
+    usage = event.get("usage")
+    if isinstance(usage, dict):
+        record.usage_output_tokens = _int_or_none(usage.get("completion_tokens"))
+        record.prompt_tokens = _int_or_none(usage.get("prompt_tokens"))
+    for choice in event.get("choices") or []:
+        if _choice_text(choice):
+            record.chunk_times.append(now)
+        if isinstance(choice, dict) and choice.get("finish_reason"):
+            record.finish_reason = str(choice["finish_reason"])
+
+
+def _choice_text(choice: Any) -> str:
+    if not isinstance(choice, dict):
+        return ""
+    delta = choice.get("delta")
+    text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+    return text if isinstance(text, str) else ""
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) else None
+
+
+def error_message(text: str) -> str:
+    """The `message` of an OpenAI (or FastAPI `detail`) error body, else the start of the body."""
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError:
+        return text.strip()[:_ERROR_BODY_CHARS] or "(empty body)"
+    error = body.get("error", body) if isinstance(body, dict) else body
+    if isinstance(error, dict):
+        error = error.get("message") or error.get("detail") or error
+    return str(error)[:_ERROR_BODY_CHARS]
+
+
+async def sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The data of each SSE event (several `data:` lines joined by newlines); comments and other fields skipped."""
+    data: list[str] = []
+    async for line in lines:
+        if not line:
+            if data:
+                yield "\n".join(data)
+            data = []
+        elif line.startswith("data:"):
+            value = line[len("data:") :]
+            data.append(value[1:] if value.startswith(" ") else value)
+    if data:
+        yield "\n".join(data)
+
+
+# ---- health probe --------------------------------------------------------------------------------
+
+
+class HealthProbe:
+    """GET the health route every `interval` seconds (the next probe waits for the previous answer).
+
+    A 404 means the server has no such route: probing stops and `is_supported` turns False.
+    """
+
+    def __init__(self, client: httpx.AsyncClient, url: str, interval: float = 0.1, timeout: float = 30.0) -> None:
+        self.client, self.url, self.interval, self.timeout = client, url, interval, timeout
+        self.samples: list[HealthSample] = []
+        self.is_supported = True
+
+    async def run(self) -> None:
+        """Probe until cancelled or the route turns out not to exist."""
+        while self.is_supported:
+            sample = HealthSample(sent=time.perf_counter())
+            self.samples.append(sample)
+            await self._probe(sample)
+            await asyncio.sleep(max(0.0, sample.sent + self.interval - time.perf_counter()))
+
+    async def _probe(self, sample: HealthSample) -> None:
+        try:
+            response = await self.client.get(self.url, timeout=self.timeout)
+        except httpx.HTTPError as e:
+            sample.latency = time.perf_counter() - sample.sent
+            sample.error = f"{type(e).__name__}: {e}"
+            return
+        sample.latency, sample.status = time.perf_counter() - sample.sent, response.status_code
+        if response.status_code == 404:
+            self.samples.remove(sample)
+            self.is_supported = False
+
+    def finish(self) -> list[HealthSample]:
+        """Mark a probe still waiting for its answer as failed and return all samples."""
+        for sample in self.samples:
+            if sample.status is None and sample.error is None:
+                sample.error = "no answer before the run ended"
+        return self.samples
+
+
+# ---- discovery -----------------------------------------------------------------------------------
+
+
+async def first_model_id(client: httpx.AsyncClient, base_url: str) -> str:
+    """The first model id listed by GET /v1/models."""
+    url = f"{base_url}/v1/models"
+    try:
+        response = await client.get(url, timeout=30.0)
+        response.raise_for_status()
+        return str(response.json()["data"][0]["id"])
+    except httpx.HTTPError as e:
+        raise BenchError(f"cannot list models at {url} ({type(e).__name__}: {e}); is the server up?") from None
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise BenchError(f"{url} did not list any model; pass --model NAME") from None
+
+
+async def count_tokens(client: httpx.AsyncClient, base_url: str, model: str, text: str) -> int | None:
+    """Tokens in `text` by the server's POST /tokenize (vLLM, tricklm), or None if it has none."""
+    body = {"model": model, "prompt": text, "add_special_tokens": False}
+    try:
+        response = await client.post(f"{base_url}/tokenize", json=body, timeout=30.0)
+        result = response.json() if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+    if not isinstance(result, dict):
+        return None
+    if isinstance(result.get("count"), int):
+        return int(result["count"])
+    tokens = result.get("tokens")
+    return len(tokens) if isinstance(tokens, list) else None

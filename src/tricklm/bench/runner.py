@@ -1,0 +1,229 @@
+"""Driving the load: warm-up, closed loop (`max_concurrency` workers) or open loop (Poisson arrivals at
+`request_rate`, optionally capped by `max_concurrency`), a health probe alongside, and sweeps over concurrency.
+
+Every run is bounded: `num_prompts` requests, each cut off after `timeout` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import math
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import httpx
+from tqdm import tqdm
+
+from tricklm.bench.client import HealthProbe, Target, count_tokens, first_model_id, normalize_base_url, send_request
+from tricklm.bench.metrics import HealthSample, RequestRecord, Summary, summarize
+from tricklm.bench.workload import CALIBRATION_WORDS, Prompt, calibration_text, random_prompts, real_prompts
+
+log = logging.getLogger(__name__)
+
+ENDPOINTS = ("completions", "chat")
+DATASETS = ("random", "prompts")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Everything a benchmark needs; the CLI reads its defaults from here."""
+
+    base_url: str
+    model: str | None = None  # None: the first id of GET /v1/models
+    endpoint: str = "completions"
+    dataset: str = "random"
+    num_prompts: int = 64
+    input_len: int = 128
+    input_len_spread: float = 0.0
+    output_len: int = 128
+    max_concurrency: int | None = None
+    request_rate: float = math.inf
+    sweep: tuple[int, ...] = ()
+    warmup: int = 2
+    seed: int = 0
+    timeout: float = 300.0
+    ignore_eos: bool = True
+    temperature: float = 0.0
+    health_path: str = "/health"  # "" disables the probe
+    health_interval: float = 0.1
+    calibrate: bool = True
+
+    def __post_init__(self) -> None:
+        if self.endpoint not in ENDPOINTS or self.dataset not in DATASETS:
+            raise ValueError(f"endpoint must be one of {ENDPOINTS} and dataset one of {DATASETS}")
+        for name in ("num_prompts", "input_len", "output_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.warmup < 0 or not 0 <= self.input_len_spread < 1:
+            raise ValueError("warmup must be 0 or more and input_len_spread in [0, 1)")
+        if (self.max_concurrency is not None and self.max_concurrency < 1) or any(c < 1 for c in self.sweep):
+            raise ValueError("concurrencies must be at least 1")
+        if self.sweep and self.max_concurrency is not None:
+            raise ValueError("give either --sweep or --max-concurrency, not both")
+        if not self.request_rate > 0 or not self.timeout > 0 or not self.health_interval > 0:
+            raise ValueError("request_rate, timeout and health_interval must be positive")
+
+    @property
+    def concurrencies(self) -> list[int | None]:
+        return list(self.sweep) if self.sweep else [self.max_concurrency]
+
+
+@dataclass
+class RunResult:
+    """One measured run at one load level."""
+
+    max_concurrency: int | None
+    request_rate: float
+    start: float
+    duration_s: float
+    prompts: list[Prompt]
+    records: list[RequestRecord]
+    health: list[HealthSample]
+    is_health_supported: bool
+    summary: Summary = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.summary = summarize(self.records, self.duration_s, self.health)
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """A finished benchmark: its settings as run (model resolved) and one result per load level."""
+
+    config: BenchConfig
+    tokens_per_word: float | None
+    runs: list[RunResult]
+
+
+# ---- load generation -----------------------------------------------------------------------------
+
+
+def arrival_offsets(num: int, request_rate: float, rng: random.Random) -> list[float]:
+    """Send times (seconds from the start) of a Poisson process at `request_rate`; all 0 when infinite."""
+    if math.isinf(request_rate):
+        return [0.0] * num
+    offsets, t = [], 0.0
+    for _ in range(num):
+        offsets.append(t)
+        t += rng.expovariate(request_rate)
+    return offsets
+
+
+async def run_load(
+    client: httpx.AsyncClient,
+    target: Target,
+    prompts: Sequence[Prompt],
+    max_concurrency: int | None,
+    offsets: Sequence[float],
+    on_done: Callable[[], object] = lambda: None,
+) -> list[RequestRecord]:
+    """Send `prompts[i]` at `offsets[i]` (or later, once one of `max_concurrency` slots is free)."""
+    gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    start = time.perf_counter()
+
+    async def one(index: int, prompt: Prompt, offset: float) -> RequestRecord:
+        await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
+        async with gate or contextlib.nullcontext():
+            record = await send_request(client, target, prompt.text, index)
+        on_done()
+        return record
+
+    return list(await asyncio.gather(*(one(i, p, t) for i, (p, t) in enumerate(zip(prompts, offsets, strict=True)))))
+
+
+async def measure(
+    clients: tuple[httpx.AsyncClient, httpx.AsyncClient],
+    config: BenchConfig,
+    target: Target,
+    prompts: list[Prompt],
+    max_concurrency: int | None,
+    progress: bool,
+) -> RunResult:
+    """One measured run with the health probe alongside; `clients` = (requests, health probe)."""
+    offsets = arrival_offsets(len(prompts), config.request_rate, random.Random(config.seed))
+    health_url = config.base_url + "/" + config.health_path.lstrip("/")
+    probe = HealthProbe(clients[1], health_url, config.health_interval, config.timeout)
+    probe_task = asyncio.create_task(probe.run()) if config.health_path else None
+    label = f"concurrency {max_concurrency}" if max_concurrency else f"rate {config.request_rate:g}/s"
+    with tqdm(total=len(prompts), desc=label, unit="req", file=sys.stderr, disable=not progress) as bar:
+        start = time.perf_counter()
+        records = await run_load(clients[0], target, prompts, max_concurrency, offsets, bar.update)
+        duration = time.perf_counter() - start
+    if probe_task is not None:
+        probe_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await probe_task
+    health = probe.finish()
+    return RunResult(
+        max_concurrency, config.request_rate, start, duration, prompts, records, health, probe.is_supported
+    )
+
+
+# ---- a whole benchmark ---------------------------------------------------------------------------
+
+
+async def run_benchmark(config: BenchConfig, progress: bool = True) -> Benchmark:
+    """Resolve the model, build prompts, warm up, then measure each load level in turn."""
+    config = replace(config, base_url=normalize_base_url(config.base_url))
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(limits=limits) as client, httpx.AsyncClient() as health_client:
+        if config.model is None:
+            config = replace(config, model=await first_model_id(client, config.base_url))
+        target = _target(config)
+        tokens_per_word = await _calibrate(client, config) if config.calibrate else None
+        batches = _prompt_batches(config, tokens_per_word or 1.0)
+        await _warm_up(client, target, batches[0], config)
+        runs = []
+        for level, prompts in zip(config.concurrencies, batches[1:], strict=True):
+            runs.append(await measure((client, health_client), config, target, prompts, level, progress))
+    return Benchmark(config, tokens_per_word, runs)
+
+
+def _target(config: BenchConfig) -> Target:
+    assert config.model is not None
+    return Target(
+        base_url=config.base_url,
+        model=config.model,
+        endpoint=config.endpoint,
+        output_len=config.output_len,
+        ignore_eos=config.ignore_eos,
+        temperature=config.temperature,
+        timeout=config.timeout,
+    )
+
+
+async def _calibrate(client: httpx.AsyncClient, config: BenchConfig) -> float | None:
+    """Tokens per word of the random-prompt vocabulary, if the server can tokenize."""
+    if config.dataset != "random":
+        return None
+    assert config.model is not None
+    count = await count_tokens(client, config.base_url, config.model, calibration_text(config.seed))
+    return count / CALIBRATION_WORDS if count else None
+
+
+def _prompt_batches(config: BenchConfig, tokens_per_word: float) -> list[list[Prompt]]:
+    """Distinct prompts for the warm-up and for each run (so no run hits another's prefix cache)."""
+    sizes = [config.warmup] + [config.num_prompts] * len(config.concurrencies)
+    total = sum(sizes)
+    if config.dataset == "random":
+        pool = random_prompts(total, config.input_len, config.input_len_spread, config.seed, tokens_per_word)
+    else:
+        pool = real_prompts(total, config.seed)
+    bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    return [pool[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+async def _warm_up(client: httpx.AsyncClient, target: Target, prompts: list[Prompt], config: BenchConfig) -> None:
+    if not prompts:
+        return
+    level = config.concurrencies[0] or len(prompts)
+    records = await run_load(client, target, prompts, level, [0.0] * len(prompts))
+    failed = [r for r in records if not r.is_ok]
+    if failed:
+        log.warning("%d of %d warm-up requests failed, e.g. %s", len(failed), len(records), failed[0].error)

@@ -1,0 +1,102 @@
+"""Batching must not change results: the default model, one request alone versus inside a busy batch."""
+
+from __future__ import annotations
+
+import pytest
+
+from tricklm.config import EngineConfig
+from tricklm.engine.core import EngineCore
+from tricklm.engine.request import EngineOutput, Request
+from tricklm.engine.sampling_params import SamplingParams
+from tricklm.model.loader import load_model
+from tricklm.model.registry import CausalLM
+from tricklm.model.resolve import resolve_model
+from tricklm.tokenizer import Tokenizer
+
+TARGET_PROMPT = "The three most important inventions of the last century were"
+
+
+@pytest.fixture(scope="module")
+def default_model() -> tuple[CausalLM, Tokenizer]:
+    path = resolve_model(None, progress=False)
+    return load_model(path), Tokenizer(path)
+
+
+def make(rid: str, ids: list[int], max_tokens: int, **params: object) -> Request:
+    sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True, logprobs=5, **params)  # type: ignore[arg-type]
+    return Request(rid, ids, sp, max_tokens)
+
+
+def run(core: EngineCore, arrivals: dict[int, list[Request]], max_steps: int = 2000) -> dict[str, list[EngineOutput]]:
+    """Add requests at the given step numbers; collect every output per request."""
+    outputs: dict[str, list[EngineOutput]] = {}
+    for step in range(max_steps):
+        for req in arrivals.get(step, []):
+            core.add_request(req)
+        if not core.has_work and step > max(arrivals):
+            return outputs
+        for out in core.step():
+            outputs.setdefault(out.request_id, []).append(out)
+    raise AssertionError("did not finish")
+
+
+def others(tok: Tokenizer) -> dict[int, list[Request]]:
+    """15 requests with prompts of 3..~150 tokens, arriving at different steps, of different lengths."""
+    arrivals: dict[int, list[Request]] = {}
+    for i in range(15):
+        text = " ".join(["word"] * (2 + 7 * i)) + f" number {i}"
+        ids = tok.encode(text)
+        arrivals.setdefault(i % 5, []).append(make(f"o{i}", ids, max_tokens=4 + 2 * i, temperature=0.0))
+    return arrivals
+
+
+def test_greedy_alone_equals_batched_with_15_others(default_model: tuple[CausalLM, Tokenizer]) -> None:
+    model, tok = default_model
+    ids = tok.encode(TARGET_PROMPT)
+    alone = run(EngineCore(model, EngineConfig()), {0: [make("t", ids, 24, temperature=0.0)]})["t"]
+    arrivals = others(tok)
+    arrivals.setdefault(2, []).append(make("t", ids, 24, temperature=0.0))
+    batched_core = EngineCore(model, EngineConfig(max_num_batched_tokens=64))
+    batched = run(batched_core, arrivals)
+    assert [o.new_token_ids for o in batched["t"]] == [o.new_token_ids for o in alone]
+    worst = 0.0
+    for a, b in zip(alone, batched["t"], strict=True):
+        assert a.logprobs and b.logprobs
+        la, lb = a.logprobs[0], b.logprobs[0]
+        assert [t for t, _ in la.top] == [t for t, _ in lb.top]
+        worst = max(worst, abs(la.logprob - lb.logprob), *(abs(x - y) for (_, x), (_, y) in zip(la.top, lb.top)))
+    assert worst < 1e-4, worst
+    assert len(batched) == 16
+    assert batched_core.kv_cache.num_free_blocks == batched_core.kv_cache.num_usable_blocks
+
+
+def test_seeded_sampling_alone_equals_batched(default_model: tuple[CausalLM, Tokenizer]) -> None:
+    model, tok = default_model
+    ids = tok.encode(TARGET_PROMPT)
+    params = {"temperature": 1.0, "top_p": 0.9, "seed": 1234}
+    alone = run(EngineCore(model, EngineConfig()), {0: [make("t", ids, 24, **params)]})["t"]
+    arrivals = others(tok)
+    arrivals.setdefault(1, []).append(make("t", ids, 24, **params))
+    arrivals.setdefault(1, []).append(make("hot", ids, 24, temperature=1.0))  # unseeded neighbour
+    batched = run(EngineCore(model, EngineConfig(max_num_batched_tokens=64)), arrivals)["t"]
+    assert [o.new_token_ids for o in batched] == [o.new_token_ids for o in alone]
+
+
+def test_mixed_sampling_settings_in_one_batch(default_model: tuple[CausalLM, Tokenizer]) -> None:
+    """Greedy next to temperature 1.0 + top_p next to seeded top_k: each follows its own settings."""
+    model, tok = default_model
+    ids = tok.encode(TARGET_PROMPT)
+    greedy_alone = run(EngineCore(model, EngineConfig()), {0: [make("g", ids, 16, temperature=0.0)]})["g"]
+    mixed = {
+        0: [
+            make("g", ids, 16, temperature=0.0),
+            make("hot", ids, 16, temperature=1.0, top_p=0.95),
+            make("k", ids, 16, temperature=0.8, top_k=5, seed=7),
+        ]
+    }
+    out = run(EngineCore(model, EngineConfig()), mixed)
+    assert [o.new_token_ids for o in out["g"]] == [o.new_token_ids for o in greedy_alone]
+    for o in out["k"]:
+        assert o.logprobs is not None
+        top5 = {t for t, _ in o.logprobs[0].top}
+        assert o.new_token_ids[0] in top5  # top_k=5 never picks outside the five most likely

@@ -1,0 +1,120 @@
+"""Load-related guarantees over real sockets: disconnect storms, queue overflow, a dying engine."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tricklm.config import EngineConfig
+from tricklm.engine.engine import Engine
+from tricklm.server.app import create_app
+from tricklm.server.testing import running_server
+
+COUNTING = {"prompt": "1, 2, 3, 4, 5,", "max_tokens": 200, "temperature": 0.0, "ignore_eos": True, "stream": True}
+
+
+def wait_idle(engine: Engine, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stats = engine.loop.stats()
+        kv = engine.core.kv_cache
+        if stats.num_running == 0 and stats.num_waiting == 0 and kv.num_free_blocks == kv.num_usable_blocks:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"engine not idle: {engine.loop.stats()}")
+
+
+async def _stream_then_leave(client: httpx.AsyncClient, base: str, events_before_leaving: int) -> int:
+    seen = 0
+    async with client.stream("POST", f"{base}/v1/completions", json=COUNTING) as r:
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if line.startswith("data: "):
+                seen += 1
+                if seen >= events_before_leaving:
+                    break  # leaving the block closes the connection mid-stream
+    return seen
+
+
+def test_fifty_clients_disconnecting_at_random_points(tiny_server: str, tiny_engine: Engine) -> None:
+    rng = random.Random(0)
+    points = [rng.randint(1, 30) for _ in range(50)]
+    before = tiny_engine.loop.stats().num_generation_tokens
+
+    async def storm() -> list[int]:
+        limits = httpx.Limits(max_connections=60)
+        async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+            return await asyncio.gather(*(_stream_then_leave(client, tiny_server, p) for p in points))
+
+    seen = asyncio.run(storm())
+    assert seen == points
+    wait_idle(tiny_engine)
+    generated = tiny_engine.loop.stats().num_generation_tokens - before
+    assert generated < 50 * 200 / 2, "aborted requests kept generating"
+    r = httpx.post(f"{tiny_server}/v1/completions", json={**COUNTING, "stream": False, "max_tokens": 5}, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+
+
+@pytest.fixture()
+def small_queue_server(tiny_model_dir: Path) -> Iterator[tuple[str, Engine]]:
+    engine = Engine(EngineConfig(model=str(tiny_model_dir), max_num_seqs=1, max_queue=2), progress=False)
+    try:
+        with running_server(create_app(engine)) as base:
+            yield base, engine
+    finally:
+        engine.shutdown()
+
+
+def test_queue_overflow_gives_429_then_recovers(small_queue_server: tuple[str, Engine]) -> None:
+    base, engine = small_queue_server
+    body = {**COUNTING, "stream": False, "max_tokens": 150}
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*(client.post(f"{base}/v1/completions", json=body) for _ in range(8)))
+
+    responses = asyncio.run(burst())
+    codes = sorted(r.status_code for r in responses)
+    assert codes.count(200) >= 3 and codes.count(429) >= 1, codes
+    rejected = next(r for r in responses if r.status_code == 429)
+    assert rejected.headers["Retry-After"]
+    assert rejected.json()["error"]["type"] == "rate_limit_error"
+    wait_idle(engine)
+    ok = httpx.post(f"{base}/v1/completions", json={**body, "max_tokens": 4}, timeout=60)
+    assert ok.status_code == 200
+
+
+def test_dead_engine_gives_503_and_in_band_error(tiny_model_dir: Path) -> None:
+    engine = Engine(EngineConfig(model=str(tiny_model_dir)), progress=False)
+    real_step = engine.core.step
+    calls = 0
+
+    def failing_step() -> list:  # type: ignore[type-arg]
+        nonlocal calls
+        calls += 1
+        if calls > 5:
+            raise RuntimeError("simulated kernel failure")
+        return real_step()
+
+    try:
+        with running_server(create_app(engine)) as base:
+            engine.core.step = failing_step  # type: ignore[method-assign]
+            with httpx.stream(
+                "POST", f"{base}/generate", json={"prompt": "1, 2, 3", "max_tokens": 100, "stream": True}, timeout=30
+            ) as r:
+                events = [line for line in r.iter_lines() if line.startswith("data: ")]
+            assert '"error"' in events[-2] and events[-1] == "data: [DONE]"
+            health = httpx.get(f"{base}/health", timeout=5)
+            assert health.status_code == 503
+            r2 = httpx.post(f"{base}/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=5)
+            assert r2.status_code == 503 and r2.json()["error"]["code"] == "engine_unavailable"
+            r3 = httpx.post(f"{base}/generate", json={"prompt": "hi"}, timeout=5)
+            assert r3.status_code == 503
+    finally:
+        engine.shutdown()
