@@ -64,7 +64,9 @@ def test_greedy_alone_equals_batched_with_15_others(default_model: tuple[CausalL
         assert a.logprobs and b.logprobs
         la, lb = a.logprobs[0], b.logprobs[0]
         assert [t for t, _ in la.top] == [t for t, _ in lb.top]
-        worst = max(worst, abs(la.logprob - lb.logprob), *(abs(x - y) for (_, x), (_, y) in zip(la.top, lb.top)))
+        worst = max(
+            worst, abs(la.logprob - lb.logprob), *(abs(x - y) for (_, x), (_, y) in zip(la.top, lb.top, strict=True))
+        )
     assert worst < 1e-4, worst
     assert len(batched) == 16
     assert batched_core.kv_cache.num_free_blocks == batched_core.kv_cache.num_usable_blocks
