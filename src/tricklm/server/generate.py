@@ -62,7 +62,7 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
 def _start(state: ServerState, body: GenerateRequest) -> RequestStream:
     engine = state.require_engine()
     stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
-    with engine_errors():
+    with engine_errors("prompt"):
         params = SamplingParams(
             max_tokens=body.max_tokens,
             temperature=body.temperature,

@@ -218,7 +218,7 @@ def _start_job(
 ) -> Job:
     streams: list[RequestStream] = []
     try:
-        with engine_errors():
+        with engine_errors("messages" if kind == "chat" else "prompt"):
             for ids in prompts:
                 for i in range(n):
                     choice_params = params

@@ -69,15 +69,15 @@ def get_state(request: Request) -> ServerState:
 
 
 @contextmanager
-def engine_errors(param_for_value_error: str | None = None) -> Iterator[None]:
+def engine_errors(prompt_param: str | None = None) -> Iterator[None]:
     """Map engine-side refusals to HTTP errors (status chosen once, here)."""
     try:
         yield
     except ContextLengthError as e:
-        raise APIError(400, str(e), param="messages", code="context_length_exceeded") from None
+        raise APIError(400, str(e), param=prompt_param, code="context_length_exceeded") from None
     except QueueFullError as e:
         raise overloaded(str(e)) from None
     except EngineDeadError as e:
         raise unavailable(str(e)) from None
     except ValueError as e:
-        raise APIError(400, str(e), param=param_for_value_error, code="invalid_value") from None
+        raise APIError(400, str(e), code="invalid_value") from None
