@@ -28,6 +28,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     d = _ENGINE_DEFAULTS
     p.add_argument("--model", default=None, help="HF model folder or .gguf file (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16"])
+    p.add_argument("--quantization", default=d.quantization, choices=["none", "int8"], help="int8: weight-only")
     p.add_argument("--max-model-len", type=int, default=d.max_model_len, help="context window (default: model's)")
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="requests decoded together")
     p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens, help="tokens per step")
@@ -40,6 +41,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=args.model,
         dtype=args.dtype,
+        quantization=args.quantization,
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,

@@ -7,12 +7,14 @@ from dataclasses import dataclass
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+QUANTIZATIONS = ("none", "int8")
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     model: str | None = None  # None: the default model (SmolLM2-135M-Instruct)
     dtype: str = "float32"
+    quantization: str = "none"  # "int8": int8 weights, bfloat16 activations and KV cache
     max_model_len: int | None = None  # None: the model's own context length
     max_num_seqs: int = 16
     max_num_batched_tokens: int = 256
@@ -24,6 +26,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}")
         positive = {
             "max_num_seqs": self.max_num_seqs,
             "max_num_batched_tokens": self.max_num_batched_tokens,
@@ -41,7 +45,8 @@ class EngineConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        """The dtype of activations and the KV cache."""
+        return torch.bfloat16 if self.quantization == "int8" else DTYPES[self.dtype]
 
 
 # Without an explicit budget the KV cache may not exceed this; preemption handles the rare overflow.

@@ -75,7 +75,7 @@ def _non_streaming(base: str, body: dict[str, Any]) -> float:
 def _health_during_generation(base: str, body: dict[str, Any]) -> list[float]:
     worker = threading.Thread(target=_non_streaming, args=(base, {**body, "max_tokens": max(body["max_tokens"], 48)}))
     worker.start()
-    latencies = []
+    latencies: list[float] = []
     with httpx.Client(timeout=10) as client:
         while worker.is_alive() and len(latencies) < 200:
             t = time.monotonic()

@@ -26,25 +26,44 @@ def _concurrency_list(text: str) -> tuple[int, ...]:
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.description = "Measure TTFT, TPOT, ITL, E2E latency and throughput of any OpenAI-compatible server."
     p.add_argument("--base-url", required=True, help="server root, e.g. http://127.0.0.1:8000 (a trailing /v1 is fine)")
     p.add_argument("--model", default=None, help="model name to send (default: the first of GET /v1/models)")
-    p.add_argument("--endpoint", choices=ENDPOINTS, default=_D.endpoint, help="/v1/completions or /v1/chat/completions")
-    p.add_argument("--dataset", choices=DATASETS, default=_D.dataset, help="random words, or the shipped prompt set")
-    p.add_argument("--num-prompts", type=int, default=_D.num_prompts, help="measured requests per run")
-    p.add_argument("--input-len", type=int, default=_D.input_len, help="prompt tokens (random dataset)")
-    p.add_argument("--input-len-spread", type=float, default=_D.input_len_spread, help="± fraction of --input-len")
-    p.add_argument("--output-len", type=int, default=_D.output_len, help="max_tokens of every request")
+    p.add_argument(
+        "--endpoint",
+        choices=ENDPOINTS,
+        default=_D.endpoint,
+        help="/v1/completions or /v1/chat/completions (%(default)s)",
+    )
+    p.add_argument(
+        "--dataset", choices=DATASETS, default=_D.dataset, help="random words, or the shipped prompt set (%(default)s)"
+    )
+    p.add_argument("--num-prompts", type=int, default=_D.num_prompts, help="measured requests per run (%(default)s)")
+    p.add_argument("--input-len", type=int, default=_D.input_len, help="prompt tokens, random dataset (%(default)s)")
+    p.add_argument(
+        "--input-len-spread", type=float, default=_D.input_len_spread, help="± fraction of --input-len (%(default)s)"
+    )
+    p.add_argument("--output-len", type=int, default=_D.output_len, help="max_tokens of every request (%(default)s)")
     load = p.add_mutually_exclusive_group()
     load.add_argument("--max-concurrency", type=int, default=None, help="closed loop: N requests in flight")
     load.add_argument("--sweep", type=_concurrency_list, default=(), help="run each concurrency in turn, e.g. 1,2,4,8")
-    p.add_argument("--request-rate", type=float, default=_D.request_rate, help="open loop: Poisson arrivals per s")
-    p.add_argument("--warmup", type=int, default=_D.warmup, help="requests sent first and not measured")
-    p.add_argument("--seed", type=int, default=_D.seed)
-    p.add_argument("--timeout", type=float, default=_D.timeout, help="seconds before a request counts as failed")
-    p.add_argument("--temperature", type=float, default=_D.temperature)
+    p.add_argument(
+        "--request-rate",
+        type=float,
+        default=_D.request_rate,
+        help="open loop: Poisson arrivals per s (%(default)s: all at once)",
+    )
+    p.add_argument("--warmup", type=int, default=_D.warmup, help="requests sent first and not measured (%(default)s)")
+    p.add_argument("--seed", type=int, default=_D.seed, help="for prompts and arrivals (%(default)s)")
+    p.add_argument(
+        "--timeout", type=float, default=_D.timeout, help="seconds before a request counts as failed (%(default)s)"
+    )
+    p.add_argument("--temperature", type=float, default=_D.temperature, help="sampling temperature (%(default)s)")
     p.add_argument("--no-ignore-eos", action="store_true", help="do not send ignore_eos (servers that reject it)")
     p.add_argument("--no-calibrate", action="store_true", help="do not ask POST /tokenize for tokens per word")
-    p.add_argument("--health-path", default=_D.health_path, help="probed every 100 ms during runs; '' disables")
+    p.add_argument(
+        "--health-path", default=_D.health_path, help="probed every 100 ms during runs (%(default)s); '' disables"
+    )
     p.add_argument("--json-out", type=Path, default=None, help="write config, summaries and per-request figures")
     p.add_argument("--plot", type=Path, default=None, metavar="DIR", help="write PNG charts into DIR")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")

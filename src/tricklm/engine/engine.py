@@ -48,7 +48,7 @@ class Engine:
         model_dir = resolve_model(self.config.model, progress=progress)
         self.tokenizer = Tokenizer(model_dir)
         self.generation_defaults = generation_defaults(model_dir)
-        model = load_model(model_dir, self.config.torch_dtype)
+        model = load_model(model_dir, self.config.torch_dtype, self.config.quantization)
         self.core = EngineCore(model, self.config)
         self.loop = EngineLoop(self.core, self.config.max_queue)
         name = DEFAULT_MODEL_NAME if self.config.model is None else model_dir.name

@@ -68,6 +68,7 @@ class GPT2LMHeadModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.transformer = GPT2Body(cfg)
+        self.lm_head: nn.Module | None = None  # tied to wte unless quantisation gives it its own copy
 
     def forward(
         self,
@@ -82,8 +83,13 @@ class GPT2LMHeadModel(nn.Module):
             x = block(x, cache, meta)
         return t.ln_f(x)  # type: ignore[no-any-return]
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.transformer.wte
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden @ self.transformer.wte.weight.t()
+        if self.lm_head is None:
+            return hidden @ self.transformer.wte.weight.t()
+        return self.lm_head(hidden)  # type: ignore[no-any-return]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         params = dict(self.named_parameters())

@@ -13,7 +13,7 @@ from torch import nn
 
 from tricklm.model.attention import AttentionMetadata, KVCacheLayer, paged_attention
 from tricklm.model.config import ModelConfig
-from tricklm.model.layers import RMSNorm, RotaryEmbedding, activation, load_shard
+from tricklm.model.layers import RMSNorm, RotaryEmbedding, activation, apply_rotary, load_shard
 
 
 class LlamaAttention(nn.Module):
@@ -32,8 +32,7 @@ class LlamaAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
-        rope: RotaryEmbedding,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
         cache: KVCacheLayer,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
@@ -42,7 +41,7 @@ class LlamaAttention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = rope(positions, q, k)
+        q, k = apply_rotary(q, k, cos_sin)
         o = paged_attention(q, k, v, cache, meta, self.scale)
         return self.o_proj(o.reshape(t, self.q_size))  # type: ignore[no-any-return]
 
@@ -74,12 +73,11 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
-        rope: RotaryEmbedding,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
         cache: KVCacheLayer,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, cache, meta)
+        x = x + self.self_attn(self.input_layernorm(x), cos_sin, cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))  # type: ignore[no-any-return]
 
 
@@ -99,7 +97,9 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = LlamaBody(cfg)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head: nn.Module | None = None
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def forward(
         self,
@@ -110,13 +110,18 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         m = self.model
         x = m.embed_tokens(input_ids)
+        cos_sin = m.rotary_emb.lookup(positions, x.dtype)
         for layer, cache in zip(m.layers, kv_caches, strict=True):
-            x = layer(x, positions, m.rotary_emb, cache, meta)
+            x = layer(x, cos_sin, cache, meta)
         return m.norm(x)  # type: ignore[no-any-return]
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return hidden @ weight.t()
+        if self.lm_head is None:
+            return hidden @ self.model.embed_tokens.weight.t()
+        return self.lm_head(hidden)  # type: ignore[no-any-return]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         params = dict(self.named_parameters())

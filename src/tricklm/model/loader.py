@@ -12,6 +12,7 @@ from safetensors import SafetensorError, safe_open
 
 from tricklm.model.config import ModelConfig, ModelLoadError
 from tricklm.model.layers import RotaryEmbedding
+from tricklm.model.quant import quantize_int8
 from tricklm.model.registry import CausalLM, model_class
 
 
@@ -31,7 +32,7 @@ def load_config(model_dir: Path) -> ModelConfig:
     return ModelConfig.from_dict(read_json(model_dir / "config.json"))
 
 
-def load_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> CausalLM:
+def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, quantization: str = "none") -> CausalLM:
     cfg = load_config(model_dir)
     cls = model_class(cfg)
     with torch.device("meta"):
@@ -44,7 +45,10 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32) -> CausalLM:
     if missing:
         shown = ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else "")
         raise ModelLoadError(f"{model_dir}: {len(missing)} weights missing from the checkpoint: {shown}")
-    return model.to(dtype).eval().requires_grad_(False)  # type: ignore[return-value]
+    model = model.eval().requires_grad_(False)
+    if quantization == "int8":
+        return quantize_int8(model)  # type: ignore[return-value]
+    return model.to(dtype)  # type: ignore[return-value]
 
 
 def _reset_buffers(model: torch.nn.Module) -> None:
