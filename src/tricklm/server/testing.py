@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import httpx
@@ -28,20 +28,21 @@ def running_server(app: FastAPI, ready_timeout: float = 120.0) -> Iterator[str]:
     thread.start()
     base = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(base, ready_timeout)
+        wait_healthy(base, ready_timeout)
         yield base
     finally:
         server.should_exit = True
         thread.join(timeout=30)
 
 
-def _wait_healthy(base: str, timeout: float) -> None:
+def wait_healthy(base: str, timeout: float, is_alive: Callable[[], bool] = lambda: True) -> None:
+    """Poll /health until it answers 200; give up after `timeout` or once `is_alive()` turns false."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and is_alive():
         try:
             if httpx.get(f"{base}/health", timeout=2).status_code == 200:
                 return
         except httpx.TransportError:
             pass
         time.sleep(0.05)
-    raise TimeoutError(f"server at {base} did not become healthy within {timeout:.0f}s")
+    raise TimeoutError(f"server at {base} did not become healthy within {timeout:.0f}s (or it exited)")
