@@ -28,13 +28,26 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     d = _ENGINE_DEFAULTS
     p.add_argument("--model", default=None, help="HF model folder or .gguf file (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16"])
-    p.add_argument("--quantization", default=d.quantization, choices=["none", "int8"], help="int8: weight-only")
+    p.add_argument(
+        "--quantization",
+        default=d.quantization,
+        choices=["none", "int8"],
+        help="int8: weight-only int8 (default); none: all in --dtype",
+    )
     p.add_argument("--max-model-len", type=int, default=d.max_model_len, help="context window (default: model's)")
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="requests decoded together")
     p.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens, help="tokens per step")
     p.add_argument("--max-queue", type=int, default=d.max_queue, help="waiting requests before 429")
     p.add_argument("--kv-cache-memory", type=_parse_size, default=None, help="KV cache budget, e.g. 512MiB")
-    p.add_argument("--num-threads", type=int, default=d.num_threads, help="torch threads (default: all cores)")
+    p.add_argument(
+        "--num-threads", type=int, default=d.num_threads, help="torch threads for large steps (default: all cores)"
+    )
+    p.add_argument(
+        "--decode-threads",
+        type=int,
+        default=d.decode_threads,
+        help="torch threads for decode steps (default: as --num-threads; 1 on a busy machine)",
+    )
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -48,6 +61,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_queue=args.max_queue,
         kv_cache_memory=args.kv_cache_memory,
         num_threads=args.num_threads,
+        decode_threads=args.decode_threads,
     )
 
 

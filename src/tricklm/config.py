@@ -14,14 +14,17 @@ QUANTIZATIONS = ("none", "int8")
 class EngineConfig:
     model: str | None = None  # None: the default model (SmolLM2-135M-Instruct)
     dtype: str = "float32"
-    quantization: str = "none"  # "int8": int8 weights, bfloat16 activations and KV cache
+    # "int8" (default): int8 MLP weights for decode steps (bfloat16 for large steps and everywhere else),
+    # bfloat16 activations and KV cache. "none": everything in `dtype` (float32 is the exact reference).
+    quantization: str = "int8"
     max_model_len: int | None = None  # None: the model's own context length
     max_num_seqs: int = 16
     max_num_batched_tokens: int = 256
     max_queue: int = 256
     kv_cache_memory: int | None = None  # bytes; None: derived from max_num_seqs x max_model_len, capped
     block_size: int = 16
-    num_threads: int | None = None
+    num_threads: int | None = None  # torch threads for large steps; None: all cores
+    decode_threads: int | None = None  # torch threads for small (decode) steps; None: as num_threads
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -36,6 +39,8 @@ class EngineConfig:
         for name, value in positive.items():
             if value < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.decode_threads is not None and self.decode_threads < 1:
+            raise ValueError("decode_threads must be at least 1")
         if self.max_queue < 0:
             raise ValueError("max_queue must be 0 or more")
         if self.max_model_len is not None and self.max_model_len < 2:
@@ -50,7 +55,7 @@ class EngineConfig:
 
 
 # Without an explicit budget the KV cache may not exceed this; preemption handles the rare overflow.
-DEFAULT_KV_CACHE_CAP = 512 * 1024 * 1024
+DEFAULT_KV_CACHE_CAP = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)

@@ -120,9 +120,15 @@ def test_in_band_error_event_fails_the_request() -> None:
     assert (r.error_kind, r.error) == ("stream_error", "generation failed in the engine")
 
 
-def test_missing_done_is_incomplete() -> None:
-    r = run(streaming(sse(text_chunk("a"), text_chunk("b", "length"))))
+def test_missing_done_and_finish_reason_is_incomplete() -> None:
+    r = run(streaming(sse(text_chunk("a"), text_chunk("b"))))
     assert r.error_kind == "incomplete"
+
+
+def test_finished_stream_without_done_counts() -> None:
+    """transformers serve ends complete streams without [DONE]; the finish_reason shows completion."""
+    r = run(streaming(sse(text_chunk("a"), text_chunk("b", "length"))))
+    assert r.is_ok and r.finish_reason == "length"
 
 
 def test_bad_json_event() -> None:

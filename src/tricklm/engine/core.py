@@ -6,7 +6,7 @@ import torch
 
 from tricklm.config import DEFAULT_KV_CACHE_CAP, EngineConfig
 from tricklm.engine.kv_cache import KVCache, bytes_per_token
-from tricklm.engine.model_runner import ModelRunner
+from tricklm.engine.model_runner import ModelRunner, ThreadPolicy
 from tricklm.engine.request import EngineOutput, FinishReason, Request
 from tricklm.engine.scheduler import Scheduler
 from tricklm.model.registry import CausalLM
@@ -17,17 +17,18 @@ class EngineCore:
         cfg = model.config
         self.config = config
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        self.kv_cache = KVCache(cfg, self._num_blocks(model), config.block_size, config.torch_dtype)
+        self.dtype: torch.dtype = next(iter(model.parameters())).dtype  # type: ignore[attr-defined]
+        self.kv_cache = KVCache(cfg, self._num_blocks(model), config.block_size, self.dtype)
         if self.kv_cache.capacity_tokens < self.max_model_len:
             # One request of full length must always fit, or it could wait forever.
             self.max_model_len = self.kv_cache.capacity_tokens
         self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, self.kv_cache)
+        self.runner = ModelRunner(model, self.kv_cache, ThreadPolicy(config.num_threads, config.decode_threads))
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
 
     def _num_blocks(self, model: CausalLM) -> int:
-        per_token = bytes_per_token(model.config, self.config.torch_dtype)
+        per_token = bytes_per_token(model.config, self.dtype)
         budget = self.config.kv_cache_memory
         if budget is None:
             max_len = self.config.max_model_len or model.config.max_position_embeddings
@@ -56,8 +57,3 @@ class EngineCore:
         outputs = self.scheduler.update(batch, sampled)
         self.num_generation_tokens += len(outputs)
         return outputs
-
-
-def set_num_threads(num_threads: int | None) -> None:
-    if num_threads:
-        torch.set_num_threads(num_threads)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tricklm.config import EngineConfig
-from tricklm.engine.core import EngineCore, set_num_threads
+from tricklm.engine.core import EngineCore
 from tricklm.engine.loop import EngineLoop, Sink
 from tricklm.engine.request import Request
 from tricklm.engine.sampling_params import SamplingParams
@@ -43,7 +43,6 @@ class LoadInfo:
 class Engine:
     def __init__(self, config: EngineConfig | None = None, progress: bool = True) -> None:
         self.config = config or EngineConfig()
-        set_num_threads(self.config.num_threads)
         start = time.monotonic()
         model_dir = resolve_model(self.config.model, progress=progress)
         self.tokenizer = Tokenizer(model_dir)
