@@ -16,7 +16,9 @@ def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
 class KVCache:
     """Paged storage: slot s of every layer holds one token's K and V; block b owns slots [b*bs, (b+1)*bs).
 
-    Block 0 is never handed out, so padded gather indices (0) always point at harmless memory.
+    Block 0 is zeroed and never handed out: every padded gather index points there, so attention never
+    reads a slot that was not written. That lets the rest stay uninitialised: the OS maps its pages on
+    first write, and resident memory grows with the tokens actually cached, not with the budget.
     """
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype) -> None:
@@ -26,7 +28,7 @@ class KVCache:
         self.num_blocks = num_blocks
         shape = (num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
         self.layers = [
-            KVCacheLayer(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
+            KVCacheLayer(_storage(shape, dtype, block_size), _storage(shape, dtype, block_size))
             for _ in range(cfg.num_layers)
         ]
         self._free = list(range(num_blocks - 1, 0, -1))
@@ -61,3 +63,9 @@ class KVCache:
     def free(self, req: Request) -> None:
         self._free.extend(reversed(req.block_table))
         req.block_table = []
+
+
+def _storage(shape: tuple[int, ...], dtype: torch.dtype, block_size: int) -> torch.Tensor:
+    t = torch.empty(shape, dtype=dtype)
+    t[:block_size].zero_()
+    return t

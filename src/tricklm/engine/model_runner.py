@@ -97,7 +97,7 @@ class ModelRunner:
         meta = AttentionMetadata(slots, len(decodes), None, None, [])
         if decodes:
             lens = [r.num_computed_tokens + 1 for r in decodes]
-            meta.decode_context_index = self._context_index(decodes, max(lens))
+            meta.decode_context_index = self._context_index(decodes, max(lens), lens)
             meta.decode_mask = decode_mask(lens, self.window, self.dtype)
         offset = len(decodes)
         for req, n in order[len(decodes) :]:
@@ -115,8 +115,8 @@ class ModelRunner:
             offset += n
         return meta
 
-    def _context_index(self, reqs: list[Request], length: int) -> torch.Tensor:
-        """[len(reqs), length] cache slots of positions 0..length-1 (past a request's blocks: slot 0)."""
+    def _context_index(self, reqs: list[Request], length: int, lens: list[int] | None = None) -> torch.Tensor:
+        """[len(reqs), length] cache slots of positions 0..length-1; past a row's own length (`lens`): slot 0."""
         bs = self.kv.block_size
         num_blocks = -(-length // bs)
         table = torch.zeros(len(reqs), num_blocks, dtype=torch.long)
@@ -124,7 +124,10 @@ class ModelRunner:
             row = req.block_table[:num_blocks]
             table[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         pos = torch.arange(length)
-        return table[:, pos // bs] * bs + pos % bs
+        index = table[:, pos // bs] * bs + pos % bs
+        if lens is not None:
+            index.masked_fill_(pos.unsqueeze(0) >= torch.tensor(lens).unsqueeze(1), 0)
+        return index
 
     @staticmethod
     def _sampling_rows(order: list[tuple[Request, int]]) -> tuple[list[int], list[Request]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +14,7 @@ from safetensors import SafetensorError, safe_open
 
 from tricklm.model.config import ModelConfig, ModelLoadError
 from tricklm.model.layers import RotaryEmbedding
-from tricklm.model.quant import quantize_int8
+from tricklm.model.quant import ACT_DTYPE, quantize_int8
 from tricklm.model.registry import CausalLM, model_class
 
 
@@ -37,8 +39,10 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, quantization
     cls = model_class(cfg)
     with torch.device("meta"):
         model = cls(cfg)
-    # Parameters are allocated uninitialised: every one is overwritten by the checkpoint (checked below).
-    model = model.to_empty(device="cpu")
+    # Allocated uninitialised and already in the final dtype, so the float32 checkpoint is converted tensor
+    # by tensor and never held whole; every parameter is then overwritten (checked below).
+    target = ACT_DTYPE if quantization == "int8" else dtype
+    model = model.to(dtype=target).to_empty(device="cpu")
     _reset_buffers(model)
     loaded = model.load_weights(_iter_safetensors(model_dir))  # type: ignore[operator]
     missing = sorted(set(dict(model.named_parameters())) - loaded)
@@ -47,8 +51,15 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, quantization
         raise ModelLoadError(f"{model_dir}: {len(missing)} weights missing from the checkpoint: {shown}")
     model = model.eval().requires_grad_(False)
     if quantization == "int8":
-        return quantize_int8(model)  # type: ignore[return-value]
-    return model.to(dtype)  # type: ignore[return-value]
+        model = quantize_int8(model)
+    _release_freed_memory()
+    return model  # type: ignore[return-value]
+
+
+def _release_freed_memory() -> None:
+    """Hand the loader's freed buffers back to the OS, so resident memory reflects the model, not its loading."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _reset_buffers(model: torch.nn.Module) -> None:
