@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import heapq
+
 import torch
 
 from tricklm.engine.request import Request
@@ -31,7 +33,9 @@ class KVCache:
             KVCacheLayer(_storage(shape, dtype, block_size), _storage(shape, dtype, block_size))
             for _ in range(cfg.num_layers)
         ]
-        self._free = list(range(num_blocks - 1, 0, -1))
+        # A min-heap: always hand out the lowest free block, so the pages ever touched stay as few as the
+        # peak number of blocks in use (resident memory stays flat across requests).
+        self._free = list(range(1, num_blocks))
 
     @property
     def num_usable_blocks(self) -> int:
@@ -58,10 +62,11 @@ class KVCache:
 
     def allocate(self, req: Request, num_new_tokens: int) -> None:
         for _ in range(self.blocks_needed(req, num_new_tokens)):
-            req.block_table.append(self._free.pop())
+            req.block_table.append(heapq.heappop(self._free))
 
     def free(self, req: Request) -> None:
-        self._free.extend(reversed(req.block_table))
+        for block in req.block_table:
+            heapq.heappush(self._free, block)
         req.block_table = []
 
 
