@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from server_helpers import wait_idle
 
 from tricklm.config import EngineConfig
 from tricklm.engine.engine import Engine
@@ -17,17 +17,6 @@ from tricklm.server.app import create_app
 from tricklm.server.testing import running_server
 
 COUNTING = {"prompt": "1, 2, 3, 4, 5,", "max_tokens": 200, "temperature": 0.0, "ignore_eos": True, "stream": True}
-
-
-def wait_idle(engine: Engine, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        stats = engine.loop.stats()
-        kv = engine.core.kv_cache
-        if stats.num_running == 0 and stats.num_waiting == 0 and kv.num_free_blocks == kv.num_usable_blocks:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"engine not idle: {engine.loop.stats()}")
 
 
 async def _stream_then_leave(client: httpx.AsyncClient, base: str, events_before_leaving: int) -> int:
@@ -54,7 +43,7 @@ def test_fifty_clients_disconnecting_at_random_points(tiny_server: str, tiny_eng
 
     seen = asyncio.run(storm())
     assert seen == points
-    wait_idle(tiny_engine)
+    wait_idle(tiny_engine, 20)
     generated = tiny_engine.loop.stats().num_generation_tokens - before
     assert generated < 50 * 200 / 2, "aborted requests kept generating"
     r = httpx.post(f"{tiny_server}/v1/completions", json={**COUNTING, "stream": False, "max_tokens": 5}, timeout=60)
@@ -85,7 +74,7 @@ def test_queue_overflow_gives_429_then_recovers(small_queue_server: tuple[str, E
     rejected = next(r for r in responses if r.status_code == 429)
     assert rejected.headers["Retry-After"]
     assert rejected.json()["error"]["type"] == "rate_limit_error"
-    wait_idle(engine)
+    wait_idle(engine, 20)
     ok = httpx.post(f"{base}/v1/completions", json={**body, "max_tokens": 4}, timeout=60)
     assert ok.status_code == 200
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from tricklm.model.attention import AttentionMetadata, KVCacheLayer, paged_attention
 from tricklm.model.config import ModelConfig
-from tricklm.model.layers import activation, load_shard
+from tricklm.model.layers import activation, load_shard, output_logits
 
 # Conv1D layers keep weights transposed relative to nn.Linear.
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -87,9 +87,7 @@ class GPT2LMHeadModel(nn.Module):
         return self.transformer.wte
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.lm_head is None:
-            return hidden @ self.transformer.wte.weight.t()
-        return self.lm_head(hidden)  # type: ignore[no-any-return]
+        return output_logits(hidden, self.lm_head, self.transformer.wte)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         params = dict(self.named_parameters())

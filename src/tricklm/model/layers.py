@@ -101,3 +101,10 @@ def load_shard(param: torch.Tensor, loaded: torch.Tensor, offset: int | None, ex
     if param.shape[1:] != loaded.shape[1:] or bad_rows:
         raise ModelLoadError(f"weight of shape {tuple(loaded.shape)} does not fit {tuple(param.shape)}")
     param.data[offset : offset + n].copy_(loaded)
+
+
+def output_logits(hidden: torch.Tensor, lm_head: nn.Module | None, embedding: nn.Embedding) -> torch.Tensor:
+    """Project hidden states to the vocabulary: with the model's own head, or the tied embedding table."""
+    if lm_head is None:
+        return hidden @ embedding.weight.t()
+    return lm_head(hidden)  # type: ignore[no-any-return]

@@ -13,7 +13,7 @@ from torch import nn
 
 from tricklm.model.attention import AttentionMetadata, KVCacheLayer, paged_attention
 from tricklm.model.config import ModelConfig
-from tricklm.model.layers import RMSNorm, RotaryEmbedding, activation, apply_rotary, load_shard
+from tricklm.model.layers import RMSNorm, RotaryEmbedding, activation, apply_rotary, load_shard, output_logits
 
 
 class LlamaAttention(nn.Module):
@@ -119,9 +119,7 @@ class LlamaForCausalLM(nn.Module):
         return self.model.embed_tokens
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.lm_head is None:
-            return hidden @ self.model.embed_tokens.weight.t()
-        return self.lm_head(hidden)  # type: ignore[no-any-return]
+        return output_logits(hidden, self.lm_head, self.model.embed_tokens)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         params = dict(self.named_parameters())
