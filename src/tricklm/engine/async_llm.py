@@ -47,6 +47,12 @@ class RequestStream:
         finally:
             self.close()
 
+    async def collect(self) -> OutputProcessor:
+        """Run to the end; the processor holds the whole text, tokens and timings."""
+        async for _ in self:
+            pass
+        return self.processor
+
     def close(self) -> None:
         if not self._done:
             self._done = True
@@ -59,8 +65,3 @@ class AsyncEngine:
 
     def stream(self, prompt_token_ids: list[int], params: SamplingParams, prefix: str = "req") -> RequestStream:
         return RequestStream(self.engine, prompt_token_ids, params, self.engine.new_request_id(prefix))
-
-    async def collect(self, stream: RequestStream) -> OutputProcessor:
-        async for _ in stream:
-            pass
-        return stream.processor

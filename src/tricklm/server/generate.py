@@ -50,7 +50,7 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
     stream = _start(state, body)
     if body.stream:
         return SSEResponse(_sse(stream, state))
-    proc = await until_disconnect(request, state.async_engine.collect(stream), stream.close)  # type: ignore[union-attr]
+    proc = await until_disconnect(request, stream.collect(), stream.close)
     if proc is None:
         return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
     state.metrics.observe_finished(proc)

@@ -251,13 +251,7 @@ async def _respond(job: Job, body: SamplingFields, request: Request, state: Serv
 
 
 async def _collect(job: Job) -> list[OutputProcessor]:
-    return list(await asyncio.gather(*(_drain(s) for s in job.streams)))
-
-
-async def _drain(stream: RequestStream) -> OutputProcessor:
-    async for _ in stream:
-        pass
-    return stream.processor
+    return list(await asyncio.gather(*(s.collect() for s in job.streams)))
 
 
 def _full_response(job: Job, done: list[OutputProcessor]) -> dict[str, Any]:
