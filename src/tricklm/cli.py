@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from tricklm.config import EngineConfig, ServerConfig
+from tricklm.config import EngineConfig, ServerConfig, config_from_args
 from tricklm.model.config import ModelLoadError
 
 _ENGINE_DEFAULTS = EngineConfig()
@@ -51,18 +51,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(
-        model=args.model,
-        dtype=args.dtype,
-        quantization=args.quantization,
-        max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_queue=args.max_queue,
-        kv_cache_memory=args.kv_cache_memory,
-        num_threads=args.num_threads,
-        decode_threads=args.decode_threads,
-    )
+    return config_from_args(EngineConfig, args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,4 +97,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _server_config(args: argparse.Namespace) -> ServerConfig:
-    return ServerConfig(args.host, args.port, args.served_model_name, args.log_level)
+    return config_from_args(ServerConfig, args)

@@ -14,6 +14,7 @@ from pathlib import Path
 from tricklm.bench.client import BenchError
 from tricklm.bench.report import format_report, write_json
 from tricklm.bench.runner import DATASETS, ENDPOINTS, BenchConfig, Benchmark, run_benchmark
+from tricklm.config import config_from_args
 
 _D = BenchConfig(base_url="")
 
@@ -70,26 +71,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
 
 
 def bench_config(args: argparse.Namespace) -> BenchConfig:
-    return BenchConfig(
-        base_url=args.base_url,
-        model=args.model,
-        endpoint=args.endpoint,
-        dataset=args.dataset,
-        num_prompts=args.num_prompts,
-        input_len=args.input_len,
-        input_len_spread=args.input_len_spread,
-        output_len=args.output_len,
-        max_concurrency=args.max_concurrency,
-        request_rate=args.request_rate,
-        sweep=args.sweep,
-        warmup=args.warmup,
-        seed=args.seed,
-        timeout=args.timeout,
-        ignore_eos=not args.no_ignore_eos,
-        temperature=args.temperature,
-        health_path=args.health_path,
-        calibrate=not args.no_calibrate,
-    )
+    return config_from_args(BenchConfig, args, ignore_eos=not args.no_ignore_eos, calibrate=not args.no_calibrate)
 
 
 def run_bench(args: argparse.Namespace) -> int:
