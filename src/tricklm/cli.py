@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from tricklm.config import EngineConfig, ServerConfig, config_from_args
+from tricklm.config import QUANTIZATIONS, EngineConfig, ServerConfig, config_from_args
 from tricklm.model.config import ModelLoadError
 
 _ENGINE_DEFAULTS = EngineConfig()
@@ -31,8 +31,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quantization",
         default=d.quantization,
-        choices=["none", "int8"],
-        help="int8: weight-only int8 (default); none: all in --dtype",
+        choices=QUANTIZATIONS,
+        help="fp16: fp16 weights for decode, bfloat16 for prefill, float32 activations (default); none: all in --dtype",
     )
     p.add_argument("--max-model-len", type=int, default=d.max_model_len, help="context window (default: model's)")
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="requests decoded together")

@@ -11,16 +11,17 @@ import torch
 T = TypeVar("T")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-QUANTIZATIONS = ("none", "int8")
+QUANTIZATIONS = ("none", "fp16")
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     model: str | None = None  # None: the default model (SmolLM2-135M-Instruct)
     dtype: str = "float32"
-    # "int8" (default): int8 MLP weights for decode steps (bfloat16 for large steps and everywhere else),
-    # bfloat16 activations and KV cache. "none": everything in `dtype` (float32 is the exact reference).
-    quantization: str = "int8"
+    # "fp16" (default): projection weights packed as fp16 for decode steps, with a bfloat16 copy for
+    # large steps; float32 activations, fp16 KV cache (see model/quant.py). "none": everything in
+    # `dtype` (float32 is the exact reference).
+    quantization: str = "fp16"
     max_model_len: int | None = None  # None: the model's own context length
     max_num_seqs: int = 16
     max_num_batched_tokens: int = 256
@@ -55,7 +56,7 @@ class EngineConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         """The dtype of activations and the KV cache."""
-        return torch.bfloat16 if self.quantization == "int8" else DTYPES[self.dtype]
+        return torch.float32 if self.quantization == "fp16" else DTYPES[self.dtype]
 
 
 # Without an explicit budget the KV cache may not exceed this; preemption handles the rare overflow.

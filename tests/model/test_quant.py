@@ -1,52 +1,84 @@
-"""Weight-only int8: close to the float model, and the default model still knows its capitals."""
+"""fp16 weights: close to the float model on both paths, and the default model still knows its capitals."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from tricklm.engine.llm import LLM
-from tricklm.model.quant import MAX_INT8_ROWS, Int8Linear, quantize_int8
+from tricklm.model.quant import (
+    DENSE_DTYPE,
+    MAX_PACKED_ROWS,
+    HalfEmbedding,
+    HalfLinear,
+    fbgemm_available,
+    model_dtypes,
+    quantize_fp16,
+)
 
 
-def test_int8_linear_is_close_to_float() -> None:
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((got - expected).norm() / expected.norm())
+
+
+@pytest.mark.skipif(not fbgemm_available(), reason="fbgemm (x86 with AVX2) is needed for packed fp16")
+def test_packed_path_is_close_to_float() -> None:
     torch.manual_seed(0)
     linear = nn.Linear(256, 512)
-    x = torch.randn(7, 256)
-    expected = linear(x)
-    got = Int8Linear(linear.weight, linear.bias)(x.bfloat16()).float()
-    rel = (got - expected).norm() / expected.norm()
-    assert rel < 0.02, rel
+    q = HalfLinear(linear.weight, linear.bias)
+    assert q.packed is not None
+    for rows in (1, MAX_PACKED_ROWS):
+        x = torch.randn(rows, 256)
+        assert relative_error(q(x), linear(x)) < 1e-3
 
 
-def test_quantize_replaces_mlp_linears_only() -> None:
-    model = nn.ModuleDict(
-        {"mlp": nn.ModuleDict({"up": nn.Linear(8, 16), "down": nn.Linear(16, 8)}), "attn": nn.Linear(8, 8)}
-    )
-    model = quantize_int8(model)
-    assert isinstance(model["mlp"]["up"], Int8Linear) and isinstance(model["mlp"]["down"], Int8Linear)
-    assert isinstance(model["attn"], nn.Linear) and model["attn"].weight.dtype == torch.bfloat16
-
-
-def test_int8_linear_uses_the_dense_copy_for_many_rows() -> None:
+def test_many_rows_use_the_bfloat16_copy() -> None:
     torch.manual_seed(0)
     linear = nn.Linear(64, 32)
-    q = Int8Linear(linear.weight, linear.bias)
-    x = torch.randn(MAX_INT8_ROWS + 1, 64).bfloat16()
-    assert torch.equal(q(x), nn.functional.linear(x, linear.weight.bfloat16(), linear.bias.bfloat16()))
+    q = HalfLinear(linear.weight, linear.bias)
+    x = torch.randn(MAX_PACKED_ROWS + 1, 64)
+    expected = nn.functional.linear(x.to(DENSE_DTYPE), linear.weight.to(DENSE_DTYPE), linear.bias.to(DENSE_DTYPE))
+    out = q(x)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, expected.float())
+    assert relative_error(out, linear(x)) < 1e-2
 
 
-def test_default_model_int8_greedy_matches_float() -> None:
+class TinyTied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 8)
+        self.mlp = nn.ModuleDict({"up": nn.Linear(8, 16), "down": nn.Linear(16, 8)})
+        self.norm = nn.LayerNorm(8)
+        self.lm_head: nn.Module | None = None
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed
+
+
+def test_quantize_swaps_every_projection_and_ties_the_head_to_the_table() -> None:
+    model = quantize_fp16(TinyTied())
+    assert isinstance(model.mlp["up"], HalfLinear) and isinstance(model.mlp["down"], HalfLinear)
+    assert isinstance(model.embed, HalfEmbedding) and isinstance(model.lm_head, HalfLinear)
+    assert model.lm_head.weight_dense.data_ptr() == model.embed.weight.data_ptr()  # shared, not copied
+    assert model.embed(torch.tensor([3, 4])).dtype == torch.float32
+    assert model.norm.weight.dtype == torch.float32
+    assert model_dtypes(model) == (torch.float32, torch.float16)
+
+
+def test_default_model_fp16_greedy_matches_float() -> None:
     prompts = ["The capital of France is", "1, 2, 3, 4,", "The largest planet in the solar system is"]
     chat = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
     fp32 = LLM(quantization="none", max_num_seqs=4)
-    int8 = LLM(quantization="int8", max_num_seqs=4)
+    fp16 = LLM(quantization="fp16", max_num_seqs=4)
     try:
-        a = fp32.generate(prompts, max_tokens=6, temperature=0.0)
-        b = int8.generate(prompts, max_tokens=6, temperature=0.0)
-        answer = int8.generate(chat, max_tokens=10, temperature=0.0)
+        assert model_dtypes(fp16.engine.core.runner.model) == (torch.float32, torch.float16)  # type: ignore[arg-type]
+        a = fp32.generate(prompts, max_tokens=8, temperature=0.0)
+        b = fp16.generate(prompts, max_tokens=8, temperature=0.0)
+        answer = fp16.generate(chat, max_tokens=10, temperature=0.0)
     finally:
         fp32.shutdown()
-        int8.shutdown()
+        fp16.shutdown()
     assert "Paris" in b[0]["text"] and "Paris" in answer["text"]
-    assert [r["token_ids"][0] for r in a] == [r["token_ids"][0] for r in b]
+    assert [r["token_ids"] for r in a] == [r["token_ids"] for r in b]

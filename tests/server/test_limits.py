@@ -70,7 +70,9 @@ def test_queue_overflow_gives_429_then_recovers(small_queue_server: tuple[str, E
 
     responses = asyncio.run(burst())
     codes = sorted(r.status_code for r in responses)
-    assert codes.count(200) >= 3 and codes.count(429) >= 1, codes
+    # 1 running + 2 waiting fit; a request counts as waiting until the engine thread admits it, so a
+    # burst may see the first still waiting when the third arrives
+    assert codes.count(200) >= 2 and codes.count(429) >= 1 and codes.count(200) + codes.count(429) == 8, codes
     rejected = next(r for r in responses if r.status_code == 429)
     assert rejected.headers["Retry-After"]
     assert rejected.json()["error"]["type"] == "rate_limit_error"

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import torch
-
 from tricklm.config import DEFAULT_KV_CACHE_CAP, EngineConfig
 from tricklm.engine.kv_cache import KVCache, bytes_per_token
 from tricklm.engine.model_runner import ModelRunner, ThreadPolicy
 from tricklm.engine.request import EngineOutput, FinishReason, Request
 from tricklm.engine.scheduler import Scheduler
+from tricklm.model.quant import model_dtypes
 from tricklm.model.registry import CausalLM
 
 
@@ -17,7 +16,7 @@ class EngineCore:
         cfg = model.config
         self.config = config
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        self.dtype: torch.dtype = next(iter(model.parameters())).dtype  # type: ignore[attr-defined]
+        self.dtype = model_dtypes(model)[1]  # type: ignore[arg-type]  # the KV cache's
         self.kv_cache = KVCache(cfg, self._num_blocks(model), config.block_size, self.dtype)
         if self.kv_cache.capacity_tokens < self.max_model_len:
             # One request of full length must always fit, or it could wait forever.

@@ -28,7 +28,7 @@ class KVCache:
             raise ValueError("the KV cache budget is too small for even one block")
         self.block_size = block_size
         self.num_blocks = num_blocks
-        shape = (num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.num_kv_heads, num_blocks * block_size, cfg.head_dim)
         self.layers = [
             KVCacheLayer(_storage(shape, dtype, block_size), _storage(shape, dtype, block_size))
             for _ in range(cfg.num_layers)
@@ -72,5 +72,5 @@ class KVCache:
 
 def _storage(shape: tuple[int, ...], dtype: torch.dtype, block_size: int) -> torch.Tensor:
     t = torch.empty(shape, dtype=dtype)
-    t[:block_size].zero_()
+    t[:, :block_size].zero_()
     return t

@@ -11,6 +11,7 @@ from tricklm.engine.request import Request, TokenLogprob
 from tricklm.engine.sampler import sample
 from tricklm.engine.scheduler import ScheduledBatch
 from tricklm.model.attention import AttentionMetadata, PrefillSegment, chunk_mask, decode_mask
+from tricklm.model.quant import model_dtypes
 from tricklm.model.registry import CausalLM
 
 
@@ -41,7 +42,7 @@ class ModelRunner:
         self.kv = kv_cache
         self.threads = threads or ThreadPolicy(None)
         self.window = model.config.sliding_window
-        self.dtype = next(iter(model.parameters())).dtype  # type: ignore[attr-defined]
+        self.dtype = model_dtypes(model)[0]  # type: ignore[arg-type]  # the activations'; masks match it
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> dict[str, tuple[int, TokenLogprob | None]]:

@@ -34,7 +34,11 @@ class AttentionMetadata:
 
 
 class KVCacheLayer:
-    """K and V for one layer, stored as [num_slots, num_kv_heads, head_dim]."""
+    """K and V for one layer, stored head-major as [num_kv_heads, num_slots, head_dim].
+
+    Head-major, a gather of slots lands already in the [heads, keys, dim] layout the attention matmuls
+    read, so no second copy is made per layer and step.
+    """
 
     def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k = k
@@ -50,8 +54,8 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D]."""
-    cache.k.index_copy_(0, meta.slot_mapping, k)
-    cache.v.index_copy_(0, meta.slot_mapping, v)
+    cache.k.index_copy_(1, meta.slot_mapping, k.transpose(0, 1).to(cache.k.dtype))
+    cache.v.index_copy_(1, meta.slot_mapping, v.transpose(0, 1).to(cache.v.dtype))
     out = torch.empty_like(q)
     nd = meta.num_decode_tokens
     if nd:
@@ -60,9 +64,9 @@ def paged_attention(
     for seg in meta.prefills:
         s, e = seg.token_start, seg.token_end
         if seg.context_index is None:
-            ks, vs = k[s:e], v[s:e]
+            ks, vs = k[s:e].transpose(0, 1), v[s:e].transpose(0, 1)
         else:
-            ks, vs = cache.k.index_select(0, seg.context_index), cache.v.index_select(0, seg.context_index)
+            ks, vs = cache.k.index_select(1, seg.context_index), cache.v.index_select(1, seg.context_index)
         out[s:e] = _attend(q[s:e], ks, vs, seg.mask, scale, causal=seg.mask is None)
     return out
 
@@ -76,25 +80,25 @@ def _decode_attention(
     especially slow in bfloat16.
     """
     b, length = index.shape
-    h_kv, d = cache.k.shape[1:]
+    h_kv, _, d = cache.k.shape
     flat = index.view(-1)
     # index_select, not advanced indexing: the latter is far slower on CPU
-    k = cache.k.index_select(0, flat).view(b, length, h_kv, d).permute(0, 2, 3, 1)  # [B, Hkv, D, L]
-    v = cache.v.index_select(0, flat).view(b, length, h_kv, d).transpose(1, 2)  # [B, Hkv, L, D]
-    qg = q.view(b, h_kv, -1, d)  # query heads grouped under their KV head
-    scores = torch.matmul(qg, k).float() * scale + mask  # [B, Hkv, G, L]
-    probs = torch.softmax(scores, dim=-1).to(q.dtype)
-    return torch.matmul(probs, v).reshape(b, -1, d)
+    k = cache.k.index_select(1, flat).view(h_kv, b, length, d).to(q.dtype)
+    v = cache.v.index_select(1, flat).view(h_kv, b, length, d).to(q.dtype)
+    qg = q.view(b, h_kv, -1, d).transpose(0, 1)  # [Hkv, B, G, D]: query heads under their KV head
+    scores = torch.matmul(qg, k.transpose(2, 3)).float() * scale + mask.view(1, b, 1, length)
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).transpose(0, 1).reshape(b, -1, d)
 
 
 def _attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float, causal: bool
 ) -> torch.Tensor:
-    """Single sequence: q [n, Hq, D], k/v [L, Hkv, D]."""
+    """Single sequence: q [n, Hq, D], k/v [Hkv, L, D]."""
     o = F.scaled_dot_product_attention(
         q.transpose(0, 1).unsqueeze(0),
-        k.transpose(0, 1).unsqueeze(0),
-        v.transpose(0, 1).unsqueeze(0),
+        k.unsqueeze(0).to(q.dtype),
+        v.unsqueeze(0).to(q.dtype),
         attn_mask=mask,
         is_causal=causal and mask is None,
         scale=scale,

@@ -14,7 +14,7 @@ from safetensors import SafetensorError, safe_open
 
 from tricklm.model.config import ModelConfig, ModelLoadError
 from tricklm.model.layers import RotaryEmbedding
-from tricklm.model.quant import ACT_DTYPE, quantize_int8
+from tricklm.model.quant import quantize_fp16
 from tricklm.model.registry import CausalLM, model_class
 
 
@@ -41,7 +41,7 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, quantization
         model = cls(cfg)
     # Allocated uninitialised and already in the final dtype, so the float32 checkpoint is converted tensor
     # by tensor and never held whole; every parameter is then overwritten (checked below).
-    target = ACT_DTYPE if quantization == "int8" else dtype
+    target = torch.float32 if quantization == "fp16" else dtype  # fp16 packs from the exact float32 weights
     model = model.to(dtype=target).to_empty(device="cpu")
     _reset_buffers(model)
     loaded = model.load_weights(_iter_safetensors(model_dir))  # type: ignore[operator]
@@ -50,8 +50,8 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, quantization
         shown = ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else "")
         raise ModelLoadError(f"{model_dir}: {len(missing)} weights missing from the checkpoint: {shown}")
     model = model.eval().requires_grad_(False)
-    if quantization == "int8":
-        model = quantize_int8(model)
+    if quantization == "fp16":
+        model = quantize_fp16(model)
     _release_freed_memory()
     return model  # type: ignore[return-value]
 
