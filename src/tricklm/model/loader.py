@@ -41,8 +41,7 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, quantization
         model = cls(cfg)
     # Allocated uninitialised and already in the final dtype, so the float32 checkpoint is converted tensor
     # by tensor and never held whole; every parameter is then overwritten (checked below).
-    target = torch.float32 if quantization == "fp16" else dtype  # fp16 packs from the exact float32 weights
-    model = model.to(dtype=target).to_empty(device="cpu")
+    model = _storage_dtypes(model, dtype, quantization).to_empty(device="cpu")
     _reset_buffers(model)
     loaded = model.load_weights(_iter_safetensors(model_dir))  # type: ignore[operator]
     missing = sorted(set(dict(model.named_parameters())) - loaded)
@@ -54,6 +53,17 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, quantization
         model = quantize_fp16(model)
     _release_freed_memory()
     return model  # type: ignore[return-value]
+
+
+def _storage_dtypes(model: torch.nn.Module, dtype: torch.dtype, quantization: str) -> torch.nn.Module:
+    """fp16 mode stages matrices in float16 (what they are packed as) and keeps norms in float32."""
+    if quantization != "fp16":
+        return model.to(dtype=dtype)
+    model = model.to(dtype=torch.float32)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear | torch.nn.Embedding):
+            module.to(dtype=torch.float16)
+    return model
 
 
 def _release_freed_memory() -> None:
