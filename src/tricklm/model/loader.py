@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +10,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from tricklm.memory import release_freed_memory
 from tricklm.model.config import ModelConfig, ModelLoadError
 from tricklm.model.layers import RotaryEmbedding
 from tricklm.model.quant import quantize_fp16
@@ -51,7 +50,7 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, quantization
     model = model.eval().requires_grad_(False)
     if quantization == "fp16":
         model = quantize_fp16(model)
-    _release_freed_memory()
+    release_freed_memory()  # the loader's staging buffers
     return model  # type: ignore[return-value]
 
 
@@ -64,12 +63,6 @@ def _storage_dtypes(model: torch.nn.Module, dtype: torch.dtype, quantization: st
         if isinstance(module, torch.nn.Linear | torch.nn.Embedding):
             module.to(dtype=torch.float16)
     return model
-
-
-def _release_freed_memory() -> None:
-    """Hand the loader's freed buffers back to the OS, so resident memory reflects the model, not its loading."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _reset_buffers(model: torch.nn.Module) -> None:

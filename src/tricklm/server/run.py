@@ -9,6 +9,7 @@ import uvicorn
 
 from tricklm.config import EngineConfig, ServerConfig
 from tricklm.engine.engine import Engine
+from tricklm.memory import limit_fragmentation
 from tricklm.model.resolve import resolve_model
 from tricklm.server.app import create_app
 
@@ -16,6 +17,7 @@ logger = logging.getLogger("tricklm")
 
 
 def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
+    limit_fragmentation()
     resolve_model(engine_config.model)  # converts a GGUF on first use, with a progress bar; raises ModelLoadError
     failed = threading.Event()
     server: uvicorn.Server | None = None

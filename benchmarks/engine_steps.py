@@ -1,0 +1,70 @@
+"""Time of one engine step with no server around it: what the model and scheduler cost per token.
+
+Loads the default model (or `--model`) with the engine's own settings, stops the engine thread and
+drives `EngineCore.step()` by hand: for each batch size, that many greedy requests with 100-token
+prompts are prefilled, then decode steps are timed in windows of 15; it prints the best and the
+median window. Compare with the server's inter-token latency (`tricklm bench`) to see what HTTP, SSE
+and the GIL add; compare `--quantization` values to see what the weight format buys.
+
+    .venv/bin/python benchmarks/engine_steps.py                       # default settings, 1 and 16 sequences
+    .venv/bin/python benchmarks/engine_steps.py --quantization none --batch-sizes 1,4,16
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from tricklm.config import EngineConfig
+from tricklm.engine.engine import Engine
+from tricklm.engine.sampling_params import SamplingParams
+
+PROMPT = "The history of the city of Paris begins with a small settlement on an island in the river. " * 8
+PROMPT_LEN = 100
+WINDOW = 15
+WINDOWS = 6
+
+
+def step_ms(engine: Engine, batch_size: int) -> list[float]:
+    core = engine.core
+    base = engine.tokenizer.encode(PROMPT)[:PROMPT_LEN]
+    params = SamplingParams(max_tokens=WINDOW * (WINDOWS + 2), temperature=0.0, ignore_eos=True)
+    for i in range(batch_size):
+        ids = [base[0] + i, *base[1:]]  # distinct prompts: no two requests alike
+        core.add_request(engine.make_request(engine.new_request_id("step"), ids, params))
+    while any(len(r.output_token_ids) == 0 for r in core.scheduler.running) or core.scheduler.waiting:
+        core.step()  # prefill everything first
+    for _ in range(WINDOW):
+        core.step()  # warm-up
+    windows = []
+    for _ in range(WINDOWS):
+        start = time.perf_counter()
+        for _ in range(WINDOW):
+            core.step()
+        windows.append(1000 * (time.perf_counter() - start) / WINDOW)
+    while core.has_work:
+        core.step()
+    return windows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None)
+    p.add_argument("--quantization", default=EngineConfig.quantization)
+    p.add_argument("--batch-sizes", default="1,16")
+    args = p.parse_args()
+    engine = Engine(EngineConfig(model=args.model, quantization=args.quantization), progress=False)
+    engine.loop.shutdown()  # this script is the only one stepping the core
+    try:
+        print(f"# engine step, quantization={args.quantization}, {PROMPT_LEN}-token prompts, decode only")
+        for b in (int(x) for x in args.batch_sizes.split(",")):
+            ms = step_ms(engine, b)
+            best, median = min(ms), statistics.median(ms)
+            print(f"{b:>3} sequences: step best {best:.1f} ms, median {median:.1f} ms -> {1000 * b / median:.0f} tok/s")
+    finally:
+        engine.shutdown()
+
+
+if __name__ == "__main__":
+    main()
