@@ -12,6 +12,7 @@ import argparse
 import random
 
 from tricklm.engine.llm import LLM
+from tricklm.memory import limit_fragmentation
 
 _WORDS = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at", "from"]
 
@@ -25,6 +26,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=8)
     args = parser.parse_args()
+    limit_fragmentation()  # the server's malloc settings
     llm = LLM()
     rng = random.Random(0)
     try:

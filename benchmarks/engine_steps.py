@@ -19,6 +19,7 @@ import time
 from tricklm.config import EngineConfig
 from tricklm.engine.engine import Engine
 from tricklm.engine.sampling_params import SamplingParams
+from tricklm.memory import limit_fragmentation
 
 PROMPT = "The history of the city of Paris begins with a small settlement on an island in the river. " * 8
 PROMPT_LEN = 100
@@ -54,6 +55,7 @@ def main() -> None:
     p.add_argument("--quantization", default=EngineConfig.quantization)
     p.add_argument("--batch-sizes", default="1,16")
     args = p.parse_args()
+    limit_fragmentation()  # the server's malloc settings, so the step costs match
     engine = Engine(EngineConfig(model=args.model, quantization=args.quantization), progress=False)
     engine.loop.shutdown()  # this script is the only one stepping the core
     try:
