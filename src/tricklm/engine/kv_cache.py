@@ -28,11 +28,8 @@ class KVCache:
             raise ValueError("the KV cache budget is too small for even one block")
         self.block_size = block_size
         self.num_blocks = num_blocks
-        shape = (cfg.num_kv_heads, num_blocks * block_size, cfg.head_dim)
-        self.layers = [
-            KVCacheLayer(_storage(shape, dtype, block_size), _storage(shape, dtype, block_size))
-            for _ in range(cfg.num_layers)
-        ]
+        shape = (2 * cfg.num_kv_heads, num_blocks * block_size, cfg.head_dim)
+        self.layers = [KVCacheLayer(_storage(shape, dtype, block_size)) for _ in range(cfg.num_layers)]
         # A min-heap: always hand out the lowest free block, so the pages ever touched stay as few as the
         # peak number of blocks in use (resident memory stays flat across requests).
         self._free = list(range(1, num_blocks))

@@ -42,6 +42,7 @@ class ModelRunner:
         self.kv = kv_cache
         self.threads = threads or ThreadPolicy(None)
         self.window = model.config.sliding_window
+        self.num_kv_heads = model.config.num_kv_heads
         self.dtype = model_dtypes(model)[0]  # type: ignore[arg-type]  # the activations'; masks match it
 
     @torch.inference_mode()
@@ -99,7 +100,7 @@ class ModelRunner:
         if decodes:
             lens = [r.num_computed_tokens + 1 for r in decodes]
             meta.decode_context_index = self._context_index(decodes, max(lens), lens)
-            meta.decode_mask = decode_mask(lens, self.window, self.dtype)
+            meta.decode_mask = decode_mask(lens, self.window, self.dtype, self.num_kv_heads)
         offset = len(decodes)
         for req, n in order[len(decodes) :]:
             start = req.num_computed_tokens

@@ -29,45 +29,55 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot that each token's K/V is written to
     num_decode_tokens: int
     decode_context_index: torch.Tensor | None  # [B, Lmax] cache slots, padded
-    decode_mask: torch.Tensor | None  # [B, 1, 1, Lmax] additive, -inf on padding
+    decode_mask: torch.Tensor | None  # [Hkv * B, 1, Lmax] additive, -inf on padding (see `decode_mask`)
     prefills: list[PrefillSegment]
 
 
 class KVCacheLayer:
-    """K and V for one layer, stored head-major as [num_kv_heads, num_slots, head_dim].
+    """K and V of one layer in one tensor, [2 * num_kv_heads, num_slots, head_dim]: K heads, then V heads.
 
     Head-major, a gather of slots lands already in the [heads, keys, dim] layout the attention matmuls
-    read, so no second copy is made per layer and step.
+    read; one tensor for both, a step writes and gathers K and V with one op each instead of two.
     """
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.k = k
-        self.v = v
+    def __init__(self, kv: torch.Tensor) -> None:
+        self.kv = kv
+        self.num_kv_heads = kv.shape[0] // 2
+
+    @property
+    def k(self) -> torch.Tensor:
+        return self.kv[: self.num_kv_heads]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.kv[self.num_kv_heads :]
 
 
 def paged_attention(
     q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    kv: torch.Tensor,
     cache: KVCacheLayer,
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D]."""
-    cache.k.index_copy_(1, meta.slot_mapping, k.transpose(0, 1).to(cache.k.dtype))
-    cache.v.index_copy_(1, meta.slot_mapping, v.transpose(0, 1).to(cache.v.dtype))
-    out = torch.empty_like(q)
+    """q: [T, Hq, D], kv: [T, 2 * Hkv, D] (K heads, then V heads) -> [T, Hq, D]."""
+    cache.kv.index_copy_(1, meta.slot_mapping, kv.transpose(0, 1).to(cache.kv.dtype))
     nd = meta.num_decode_tokens
+    decoded = None
     if nd:
         assert meta.decode_context_index is not None and meta.decode_mask is not None
-        out[:nd] = _decode_attention(q[:nd], cache, meta.decode_context_index, meta.decode_mask, scale)
+        decoded = _decode_attention(q[:nd], cache, meta.decode_context_index, meta.decode_mask, scale)
+        if not meta.prefills:
+            return decoded  # the common step: decode only, no copy into a shared output
+    out = torch.empty_like(q)
+    if decoded is not None:
+        out[:nd] = decoded
+    h_kv = cache.num_kv_heads
     for seg in meta.prefills:
         s, e = seg.token_start, seg.token_end
-        if seg.context_index is None:
-            ks, vs = k[s:e].transpose(0, 1), v[s:e].transpose(0, 1)
-        else:
-            ks, vs = cache.k.index_select(1, seg.context_index), cache.v.index_select(1, seg.context_index)
-        out[s:e] = _attend(q[s:e], ks, vs, seg.mask, scale, causal=seg.mask is None)
+        idx = seg.context_index
+        ctx = kv[s:e].transpose(0, 1) if idx is None else cache.kv.index_select(1, idx)
+        out[s:e] = _attend(q[s:e], ctx[:h_kv], ctx[h_kv:], seg.mask, scale, causal=seg.mask is None)
     return out
 
 
@@ -77,18 +87,16 @@ def _decode_attention(
     """One query per sequence over its gathered context: q [B, Hq, D] -> [B, Hq, D].
 
     Plain batched matmuls: for a single query row they beat the CPU flash-attention kernel, which is
-    especially slow in bfloat16.
+    especially slow in bfloat16. `baddbmm` adds the mask and applies the scale inside the product.
     """
     b, length = index.shape
-    h_kv, _, d = cache.k.shape
-    flat = index.view(-1)
+    h_kv, d = cache.num_kv_heads, cache.kv.shape[2]
     # index_select, not advanced indexing: the latter is far slower on CPU
-    k = cache.k.index_select(1, flat).view(h_kv, b, length, d).to(q.dtype)
-    v = cache.v.index_select(1, flat).view(h_kv, b, length, d).to(q.dtype)
-    qg = q.view(b, h_kv, -1, d).transpose(0, 1)  # [Hkv, B, G, D]: query heads under their KV head
-    scores = torch.matmul(qg, k.transpose(2, 3)).float() * scale + mask.view(1, b, 1, length)
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    return torch.matmul(probs, v).transpose(0, 1).reshape(b, -1, d)
+    ctx = cache.kv.index_select(1, index.view(-1)).to(q.dtype).view(2, h_kv * b, length, d)
+    qg = q.view(b, h_kv, -1, d).transpose(0, 1).reshape(h_kv * b, -1, d)  # query heads under their KV head
+    scores = torch.baddbmm(mask, qg, ctx[0].transpose(1, 2), alpha=scale)
+    probs = torch.softmax(scores, dim=-1)
+    return torch.bmm(probs, ctx[1]).view(h_kv, b, -1, d).transpose(0, 1).reshape(b, -1, d)
 
 
 def _attend(
@@ -117,14 +125,19 @@ def chunk_mask(start_pos: int, num_tokens: int, sliding_window: int | None, dtyp
     return _additive(allowed, dtype)
 
 
-def decode_mask(context_lens: list[int], sliding_window: int | None, dtype: torch.dtype) -> torch.Tensor:
-    """[B, 1, 1, Lmax] additive mask: each row sees its own context (and window) only."""
+def decode_mask(
+    context_lens: list[int], sliding_window: int | None, dtype: torch.dtype, num_kv_heads: int
+) -> torch.Tensor:
+    """[Hkv * B, 1, Lmax] additive mask: each row sees its own context (and window) only.
+
+    Repeated per KV head once per step, so every layer's `baddbmm` can add it as is.
+    """
     lens = torch.tensor(context_lens).unsqueeze(1)
     k_pos = torch.arange(max(context_lens)).unsqueeze(0)
     allowed = k_pos < lens
     if sliding_window is not None:
         allowed &= k_pos >= lens - sliding_window
-    return _additive(allowed, dtype)[:, None, None, :]
+    return _additive(allowed, dtype).repeat(num_kv_heads, 1).unsqueeze(1)
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -25,8 +25,8 @@ class GPT2Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCacheLayer, meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = (y.view(t, self.num_heads, self.head_dim) for y in self.c_attn(x).chunk(3, dim=-1))
-        o = paged_attention(q, k, v, cache, meta, self.scale)
+        qkv = self.c_attn(x).view(t, 3 * self.num_heads, self.head_dim)
+        o = paged_attention(qkv[:, : self.num_heads], qkv[:, self.num_heads :], cache, meta, self.scale)
         return self.c_proj(o.reshape(t, -1))  # type: ignore[no-any-return]
 
 

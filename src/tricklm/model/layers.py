@@ -38,33 +38,33 @@ def activation(name: str) -> Any:
 
 
 class RotaryEmbedding(nn.Module):
-    """Half-rotation RoPE (the Hugging Face layout), with cos/sin precomputed for every position."""
+    """Half-rotation RoPE (the Hugging Face layout), with cos/sin precomputed for every position.
+
+    The tables are stored at full head width, sin with the first half negated, so a rotation is
+    `x * cos + roll(x, D/2) * sin`: three ops on q and k together, in place.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         inv_freq = _inv_freq(cfg)
         pos = torch.arange(cfg.max_position_embeddings, dtype=torch.float32)
         freqs = torch.outer(pos, inv_freq)
+        cos, sin = freqs.cos(), freqs.sin()
         self.cos: torch.Tensor
         self.sin: torch.Tensor
-        self.register_buffer("cos", freqs.cos(), persistent=False)
-        self.register_buffer("sin", freqs.sin(), persistent=False)
+        self.register_buffer("cos", torch.cat((cos, cos), dim=-1), persistent=False)
+        self.register_buffer("sin", torch.cat((-sin, sin), dim=-1), persistent=False)
 
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin for a step's positions, [T, 1, D/2]: looked up once per step, used by every layer."""
+        """cos/sin for a step's positions, [T, 1, D]: looked up once per step, used by every layer."""
         return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
 
 
-def apply_rotary(
-    q: torch.Tensor, k: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_rotary_(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Rotate x [T, H, D] in place (q and k heads may share one call: the rotation is per head)."""
     cos, sin = cos_sin
-    return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    rolled = torch.roll(x, x.shape[-1] // 2, dims=-1)  # [x2, x1]; with the signed sin: [-x2, x1]
+    x.mul_(cos).addcmul_(rolled, sin)
 
 
 def _inv_freq(cfg: ModelConfig) -> torch.Tensor:

@@ -13,7 +13,7 @@ from torch import nn
 
 from tricklm.model.attention import AttentionMetadata, KVCacheLayer, paged_attention
 from tricklm.model.config import ModelConfig
-from tricklm.model.layers import RMSNorm, RotaryEmbedding, activation, apply_rotary, load_shard, output_logits
+from tricklm.model.layers import RMSNorm, RotaryEmbedding, activation, apply_rotary_, load_shard, output_logits
 
 
 class LlamaAttention(nn.Module):
@@ -37,12 +37,12 @@ class LlamaAttention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, k, cos_sin)
-        o = paged_attention(q, k, v, cache, meta, self.scale)
+        qkv = self.qkv_proj(x)
+        # q and k heads are adjacent in the fused output: one rotation for both, in place
+        apply_rotary_(qkv[:, : self.q_size + self.kv_size].view(t, -1, self.head_dim), cos_sin)
+        q = qkv[:, : self.q_size].view(t, self.num_heads, self.head_dim)
+        kv = qkv[:, self.q_size :].view(t, 2 * self.num_kv_heads, self.head_dim)
+        o = paged_attention(q, kv, cache, meta, self.scale)
         return self.o_proj(o.reshape(t, self.q_size))  # type: ignore[no-any-return]
 
 
