@@ -5,7 +5,7 @@ default, and every arena keeps its own freed pages resident, so we cap them at t
 
 The mmap threshold is left to glibc on purpose. A fixed low threshold (we tried 256 KiB) sends every
 step-sized tensor to a fresh mmap, and the page faults on first touch doubled a 16-sequence decode
-step (140 against 60 ms, `benchmarks/engine_steps.py`). glibc's dynamic threshold keeps those buffers
+step (147 against 73 ms median, `benchmarks/engine_steps.py`). glibc's dynamic threshold keeps those buffers
 on the heap, where the next step reuses them.
 """
 
