@@ -44,14 +44,6 @@ class KVCacheLayer:
         self.kv = kv
         self.num_kv_heads = kv.shape[0] // 2
 
-    @property
-    def k(self) -> torch.Tensor:
-        return self.kv[: self.num_kv_heads]
-
-    @property
-    def v(self) -> torch.Tensor:
-        return self.kv[self.num_kv_heads :]
-
 
 def paged_attention(
     q: torch.Tensor,
