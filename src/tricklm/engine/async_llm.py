@@ -55,7 +55,7 @@ class RequestStream:
         prompt_token_ids: list[int],
         params: SamplingParams,
         request_id: str,
-        mailbox: Mailbox | None = None,
+        mailbox: Mailbox,
     ) -> None:
         self.engine = engine
         self.request_id = request_id
@@ -63,11 +63,10 @@ class RequestStream:
         self.processor = OutputProcessor(engine.tokenizer, params, len(prompt_token_ids))
         self._queue: asyncio.Queue[EngineOutput] = asyncio.Queue()
         self._done = False
-        box = mailbox or Mailbox(asyncio.get_running_loop())
         queue = self._queue
 
         def sink(out: EngineOutput) -> None:
-            box.post(queue, out)
+            mailbox.post(queue, out)
 
         engine.submit(req, sink)
 
