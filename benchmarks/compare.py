@@ -9,6 +9,7 @@ the figures as JSON (`benchmarks/results/compare.json`); each server's raw bench
 
 Servers (`--servers`, default all):
   tricklm      `python -m tricklm serve` with default settings
+  tricklm-fp16-only  the same with `--quantization fp16-only` (no bfloat16 prefill copies)
   baseline     the design doc's thread-pool server, `benchmarks/baseline_threadpool.py` (HF model, fp32)
   tf-serve     `transformers serve MODEL`
   tf-serve-cb  `transformers serve MODEL --continuous-batching`
@@ -80,6 +81,12 @@ SPECS: dict[str, ServerSpec] = {
     for spec in (
         ServerSpec("tricklm", "tricklm (default settings)", False, "the server under test, default settings"),
         ServerSpec(
+            "tricklm-fp16-only",
+            "tricklm `--quantization fp16-only`",
+            False,
+            "fp16 weights for every step, no bfloat16 prefill copies: less memory, slower prefill",
+        ),
+        ServerSpec(
             "baseline",
             "design-doc thread pool (HF fp32)",
             False,
@@ -132,6 +139,8 @@ def build_launch(key: str, ctx: Context, port: int) -> Launch:
     env = dict(OFFLINE_ENV)
     if key == "tricklm":
         return Launch([sys.executable, "-m", "tricklm", "serve", *host], env, [])
+    if key == "tricklm-fp16-only":
+        return Launch([sys.executable, "-m", "tricklm", "serve", *host, "--quantization", "fp16-only"], env, [])
     if key == "baseline":
         script = str(BENCH_DIR / "baseline_threadpool.py")
         return Launch([sys.executable, script, "--model", str(ctx.model_dir), *host], env, [])

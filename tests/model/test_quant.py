@@ -45,6 +45,18 @@ def test_many_rows_use_the_bfloat16_copy() -> None:
     assert relative_error(out, linear(x)) < 1e-2
 
 
+@pytest.mark.skipif(not fbgemm_available(), reason="fbgemm (x86 with AVX2) is needed for packed fp16")
+def test_without_the_dense_copy_every_step_reads_the_packed_weights() -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32)
+    q = HalfLinear(linear.weight, linear.bias, dense=False)
+    assert q.weight_dense is None and q.bias_dense is None
+    x = torch.randn(4 * MAX_PACKED_ROWS, 64)
+    out = q(x)
+    assert torch.equal(out, torch.ops.quantized.linear_dynamic_fp16(x, q.packed))
+    assert relative_error(out, linear(x)) < 1e-3
+
+
 class TinyTied(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -67,18 +79,30 @@ def test_quantize_swaps_every_projection_and_ties_the_head_to_the_table() -> Non
     assert model_dtypes(model) == (torch.float32, torch.float16)
 
 
+@pytest.mark.skipif(not fbgemm_available(), reason="fbgemm (x86 with AVX2) is needed for packed fp16")
+def test_quantize_without_dense_copies_keeps_only_the_free_one() -> None:
+    model = quantize_fp16(TinyTied(), dense=False)
+    assert model.mlp["up"].weight_dense is None and model.mlp["down"].weight_dense is None
+    assert model.lm_head.weight_dense.data_ptr() == model.embed.weight.data_ptr()  # the table itself
+
+
 def test_default_model_fp16_greedy_matches_float() -> None:
     prompts = ["The capital of France is", "1, 2, 3, 4,", "The largest planet in the solar system is"]
     chat = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
     fp32 = LLM(quantization="none", max_num_seqs=4)
     fp16 = LLM(quantization="fp16", max_num_seqs=4)
+    lean = LLM(quantization="fp16-only", max_num_seqs=4)
     try:
         assert model_dtypes(fp16.engine.core.runner.model) == (torch.float32, torch.float16)  # type: ignore[arg-type]
         a = fp32.generate(prompts, max_tokens=8, temperature=0.0)
         b = fp16.generate(prompts, max_tokens=8, temperature=0.0)
+        c = lean.generate(prompts, max_tokens=8, temperature=0.0)
         answer = fp16.generate(chat, max_tokens=10, temperature=0.0)
     finally:
         fp32.shutdown()
         fp16.shutdown()
+        lean.shutdown()
     assert "Paris" in b[0]["text"] and "Paris" in answer["text"]
-    assert [r["token_ids"] for r in a] == [r["token_ids"] for r in b]
+    expected = [r["token_ids"] for r in a]
+    assert [r["token_ids"] for r in b] == expected
+    assert [r["token_ids"] for r in c] == expected
