@@ -21,7 +21,7 @@ class EngineConfig:
     # "fp16" (default): projection weights packed as fp16 for decode steps, with a bfloat16 copy for
     # large steps; float32 activations, fp16 KV cache (see model/quant.py). "none": everything in
     # `dtype` (float32 is the exact reference). "fp16-only": fp16 weights for every step, no bfloat16
-    # copies: about 210 MB less for the default model, prefill about a quarter slower.
+    # copies: about 210 MB less for the default model, slower prefill (benchmarks/README.md).
     quantization: str = "fp16"
     max_model_len: int | None = None  # None: the model's own context length
     max_num_seqs: int = 16
