@@ -8,10 +8,12 @@ from typing import Any, TypeVar
 
 import torch
 
+from tricklm.model.quant import FP16_MODES
+
 T = TypeVar("T")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-QUANTIZATIONS = ("none", "fp16", "fp16-only")
+QUANTIZATIONS = ("none", *FP16_MODES)
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,7 @@ class EngineConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         """The dtype of activations and the KV cache."""
-        return torch.float32 if self.quantization != "none" else DTYPES[self.dtype]
+        return torch.float32 if self.quantization in FP16_MODES else DTYPES[self.dtype]
 
 
 # Without an explicit budget the KV cache may not exceed this; preemption handles the rare overflow.
