@@ -192,6 +192,25 @@ def test_health_probe_pending_at_the_end_is_failed() -> None:
     assert probe.samples[0].error == "no answer before the run ended"
 
 
+def test_stopped_health_probe_lets_the_probe_in_flight_finish() -> None:
+    async def slow(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(0.2)
+        return httpx.Response(200)
+
+    async def go() -> HealthProbe:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(slow)) as client:
+            probe = HealthProbe(client, f"{BASE}/health", interval=0.05)
+            task = asyncio.create_task(probe.run())
+            await asyncio.sleep(0.05)  # the first probe is in flight
+            probe.stop()
+            await asyncio.wait_for(task, timeout=5)
+            probe.finish()
+            return probe
+
+    probe = asyncio.run(go())
+    assert len(probe.samples) == 1 and probe.samples[0].is_ok
+
+
 def discovery(handler: Handler, fn: Callable[[httpx.AsyncClient], Any]) -> Any:
     async def go() -> Any:
         async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:

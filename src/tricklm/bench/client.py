@@ -188,10 +188,11 @@ class HealthProbe:
         self.client, self.url, self.interval, self.timeout = client, url, interval, timeout
         self.samples: list[HealthSample] = []
         self.is_supported = True
+        self._stopping = False
 
     async def run(self) -> None:
-        """Probe until cancelled or the route turns out not to exist."""
-        while self.is_supported:
+        """Probe until cancelled, stopped, or the route turns out not to exist."""
+        while self.is_supported and not self._stopping:
             sample = HealthSample(sent=time.perf_counter())
             self.samples.append(sample)
             await self._probe(sample)
@@ -208,6 +209,10 @@ class HealthProbe:
         if response.status_code == 404:
             self.samples.remove(sample)
             self.is_supported = False
+
+    def stop(self) -> None:
+        """Send no more probes; `run` returns once the one in flight has its answer."""
+        self._stopping = True
 
     def finish(self) -> list[HealthSample]:
         """Mark a probe still waiting for its answer as failed and return all samples."""

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 ENDPOINTS = ("completions", "chat")
 DATASETS = ("random", "prompts")
+PROBE_GRACE_S = 5.0  # how long the health probe in flight at the end of a run may take to answer
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,10 @@ async def measure(
         records = await run_load(clients[0], target, prompts, max_concurrency, offsets, bar.update)
         duration = time.perf_counter() - start
     if probe_task is not None:
+        # A probe sent just before the load ended gets its answer (within a grace period) rather than
+        # counting as failed; one still unanswered after that is cancelled and counts as failed.
+        probe.stop()
+        await asyncio.wait({probe_task}, timeout=PROBE_GRACE_S)
         probe_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await probe_task
