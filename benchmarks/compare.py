@@ -9,6 +9,7 @@ the figures as JSON (`benchmarks/results/compare.json`); each server's raw bench
 
 Servers (`--servers`, default all):
   tricklm      `python -m tricklm serve` with default settings
+  tricklm-fp16 the same with `--quantization fp16` (fp16 weights for decode: the default before int4)
   tricklm-fp16-only  the same with `--quantization fp16-only` (no bfloat16 prefill copies)
   baseline     the design doc's thread-pool server, `benchmarks/baseline_threadpool.py` (HF model, fp32)
   tf-serve     `transformers serve MODEL`
@@ -81,6 +82,12 @@ SPECS: dict[str, ServerSpec] = {
     for spec in (
         ServerSpec("tricklm", "tricklm (default settings)", False, "the server under test, default settings"),
         ServerSpec(
+            "tricklm-fp16",
+            "tricklm `--quantization fp16`",
+            False,
+            "packed fp16 weights for decode steps instead of 4-bit: the default before `int4`",
+        ),
+        ServerSpec(
             "tricklm-fp16-only",
             "tricklm `--quantization fp16-only`",
             False,
@@ -139,8 +146,9 @@ def build_launch(key: str, ctx: Context, port: int) -> Launch:
     env = dict(OFFLINE_ENV)
     if key == "tricklm":
         return Launch([sys.executable, "-m", "tricklm", "serve", *host], env, [])
-    if key == "tricklm-fp16-only":
-        return Launch([sys.executable, "-m", "tricklm", "serve", *host, "--quantization", "fp16-only"], env, [])
+    if key.startswith("tricklm-"):  # tricklm-MODE: the same server with `--quantization MODE`
+        mode = key.removeprefix("tricklm-")
+        return Launch([sys.executable, "-m", "tricklm", "serve", *host, "--quantization", mode], env, [])
     if key == "baseline":
         script = str(BENCH_DIR / "baseline_threadpool.py")
         return Launch([sys.executable, script, "--model", str(ctx.model_dir), *host], env, [])

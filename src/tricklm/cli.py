@@ -32,8 +32,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         "--quantization",
         default=d.quantization,
         choices=QUANTIZATIONS,
-        help="fp16: fp16 weights for decode, bfloat16 copies for prefill, float32 activations (default); "
-        "fp16-only: fp16 weights for every step (~210 MB less, slower prefill); none: all in --dtype",
+        help="int4: 4-bit weights for decode where the checkpoint's are 4-bit already (exact; fp16 "
+        "elsewhere), bfloat16 copies for prefill, float32 activations (default); fp16: fp16 weights for "
+        "decode; fp16-only: fp16 weights for every step (no copies, slower prefill); none: all in --dtype",
     )
     p.add_argument("--max-model-len", type=int, default=d.max_model_len, help="context window (default: model's)")
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="requests decoded together")

@@ -8,23 +8,24 @@ from typing import Any, TypeVar
 
 import torch
 
-from tricklm.model.quant import FP16_MODES
+from tricklm.model.quant import QUANT_MODES
 
 T = TypeVar("T")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-QUANTIZATIONS = ("none", *FP16_MODES)
+QUANTIZATIONS = ("none", *QUANT_MODES)
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     model: str | None = None  # None: the default model (SmolLM2-135M-Instruct)
     dtype: str = "float32"
-    # "fp16" (default): projection weights packed as fp16 for decode steps, with a bfloat16 copy for
-    # large steps; float32 activations, fp16 KV cache (see model/quant.py). "none": everything in
-    # `dtype` (float32 is the exact reference). "fp16-only": fp16 weights for every step, no bfloat16
-    # copies: about 210 MB less for the default model, slower prefill (benchmarks/README.md).
-    quantization: str = "fp16"
+    # "int4" (default): decode steps read 4-bit weights where the checkpoint's already are (a Q4_1
+    # GGUF's: exact), packed fp16 elsewhere; large steps read a bfloat16 copy; float32 activations, fp16
+    # KV cache (see model/quant.py). "fp16": packed fp16 for every projection's decode steps. "none":
+    # everything in `dtype` (float32 is the exact reference). "fp16-only": fp16 weights for every step,
+    # no bfloat16 copies: less memory, slower prefill (benchmarks/README.md).
+    quantization: str = "int4"
     max_model_len: int | None = None  # None: the model's own context length
     max_num_seqs: int = 16
     max_num_batched_tokens: int = 256
@@ -59,7 +60,7 @@ class EngineConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         """The dtype of activations and the KV cache."""
-        return torch.float32 if self.quantization in FP16_MODES else DTYPES[self.dtype]
+        return torch.float32 if self.quantization in QUANT_MODES else DTYPES[self.dtype]
 
 
 # Without an explicit budget the KV cache may not exceed this; preemption handles the rare overflow.

@@ -1,4 +1,5 @@
-"""fp16 weights: close to the float model on both paths, and the default model still knows its capitals."""
+"""Compact weights: close to the float model on every path, 4-bit only where it is exact, and the
+default model still knows its capitals."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ from torch import nn
 from tricklm.engine.llm import LLM
 from tricklm.model.quant import (
     DENSE_DTYPE,
+    INT4_GROUP,
     MAX_PACKED_ROWS,
     HalfEmbedding,
     HalfLinear,
+    Int4Weight,
     fbgemm_available,
     model_dtypes,
-    quantize_fp16,
+    quantize,
 )
 
 
@@ -57,6 +60,48 @@ def test_without_the_dense_copy_every_step_reads_the_packed_weights() -> None:
     assert relative_error(out, linear(x)) < 1e-3
 
 
+def four_bit_weight(rows: int, cols: int) -> torch.Tensor:
+    """Weights as a Q4_1 GGUF stores them: per group of 32, levels 0..15 of `scale * level + minimum`,
+    the group's smallest weight on level 0 and its largest on 15."""
+    levels = torch.randint(0, 16, (rows, cols // INT4_GROUP, INT4_GROUP)).float()
+    levels[..., 0], levels[..., -1] = 0, 15
+    scale = torch.rand(rows, cols // INT4_GROUP, 1) * 0.01 + 0.001
+    minimum = -8 * scale + torch.randn(rows, cols // INT4_GROUP, 1) * 0.01
+    return (levels * scale + minimum).view(rows, cols)
+
+
+def test_four_bit_weights_take_the_int4_kernel_and_stay_close() -> None:
+    torch.manual_seed(0)
+    weight, bias = four_bit_weight(96, 128), torch.randn(96)
+    q = HalfLinear(weight.half(), bias, int4=True)  # the loader stages weights in float16
+    assert q.int4 is not None and q.packed is None
+    for rows in (1, MAX_PACKED_ROWS):
+        x = torch.randn(rows, 128)
+        out = q(x)
+        assert out.dtype == torch.float32 and out.shape == (rows, 96)
+        assert relative_error(out, nn.functional.linear(x, weight, bias)) < 1e-2
+
+
+def test_weights_that_are_not_four_bit_keep_fp16() -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 64)
+    assert Int4Weight.from_exact(linear.weight, None) is None
+    almost = four_bit_weight(64, 128)
+    group = almost[3, :INT4_GROUP]
+    almost[3, 7] += 0.37 * float(group.max() - group.min()) / 15  # a third of a step off its level
+    assert Int4Weight.from_exact(almost, None) is None
+    q = HalfLinear(linear.weight, linear.bias, int4=True)
+    assert q.int4 is None and (q.packed is not None or not fbgemm_available())
+
+
+def test_four_bit_projection_still_prefills_on_the_bfloat16_copy() -> None:
+    torch.manual_seed(0)
+    weight = four_bit_weight(32, 64)
+    q = HalfLinear(weight, None, int4=True)
+    x = torch.randn(MAX_PACKED_ROWS + 1, 64)
+    assert torch.equal(q(x), nn.functional.linear(x.to(DENSE_DTYPE), weight.to(DENSE_DTYPE)).float())
+
+
 class TinyTied(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -70,7 +115,7 @@ class TinyTied(nn.Module):
 
 
 def test_quantize_swaps_every_projection_and_ties_the_head_to_the_table() -> None:
-    model = quantize_fp16(TinyTied())
+    model = quantize(TinyTied(), "fp16")
     assert isinstance(model.mlp["up"], HalfLinear) and isinstance(model.mlp["down"], HalfLinear)
     assert isinstance(model.embed, HalfEmbedding) and isinstance(model.lm_head, HalfLinear)
     assert model.lm_head.weight_dense.data_ptr() == model.embed.weight.data_ptr()  # shared, not copied
@@ -81,28 +126,35 @@ def test_quantize_swaps_every_projection_and_ties_the_head_to_the_table() -> Non
 
 @pytest.mark.skipif(not fbgemm_available(), reason="fbgemm (x86 with AVX2) is needed for packed fp16")
 def test_quantize_without_dense_copies_keeps_only_the_free_one() -> None:
-    model = quantize_fp16(TinyTied(), dense=False)
+    model = quantize(TinyTied(), "fp16-only")
     assert model.mlp["up"].weight_dense is None and model.mlp["down"].weight_dense is None
     assert model.lm_head.weight_dense.data_ptr() == model.embed.weight.data_ptr()  # the table itself
 
 
-def test_default_model_fp16_greedy_matches_float() -> None:
+def test_quantize_rejects_an_unknown_mode() -> None:
+    with pytest.raises(ValueError, match="int4, fp16, fp16-only"):
+        quantize(TinyTied(), "int3")
+
+
+def test_default_model_compact_greedy_matches_float() -> None:
     prompts = ["The capital of France is", "1, 2, 3, 4,", "The largest planet in the solar system is"]
     chat = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
     fp32 = LLM(quantization="none", max_num_seqs=4)
-    fp16 = LLM(quantization="fp16", max_num_seqs=4)
-    lean = LLM(quantization="fp16-only", max_num_seqs=4)
+    compact = {mode: LLM(quantization=mode, max_num_seqs=4) for mode in ("int4", "fp16", "fp16-only")}
     try:
-        assert model_dtypes(fp16.engine.core.runner.model) == (torch.float32, torch.float16)  # type: ignore[arg-type]
-        a = fp32.generate(prompts, max_tokens=8, temperature=0.0)
-        b = fp16.generate(prompts, max_tokens=8, temperature=0.0)
-        c = lean.generate(prompts, max_tokens=8, temperature=0.0)
-        answer = fp16.generate(chat, max_tokens=10, temperature=0.0)
+        model = compact["int4"].engine.core.runner.model
+        assert model_dtypes(model) == (torch.float32, torch.float16)  # type: ignore[arg-type]
+        projections = [m for m in model.modules() if isinstance(m, HalfLinear)]  # type: ignore[attr-defined]
+        # the GGUF's Q4_1 projections are found exact; the head (not 4-bit at source) stays fp16
+        assert sum(m.int4 is not None for m in projections) == len(projections) - 1
+        assert model.lm_head.int4 is None  # type: ignore[union-attr]
+        expected = [r["token_ids"] for r in fp32.generate(prompts, max_tokens=8, temperature=0.0)]
+        for mode, llm in compact.items():
+            got = llm.generate(prompts, max_tokens=8, temperature=0.0)
+            assert [r["token_ids"] for r in got] == expected, mode
+            answer = llm.generate(chat, max_tokens=10, temperature=0.0)
+            assert "Paris" in got[0]["text"] and "Paris" in answer["text"], mode
     finally:
         fp32.shutdown()
-        fp16.shutdown()
-        lean.shutdown()
-    assert "Paris" in b[0]["text"] and "Paris" in answer["text"]
-    expected = [r["token_ids"] for r in a]
-    assert [r["token_ids"] for r in b] == expected
-    assert [r["token_ids"] for r in c] == expected
+        for llm in compact.values():
+            llm.shutdown()

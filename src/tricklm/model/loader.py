@@ -13,7 +13,7 @@ from safetensors import SafetensorError, safe_open
 from tricklm.memory import release_freed_memory
 from tricklm.model.config import ModelConfig, ModelLoadError
 from tricklm.model.layers import RotaryEmbedding
-from tricklm.model.quant import FP16_MODES, quantize_fp16
+from tricklm.model.quant import QUANT_MODES, quantize
 from tricklm.model.registry import CausalLM, model_class
 
 
@@ -48,15 +48,15 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, quantization
         shown = ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else "")
         raise ModelLoadError(f"{model_dir}: {len(missing)} weights missing from the checkpoint: {shown}")
     model = model.eval().requires_grad_(False)
-    if quantization in FP16_MODES:
-        model = quantize_fp16(model, dense=quantization == "fp16")
+    if quantization in QUANT_MODES:
+        model = quantize(model, quantization)
     release_freed_memory()  # the loader's staging buffers
     return model  # type: ignore[return-value]
 
 
 def _storage_dtypes(model: torch.nn.Module, dtype: torch.dtype, quantization: str) -> torch.nn.Module:
-    """fp16 mode stages matrices in float16 (what they are packed as) and keeps norms in float32."""
-    if quantization not in FP16_MODES:
+    """Quantized modes stage matrices in float16 (what they are packed from) and keep norms in float32."""
+    if quantization not in QUANT_MODES:
         return model.to(dtype=dtype)
     model = model.to(dtype=torch.float32)
     for module in model.modules():

@@ -1,17 +1,20 @@
-"""Half-precision weights for CPU serving: fbgemm's packed fp16 kernel for decode, bfloat16 for prefill.
+"""Compact weights for CPU serving: 4-bit or packed fp16 for decode steps, bfloat16 for prefill.
 
 A decode step reads every weight once and does little arithmetic, so its time follows the weights'
 size and how well the kernel streams them. On a 2-core Zen 4 (`python benchmarks/linear_kernels.py`)
 fbgemm's packed fp16 GEMM, with float32 activations, ran all SmolLM2-135M projections of a 1-row step
-in 8.6 ms, against 17 ms for oneDNN bfloat16 and 36 ms for float32. torch's int8 weight-only kernel
-matched it at 1 row but fell behind from 4 rows on (34 against 21 ms at 16), its int4 kernel was far
-slower, and int8 with dynamically quantised activations (fbgemm) was fastest but broke greedy answers.
-Steps with many rows are bound by arithmetic instead, where the bfloat16 GEMM wins, so each projection
-keeps a bfloat16 copy for those and picks per call. The copies cost about 210 MB for the default model;
-`--quantization fp16-only` drops them and runs every step on the packed kernel, whose prefill is slower.
+in 8.6 ms, against 17 ms for oneDNN bfloat16 and 36 ms for float32. torch's 4-bit kernel (groups of 32,
+bfloat16 activations) was faster still at 1 row and on par at 16, and reads a quarter of fp16's bytes;
+fed float32 activations it is 17-80x slower. torch's int8 weight-only kernel fell behind from 4 rows
+on, and int8 with dynamically quantised activations (fbgemm) broke greedy answers. Steps with many rows
+are bound by arithmetic instead, where the bfloat16 GEMM wins, so each projection keeps a bfloat16 copy
+for those and picks per call.
 
-fp16 holds the default model's 4-bit-at-source weights almost exactly, and activations stay float32,
-so greedy output matches the float32 reference far more often than a bfloat16 model does.
+4-bit is only used where it loses nothing: a projection whose every group of 32 weights already spans
+16 evenly spaced levels from its smallest to its largest (a Q4_1 GGUF's, like the default model's)
+keeps exactly those levels, with scales rounded to bfloat16; any other keeps fp16. Activations stay
+float32 between projections, so greedy output matches the float32 reference far more often than a
+bfloat16 model does (`tests/model/test_quant.py`).
 """
 
 from __future__ import annotations
@@ -27,40 +30,96 @@ ACT_DTYPE = torch.float32
 # its range. Attention upcasts the gathered context to float32.
 KV_DTYPE = torch.float16
 DENSE_DTYPE = torch.bfloat16
-# Up to this many rows the packed fp16 kernel wins; above it the bfloat16 copy does (same benchmark).
+# Up to this many rows the packed kernels win; above it the bfloat16 copy does (same benchmark).
 MAX_PACKED_ROWS = 16
-# "fp16": packed fp16 plus bfloat16 copies for large steps; "fp16-only": packed fp16 for every step.
-FP16_MODES = ("fp16", "fp16-only")
+# "int4": 4-bit where the checkpoint's weights are 4-bit already, else packed fp16, plus bfloat16 copies
+# for large steps; "fp16": packed fp16 plus the copies; "fp16-only": packed fp16 for every step.
+QUANT_MODES = ("int4", "fp16", "fp16-only")
+INT4_GROUP = 32  # weights per scale, as in GGUF's Q4_0 / Q4_1 blocks
+# A group counts as 4-bit when its 16-level rebuild is this close (relative to the group's largest
+# weight): far above the float16 staging's rounding (2^-11), far below a real 4-bit rounding (~2^-4).
+INT4_TOLERANCE = 2.0**-8
 
 
 def fbgemm_available() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines
 
 
-class HalfLinear(nn.Module):
-    """A projection kept as packed fp16 (few rows) plus, optionally, a bfloat16 copy (many rows).
+class Int4Weight:
+    """A weight in torch's CPU 4-bit layout: packed levels plus a (scale, zero) pair per group of 32."""
 
-    Without the copy (`dense=False`) every step reads the packed weights: less memory, slower prefill.
+    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.packed = packed
+        self.scales_and_zeros = scales_and_zeros
+        self.bias = bias
+
+    @classmethod
+    def from_exact(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> Int4Weight | None:
+        """The same weight in 4 bits if every group of 32 is already 16 evenly spaced levels from its
+        smallest to its largest weight (as Q4_1 quantizes), else None."""
+        n, k = weight.shape
+        if k % INT4_GROUP:
+            return None
+        groups = weight.float().view(n, k // INT4_GROUP, INT4_GROUP)
+        low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+        step = (high - low) / 15
+        levels = ((groups - low) / step.clamp_min(torch.finfo(torch.float32).tiny)).round_().clamp_(0, 15)
+        error = (levels * step + low - groups).abs_().amax(-1, keepdim=True)
+        if bool((error > INT4_TOLERANCE * groups.abs().amax(-1, keepdim=True)).any()):
+            return None
+        try:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(levels.view(n, k).to(torch.int32), 1)
+        except RuntimeError:  # a shape the kernel does not take
+            return None
+        # the kernel computes (level - 8) * scale + zero
+        pairs = torch.cat((step, low + 8 * step), dim=-1).transpose(0, 1).contiguous()
+        return cls(packed, pairs.to(DENSE_DTYPE), bias)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] float32 -> [..., N] float32; the kernel is only fast with bfloat16 activations."""
+        flat = x.reshape(-1, x.shape[-1]).to(DENSE_DTYPE)
+        y: torch.Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            flat, self.packed, INT4_GROUP, self.scales_and_zeros
+        ).to(x.dtype)
+        if self.bias is not None:
+            y += self.bias
+        return y.view(*x.shape[:-1], -1)
+
+
+class HalfLinear(nn.Module):
+    """A projection kept as 4-bit or packed fp16 (few rows) plus, optionally, a bfloat16 copy (many rows).
+
+    4-bit (`int4=True`) only when the weight already is (see `Int4Weight.from_exact`); otherwise packed
+    fp16. Without the copy (`dense=False`) every step reads the packed weights: less memory, slower prefill.
     """
 
     def __init__(
-        self, weight: torch.Tensor, bias: torch.Tensor | None, packed: bool = True, dense: bool = True
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        packed: bool = True,
+        dense: bool = True,
+        int4: bool = False,
     ) -> None:
         super().__init__()
         w = weight.detach()
         b = None if bias is None else bias.detach().float()
-        pack = packed and fbgemm_available()
+        self.int4 = Int4Weight.from_exact(w, b) if packed and int4 else None
+        pack = packed and self.int4 is None and fbgemm_available()
         self.packed = torch.ops.quantized.linear_prepack_fp16(w.float(), b) if pack else None
         # Plain attributes, not buffers, so a later `model.to(dtype)` cannot widen them; a bfloat16
         # weight is kept as is (the tied head shares the embedding table).
-        keep_dense = dense or self.packed is None
+        keep_dense = dense or (self.packed is None and self.int4 is None)
         self.weight_dense = w.to(DENSE_DTYPE) if keep_dense else None
         self.bias_dense = None if b is None or not keep_dense else b.to(DENSE_DTYPE)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if self.weight_dense is None or (self.packed is not None and rows <= MAX_PACKED_ROWS):
+        packed_step = self.weight_dense is None or x.numel() // x.shape[-1] <= MAX_PACKED_ROWS
+        if packed_step and self.int4 is not None:
+            return self.int4.matmul(x)
+        if packed_step and self.packed is not None:
             return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)  # type: ignore[no-any-return]
+        assert self.weight_dense is not None  # kept whenever neither packed form is
         return F.linear(x.to(DENSE_DTYPE), self.weight_dense, self.bias_dense).to(x.dtype)
 
 
@@ -75,13 +134,16 @@ class HalfEmbedding(nn.Module):
         return F.embedding(ids, self.weight).to(ACT_DTYPE)
 
 
-def quantize_fp16(model: nn.Module, dense: bool = True) -> nn.Module:
+def quantize(model: nn.Module, mode: str = "int4") -> nn.Module:
     """Swap every Linear for a HalfLinear and every Embedding for a HalfEmbedding, in place.
 
     Expects a float32 model: what is left (norms, RoPE tables) stays float32, like the activations.
-    A tied output head becomes a HalfLinear over the embedding table. `dense=False` skips the
+    A tied output head becomes a HalfLinear over the embedding table. "fp16-only" skips the
     projections' bfloat16 copies (a tied head keeps its: it is the embedding table, so it costs nothing).
     """
+    if mode not in QUANT_MODES:
+        raise ValueError(f"quantization mode must be one of {', '.join(QUANT_MODES)}")
+    dense, int4 = mode != "fp16-only", mode == "int4"
     tied = not isinstance(getattr(model, "lm_head", None), nn.Linear)
     # Slots, not modules: holding no reference to the old children lets each float16 staging weight be
     # freed as soon as it is replaced, so loading peaks near the final size rather than staging + final.
@@ -92,21 +154,21 @@ def quantize_fp16(model: nn.Module, dense: bool = True) -> nn.Module:
         if isinstance(child, nn.Embedding) or (isinstance(child, nn.Linear) and name != "lm_head")
     ]
     for parent, name in slots:
-        setattr(parent, name, _half(getattr(parent, name), dense))
+        setattr(parent, name, _half(getattr(parent, name), dense, int4))
         release_freed_memory()  # glibc keeps freed heap pages resident until asked
     head = model.get_input_embeddings() if tied else model.lm_head  # type: ignore[operator]
     assert isinstance(head, HalfEmbedding | nn.Linear)
     # Packed too: at one row the fp16 head took 3 ms off a 23 ms step. Its dense copy is the embedding
     # table itself when they are tied, so that costs nothing.
-    model.lm_head = HalfLinear(head.weight, None, dense=dense or tied)
+    model.lm_head = HalfLinear(head.weight, None, dense=dense or tied, int4=int4)
     return model
 
 
-def _half(module: nn.Module, dense: bool) -> nn.Module:
+def _half(module: nn.Module, dense: bool, int4: bool) -> nn.Module:
     if isinstance(module, nn.Embedding):
         return HalfEmbedding(module.weight)
     assert isinstance(module, nn.Linear)
-    return HalfLinear(module.weight, module.bias, dense=dense)
+    return HalfLinear(module.weight, module.bias, dense=dense, int4=int4)
 
 
 def model_dtypes(model: nn.Module) -> tuple[torch.dtype, torch.dtype]:
