@@ -39,6 +39,7 @@ INT4_GROUP = 32  # weights per scale, as in GGUF's Q4_0 / Q4_1 blocks
 # A group counts as 4-bit when its 16-level rebuild is this close (relative to the group's largest
 # weight): far above the float16 staging's rounding (2^-11), far below a real 4-bit rounding (~2^-4).
 INT4_TOLERANCE = 2.0**-8
+INT4_CHECK_ROWS = 1024
 
 
 def fbgemm_available() -> bool:
@@ -57,23 +58,22 @@ class Int4Weight:
     def from_exact(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> Int4Weight | None:
         """The same weight in 4 bits if every group of 32 is already 16 evenly spaced levels from its
         smallest to its largest weight (as Q4_1 quantizes), else None."""
-        n, k = weight.shape
-        if k % INT4_GROUP:
+        if weight.shape[1] % INT4_GROUP:
             return None
-        groups = weight.float().view(n, k // INT4_GROUP, INT4_GROUP)
-        low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
-        step = (high - low) / 15
-        levels = ((groups - low) / step.clamp_min(torch.finfo(torch.float32).tiny)).round_().clamp_(0, 15)
-        error = (levels * step + low - groups).abs_().amax(-1, keepdim=True)
-        if bool((error > INT4_TOLERANCE * groups.abs().amax(-1, keepdim=True)).any()):
-            return None
+        levels, pairs = [], []
+        # A slice of rows at a time: a weight that is not 4-bit (a large output head, say) is turned
+        # down after one slice, and the float32 work buffers stay a few MB instead of 4x the weight.
+        for rows in weight.split(INT4_CHECK_ROWS):
+            found = _exact_levels(rows)
+            if found is None:
+                return None
+            levels.append(found[0])
+            pairs.append(found[1])
         try:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(levels.view(n, k).to(torch.int32), 1)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.cat(levels), 1)
         except RuntimeError:  # a shape the kernel does not take
             return None
-        # the kernel computes (level - 8) * scale + zero
-        pairs = torch.cat((step, low + 8 * step), dim=-1).transpose(0, 1).contiguous()
-        return cls(packed, pairs.to(DENSE_DTYPE), bias)
+        return cls(packed, torch.cat(pairs, dim=1), bias)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] float32 -> [..., N] float32; the kernel is only fast with bfloat16 activations."""
@@ -84,6 +84,21 @@ class Int4Weight:
         if self.bias is not None:
             y += self.bias
         return y.view(*x.shape[:-1], -1)
+
+
+def _exact_levels(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(levels [r, K] int32, (scale, zero) pairs [K/32, r, 2]) if the rows are exactly 4-bit, else None."""
+    r, k = rows.shape
+    groups = rows.float().view(r, k // INT4_GROUP, INT4_GROUP)
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    step = (high - low) / 15
+    levels = ((groups - low) / step.clamp_min(torch.finfo(torch.float32).tiny)).round_().clamp_(0, 15)
+    error = (levels * step + low - groups).abs_().amax(-1, keepdim=True)
+    if bool((error > INT4_TOLERANCE * groups.abs().amax(-1, keepdim=True)).any()):
+        return None
+    # the kernel computes (level - 8) * scale + zero
+    pairs = torch.cat((step, low + 8 * step), dim=-1).transpose(0, 1).contiguous()
+    return levels.view(r, k).to(torch.int32), pairs.to(DENSE_DTYPE)
 
 
 class HalfLinear(nn.Module):
