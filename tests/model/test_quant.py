@@ -90,6 +90,11 @@ def test_weights_that_are_not_four_bit_keep_fp16() -> None:
     group = almost[3, :INT4_GROUP]
     almost[3, 7] += 0.37 * float(group.max() - group.min()) / 15  # a third of a step off its level
     assert Int4Weight.from_exact(almost, None) is None
+    narrow = 1 + 0.01 * torch.randn(64, 128)  # close to its 16 levels in absolute terms, not on them
+    assert Int4Weight.from_exact(narrow, None) is None
+    broken = four_bit_weight(64, 128)
+    broken[0, 0] = float("nan")
+    assert Int4Weight.from_exact(broken, None) is None
     q = HalfLinear(linear.weight, linear.bias, int4=True)
     assert q.int4 is None and (q.packed is not None or not fbgemm_available())
 

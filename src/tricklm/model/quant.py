@@ -10,9 +10,10 @@ on, and int8 with dynamically quantised activations (fbgemm) broke greedy answer
 are bound by arithmetic instead, where the bfloat16 GEMM wins, so each projection keeps a bfloat16 copy
 for those and picks per call.
 
-4-bit is only used where it loses nothing: a projection whose every group of 32 weights already spans
+4-bit is only used where the weights already are: a projection whose every group of 32 weights spans
 16 evenly spaced levels from its smallest to its largest (a Q4_1 GGUF's, like the default model's)
-keeps exactly those levels, with scales rounded to bfloat16; any other keeps fp16. Activations stay
+keeps exactly those levels; scales, and the kernel's inputs and outputs, are bfloat16, so the error is
+bfloat16's rather than 4-bit rounding's. Any other projection keeps fp16. Activations stay
 float32 between projections, so greedy output matches the float32 reference far more often than a
 bfloat16 model does (`tests/model/test_quant.py`).
 """
@@ -36,9 +37,10 @@ MAX_PACKED_ROWS = 16
 # for large steps; "fp16": packed fp16 plus the copies; "fp16-only": packed fp16 for every step.
 QUANT_MODES = ("int4", "fp16", "fp16-only")
 INT4_GROUP = 32  # weights per scale, as in GGUF's Q4_0 / Q4_1 blocks
-# A group counts as 4-bit when its 16-level rebuild is this close (relative to the group's largest
-# weight): far above the float16 staging's rounding (2^-11), far below a real 4-bit rounding (~2^-4).
-INT4_TOLERANCE = 2.0**-8
+# A group counts as 4-bit when its stored 16-level form is this close (relative to the group's largest
+# weight): one bfloat16 ulp, what a bfloat16 copy of the weights could be off by; a real 4-bit rounding
+# is off by about 2^-4.
+INT4_TOLERANCE = 2.0**-7
 INT4_CHECK_ROWS = 1024
 
 
@@ -77,7 +79,7 @@ class Int4Weight:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] float32 -> [..., N] float32; the kernel is only fast with bfloat16 activations."""
-        flat = x.reshape(-1, x.shape[-1]).to(DENSE_DTYPE)
+        flat = x.reshape(-1, x.shape[-1]).to(DENSE_DTYPE, memory_format=torch.contiguous_format)
         y: torch.Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(
             flat, self.packed, INT4_GROUP, self.scales_and_zeros
         ).to(x.dtype)
@@ -93,12 +95,16 @@ def _exact_levels(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | Non
     low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
     step = (high - low) / 15
     levels = ((groups - low) / step.clamp_min(torch.finfo(torch.float32).tiny)).round_().clamp_(0, 15)
-    error = (levels * step + low - groups).abs_().amax(-1, keepdim=True)
-    if bool((error > INT4_TOLERANCE * groups.abs().amax(-1, keepdim=True)).any()):
+    # Two tests: the weights sit on their levels (within a quarter step: not merely close in absolute
+    # terms, as a narrow group far from zero would be), and what is stored, scales and zeros rounded
+    # to bfloat16, is as close as the tolerance. `<=` turns NaN down too.
+    on_levels = (levels * step + low - groups).abs_() <= step / 4
+    pairs = torch.cat((step, low + 8 * step), dim=-1).to(DENSE_DTYPE)  # the kernel: (level - 8) * scale + zero
+    stored = (levels - 8) * pairs[..., :1].float() + pairs[..., 1:].float()
+    close = (stored - groups).abs_() <= INT4_TOLERANCE * groups.abs().amax(-1, keepdim=True)
+    if not bool((on_levels & close).all()):
         return None
-    # the kernel computes (level - 8) * scale + zero
-    pairs = torch.cat((step, low + 8 * step), dim=-1).transpose(0, 1).contiguous()
-    return levels.view(r, k).to(torch.int32), pairs.to(DENSE_DTYPE)
+    return levels.view(r, k).to(torch.int32), pairs.transpose(0, 1).contiguous()
 
 
 class HalfLinear(nn.Module):
