@@ -32,7 +32,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         "--quantization",
         default=d.quantization,
         choices=QUANTIZATIONS,
-        help="int4: 4-bit weights for decode where the checkpoint's are 4-bit already (exact; fp16 "
+        help="int4: 4-bit weights for decode where the checkpoint's are 4-bit already (levels kept; fp16 "
         "elsewhere), bfloat16 copies for prefill, float32 activations (default); fp16: fp16 weights for "
         "decode; fp16-only: fp16 weights for every step (no copies, slower prefill); none: all in --dtype",
     )

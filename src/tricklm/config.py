@@ -21,10 +21,10 @@ class EngineConfig:
     model: str | None = None  # None: the default model (SmolLM2-135M-Instruct)
     dtype: str = "float32"
     # "int4" (default): decode steps read 4-bit weights where the checkpoint's already are (a Q4_1
-    # GGUF's: exact), packed fp16 elsewhere; large steps read a bfloat16 copy; float32 activations, fp16
-    # KV cache (see model/quant.py). "fp16": packed fp16 for every projection's decode steps. "none":
-    # everything in `dtype` (float32 is the exact reference). "fp16-only": fp16 weights for every step,
-    # no bfloat16 copies: less memory, slower prefill (benchmarks/README.md).
+    # GGUF's: levels kept, scales in bfloat16), packed fp16 elsewhere; large steps read a bfloat16 copy;
+    # float32 activations, fp16 KV cache (see model/quant.py). "fp16": packed fp16 for every projection's
+    # decode steps. "none": everything in `dtype` (float32 is the exact reference). "fp16-only": fp16
+    # weights for every step, no bfloat16 copies: less memory, slower prefill (benchmarks/README.md).
     quantization: str = "int4"
     max_model_len: int | None = None  # None: the model's own context length
     max_num_seqs: int = 16
