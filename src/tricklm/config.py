@@ -34,6 +34,9 @@ class EngineConfig:
     block_size: int = 16
     num_threads: int | None = None  # torch threads for large steps; None: all cores
     decode_threads: int | None = None  # torch threads for small (decode) steps; None: as num_threads
+    # Decode steps of a 4-bit Llama-family model in C++ (model/native); off, or where it cannot be
+    # built, they run in Python with the same results, more slowly.
+    native_decode: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -22,7 +22,8 @@ class EngineCore:
             # One request of full length must always fit, or it could wait forever.
             self.max_model_len = self.kv_cache.capacity_tokens
         self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(model, self.kv_cache, ThreadPolicy(config.num_threads, config.decode_threads))
+        threads = ThreadPolicy(config.num_threads, config.decode_threads)
+        self.runner = ModelRunner(model, self.kv_cache, threads, native=config.native_decode)
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
 

@@ -11,7 +11,8 @@ from tricklm.engine.request import Request, TokenLogprob
 from tricklm.engine.sampler import sample
 from tricklm.engine.scheduler import ScheduledBatch
 from tricklm.model.attention import AttentionMetadata, PrefillSegment, chunk_mask, decode_mask
-from tricklm.model.quant import model_dtypes
+from tricklm.model.native import NativeDecoder
+from tricklm.model.quant import MAX_PACKED_ROWS, model_dtypes
 from tricklm.model.registry import CausalLM
 
 
@@ -37,10 +38,14 @@ class ThreadPolicy:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv_cache: KVCache, threads: ThreadPolicy | None = None) -> None:
+    def __init__(
+        self, model: CausalLM, kv_cache: KVCache, threads: ThreadPolicy | None = None, native: bool = True
+    ) -> None:
         self.model = model
         self.kv = kv_cache
         self.threads = threads or ThreadPolicy(None)
+        # Decode-only steps of up to MAX_PACKED_ROWS sequences (where the 4-bit weights are read) run in C++
+        self.native = NativeDecoder.build(model, kv_cache.layers, kv_cache.block_size) if native else None  # type: ignore[arg-type]
         self.window = model.config.sliding_window
         self.num_kv_heads = model.config.num_kv_heads
         self.dtype = model_dtypes(model)[0]  # type: ignore[arg-type]  # the activations'; masks match it
@@ -49,9 +54,11 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> dict[str, tuple[int, TokenLogprob | None]]:
         order = self._decodes_first(batch)
         input_ids, positions, slots = self._flatten(order)
-        meta = self._metadata(order, slots)
         self.threads.apply(len(input_ids))
-        hidden = self.model(input_ids, positions, self.kv.layers, meta)
+        if self._runs_native(order):
+            hidden = self._native_forward(order, input_ids, positions, slots)
+        else:
+            hidden = self.model(input_ids, positions, self.kv.layers, self._metadata(order, slots))
         rows, sampling = self._sampling_rows(order)
         if not rows:
             return {}
@@ -59,12 +66,20 @@ class ModelRunner:
         results = sample(logits, sampling)
         return {req.request_id: res for req, res in zip(sampling, results, strict=True)}
 
-    def forward_logits(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Logits of every token of the step, in batch order (for tests against a reference model)."""
+    def forward_logits(self, batch: ScheduledBatch, native: bool = False) -> torch.Tensor:
+        """Logits of every token of the step, in batch order (for tests against a reference model).
+
+        `native`: through the native decoder (a decode-only step of a model it runs), else in Python.
+        """
         with torch.inference_mode():
             order = self._decodes_first(batch)
             input_ids, positions, slots = self._flatten(order)
-            hidden = self.model(input_ids, positions, self.kv.layers, self._metadata(order, slots))
+            if native and not self._runs_native(order):
+                raise ValueError("the native decoder does not run this step")
+            if native:
+                hidden = self._native_forward(order, input_ids, positions, slots)
+            else:
+                hidden = self.model(input_ids, positions, self.kv.layers, self._metadata(order, slots))
             logits = self.model.compute_logits(hidden)
         starts, offset = {}, 0
         for req, n in order:
@@ -74,6 +89,17 @@ class ModelRunner:
             starts[r.request_id] + i for r, n in zip(batch.requests, batch.num_tokens, strict=True) for i in range(n)
         ]
         return logits[rows]
+
+    def _runs_native(self, order: list[tuple[Request, int]]) -> bool:
+        return self.native is not None and len(order) <= MAX_PACKED_ROWS and all(n == 1 for _, n in order)
+
+    def _native_forward(
+        self, order: list[tuple[Request, int]], input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor
+    ) -> torch.Tensor:
+        assert self.native is not None
+        num_blocks = max(len(req.block_table) for req, _ in order)
+        tables = torch.tensor([req.block_table + [0] * (num_blocks - len(req.block_table)) for req, _ in order])
+        return self.native.forward(input_ids, positions, slots, tables, positions + 1)
 
     @staticmethod
     def _decodes_first(batch: ScheduledBatch) -> list[tuple[Request, int]]:

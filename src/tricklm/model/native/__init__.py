@@ -1,0 +1,186 @@
+"""Decode steps of 4-bit Llama-family models in C++ (`decode.cpp`), with the Python path as fallback.
+
+At one row, a decode step of the Python path spent more time dispatching its ~45 small torch ops per
+layer than in the 4-bit projections. The extension runs the same step without the interpreter, and
+fuses everything between the projections into plain loops (`benchmarks/README.md` has the figures).
+
+It is compiled on first use by torch's extension builder (a C++ compiler and ninja; about 45 s on two
+cores) into the tricklm cache, and loaded from there afterwards in about a second; `make install`
+builds it ahead of time. Where it cannot be built, or `TRICKLM_NATIVE=0`, or the model is not one it
+runs, steps take the Python path, with the same results.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sysconfig
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tricklm.model.attention import KVCacheLayer
+from tricklm.model.layers import RMSNorm
+from tricklm.model.llama import LlamaForCausalLM
+from tricklm.model.quant import KV_DTYPE, HalfLinear, Int4Weight
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("decode.cpp")
+EXTENSION_NAME = "tricklm_decode"
+DISABLE_ENV = "TRICKLM_NATIVE"
+
+
+def enabled_by_env() -> bool:
+    return os.environ.get(DISABLE_ENV, "1") != "0"
+
+
+@functools.cache
+def load_extension() -> Any | None:
+    """The compiled extension (built into the cache on first use), or None if it cannot be built."""
+    try:
+        return _build()
+    # no compiler, no ninja, a failed build: any of them leaves the Python path working
+    except Exception as e:
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        log.warning("native decode steps unavailable, decode runs in Python: %s", reason)
+        return None
+
+
+def _build() -> Any:
+    from torch.utils import cpp_extension
+
+    from tricklm.model.resolve import cache_dir
+
+    # pip's ninja is installed next to the interpreter, which need not be on PATH (torch looks it up there)
+    scripts = sysconfig.get_path("scripts")
+    if scripts not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join(filter(None, (scripts, os.environ.get("PATH"))))
+    build_dir = cache_dir() / "native"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    log.info("loading the native decode step (compiled on first use, about a minute)")
+    return cpp_extension.load(
+        name=EXTENSION_NAME,
+        sources=[str(SOURCE)],
+        extra_cflags=compile_flags(),
+        build_directory=str(build_dir),
+        verbose=False,
+    )
+
+
+def compile_flags() -> list[str]:
+    """-O3, plus the vector extensions the attention loops use when this CPU has them."""
+    flags = ["-O3"]
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma", "-mf16c"]
+    return flags
+
+
+Projections = tuple[Int4Weight, Int4Weight, Int4Weight, Int4Weight]  # qkv, o, gate_up, down
+
+
+def _int4(module: Any) -> Int4Weight | None:
+    return module.int4 if isinstance(module, HalfLinear) else None
+
+
+def _projections(layer: Any) -> Projections | None:
+    """A decoder layer's 4-bit projections, if all four are 4-bit and only qkv has a bias."""
+    attn, mlp = layer.self_attn, layer.mlp
+    qkv, o, gate_up, down = (_int4(p) for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
+    if qkv is None or o is None or gate_up is None or down is None:
+        return None
+    if o.bias is not None or gate_up.bias is not None or down.bias is not None:
+        return None
+    return qkv, o, gate_up, down
+
+
+def _norm_weights(layer: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    norms = (layer.input_layernorm, layer.post_attention_layernorm)
+    if not all(isinstance(n, RMSNorm) and n.weight.dtype == torch.float32 for n in norms):
+        return None
+    return norms[0].weight.detach(), norms[1].weight.detach()
+
+
+def supports(model: torch.nn.Module, kv_layers: list[KVCacheLayer]) -> bool:
+    """True for a Llama-family model whose every decoder projection is 4-bit, with an fp16 KV cache."""
+    if not isinstance(model, LlamaForCausalLM) or model.config.hidden_act != "silu":
+        return False
+    if any(layer.kv.dtype != KV_DTYPE for layer in kv_layers):
+        return False
+    return all(_projections(layer) is not None and _norm_weights(layer) is not None for layer in model.model.layers)
+
+
+class NativeDecoder:
+    """A model's decoder stack in the extension: runs steps in which every row is one sequence's next token."""
+
+    def __init__(self, model: LlamaForCausalLM, kv_layers: list[KVCacheLayer], block_size: int, ext: Any) -> None:
+        cfg, body = model.config, model.model
+        self.body = body
+        window = cfg.sliding_window if cfg.sliding_window is not None else -1
+        self.stack = ext.DecoderStack(
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            cfg.intermediate_size,
+            cfg.norm_eps,
+            block_size,
+            window,
+            body.norm.weight.detach(),
+        )
+        for layer, cache in zip(body.layers, kv_layers, strict=True):
+            projections, norms = _projections(layer), _norm_weights(layer)
+            assert projections is not None and norms is not None  # checked by `supports`
+            qkv, o, gate_up, down = projections
+            self.stack.add_layer(
+                *norms,
+                cache.kv,
+                qkv.packed,
+                qkv.scales_and_zeros,
+                qkv.bias,
+                o.packed,
+                o.scales_and_zeros,
+                gate_up.packed,
+                gate_up.scales_and_zeros,
+                down.packed,
+                down.scales_and_zeros,
+            )
+
+    @classmethod
+    def build(cls, model: torch.nn.Module, kv_layers: list[KVCacheLayer], block_size: int) -> NativeDecoder | None:
+        """The native decoder for this model, or None if it does not run it (or cannot be built here)."""
+        if not enabled_by_env() or not supports(model, kv_layers):
+            return None
+        ext = load_extension()
+        if ext is None:
+            return None
+        assert isinstance(model, LlamaForCausalLM)
+        return cls(model, kv_layers, block_size, ext)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+    ) -> torch.Tensor:
+        """Final-normed hidden states [B, H] for one new token per sequence.
+
+        block_tables [B, n]: each sequence's cache blocks (padded); context_lens [B]: its length with the
+        new token, whose K/V go to `slots`.
+        """
+        x = self.body.embed_tokens(input_ids)
+        cos, sin = self.body.rotary_emb.lookup(positions, x.dtype)
+        return self.stack.forward(x, cos, sin, slots, block_tables, context_lens)  # type: ignore[no-any-return]
+
+
+def main() -> int:
+    """`python -m tricklm.model.native`: build the extension now (as `make install` does)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    ext = load_extension()
+    if ext is None:
+        return 1
+    log.info("native decode step ready: %s", ext.__file__)
+    return 0

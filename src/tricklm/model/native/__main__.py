@@ -1,0 +1,5 @@
+import sys
+
+from tricklm.model.native import main
+
+sys.exit(main())

@@ -1,0 +1,303 @@
+// Decode steps of a Llama-family decoder stack with 4-bit projections, in C++.
+//
+// A decode step does little arithmetic per op. At one row the Python path spent more time dispatching
+// ~45 small torch ops per layer than computing them. Here the projections still go through torch's
+// 4-bit kernel, and everything between them (norms, RoPE, the cache write, attention, SiLU, residuals)
+// is one plain loop each, reading and writing the dtypes the kernel wants (bfloat16 in, bfloat16 out)
+// so no conversion op runs on its own. The numerics follow the Python path: float32 activations, an
+// fp16 KV cache, bfloat16 only at the projections' inputs and outputs.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#include <immintrin.h>
+#define TRICKLM_AVX2 1
+#endif
+
+namespace {
+
+using bf16 = c10::BFloat16;
+using half = c10::Half;
+
+constexpr int64_t kGroup = 32;  // weights per scale in torch's CPU 4-bit layout
+
+// Attention work items (sequence x KV head) below this run on the calling thread.
+constexpr int64_t kAttentionGrain = 4;
+
+inline float dot_half(const float* q, const half* k, int64_t d) {
+  int64_t i = 0;
+  float sum = 0.f;
+#ifdef TRICKLM_AVX2
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= d; i += 8) {
+    const __m256 kf = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(k + i)));
+    acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), kf, acc);
+  }
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  s = _mm_hadd_ps(s, s);
+  s = _mm_hadd_ps(s, s);
+  sum = _mm_cvtss_f32(s);
+#endif
+  for (; i < d; ++i) sum += q[i] * static_cast<float>(k[i]);
+  return sum;
+}
+
+inline void axpy_half(float* out, float p, const half* v, int64_t d) {
+  int64_t i = 0;
+#ifdef TRICKLM_AVX2
+  const __m256 pv = _mm256_set1_ps(p);
+  for (; i + 8 <= d; i += 8) {
+    const __m256 vf = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + i)));
+    _mm256_storeu_ps(out + i, _mm256_fmadd_ps(pv, vf, _mm256_loadu_ps(out + i)));
+  }
+#endif
+  for (; i < d; ++i) out[i] += p * static_cast<float>(v[i]);
+}
+
+// out = bfloat16(rms_norm(x) * w), row by row: the input of the next projection.
+void rms_norm_bf16(const at::Tensor& x, const at::Tensor& w, double eps, at::Tensor& out) {
+  const int64_t rows = x.size(0), h = x.size(1);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  bf16* op = out.data_ptr<bf16>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = xp + r * h;
+    float ss = 0.f;
+    for (int64_t i = 0; i < h; ++i) ss += xr[i] * xr[i];
+    const float inv = 1.f / std::sqrt(ss / static_cast<float>(h) + static_cast<float>(eps));
+    for (int64_t i = 0; i < h; ++i) op[r * h + i] = bf16(xr[i] * inv * wp[i]);
+  }
+}
+
+// x += float(y): a projection's bfloat16 output added to the float32 residual stream.
+void add_bf16_(at::Tensor& x, const at::Tensor& y) {
+  float* xp = x.data_ptr<float>();
+  const bf16* yp = y.data_ptr<bf16>();
+  const int64_t n = x.numel();
+  for (int64_t i = 0; i < n; ++i) xp[i] += static_cast<float>(yp[i]);
+}
+
+// out[:, :inter] = bfloat16(silu(gate) * up), from the fused gate/up projection's output.
+void silu_mul_bf16(const at::Tensor& gate_up, int64_t inter, at::Tensor& out) {
+  const int64_t rows = gate_up.size(0);
+  const bf16* gp = gate_up.data_ptr<bf16>();
+  bf16* op = out.data_ptr<bf16>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const bf16* g = gp + r * 2 * inter;
+    for (int64_t i = 0; i < inter; ++i) {
+      const float a = static_cast<float>(g[i]);
+      op[r * inter + i] = bf16(a / (1.f + std::exp(-a)) * static_cast<float>(g[inter + i]));
+    }
+  }
+}
+
+struct Projection {
+  at::Tensor packed, scales_and_zeros;
+
+  at::Tensor operator()(const at::Tensor& x) const {
+    return at::_weight_int4pack_mm_for_cpu(x, packed, kGroup, scales_and_zeros);
+  }
+};
+
+struct Layer {
+  at::Tensor input_norm, post_norm, kv_cache, qkv_bias;  // qkv_bias may be undefined
+  Projection qkv, o, gate_up, down;
+};
+
+struct Step {
+  const float* cos;  // [B, D], sin with its first half negated (see RotaryEmbedding)
+  const float* sin;
+  const int64_t* slots;   // [B] where each row's new K/V go
+  const int64_t* tables;  // [B, blocks_per_row] block tables
+  int64_t blocks_per_row;
+  const int64_t* lens;  // [B] context length including the new token
+  int64_t max_len;
+};
+
+class DecoderStack {
+ public:
+  DecoderStack(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t intermediate, double eps,
+               int64_t block_size, int64_t sliding_window, at::Tensor final_norm)
+      : hq_(num_heads),
+        hkv_(num_kv_heads),
+        d_(head_dim),
+        inter_(intermediate),
+        eps_(eps),
+        block_size_(block_size),
+        window_(sliding_window),
+        scale_(1.f / std::sqrt(static_cast<float>(head_dim))),
+        final_norm_(std::move(final_norm)) {
+    TORCH_CHECK(hq_ % hkv_ == 0, "query heads must be a multiple of KV heads");
+    TORCH_CHECK(d_ % 2 == 0, "head_dim must be even");
+  }
+
+  void add_layer(at::Tensor input_norm, at::Tensor post_norm, at::Tensor kv_cache, at::Tensor qkv_packed,
+                 at::Tensor qkv_sz, c10::optional<at::Tensor> qkv_bias, at::Tensor o_packed, at::Tensor o_sz,
+                 at::Tensor gate_up_packed, at::Tensor gate_up_sz, at::Tensor down_packed, at::Tensor down_sz) {
+    TORCH_CHECK(kv_cache.scalar_type() == at::kHalf && kv_cache.is_contiguous() && kv_cache.dim() == 3 &&
+                    kv_cache.size(0) == 2 * hkv_ && kv_cache.size(2) == d_,
+                "kv_cache must be contiguous fp16 [2 * num_kv_heads, slots, head_dim]");
+    TORCH_CHECK(input_norm.scalar_type() == at::kFloat && post_norm.scalar_type() == at::kFloat,
+                "norm weights must be float32");
+    at::Tensor bias;
+    if (qkv_bias) bias = qkv_bias->to(at::kFloat).contiguous();
+    layers_.push_back(Layer{input_norm.contiguous(), post_norm.contiguous(), std::move(kv_cache), bias,
+                            Projection{std::move(qkv_packed), std::move(qkv_sz)},
+                            Projection{std::move(o_packed), std::move(o_sz)},
+                            Projection{std::move(gate_up_packed), std::move(gate_up_sz)},
+                            Projection{std::move(down_packed), std::move(down_sz)}});
+  }
+
+  // x [B, H] float32, one row per sequence -> final-normed hidden states [B, H] float32.
+  at::Tensor forward(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slots,
+                     const at::Tensor& block_tables, const at::Tensor& context_lens) const {
+    c10::InferenceMode guard;
+    const int64_t b = x.size(0), hidden = x.size(1);
+    TORCH_CHECK(x.scalar_type() == at::kFloat && cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat,
+                "activations and RoPE tables must be float32");
+    TORCH_CHECK(cos.numel() == b * d_ && sin.numel() == b * d_, "cos/sin must hold one row per sequence");
+    TORCH_CHECK(slots.numel() == b && context_lens.numel() == b && block_tables.dim() == 2 &&
+                    block_tables.size(0) == b,
+                "slots, block tables and context lengths must hold one row per sequence");
+    x = x.contiguous().clone();
+    const auto cos_c = cos.contiguous(), sin_c = sin.contiguous();
+    const auto slots_c = slots.to(at::kLong).contiguous(), tables = block_tables.to(at::kLong).contiguous();
+    const auto lens = context_lens.to(at::kLong).contiguous();
+    TORCH_CHECK(b >= 1 && !layers_.empty(), "nothing to run");
+    const int64_t* lp = lens.data_ptr<int64_t>();
+    check_tables(tables, lp, b);
+    const int64_t max_len = *std::max_element(lp, lp + b);
+    const Step step{cos_c.data_ptr<float>(),  sin_c.data_ptr<float>(), slots_c.data_ptr<int64_t>(),
+                    tables.data_ptr<int64_t>(), tables.size(1),         lp, max_len};
+
+    const auto bf = x.options().dtype(at::kBFloat16);
+    auto h = at::empty({b, hidden}, bf);
+    auto attn = at::empty({b, hq_ * d_}, bf);
+    auto act = at::empty({b, inter_}, bf);
+    auto q = at::empty({b, hq_ * d_}, x.options());
+    for (const auto& layer : layers_) {
+      rms_norm_bf16(x, layer.input_norm, eps_, h);
+      rotate_and_store(layer, layer.qkv(h), step, q);
+      attend(layer, q, step, attn);
+      add_bf16_(x, layer.o(attn));
+      rms_norm_bf16(x, layer.post_norm, eps_, h);
+      silu_mul_bf16(layer.gate_up(h), inter_, act);
+      add_bf16_(x, layer.down(act));
+    }
+    return at::rms_norm(x, {hidden}, final_norm_, eps_);
+  }
+
+  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+
+ private:
+  // Attention reads the cache through the block tables: every block a context covers must be in it.
+  void check_tables(const at::Tensor& tables, const int64_t* lens, int64_t b) const {
+    const int64_t num_blocks = layers_.front().kv_cache.size(1) / block_size_, width = tables.size(1);
+    const int64_t* tp = tables.data_ptr<int64_t>();
+    for (int64_t r = 0; r < b; ++r) {
+      TORCH_CHECK(lens[r] >= 1 && lens[r] <= width * block_size_, "a context is longer than its block table");
+      for (int64_t i = 0; i < (lens[r] + block_size_ - 1) / block_size_; ++i) {
+        TORCH_CHECK(tp[r * width + i] >= 0 && tp[r * width + i] < num_blocks, "block table entry out of range");
+      }
+    }
+  }
+
+  // q heads (rotated) into `q`; K heads (rotated) and V heads into the cache at each row's slot.
+  void rotate_and_store(const Layer& layer, const at::Tensor& qkv, const Step& step, at::Tensor& q) const {
+    const int64_t b = qkv.size(0), width = qkv.size(1), half_d = d_ / 2;
+    const int64_t num_slots = layer.kv_cache.size(1);
+    const bf16* src = qkv.data_ptr<bf16>();
+    const float* bias = layer.qkv_bias.defined() ? layer.qkv_bias.data_ptr<float>() : nullptr;
+    float* qp = q.data_ptr<float>();
+    half* cache = layer.kv_cache.data_ptr<half>();
+    std::vector<float> head(d_);
+    for (int64_t r = 0; r < b; ++r) {
+      const int64_t slot = step.slots[r];
+      TORCH_CHECK(slot >= 0 && slot < num_slots, "cache slot out of range");
+      const float* cos = step.cos + r * d_;
+      const float* sin = step.sin + r * d_;
+      for (int64_t hd = 0; hd < hq_ + 2 * hkv_; ++hd) {
+        const int64_t col = hd * d_;
+        for (int64_t i = 0; i < d_; ++i) {
+          head[i] = static_cast<float>(src[r * width + col + i]) + (bias ? bias[col + i] : 0.f);
+        }
+        const bool rotate = hd < hq_ + hkv_;  // V heads are not rotated
+        float* dst = hd < hq_ ? qp + r * hq_ * d_ + col : nullptr;
+        half* cached = hd < hq_ ? nullptr : cache + ((hd - hq_) * num_slots + slot) * d_;
+        for (int64_t i = 0; i < d_; ++i) {
+          float v = head[i];
+          if (rotate) v = v * cos[i] + head[i < half_d ? i + half_d : i - half_d] * sin[i];
+          if (dst) {
+            dst[i] = v;
+          } else {
+            cached[i] = half(v);
+          }
+        }
+      }
+    }
+  }
+
+  // One query per sequence over its cached context (K/V read straight from the cache's blocks).
+  void attend(const Layer& layer, const at::Tensor& q, const Step& step, at::Tensor& out) const {
+    const int64_t b = q.size(0), group = hq_ / hkv_, num_slots = layer.kv_cache.size(1);
+    const float* qp = q.data_ptr<float>();
+    const half* cache = layer.kv_cache.data_ptr<half>();
+    bf16* op = out.data_ptr<bf16>();
+    at::parallel_for(0, b * hkv_, kAttentionGrain, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores(group * step.max_len), acc(group * d_);
+      for (int64_t w = begin; w < end; ++w) {
+        const int64_t r = w / hkv_, g = w % hkv_;
+        const int64_t len = step.lens[r];
+        const int64_t start = window_ > 0 ? std::max<int64_t>(0, len - window_) : 0;
+        const int64_t n = len - start;
+        const half* keys = cache + g * num_slots * d_;
+        const half* values = cache + (hkv_ + g) * num_slots * d_;
+        const float* qg = qp + (r * hq_ + g * group) * d_;
+        const int64_t* table = step.tables + r * step.blocks_per_row;
+        for (int64_t p = start; p < len; ++p) {
+          const int64_t slot = table[p / block_size_] * block_size_ + p % block_size_;
+          const half* k = keys + slot * d_;
+          for (int64_t j = 0; j < group; ++j) scores[j * n + p - start] = dot_half(qg + j * d_, k, d_) * scale_;
+        }
+        for (int64_t j = 0; j < group; ++j) {
+          float* s = scores.data() + j * n;
+          const float mx = *std::max_element(s, s + n);
+          float sum = 0.f;
+          for (int64_t i = 0; i < n; ++i) sum += (s[i] = std::exp(s[i] - mx));
+          const float inv = 1.f / sum;
+          for (int64_t i = 0; i < n; ++i) s[i] *= inv;
+        }
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t p = start; p < len; ++p) {
+          const int64_t slot = table[p / block_size_] * block_size_ + p % block_size_;
+          const half* v = values + slot * d_;
+          for (int64_t j = 0; j < group; ++j) axpy_half(acc.data() + j * d_, scores[j * n + p - start], v, d_);
+        }
+        bf16* dst = op + (r * hq_ + g * group) * d_;
+        for (int64_t i = 0; i < group * d_; ++i) dst[i] = bf16(acc[i]);
+      }
+    });
+  }
+
+  int64_t hq_, hkv_, d_, inter_;
+  double eps_;
+  int64_t block_size_, window_;
+  float scale_;
+  at::Tensor final_norm_;
+  std::vector<Layer> layers_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  pybind11::class_<DecoderStack>(m, "DecoderStack")
+      .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, double, int64_t, int64_t, at::Tensor>())
+      .def("add_layer", &DecoderStack::add_layer)
+      .def("forward", &DecoderStack::forward, pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("num_layers", &DecoderStack::num_layers);
+}
