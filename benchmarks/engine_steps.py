@@ -8,6 +8,7 @@ and the GIL add; compare `--quantization` values to see what the weight format b
 
     .venv/bin/python benchmarks/engine_steps.py                       # default settings, 1 and 16 sequences
     .venv/bin/python benchmarks/engine_steps.py --quantization none --batch-sizes 1,4,16
+    .venv/bin/python benchmarks/engine_steps.py --no-native-decode   # decode steps in Python
 """
 
 from __future__ import annotations
@@ -54,12 +55,18 @@ def main() -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--quantization", default=EngineConfig.quantization)
     p.add_argument("--batch-sizes", default="1,16")
+    p.add_argument("--native-decode", action=argparse.BooleanOptionalAction, default=EngineConfig.native_decode)
     args = p.parse_args()
     limit_fragmentation()  # the server's malloc settings, so the step costs match
-    engine = Engine(EngineConfig(model=args.model, quantization=args.quantization), progress=False)
+    config = EngineConfig(model=args.model, quantization=args.quantization, native_decode=args.native_decode)
+    engine = Engine(config, progress=False)
     engine.loop.shutdown()  # this script is the only one stepping the core
     try:
-        print(f"# engine step, quantization={args.quantization}, {PROMPT_LEN}-token prompts, decode only")
+        native = engine.core.runner.native is not None
+        print(
+            f"# engine step, quantization={args.quantization}, native decode {'on' if native else 'off'}, "
+            f"{PROMPT_LEN}-token prompts, decode only"
+        )
         for b in (int(x) for x in args.batch_sizes.split(",")):
             ms = step_ms(engine, b)
             best, median = min(ms), statistics.median(ms)

@@ -29,6 +29,64 @@ constexpr int64_t kGroup = 32;  // weights per scale in torch's CPU 4-bit layout
 // Attention work items (sequence x KV head) below this run on the calling thread.
 constexpr int64_t kAttentionGrain = 4;
 
+#ifdef TRICKLM_AVX2
+// exp of 8 floats: the Cephes polynomial after reduction by ln 2, relative error ~1e-7. Inputs are
+// clamped so that 2^n stays a normal float (silu of large negatives and softmax tails come out 0).
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  const __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2));
+}
+
+inline __m256 load8(const bf16* p) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+
+// Rounds to nearest even, as torch's float -> bfloat16 conversion does (NaN stays NaN).
+inline void store8(bf16* p, __m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(nan));
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+}
+#endif
+
+// s[i] = exp(s[i] - max) / sum: one softmax over n scores, in place.
+void softmax_(float* s, int64_t n) {
+  const float mx = *std::max_element(s, s + n);
+  float sum = 0.f;
+  int64_t i = 0;
+#ifdef TRICKLM_AVX2
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), _mm256_set1_ps(mx)));
+    _mm256_storeu_ps(s + i, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  for (float lane : lanes) sum += lane;
+#endif
+  for (; i < n; ++i) sum += (s[i] = std::exp(s[i] - mx));
+  const float inv = 1.f / sum;
+  for (int64_t j = 0; j < n; ++j) s[j] *= inv;
+}
+
 inline float dot_half(const float* q, const half* k, int64_t d) {
   int64_t i = 0;
   float sum = 0.f;
@@ -67,10 +125,17 @@ void rms_norm_bf16(const at::Tensor& x, const at::Tensor& w, double eps, at::Ten
   bf16* op = out.data_ptr<bf16>();
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = xp + r * h;
+    bf16* o = op + r * h;
     float ss = 0.f;
     for (int64_t i = 0; i < h; ++i) ss += xr[i] * xr[i];
     const float inv = 1.f / std::sqrt(ss / static_cast<float>(h) + static_cast<float>(eps));
-    for (int64_t i = 0; i < h; ++i) op[r * h + i] = bf16(xr[i] * inv * wp[i]);
+    int64_t i = 0;
+#ifdef TRICKLM_AVX2
+    for (; i + 8 <= h; i += 8) {
+      store8(o + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + i), _mm256_set1_ps(inv)), _mm256_loadu_ps(wp + i)));
+    }
+#endif
+    for (; i < h; ++i) o[i] = bf16(xr[i] * inv * wp[i]);
   }
 }
 
@@ -79,19 +144,33 @@ void add_bf16_(at::Tensor& x, const at::Tensor& y) {
   float* xp = x.data_ptr<float>();
   const bf16* yp = y.data_ptr<bf16>();
   const int64_t n = x.numel();
-  for (int64_t i = 0; i < n; ++i) xp[i] += static_cast<float>(yp[i]);
+  int64_t i = 0;
+#ifdef TRICKLM_AVX2
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(xp + i, _mm256_add_ps(_mm256_loadu_ps(xp + i), load8(yp + i)));
+#endif
+  for (; i < n; ++i) xp[i] += static_cast<float>(yp[i]);
 }
 
-// out[:, :inter] = bfloat16(silu(gate) * up), from the fused gate/up projection's output.
+// out = bfloat16(silu(gate) * up), from the fused gate/up projection's output.
 void silu_mul_bf16(const at::Tensor& gate_up, int64_t inter, at::Tensor& out) {
   const int64_t rows = gate_up.size(0);
   const bf16* gp = gate_up.data_ptr<bf16>();
   bf16* op = out.data_ptr<bf16>();
   for (int64_t r = 0; r < rows; ++r) {
     const bf16* g = gp + r * 2 * inter;
-    for (int64_t i = 0; i < inter; ++i) {
+    bf16* o = op + r * inter;
+    int64_t i = 0;
+#ifdef TRICKLM_AVX2
+    const __m256 one = _mm256_set1_ps(1.f);
+    for (; i + 8 <= inter; i += 8) {
+      const __m256 a = load8(g + i);
+      const __m256 silu = _mm256_div_ps(a, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), a))));
+      store8(o + i, _mm256_mul_ps(silu, load8(g + inter + i)));
+    }
+#endif
+    for (; i < inter; ++i) {
       const float a = static_cast<float>(g[i]);
-      op[r * inter + i] = bf16(a / (1.f + std::exp(-a)) * static_cast<float>(g[inter + i]));
+      o[i] = bf16(a / (1.f + std::exp(-a)) * static_cast<float>(g[inter + i]));
     }
   }
 }
@@ -264,14 +343,7 @@ class DecoderStack {
           const half* k = keys + slot * d_;
           for (int64_t j = 0; j < group; ++j) scores[j * n + p - start] = dot_half(qg + j * d_, k, d_) * scale_;
         }
-        for (int64_t j = 0; j < group; ++j) {
-          float* s = scores.data() + j * n;
-          const float mx = *std::max_element(s, s + n);
-          float sum = 0.f;
-          for (int64_t i = 0; i < n; ++i) sum += (s[i] = std::exp(s[i] - mx));
-          const float inv = 1.f / sum;
-          for (int64_t i = 0; i < n; ++i) s[i] *= inv;
-        }
+        for (int64_t j = 0; j < group; ++j) softmax_(scores.data() + j * n, n);
         std::fill(acc.begin(), acc.end(), 0.f);
         for (int64_t p = start; p < len; ++p) {
           const int64_t slot = table[p / block_size_] * block_size_ + p % block_size_;
