@@ -9,6 +9,7 @@ the figures as JSON (`benchmarks/results/compare.json`); each server's raw bench
 
 Servers (`--servers`, default all):
   tricklm      `python -m tricklm serve` with default settings
+  tricklm-python  the same with `--no-native-decode` (decode steps in Python: the path before model/native)
   tricklm-fp16 the same with `--quantization fp16` (fp16 weights for decode: the default before int4)
   tricklm-fp16-only  the same with `--quantization fp16-only` (no bfloat16 prefill copies)
   baseline     the design doc's thread-pool server, `benchmarks/baseline_threadpool.py` (HF model, fp32)
@@ -82,6 +83,12 @@ SPECS: dict[str, ServerSpec] = {
     for spec in (
         ServerSpec("tricklm", "tricklm (default settings)", False, "the server under test, default settings"),
         ServerSpec(
+            "tricklm-python",
+            "tricklm `--no-native-decode`",
+            False,
+            "decode steps in Python instead of the native (C++) decode step",
+        ),
+        ServerSpec(
             "tricklm-fp16",
             "tricklm `--quantization fp16`",
             False,
@@ -146,6 +153,8 @@ def build_launch(key: str, ctx: Context, port: int) -> Launch:
     env = dict(OFFLINE_ENV)
     if key == "tricklm":
         return Launch([sys.executable, "-m", "tricklm", "serve", *host], env, [])
+    if key == "tricklm-python":
+        return Launch([sys.executable, "-m", "tricklm", "serve", *host, "--no-native-decode"], env, [])
     if key.startswith("tricklm-"):  # tricklm-MODE: the same server with `--quantization MODE`
         mode = key.removeprefix("tricklm-")
         return Launch([sys.executable, "-m", "tricklm", "serve", *host, "--quantization", mode], env, [])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,16 @@ def arrivals(vocab_size: int, count: int = 6) -> dict[int, list[Request]]:
     return out
 
 
+def scaled_norms(model: CausalLM, factor: float) -> CausalLM:
+    """The model with every decoder norm scale multiplied: activations in the hundreds, where exp()
+    under- and overflows in SiLU and softmax."""
+    with torch.no_grad():
+        for layer in model.model.layers:  # type: ignore[attr-defined]
+            layer.input_layernorm.weight.mul_(factor)
+            layer.post_attention_layernorm.weight.mul_(factor)
+    return model
+
+
 def run(core: EngineCore, incoming: dict[int, list[Request]]) -> Iterator[ScheduledBatch]:
     """Step the core to the end, yielding each decode-only batch before it runs."""
     for step in range(500):
@@ -104,19 +114,46 @@ def test_the_extension_builds_on_this_machine() -> None:
     assert native.load_extension() is not None
 
 
-@needs_compiler
-def test_decode_logits_match_the_python_path(tiny: CausalLM) -> None:
-    core = core_for(tiny)
+def written_kv(core: EngineCore, batch: ScheduledBatch) -> torch.Tensor:
+    """What every layer's cache holds at the slots of the batch's new tokens: [layers, 2 * Hkv, B, D]."""
+    bs = core.kv_cache.block_size
+    slots = [r.block_table[r.num_computed_tokens // bs] * bs + r.num_computed_tokens % bs for r in batch.requests]
+    return torch.stack([layer.kv[:, slots].float() for layer in core.kv_cache.layers])
+
+
+def check_decode_steps(model: CausalLM, atol: float) -> None:
+    core = core_for(model)
     assert core.runner.native is not None
     checked = 0
-    for batch in run(core, arrivals(tiny.config.vocab_size)):
-        # both write the step's K/V to the same slots, so comparing them leaves the cache as it was
+    for batch in run(core, arrivals(model.config.vocab_size)):
+        # both write the step's K/V to the same slots: the native write is compared with the Python one
         python = core.runner.forward_logits(batch)
+        python_kv = written_kv(core, batch)
         ours = core.runner.forward_logits(batch, native=True)
-        assert torch.allclose(ours, python, atol=2e-2, rtol=0), (ours - python).abs().max()
+        assert torch.allclose(ours, python, atol=atol, rtol=0), (ours - python).abs().max()
         assert torch.equal(ours.argmax(-1), python.argmax(-1))
+        assert torch.allclose(written_kv(core, batch), python_kv, atol=atol, rtol=1e-2)
         checked += 1
     assert checked > 20
+
+
+@needs_compiler
+def test_decode_logits_and_cache_writes_match_the_python_path(tiny: CausalLM) -> None:
+    check_decode_steps(tiny, atol=2e-2)
+
+
+@needs_compiler
+def test_activations_beyond_exp_range_match_the_python_path(tmp_path: Path) -> None:
+    model = scaled_norms(four_bit_model(make_tiny_model(tmp_path, "LlamaForCausalLM", weight_std=0.1)), 300.0)
+    check_decode_steps(model, atol=0.5)  # logits of this model span thousands
+
+
+def counting(forward: Callable[..., torch.Tensor], widths: list[int]) -> Callable[..., torch.Tensor]:
+    def wrapped(input_ids: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+        widths.append(len(input_ids))
+        return forward(input_ids, *args)
+
+    return wrapped
 
 
 @needs_compiler
@@ -126,12 +163,20 @@ def test_generated_tokens_match_the_python_path(tiny: CausalLM) -> None:
     results = []
     for enabled in (True, False):
         core = core_for(tiny, native_decode=enabled, max_num_seqs=count)
-        assert (core.runner.native is not None) == enabled
+        native_steps: list[int] = []
+        if enabled:
+            decoder = core.runner.native
+            assert decoder is not None
+            decoder.forward = counting(decoder.forward, native_steps)  # type: ignore[method-assign]
+        else:
+            assert core.runner.native is None
         incoming = arrivals(tiny.config.vocab_size, count)
         reqs = [r for rs in incoming.values() for r in rs]
-        for _ in run(core, incoming):
-            pass
+        widths = [len(batch.requests) for batch in run(core, incoming)]
         assert core.kv_cache.num_free_blocks == core.kv_cache.num_usable_blocks
+        assert max(widths) > MAX_PACKED_ROWS  # some decode steps were too wide and ran in Python
+        if enabled:
+            assert len(native_steps) == sum(w <= MAX_PACKED_ROWS for w in widths)
         results.append({r.request_id: r.output_token_ids for r in reqs})
     assert results[0] == results[1]
 
@@ -144,15 +189,22 @@ def test_bad_step_inputs_raise_and_the_decoder_keeps_working(tiny: CausalLM) -> 
     num_blocks = core.kv_cache.num_blocks
     ids, pos = torch.tensor([5]), torch.tensor([2])
     good = dict(slots=torch.tensor([6]), block_tables=torch.tensor([[1]]), context_lens=torch.tensor([3]))
-    bad = {
-        "cache slot out of range": {"slots": torch.tensor([num_blocks * BLOCK_SIZE])},
-        "longer than its block table": {"context_lens": torch.tensor([BLOCK_SIZE + 1])},
-        "block table entry out of range": {"block_tables": torch.tensor([[num_blocks]])},
-        "one row per sequence": {"context_lens": torch.tensor([3, 3])},
-    }
-    for message, change in bad.items():
+    bad = [
+        ("cache slot out of range", {"slots": torch.tensor([num_blocks * BLOCK_SIZE])}),
+        ("cache slot out of range", {"slots": torch.tensor([-1])}),
+        ("longer than its block table", {"context_lens": torch.tensor([BLOCK_SIZE + 1])}),
+        ("longer than its block table", {"context_lens": torch.tensor([0])}),
+        ("block table entry out of range", {"block_tables": torch.tensor([[num_blocks]])}),
+        ("block table entry out of range", {"block_tables": torch.tensor([[-1]])}),
+        ("one row per sequence", {"context_lens": torch.tensor([3, 3])}),
+    ]
+    for message, change in bad:
         with pytest.raises(RuntimeError, match=message):
             decoder.forward(ids, pos, **{**good, **change})
+    hidden = tiny.config.hidden_size
+    cos = sin = torch.zeros(1, tiny.config.head_dim)
+    with pytest.raises(RuntimeError, match="x must be"):
+        decoder.stack.forward(torch.zeros(1, hidden + 1), cos, sin, *good.values())
     assert torch.isfinite(decoder.forward(ids, pos, **good)).all()
 
 

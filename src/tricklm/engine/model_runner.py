@@ -45,7 +45,9 @@ class ModelRunner:
         self.kv = kv_cache
         self.threads = threads or ThreadPolicy(None)
         # Decode-only steps of up to MAX_PACKED_ROWS sequences (where the 4-bit weights are read) run in C++
-        self.native = NativeDecoder.build(model, kv_cache.layers, kv_cache.block_size) if native else None  # type: ignore[arg-type]
+        self.native = None
+        if native:
+            self.native = NativeDecoder.build(model, kv_cache.layers, kv_cache.block_size)  # type: ignore[arg-type]
         self.window = model.config.sliding_window
         self.num_kv_heads = model.config.num_kv_heads
         self.dtype = model_dtypes(model)[0]  # type: ignore[arg-type]  # the activations'; masks match it
@@ -74,9 +76,9 @@ class ModelRunner:
         with torch.inference_mode():
             order = self._decodes_first(batch)
             input_ids, positions, slots = self._flatten(order)
-            if native and not self._runs_native(order):
-                raise ValueError("the native decoder does not run this step")
             if native:
+                if not self._runs_native(order):
+                    raise ValueError("the native decoder does not run this step")
                 hidden = self._native_forward(order, input_ids, positions, slots)
             else:
                 hidden = self.model(input_ids, positions, self.kv.layers, self._metadata(order, slots))
@@ -98,6 +100,7 @@ class ModelRunner:
     ) -> torch.Tensor:
         assert self.native is not None
         num_blocks = max(len(req.block_table) for req, _ in order)
+        # padded with block 0: the extension reads a row's table only up to its own context length
         tables = torch.tensor([req.block_table + [0] * (num_blocks - len(req.block_table)) for req, _ in order])
         return self.native.forward(input_ids, positions, slots, tables, positions + 1)
 

@@ -16,6 +16,7 @@ import functools
 import logging
 import os
 import sysconfig
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,9 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("decode.cpp")
 EXTENSION_NAME = "tricklm_decode"
 DISABLE_ENV = "TRICKLM_NATIVE"
+# torch's builder waits as long as its lock file exists; a build killed midway leaves it behind.
+# A build takes about a minute, so a lock this old belongs to no live build.
+STALE_LOCK_SECONDS = 600
 
 
 def enabled_by_env() -> bool:
@@ -44,7 +48,9 @@ def load_extension() -> Any | None:
         return _build()
     # no compiler, no ninja, a failed build: any of them leaves the Python path working
     except Exception as e:
-        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        # a compiler error says more than ninja's closing line
+        reason = next((line for line in lines if "error:" in line), lines[-1])
         log.warning("native decode steps unavailable, decode runs in Python: %s", reason)
         return None
 
@@ -54,13 +60,16 @@ def _build() -> Any:
 
     from tricklm.model.resolve import cache_dir
 
-    # pip's ninja is installed next to the interpreter, which need not be on PATH (torch looks it up there)
+    # pip's ninja is installed next to the interpreter, which need not be on PATH, and torch runs it by
+    # name; changing PATH for the whole process is deliberate (the build's subprocesses need it).
     scripts = sysconfig.get_path("scripts")
     if scripts not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = os.pathsep.join(filter(None, (scripts, os.environ.get("PATH"))))
     build_dir = cache_dir() / "native"
     build_dir.mkdir(parents=True, exist_ok=True)
-    log.info("loading the native decode step (compiled on first use, about a minute)")
+    _clear_stale_lock(build_dir / "lock")
+    if not any(build_dir.glob(f"{EXTENSION_NAME}*.so")):
+        log.info("compiling the native decode step (once, about a minute)")
     return cpp_extension.load(
         name=EXTENSION_NAME,
         sources=[str(SOURCE)],
@@ -68,6 +77,16 @@ def _build() -> Any:
         build_directory=str(build_dir),
         verbose=False,
     )
+
+
+def _clear_stale_lock(lock: Path) -> None:
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_SECONDS:
+        log.warning("removing %s, left by a build that did not finish", lock)
+        lock.unlink(missing_ok=True)
 
 
 def compile_flags() -> list[str]:
@@ -82,6 +101,7 @@ Projections = tuple[Int4Weight, Int4Weight, Int4Weight, Int4Weight]  # qkv, o, g
 
 
 def _int4(module: Any) -> Int4Weight | None:
+    """The projection's 4-bit weights, if it kept any (see `Int4Weight.from_exact`)."""
     return module.int4 if isinstance(module, HalfLinear) else None
 
 
@@ -97,6 +117,7 @@ def _projections(layer: Any) -> Projections | None:
 
 
 def _norm_weights(layer: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The layer's two RMSNorm scales, if both are float32 (the extension reads them as such)."""
     norms = (layer.input_layernorm, layer.post_attention_layernorm)
     if not all(isinstance(n, RMSNorm) and n.weight.dtype == torch.float32 for n in norms):
         return None

@@ -31,9 +31,10 @@ constexpr int64_t kAttentionGrain = 4;
 
 #ifdef TRICKLM_AVX2
 // exp of 8 floats: the Cephes polynomial after reduction by ln 2, relative error ~1e-7. Inputs are
-// clamped so that 2^n stays a normal float (silu of large negatives and softmax tails come out 0).
+// clamped so that 2^n stays a normal float: below -87 the result is ~1e-38 instead of smaller. The
+// constant goes first: max/min return their second operand when one is NaN, so NaN passes through.
 inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  x = _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(_mm256_set1_ps(-87.0f), x));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -131,8 +132,9 @@ void rms_norm_bf16(const at::Tensor& x, const at::Tensor& w, double eps, at::Ten
     const float inv = 1.f / std::sqrt(ss / static_cast<float>(h) + static_cast<float>(eps));
     int64_t i = 0;
 #ifdef TRICKLM_AVX2
+    const __m256 scale = _mm256_set1_ps(inv);
     for (; i + 8 <= h; i += 8) {
-      store8(o + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + i), _mm256_set1_ps(inv)), _mm256_loadu_ps(wp + i)));
+      store8(o + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + i), scale), _mm256_loadu_ps(wp + i)));
     }
 #endif
     for (; i < h; ++i) o[i] = bf16(xr[i] * inv * wp[i]);
@@ -211,8 +213,12 @@ class DecoderStack {
         window_(sliding_window),
         scale_(1.f / std::sqrt(static_cast<float>(head_dim))),
         final_norm_(std::move(final_norm)) {
+    TORCH_CHECK(hq_ > 0 && hkv_ > 0 && d_ > 0 && inter_ > 0 && block_size_ > 0, "sizes must be positive");
     TORCH_CHECK(hq_ % hkv_ == 0, "query heads must be a multiple of KV heads");
     TORCH_CHECK(d_ % 2 == 0, "head_dim must be even");
+    TORCH_CHECK(final_norm_.device().is_cpu() && final_norm_.scalar_type() == at::kFloat && final_norm_.dim() == 1,
+                "the final norm weight must be a float32 vector");
+    final_norm_ = final_norm_.contiguous();
   }
 
   void add_layer(at::Tensor input_norm, at::Tensor post_norm, at::Tensor kv_cache, at::Tensor qkv_packed,
@@ -221,10 +227,23 @@ class DecoderStack {
     TORCH_CHECK(kv_cache.scalar_type() == at::kHalf && kv_cache.is_contiguous() && kv_cache.dim() == 3 &&
                     kv_cache.size(0) == 2 * hkv_ && kv_cache.size(2) == d_,
                 "kv_cache must be contiguous fp16 [2 * num_kv_heads, slots, head_dim]");
-    TORCH_CHECK(input_norm.scalar_type() == at::kFloat && post_norm.scalar_type() == at::kFloat,
-                "norm weights must be float32");
+    TORCH_CHECK(layers_.empty() || kv_cache.size(1) == layers_.front().kv_cache.size(1),
+                "every layer's cache must have the same number of slots");
+    const int64_t hidden = final_norm_.numel();
+    for (const auto* norm : {&input_norm, &post_norm}) {
+      TORCH_CHECK(norm->device().is_cpu() && norm->scalar_type() == at::kFloat && norm->numel() == hidden,
+                  "norm weights must be float32 vectors of the hidden size");
+    }
+    check_projection("qkv", qkv_packed, qkv_sz, hidden, (hq_ + 2 * hkv_) * d_);
+    check_projection("o", o_packed, o_sz, hq_ * d_, hidden);
+    check_projection("gate_up", gate_up_packed, gate_up_sz, hidden, 2 * inter_);
+    check_projection("down", down_packed, down_sz, inter_, hidden);
     at::Tensor bias;
-    if (qkv_bias) bias = qkv_bias->to(at::kFloat).contiguous();
+    if (qkv_bias) {
+      TORCH_CHECK(qkv_bias->device().is_cpu() && qkv_bias->numel() == (hq_ + 2 * hkv_) * d_,
+                  "the qkv bias must have one value per output");
+      bias = qkv_bias->to(at::kFloat).contiguous();
+    }
     layers_.push_back(Layer{input_norm.contiguous(), post_norm.contiguous(), std::move(kv_cache), bias,
                             Projection{std::move(qkv_packed), std::move(qkv_sz)},
                             Projection{std::move(o_packed), std::move(o_sz)},
@@ -236,6 +255,13 @@ class DecoderStack {
   at::Tensor forward(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slots,
                      const at::Tensor& block_tables, const at::Tensor& context_lens) const {
     c10::InferenceMode guard;
+    TORCH_CHECK(!layers_.empty(), "no layers");
+    const std::initializer_list<const at::Tensor*> inputs{&x, &cos, &sin, &slots, &block_tables, &context_lens};
+    for (const at::Tensor* t : inputs) {
+      TORCH_CHECK(t->device().is_cpu(), "every input must be on the CPU");
+    }
+    TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(1) == final_norm_.numel(),
+                "x must be [sequences, hidden size]");
     const int64_t b = x.size(0), hidden = x.size(1);
     TORCH_CHECK(x.scalar_type() == at::kFloat && cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat,
                 "activations and RoPE tables must be float32");
@@ -247,9 +273,9 @@ class DecoderStack {
     const auto cos_c = cos.contiguous(), sin_c = sin.contiguous();
     const auto slots_c = slots.to(at::kLong).contiguous(), tables = block_tables.to(at::kLong).contiguous();
     const auto lens = context_lens.to(at::kLong).contiguous();
-    TORCH_CHECK(b >= 1 && !layers_.empty(), "nothing to run");
     const int64_t* lp = lens.data_ptr<int64_t>();
     check_tables(tables, lp, b);
+    check_slots(slots_c);
     const int64_t max_len = *std::max_element(lp, lp + b);
     const Step step{cos_c.data_ptr<float>(),  sin_c.data_ptr<float>(), slots_c.data_ptr<int64_t>(),
                     tables.data_ptr<int64_t>(), tables.size(1),         lp, max_len};
@@ -274,6 +300,23 @@ class DecoderStack {
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
 
  private:
+  void check_projection(const char* name, const at::Tensor& packed, const at::Tensor& scales_and_zeros,
+                        int64_t in, int64_t out) const {
+    // torch's CPU 4-bit layout: scales and zeros are [in / 32, out, 2], the packed levels [out, in / 2]
+    TORCH_CHECK(packed.device().is_cpu() && scales_and_zeros.device().is_cpu() && scales_and_zeros.dim() == 3 &&
+                    scales_and_zeros.size(0) * kGroup == in && scales_and_zeros.size(1) == out &&
+                    packed.dim() >= 1 && packed.size(0) == out,
+                "the ", name, " projection must be 4-bit, ", in, " -> ", out);
+  }
+
+  void check_slots(const at::Tensor& slots) const {
+    const int64_t num_slots = layers_.front().kv_cache.size(1);
+    const int64_t* sp = slots.data_ptr<int64_t>();
+    for (int64_t r = 0; r < slots.numel(); ++r) {
+      TORCH_CHECK(sp[r] >= 0 && sp[r] < num_slots, "cache slot out of range");
+    }
+  }
+
   // Attention reads the cache through the block tables: every block a context covers must be in it.
   void check_tables(const at::Tensor& tables, const int64_t* lens, int64_t b) const {
     const int64_t num_blocks = layers_.front().kv_cache.size(1) / block_size_, width = tables.size(1);
@@ -294,10 +337,9 @@ class DecoderStack {
     const float* bias = layer.qkv_bias.defined() ? layer.qkv_bias.data_ptr<float>() : nullptr;
     float* qp = q.data_ptr<float>();
     half* cache = layer.kv_cache.data_ptr<half>();
-    std::vector<float> head(d_);
+    std::vector<float> head(d_), rotated(d_);
     for (int64_t r = 0; r < b; ++r) {
-      const int64_t slot = step.slots[r];
-      TORCH_CHECK(slot >= 0 && slot < num_slots, "cache slot out of range");
+      const int64_t slot = step.slots[r];  // checked against the cache in forward
       const float* cos = step.cos + r * d_;
       const float* sin = step.sin + r * d_;
       for (int64_t hd = 0; hd < hq_ + 2 * hkv_; ++hd) {
@@ -305,17 +347,18 @@ class DecoderStack {
         for (int64_t i = 0; i < d_; ++i) {
           head[i] = static_cast<float>(src[r * width + col + i]) + (bias ? bias[col + i] : 0.f);
         }
-        const bool rotate = hd < hq_ + hkv_;  // V heads are not rotated
-        float* dst = hd < hq_ ? qp + r * hq_ * d_ + col : nullptr;
-        half* cached = hd < hq_ ? nullptr : cache + ((hd - hq_) * num_slots + slot) * d_;
-        for (int64_t i = 0; i < d_; ++i) {
-          float v = head[i];
-          if (rotate) v = v * cos[i] + head[i < half_d ? i + half_d : i - half_d] * sin[i];
-          if (dst) {
-            dst[i] = v;
-          } else {
-            cached[i] = half(v);
+        if (hd < hq_ + hkv_) {  // q and k heads; V heads are not rotated
+          for (int64_t i = 0; i < d_; ++i) {
+            rotated[i] = head[i] * cos[i] + head[i < half_d ? i + half_d : i - half_d] * sin[i];
           }
+        } else {
+          rotated.swap(head);
+        }
+        if (hd < hq_) {
+          std::copy(rotated.begin(), rotated.end(), qp + r * hq_ * d_ + col);
+        } else {
+          half* cached = cache + ((hd - hq_) * num_slots + slot) * d_;
+          for (int64_t i = 0; i < d_; ++i) cached[i] = half(rotated[i]);
         }
       }
     }
