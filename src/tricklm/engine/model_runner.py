@@ -55,12 +55,7 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> dict[str, tuple[int, TokenLogprob | None]]:
         order = self._decodes_first(batch)
-        input_ids, positions, slots = self._flatten(order)
-        self.threads.apply(len(input_ids))
-        if self._runs_native(order):
-            hidden = self._native_forward(order, input_ids, positions, slots)
-        else:
-            hidden = self.model(input_ids, positions, self.kv.layers, self._metadata(order, slots))
+        hidden = self._hidden(order, native=self._runs_native(order))
         rows, sampling = self._sampling_rows(order)
         if not rows:
             return {}
@@ -75,14 +70,9 @@ class ModelRunner:
         """
         with torch.inference_mode():
             order = self._decodes_first(batch)
-            input_ids, positions, slots = self._flatten(order)
-            if native:
-                if not self._runs_native(order):
-                    raise ValueError("the native decoder does not run this step")
-                hidden = self._native_forward(order, input_ids, positions, slots)
-            else:
-                hidden = self.model(input_ids, positions, self.kv.layers, self._metadata(order, slots))
-            logits = self.model.compute_logits(hidden)
+            if native and not self._runs_native(order):
+                raise ValueError("the native decoder does not run this step")
+            logits = self.model.compute_logits(self._hidden(order, native))
         starts, offset = {}, 0
         for req, n in order:
             starts[req.request_id] = offset
@@ -91,6 +81,14 @@ class ModelRunner:
             starts[r.request_id] + i for r, n in zip(batch.requests, batch.num_tokens, strict=True) for i in range(n)
         ]
         return logits[rows]
+
+    def _hidden(self, order: list[tuple[Request, int]], native: bool) -> torch.Tensor:
+        """Final hidden states of every token of the step, in `order`."""
+        input_ids, positions, slots = self._flatten(order)
+        self.threads.apply(len(input_ids))
+        if native:
+            return self._native_forward(order, input_ids, positions, slots)
+        return self.model(input_ids, positions, self.kv.layers, self._metadata(order, slots))
 
     def _runs_native(self, order: list[tuple[Request, int]]) -> bool:
         return self.native is not None and len(order) <= MAX_PACKED_ROWS and all(n == 1 for _, n in order)
