@@ -205,6 +205,8 @@ def test_bad_step_inputs_raise_and_the_decoder_keeps_working(tiny: CausalLM) -> 
     cos = sin = torch.zeros(1, tiny.config.head_dim)
     with pytest.raises(RuntimeError, match="x must be"):
         decoder.stack.forward(torch.zeros(1, hidden + 1), cos, sin, *good.values())
+    for layer in core.kv_cache.layers:  # the cache is allocated empty: give the step's two older positions values
+        layer.kv[:, BLOCK_SIZE : 2 * BLOCK_SIZE].zero_()
     assert torch.isfinite(decoder.forward(ids, pos, **good)).all()
 
 
@@ -275,6 +277,9 @@ def forced_logits(
     raise AssertionError("did not finish")
 
 
+NEAR_TIE = 0.1  # logits this close: a last-bit difference can swap them (the paths differ by ~0.2)
+
+
 @needs_compiler
 def test_default_model_logits_match_the_python_path() -> None:
     """Teacher-forced on the Python path's greedy tokens, step by step.
@@ -282,7 +287,8 @@ def test_default_model_logits_match_the_python_path() -> None:
     Not token for token over free runs: bfloat16 rounds the activations at every projection, so an
     ulp of difference anywhere moves the logits by ~0.2 (as much as 4-bit does against float32) and
     near-ties flip. Measured over 576 steps: native and Python were equally far from float32 (mean
-    largest logit error 0.246 and 0.245; 6 and 5 greedy flips).
+    largest logit error 0.246 and 0.245; 6 and 5 greedy flips). Here every flip seen so far was between
+    tokens whose logits were within 0.03 of each other, so only flips past NEAR_TIE count.
     """
     from tricklm.model.resolve import resolve_model
     from tricklm.tokenizer import Tokenizer
@@ -311,6 +317,6 @@ def test_default_model_logits_match_the_python_path() -> None:
     pairs = [(a, b) for rid in python for a, b in zip(ours[rid], python[rid], strict=True)]
     assert len(pairs) == 24 * len(prompts)
     largest = torch.tensor([float((a - b).abs().max()) for a, b in pairs])
-    flips = sum(int(a.argmax() != b.argmax()) for a, b in pairs)
+    flips = [float(gap[0] - gap[1]) for a, b in pairs if a.argmax() != b.argmax() for gap in [b.topk(2).values]]
     assert float(largest.max()) < 1.5 and float(largest.mean()) < 0.5, largest
-    assert flips <= len(pairs) // 50
+    assert sum(gap > NEAR_TIE for gap in flips) <= len(pairs) // 50, flips
