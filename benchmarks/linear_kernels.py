@@ -9,6 +9,8 @@ Kernels (all on CPU, torch's own):
   float32        F.linear, float32 weights and activations (oneDNN / MKL)
   bfloat16       F.linear, bfloat16 weights and activations
   fbgemm-fp16    torch.ops.quantized.linear_dynamic_fp16: packed fp16 weights, float32 activations
+  fp16-copy      the prefill copy `--prefill-weights fp16` keeps (quant.Fp16Weight): fbgemm fp16 over the
+                 first multiple of 512 inputs (fbgemm pads the rest of a block), float32 for the remainder
   int8-wo        torch._weight_int8pack_mm: int8 weights (per channel), bfloat16 activations
   int4-wo        torch.ops.aten._weight_int4pack_mm_for_cpu: 4-bit weights, groups of 32, bfloat16
                  activations (what `--quantization int4` runs; float32 activations are 17-80x slower)
@@ -31,6 +33,7 @@ from pathlib import Path
 import torch
 
 from tricklm.model.loader import load_config
+from tricklm.model.quant import Fp16Weight
 from tricklm.model.resolve import resolve_model
 
 Op = Callable[[], object]
@@ -58,6 +61,9 @@ def make_op(kernel: str, n: int, k: int, rows: int) -> Op:
     if kernel == "fbgemm-fp16":
         packed = torch.ops.quantized.linear_prepack_fp16(w, None)
         return lambda: torch.ops.quantized.linear_dynamic_fp16(x, packed)
+    if kernel == "fp16-copy":
+        copy = Fp16Weight(w, None)
+        return lambda: copy.matmul(x)
     if kernel == "int8-wo":
         scale = w.abs().amax(dim=1) / 127
         w8 = torch.round(w / scale[:, None]).to(torch.int8)
@@ -96,7 +102,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="HF folder whose shapes to use (default: SmolLM2-135M)")
     p.add_argument("--rows", default="1,4,16,64,256", help="step sizes (tokens per step)")
-    p.add_argument("--kernels", default="float32,bfloat16,fbgemm-fp16,int8-wo,int4-wo,int8-dynamic")
+    p.add_argument("--kernels", default="float32,bfloat16,fbgemm-fp16,fp16-copy,int8-wo,int4-wo,int8-dynamic")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     args = p.parse_args()

@@ -11,23 +11,24 @@ from tricklm.config import EngineConfig
 def test_defaults_come_from_the_engine_config() -> None:
     config = engine_config(build_parser().parse_args(["serve"]))
     assert config == EngineConfig()
-    assert config.native_decode and config.quantization == "int4"
+    assert config.native_decode and config.quantization == "int4" and config.prefill_weights == "auto"
 
 
 @pytest.mark.parametrize("command", ["serve", "demo"])
 def test_engine_options_reach_the_config(command: str) -> None:
     options = ["--no-native-decode", "--quantization", "fp16", "--max-num-seqs", "4", "--kv-cache-memory", "64MiB"]
-    argv = [command, *options]
+    argv = [command, *options, "--prefill-weights", "bf16"]
     config = engine_config(build_parser().parse_args(argv))
     assert not config.native_decode
-    assert config.quantization == "fp16"
+    assert config.quantization == "fp16" and config.prefill_weights == "bf16"
     assert config.max_num_seqs == 4
     assert config.kv_cache_memory == 64 * 1024 * 1024
     assert engine_config(build_parser().parse_args([command, "--native-decode"])).native_decode
 
 
-def test_an_unknown_quantization_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("option", ["--quantization", "--prefill-weights"])
+def test_an_unknown_weight_format_is_a_usage_error(option: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        build_parser().parse_args(["serve", "--quantization", "int3"])
+        build_parser().parse_args(["serve", option, "int3"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'int3'" in capsys.readouterr().err

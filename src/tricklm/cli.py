@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from tricklm.config import QUANTIZATIONS, EngineConfig, ServerConfig, config_from_args
 from tricklm.model.config import ModelLoadError
+from tricklm.model.quant import PREFILL_FORMATS
 
 _ENGINE_DEFAULTS = EngineConfig()
 _SERVER_DEFAULTS = ServerConfig()
@@ -33,8 +34,16 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         default=d.quantization,
         choices=QUANTIZATIONS,
         help="int4: 4-bit weights for decode where the checkpoint's are 4-bit already (levels kept; fp16 "
-        "elsewhere), bfloat16 copies for prefill, float32 activations (default); fp16: fp16 weights for "
-        "decode; fp16-only: fp16 weights for every step (no copies, slower prefill); none: all in --dtype",
+        "elsewhere), a copy for prefill (--prefill-weights), float32 activations (default); fp16: fp16 "
+        "weights for decode; fp16-only: fp16 weights for every step (no copies, slower prefill); none: all "
+        "in --dtype",
+    )
+    p.add_argument(
+        "--prefill-weights",
+        default=d.prefill_weights,
+        choices=PREFILL_FORMATS,
+        help="format of the weight copy prefill steps read with int4/fp16: bf16 or fp16, whichever kernel "
+        "this CPU runs faster (auto, the default: timed at load)",
     )
     p.add_argument("--max-model-len", type=int, default=d.max_model_len, help="context window (default: model's)")
     p.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="requests decoded together")

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from tricklm.model.quant import QUANT_MODES
+from tricklm.model.quant import PREFILL_FORMATS, QUANT_MODES
 
 T = TypeVar("T")
 
@@ -26,6 +26,9 @@ class EngineConfig:
     # decode steps. "none": everything in `dtype` (float32 is the exact reference). "fp16-only": fp16
     # weights for every step, no bfloat16 copies: less memory, slower prefill (benchmarks/README.md).
     quantization: str = "int4"
+    # The format of the copy prefill (large) steps read in "int4" and "fp16": "bf16" (oneDNN) or "fp16"
+    # (fbgemm), whichever the CPU runs faster; "auto" times both at load (model/quant.py).
+    prefill_weights: str = "auto"
     max_model_len: int | None = None  # None: the model's own context length
     max_num_seqs: int = 16
     max_num_batched_tokens: int = 256
@@ -43,6 +46,8 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}")
+        if self.prefill_weights not in PREFILL_FORMATS:
+            raise ValueError(f"prefill_weights must be one of {', '.join(PREFILL_FORMATS)}")
         positive = {
             "max_num_seqs": self.max_num_seqs,
             "max_num_batched_tokens": self.max_num_batched_tokens,

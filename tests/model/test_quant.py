@@ -7,25 +7,31 @@ import pytest
 import torch
 from torch import nn
 
+from tricklm.config import EngineConfig
 from tricklm.engine.llm import LLM
 from tricklm.model.quant import (
     DENSE_DTYPE,
+    FBGEMM_K_BLOCK,
     INT4_GROUP,
     MAX_PACKED_ROWS,
+    Fp16Weight,
     HalfEmbedding,
     HalfLinear,
     Int4Weight,
     fbgemm_available,
+    large_step_format,
     model_dtypes,
     quantize,
 )
+
+needs_fbgemm = pytest.mark.skipif(not fbgemm_available(), reason="fbgemm (x86 with AVX2) is needed for packed fp16")
 
 
 def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     return float((got - expected).norm() / expected.norm())
 
 
-@pytest.mark.skipif(not fbgemm_available(), reason="fbgemm (x86 with AVX2) is needed for packed fp16")
+@needs_fbgemm
 def test_packed_path_is_close_to_float() -> None:
     torch.manual_seed(0)
     linear = nn.Linear(256, 512)
@@ -48,7 +54,7 @@ def test_many_rows_use_the_bfloat16_copy() -> None:
     assert relative_error(out, linear(x)) < 1e-2
 
 
-@pytest.mark.skipif(not fbgemm_available(), reason="fbgemm (x86 with AVX2) is needed for packed fp16")
+@needs_fbgemm
 def test_without_the_dense_copy_every_step_reads_the_packed_weights() -> None:
     torch.manual_seed(0)
     linear = nn.Linear(64, 32)
@@ -107,6 +113,54 @@ def test_four_bit_projection_still_prefills_on_the_bfloat16_copy() -> None:
     assert torch.equal(q(x), nn.functional.linear(x.to(DENSE_DTYPE), weight.to(DENSE_DTYPE)).float())
 
 
+@needs_fbgemm
+def test_four_bit_projection_can_prefill_on_an_unpadded_fp16_copy() -> None:
+    torch.manual_seed(0)
+    k = FBGEMM_K_BLOCK + 3 * INT4_GROUP  # a block to pack and a float32 remainder, like 576 inputs
+    weight, bias = four_bit_weight(48, k), torch.randn(48)
+    q = HalfLinear(weight, bias, int4=True, prefill="fp16")
+    assert q.int4 is not None and q.weight_dense is None and q.prefill_copy is not None
+    assert q.prefill_copy.split == FBGEMM_K_BLOCK and q.prefill_copy.rest is not None
+    assert q.prefill_copy.rest.shape == (48, k - FBGEMM_K_BLOCK) and q.prefill_copy.rest.dtype == torch.float32
+    x = torch.randn(MAX_PACKED_ROWS + 1, k)
+    out = q(x)
+    assert torch.equal(out, q.prefill_copy.matmul(x))
+    assert relative_error(out, nn.functional.linear(x, weight, bias)) < 1e-3  # fp16 weights, float32 inputs
+    small = x[:MAX_PACKED_ROWS]
+    assert torch.equal(q(small), q.int4.matmul(small))  # decode steps still read the 4-bit weights
+
+
+@needs_fbgemm
+def test_fp16_copy_of_a_narrow_weight_is_packed_whole() -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(16, 64)
+    copy = Fp16Weight(weight, None)
+    assert copy.split == 64 and copy.rest is None
+    x = torch.randn(20, 64)
+    assert relative_error(copy.matmul(x), x @ weight.t()) < 1e-3
+
+
+@needs_fbgemm
+def test_fp16_prefill_needs_no_copy_when_the_decode_weights_are_fp16() -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32)
+    q = HalfLinear(linear.weight.half(), linear.bias, prefill="fp16")
+    assert q.packed is not None and q.prefill_copy is None and q.weight_dense is None
+    x = torch.randn(4 * MAX_PACKED_ROWS, 64)
+    assert torch.equal(q(x), torch.ops.quantized.linear_dynamic_fp16(x, q.packed))
+
+
+def test_prefill_format_is_measured_once_and_rejected_when_unknown() -> None:
+    assert large_step_format() in ("bf16", "fp16")
+    assert large_step_format() is large_step_format()  # cached: the copies of one model agree
+    with pytest.raises(ValueError, match="bf16, fp16"):
+        HalfLinear(torch.randn(8, 8), None, prefill="int8")
+    with pytest.raises(ValueError, match="auto, bf16, fp16"):
+        quantize(TinyTied(), "int4", prefill="int8")
+    with pytest.raises(ValueError, match="prefill_weights"):
+        EngineConfig(prefill_weights="int8")
+
+
 class TinyTied(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -129,7 +183,7 @@ def test_quantize_swaps_every_projection_and_ties_the_head_to_the_table() -> Non
     assert model_dtypes(model) == (torch.float32, torch.float16)
 
 
-@pytest.mark.skipif(not fbgemm_available(), reason="fbgemm (x86 with AVX2) is needed for packed fp16")
+@needs_fbgemm
 def test_quantize_without_dense_copies_keeps_only_the_free_one() -> None:
     model = quantize(TinyTied(), "fp16-only")
     assert model.mlp["up"].weight_dense is None and model.mlp["down"].weight_dense is None
@@ -145,20 +199,23 @@ def test_default_model_compact_greedy_matches_float() -> None:
     prompts = ["The capital of France is", "1, 2, 3, 4,", "The largest planet in the solar system is"]
     chat = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
     fp32 = LLM(quantization="none", max_num_seqs=4)
-    compact = {mode: LLM(quantization=mode, max_num_seqs=4) for mode in ("int4", "fp16", "fp16-only")}
+    # the batched prompts make one step of more than MAX_PACKED_ROWS tokens: it reads the prefill copy
+    settings = [("int4", "bf16"), ("int4", "fp16"), ("fp16", "bf16"), ("fp16", "fp16"), ("fp16-only", "auto")]
+    compact = {s: LLM(quantization=s[0], prefill_weights=s[1], max_num_seqs=4) for s in settings}
     try:
-        model = compact["int4"].engine.core.runner.model
+        model = compact["int4", "fp16"].engine.core.runner.model
         assert model_dtypes(model) == (torch.float32, torch.float16)  # type: ignore[arg-type]
         projections = [m for m in model.modules() if isinstance(m, HalfLinear)]  # type: ignore[attr-defined]
         # the GGUF's Q4_1 projections are found exact; the head (not 4-bit at source) stays fp16
         assert sum(m.int4 is not None for m in projections) == len(projections) - 1
         assert model.lm_head.int4 is None  # type: ignore[union-attr]
+        assert all(m.prefill_copy is not None for m in projections if m.int4 is not None)
         expected = [r["token_ids"] for r in fp32.generate(prompts, max_tokens=8, temperature=0.0)]
-        for mode, llm in compact.items():
+        for setting, llm in compact.items():
             got = llm.generate(prompts, max_tokens=8, temperature=0.0)
-            assert [r["token_ids"] for r in got] == expected, mode
+            assert [r["token_ids"] for r in got] == expected, setting
             answer = llm.generate(chat, max_tokens=10, temperature=0.0)
-            assert "Paris" in got[0]["text"] and "Paris" in answer["text"], mode
+            assert "Paris" in got[0]["text"] and "Paris" in answer["text"], setting
     finally:
         fp32.shutdown()
         for llm in compact.values():

@@ -47,7 +47,8 @@ class Engine:
         model_dir = resolve_model(self.config.model, progress=progress)
         self.tokenizer = Tokenizer(model_dir)
         self.generation_defaults = generation_defaults(model_dir)
-        model = load_model(model_dir, self.config.torch_dtype, self.config.quantization)
+        cfg = self.config
+        model = load_model(model_dir, cfg.torch_dtype, cfg.quantization, cfg.prefill_weights)
         self.core = EngineCore(model, self.config)
         self.loop = EngineLoop(self.core, self.config.max_queue)
         name = DEFAULT_MODEL_NAME if self.config.model is None else model_dir.name

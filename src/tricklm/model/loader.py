@@ -33,7 +33,9 @@ def load_config(model_dir: Path) -> ModelConfig:
     return ModelConfig.from_dict(read_json(model_dir / "config.json"))
 
 
-def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, quantization: str = "none") -> CausalLM:
+def load_model(
+    model_dir: Path, dtype: torch.dtype = torch.float32, quantization: str = "none", prefill_weights: str = "auto"
+) -> CausalLM:
     cfg = load_config(model_dir)
     cls = model_class(cfg)
     with torch.device("meta"):
@@ -49,7 +51,7 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, quantization
         raise ModelLoadError(f"{model_dir}: {len(missing)} weights missing from the checkpoint: {shown}")
     model = model.eval().requires_grad_(False)
     if quantization in QUANT_MODES:
-        model = quantize(model, quantization)
+        model = quantize(model, quantization, prefill_weights)
     release_freed_memory()  # the loader's staging buffers
     return model  # type: ignore[return-value]
 

@@ -1,4 +1,4 @@
-"""Compact weights for CPU serving: 4-bit or packed fp16 for decode steps, bfloat16 for prefill.
+"""Compact weights for CPU serving: 4-bit or packed fp16 for decode steps, a second copy for prefill.
 
 A decode step reads every weight once and does little arithmetic, so its time follows the weights'
 size and how well the kernel streams them. On a 2-core Zen 4 (`python benchmarks/linear_kernels.py`)
@@ -6,9 +6,13 @@ fbgemm's packed fp16 GEMM, with float32 activations, ran all SmolLM2-135M projec
 in 8.6 ms, against 17 ms for oneDNN bfloat16 and 36 ms for float32. torch's 4-bit kernel (groups of 32,
 bfloat16 activations) was faster still at 1 row and on par at 16, and reads a quarter of fp16's bytes;
 fed float32 activations it is 17-80x slower. torch's int8 weight-only kernel fell behind from 4 rows
-on, and int8 with dynamically quantised activations (fbgemm) broke greedy answers. Steps with many rows
-are bound by arithmetic instead, where the bfloat16 GEMM wins, so each projection keeps a bfloat16 copy
-for those and picks per call.
+on, and int8 with dynamically quantised activations (fbgemm) broke greedy answers.
+
+Steps with many rows (prefill) are bound by arithmetic instead, and which kernel wins there depends on
+the CPU: oneDNN's bfloat16 GEMM won on the Zen 4, fbgemm's fp16 GEMM (float32 activations) on an Intel
+Xeon without AMX, where bfloat16 took 326 ms for all projections of a 256-row step against 202 ms. So
+each projection keeps a second copy for those steps, in whichever format `large_step_format` measures
+faster at load (or as `--prefill-weights` says); packed fp16 decode weights are their own fp16 copy.
 
 4-bit is only used where the weights already are: a projection whose every group of 32 weights spans
 16 evenly spaced levels from its smallest to its largest (a Q4_1 GGUF's, like the default model's)
@@ -20,11 +24,18 @@ bfloat16 model does (`tests/model/test_quant.py`).
 
 from __future__ import annotations
 
+import functools
+import logging
+import time
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tricklm.memory import release_freed_memory
+
+log = logging.getLogger(__name__)
 
 ACT_DTYPE = torch.float32
 # Half the bytes of float32 with three more mantissa bits than bfloat16; K/V values sit far inside
@@ -42,10 +53,47 @@ INT4_GROUP = 32  # weights per scale, as in GGUF's Q4_0 / Q4_1 blocks
 # is off by about 2^-4.
 INT4_TOLERANCE = 2.0**-7
 INT4_CHECK_ROWS = 1024
+# Formats of the copy large steps read: "bf16" (oneDNN) or "fp16" (fbgemm); "auto" times both at load.
+PREFILL_FORMATS = ("auto", "bf16", "fp16")
+# The step `large_step_format` times: a prefill chunk through an MLP-sized projection, best of a few.
+CALIBRATION_ROWS, CALIBRATION_SHAPE, CALIBRATION_REPEATS = 256, (1536, 576), 5
+FBGEMM_K_BLOCK = 512  # fbgemm pads a packed fp16 weight's inputs to a multiple of this
 
 
 def fbgemm_available() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+@functools.cache
+def large_step_format() -> str:
+    """The copy prefill steps should read here: "fp16" if fbgemm's packed fp16 GEMM runs a prefill-sized
+    step faster than oneDNN's bfloat16 on this CPU, else "bf16"; measured once per process (~0.1 s)."""
+    if not fbgemm_available():
+        return "bf16"
+    torch.manual_seed(0)
+    w, x = torch.randn(*CALIBRATION_SHAPE), torch.randn(CALIBRATION_ROWS, CALIBRATION_SHAPE[1])
+    wb, xb, copy = w.to(DENSE_DTYPE), x.to(DENSE_DTYPE), Fp16Weight(w, None)
+    bf16 = _best_seconds(lambda: F.linear(xb, wb))
+    fp16 = _best_seconds(lambda: copy.matmul(x))
+    choice = "fp16" if fp16 < bf16 else "bf16"
+    log.info(
+        "prefill weights: %s (a %d-row step: bf16 %.1f ms, fp16 %.1f ms)",
+        choice,
+        CALIBRATION_ROWS,
+        1000 * bf16,
+        1000 * fp16,
+    )
+    return choice
+
+
+def _best_seconds(op: Callable[[], object]) -> float:
+    op()  # warm-up: packing, thread pool
+    best = float("inf")
+    for _ in range(CALIBRATION_REPEATS):
+        start = time.perf_counter()
+        op()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 class Int4Weight:
@@ -107,11 +155,38 @@ def _exact_levels(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | Non
     return levels.view(r, k).to(torch.int32), pairs.transpose(0, 1).contiguous()
 
 
+class Fp16Weight:
+    """A prefill copy in fbgemm's packed fp16, without fbgemm's padding.
+
+    fbgemm pads a packed weight's inputs to a multiple of 512: SmolLM2's 576 take the room of 1024, and
+    the copies grew 124 MB. So the first multiple of 512 inputs are packed and the few left over kept in
+    float32 (+8% of the copy's size), for one small extra GEMM per call (a 256-row step: 221 against
+    212 ms, `benchmarks/README.md`).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        k = weight.shape[1]
+        self.split = k // FBGEMM_K_BLOCK * FBGEMM_K_BLOCK or k  # fewer inputs than a block: pack them all
+        w = weight.float()
+        self.packed = torch.ops.quantized.linear_prepack_fp16(w[:, : self.split].contiguous(), bias)
+        self.rest = w[:, self.split :].contiguous() if self.split < k else None
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] float32 -> [..., N] float32."""
+        flat = x.reshape(-1, x.shape[-1])
+        y: torch.Tensor = torch.ops.quantized.linear_dynamic_fp16(flat[:, : self.split].contiguous(), self.packed)
+        if self.rest is not None:
+            y.addmm_(flat[:, self.split :], self.rest.t())
+        return y.view(*x.shape[:-1], -1)
+
+
 class HalfLinear(nn.Module):
-    """A projection kept as 4-bit or packed fp16 (few rows) plus, optionally, a bfloat16 copy (many rows).
+    """A projection kept as 4-bit or packed fp16 (few rows) plus, optionally, a copy for many rows.
 
     4-bit (`int4=True`) only when the weight already is (see `Int4Weight.from_exact`); otherwise packed
-    fp16. Without the copy (`dense=False`) every step reads the packed weights: less memory, slower prefill.
+    fp16. The copy for large steps (`dense=True`) is bfloat16 or packed fp16, as `prefill` says ("bf16",
+    "fp16"); packed fp16 decode weights are their own fp16 copy. Without a copy (`dense=False`) every
+    step reads the decode weights: less memory, slower prefill.
     """
 
     def __init__(
@@ -121,26 +196,49 @@ class HalfLinear(nn.Module):
         packed: bool = True,
         dense: bool = True,
         int4: bool = False,
+        prefill: str = "bf16",
     ) -> None:
         super().__init__()
+        if prefill not in PREFILL_FORMATS[1:]:
+            raise ValueError(f"prefill format must be one of {', '.join(PREFILL_FORMATS[1:])}")
         w = weight.detach()
         b = None if bias is None else bias.detach().float()
         self.int4 = Int4Weight.from_exact(w, b) if packed and int4 else None
         pack = packed and self.int4 is None and fbgemm_available()
         self.packed = torch.ops.quantized.linear_prepack_fp16(w.float(), b) if pack else None
-        # Plain attributes, not buffers, so a later `model.to(dtype)` cannot widen them; a bfloat16
-        # weight is kept as is (the tied head shares the embedding table).
-        keep_dense = dense or (self.packed is None and self.int4 is None)
+        fp16_copy = dense and prefill == "fp16" and fbgemm_available()
+        self.prefill_copy = Fp16Weight(w, b) if fp16_copy and self.packed is None else None
+        # Plain attributes, not buffers, so a later `model.to(dtype)` cannot widen them. A bfloat16
+        # weight is kept whatever the format: the tied head's is the embedding table, so it is free.
+        keep_dense = (
+            w.dtype == DENSE_DTYPE
+            or (dense and not fp16_copy)
+            or (self.packed is None and self.int4 is None and self.prefill_copy is None)
+        )
         self.weight_dense = w.to(DENSE_DTYPE) if keep_dense else None
         self.bias_dense = None if b is None or not keep_dense else b.to(DENSE_DTYPE)
+        # What steps of more than MAX_PACKED_ROWS rows read; "decode": the same weights as small steps
+        if self.prefill_copy is not None:
+            self.large_steps = "fp16-copy"
+        elif fp16_copy and self.packed is not None:
+            self.large_steps = "fp16"
+        else:
+            self.large_steps = "bf16" if self.weight_dense is not None and dense else "decode"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed_step = self.weight_dense is None or x.numel() // x.shape[-1] <= MAX_PACKED_ROWS
-        if packed_step and self.int4 is not None:
+        if x.numel() // x.shape[-1] > MAX_PACKED_ROWS and self.large_steps != "decode":
+            if self.prefill_copy is not None:
+                return self.prefill_copy.matmul(x)
+            if self.large_steps == "bf16":
+                return self._dense(x)
+        if self.int4 is not None:
             return self.int4.matmul(x)
-        if packed_step and self.packed is not None:
+        if self.packed is not None:
             return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)  # type: ignore[no-any-return]
-        assert self.weight_dense is not None  # kept whenever neither packed form is
+        return self._dense(x)
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.weight_dense is not None  # kept whenever no packed form is
         return F.linear(x.to(DENSE_DTYPE), self.weight_dense, self.bias_dense).to(x.dtype)
 
 
@@ -155,16 +253,21 @@ class HalfEmbedding(nn.Module):
         return F.embedding(ids, self.weight).to(ACT_DTYPE)
 
 
-def quantize(model: nn.Module, mode: str = "int4") -> nn.Module:
+def quantize(model: nn.Module, mode: str = "int4", prefill: str = "auto") -> nn.Module:
     """Swap every Linear for a HalfLinear and every Embedding for a HalfEmbedding, in place.
 
     Expects a float32 model: what is left (norms, RoPE tables) stays float32, like the activations.
-    A tied output head becomes a HalfLinear over the embedding table. "fp16-only" skips the
-    projections' bfloat16 copies (a tied head keeps its: it is the embedding table, so it costs nothing).
+    A tied output head becomes a HalfLinear over the embedding table. `prefill` is the format of the
+    projections' copies for large steps ("auto": `large_step_format`); "fp16-only" keeps none (a tied
+    head keeps its bfloat16 one: it is the embedding table, so it costs nothing).
     """
     if mode not in QUANT_MODES:
         raise ValueError(f"quantization mode must be one of {', '.join(QUANT_MODES)}")
+    if prefill not in PREFILL_FORMATS:
+        raise ValueError(f"prefill weights must be one of {', '.join(PREFILL_FORMATS)}")
     dense, int4 = mode != "fp16-only", mode == "int4"
+    if prefill == "auto":
+        prefill = large_step_format() if dense else "bf16"
     tied = not isinstance(getattr(model, "lm_head", None), nn.Linear)
     # Slots, not modules: holding no reference to the old children lets each float16 staging weight be
     # freed as soon as it is replaced, so loading peaks near the final size rather than staging + final.
@@ -175,21 +278,21 @@ def quantize(model: nn.Module, mode: str = "int4") -> nn.Module:
         if isinstance(child, nn.Embedding) or (isinstance(child, nn.Linear) and name != "lm_head")
     ]
     for parent, name in slots:
-        setattr(parent, name, _half(getattr(parent, name), dense, int4))
+        setattr(parent, name, _half(getattr(parent, name), dense, int4, prefill))
         release_freed_memory()  # glibc keeps freed heap pages resident until asked
     head = model.get_input_embeddings() if tied else model.lm_head  # type: ignore[operator]
     assert isinstance(head, HalfEmbedding | nn.Linear)
     # Packed too: at one row the fp16 head took 3 ms off a 23 ms step. Its dense copy is the embedding
     # table itself when they are tied, so that costs nothing.
-    model.lm_head = HalfLinear(head.weight, None, dense=dense or tied, int4=int4)
+    model.lm_head = HalfLinear(head.weight, None, dense=dense or tied, int4=int4, prefill=prefill)
     return model
 
 
-def _half(module: nn.Module, dense: bool, int4: bool) -> nn.Module:
+def _half(module: nn.Module, dense: bool, int4: bool, prefill: str) -> nn.Module:
     if isinstance(module, nn.Embedding):
         return HalfEmbedding(module.weight)
     assert isinstance(module, nn.Linear)
-    return HalfLinear(module.weight, module.bias, dense=dense, int4=int4)
+    return HalfLinear(module.weight, module.bias, dense=dense, int4=int4, prefill=prefill)
 
 
 def model_dtypes(model: nn.Module) -> tuple[torch.dtype, torch.dtype]:
