@@ -10,6 +10,7 @@ the figures as JSON (`benchmarks/results/compare.json`); each server's raw bench
 Servers (`--servers`, default all):
   tricklm      `python -m tricklm serve` with default settings
   tricklm-python  the same with `--no-native-decode` (decode steps in Python: the path before model/native)
+  tricklm-bf16-prefill  the same with `--prefill-weights bf16` (the prefill copy before `auto`)
   tricklm-fp16 the same with `--quantization fp16` (fp16 weights for decode: the default before int4)
   tricklm-fp16-only  the same with `--quantization fp16-only` (no bfloat16 prefill copies)
   baseline     the design doc's thread-pool server, `benchmarks/baseline_threadpool.py` (HF model, fp32)
@@ -89,6 +90,12 @@ SPECS: dict[str, ServerSpec] = {
             "decode steps in Python instead of the native (C++) decode step",
         ),
         ServerSpec(
+            "tricklm-bf16-prefill",
+            "tricklm `--prefill-weights bf16`",
+            False,
+            "prefill reads bfloat16 copies whatever this CPU runs faster (the default before `auto`)",
+        ),
+        ServerSpec(
             "tricklm-fp16",
             "tricklm `--quantization fp16`",
             False,
@@ -155,6 +162,8 @@ def build_launch(key: str, ctx: Context, port: int) -> Launch:
         return Launch([sys.executable, "-m", "tricklm", "serve", *host], env, [])
     if key == "tricklm-python":
         return Launch([sys.executable, "-m", "tricklm", "serve", *host, "--no-native-decode"], env, [])
+    if key == "tricklm-bf16-prefill":
+        return Launch([sys.executable, "-m", "tricklm", "serve", *host, "--prefill-weights", "bf16"], env, [])
     if key.startswith("tricklm-"):  # tricklm-MODE: the same server with `--quantization MODE`
         mode = key.removeprefix("tricklm-")
         return Launch([sys.executable, "-m", "tricklm", "serve", *host, "--quantization", mode], env, [])
