@@ -2,13 +2,15 @@
 
 Loads the default model (or `--model`) with the engine's own settings, stops the engine thread and
 drives `EngineCore.step()` by hand: for each batch size, that many greedy requests with 100-token
-prompts are prefilled, then decode steps are timed in windows of 15; it prints the best and the
-median window. Compare with the server's inter-token latency (`tricklm bench`) to see what HTTP, SSE
-and the GIL add; compare `--quantization` values to see what the weight format buys.
+prompts are prefilled (timed: the time to first token of the last of them, with no HTTP), then decode
+steps are timed in windows of 15; it prints the best and the median window. Compare with the server's
+inter-token latency (`tricklm bench`) to see what HTTP, SSE and the GIL add; compare `--quantization`
+and `--prefill-weights` values to see what the weight formats buy.
 
     .venv/bin/python benchmarks/engine_steps.py                       # default settings, 1 and 16 sequences
     .venv/bin/python benchmarks/engine_steps.py --quantization none --batch-sizes 1,4,16
     .venv/bin/python benchmarks/engine_steps.py --no-native-decode   # decode steps in Python
+    .venv/bin/python benchmarks/engine_steps.py --prefill-weights bf16 --batch-sizes 16   # prefill copy format
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from tricklm.config import EngineConfig
 from tricklm.engine.engine import Engine
 from tricklm.engine.sampling_params import SamplingParams
 from tricklm.memory import limit_fragmentation
+from tricklm.model.quant import PREFILL_FORMATS
 
 PROMPT = "The history of the city of Paris begins with a small settlement on an island in the river. " * 8
 PROMPT_LEN = 100
@@ -28,15 +31,18 @@ WINDOW = 15
 WINDOWS = 6
 
 
-def step_ms(engine: Engine, batch_size: int) -> list[float]:
+def step_ms(engine: Engine, batch_size: int) -> tuple[float, list[float]]:
+    """(ms to prefill every prompt, ms per decode step in each window)."""
     core = engine.core
     base = engine.tokenizer.encode(PROMPT)[:PROMPT_LEN]
     params = SamplingParams(max_tokens=WINDOW * (WINDOWS + 2), temperature=0.0, ignore_eos=True)
     for i in range(batch_size):
         ids = [base[0] + i, *base[1:]]  # distinct prompts: no two requests alike
         core.add_request(engine.make_request(engine.new_request_id("step"), ids, params))
+    start = time.perf_counter()
     while any(len(r.output_token_ids) == 0 for r in core.scheduler.running) or core.scheduler.waiting:
         core.step()  # prefill everything first
+    prefill = 1000 * (time.perf_counter() - start)
     for _ in range(WINDOW):
         core.step()  # warm-up
     windows = []
@@ -47,7 +53,7 @@ def step_ms(engine: Engine, batch_size: int) -> list[float]:
         windows.append(1000 * (time.perf_counter() - start) / WINDOW)
     while core.has_work:
         core.step()
-    return windows
+    return prefill, windows
 
 
 def main() -> None:
@@ -56,21 +62,30 @@ def main() -> None:
     p.add_argument("--quantization", default=EngineConfig.quantization)
     p.add_argument("--batch-sizes", default="1,16")
     p.add_argument("--native-decode", action=argparse.BooleanOptionalAction, default=EngineConfig.native_decode)
+    p.add_argument("--prefill-weights", default=EngineConfig.prefill_weights, choices=PREFILL_FORMATS)
     args = p.parse_args()
     limit_fragmentation()  # the server's malloc settings, so the step costs match
-    config = EngineConfig(model=args.model, quantization=args.quantization, native_decode=args.native_decode)
+    config = EngineConfig(
+        model=args.model,
+        quantization=args.quantization,
+        native_decode=args.native_decode,
+        prefill_weights=args.prefill_weights,
+    )
     engine = Engine(config, progress=False)
     engine.loop.shutdown()  # this script is the only one stepping the core
     try:
         native = engine.core.runner.native is not None
         print(
             f"# engine step, quantization={args.quantization}, native decode {'on' if native else 'off'}, "
-            f"{PROMPT_LEN}-token prompts, decode only"
+            f"prefill weights {args.prefill_weights}, {PROMPT_LEN}-token prompts; decode only, after prefilling all"
         )
         for b in (int(x) for x in args.batch_sizes.split(",")):
-            ms = step_ms(engine, b)
+            prefill, ms = step_ms(engine, b)
             best, median = min(ms), statistics.median(ms)
-            print(f"{b:>3} sequences: step best {best:.1f} ms, median {median:.1f} ms -> {1000 * b / median:.0f} tok/s")
+            print(
+                f"{b:>3} sequences: prefill {prefill:.0f} ms; step best {best:.1f} ms, median {median:.1f} ms "
+                f"-> {1000 * b / median:.0f} tok/s"
+            )
     finally:
         engine.shutdown()
 
