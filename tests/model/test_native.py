@@ -182,6 +182,14 @@ def test_generated_tokens_match_the_python_path(tiny: CausalLM) -> None:
 
 
 @needs_compiler
+def test_attention_runs_sixteen_wide_where_the_cpu_and_head_dim_allow(tiny: CausalLM) -> None:
+    decoder = core_for(tiny).runner.native
+    assert decoder is not None
+    wide = torch.backends.cpu.get_cpu_capability() == "AVX512" and tiny.config.head_dim % 16 == 0
+    assert decoder.stack.avx512_attention == wide  # so the cases above ran both attention loops here
+
+
+@needs_compiler
 def test_bad_step_inputs_raise_and_the_decoder_keeps_working(tiny: CausalLM) -> None:
     core = core_for(tiny)
     decoder = core.runner.native
