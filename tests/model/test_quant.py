@@ -3,12 +3,15 @@ default model still knows its capitals."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch import nn
 
 from tricklm.config import EngineConfig
 from tricklm.engine.llm import LLM
+from tricklm.model import quant
 from tricklm.model.quant import (
     DENSE_DTYPE,
     FBGEMM_K_BLOCK,
@@ -150,9 +153,41 @@ def test_fp16_prefill_needs_no_copy_when_the_decode_weights_are_fp16() -> None:
     assert torch.equal(q(x), torch.ops.quantized.linear_dynamic_fp16(x, q.packed))
 
 
-def test_prefill_format_is_measured_once_and_rejected_when_unknown() -> None:
-    assert large_step_format() in ("bf16", "fp16")
-    assert large_step_format() is large_step_format()  # cached: the copies of one model agree
+@pytest.mark.parametrize("fbgemm", [True, False] if fbgemm_available() else [False])
+def test_every_weight_combination_serves_small_and_large_steps(monkeypatch: pytest.MonkeyPatch, fbgemm: bool) -> None:
+    monkeypatch.setattr(quant, "fbgemm_available", lambda: fbgemm)
+    torch.manual_seed(0)
+    k = FBGEMM_K_BLOCK + INT4_GROUP
+    weight, bias = four_bit_weight(24, k), torch.randn(24)
+    steps = (torch.randn(2, k), torch.randn(MAX_PACKED_ROWS + 3, k))
+    for packed, dense, int4, prefill, dtype in itertools.product(
+        (True, False), (True, False), (True, False), ("bf16", "fp16"), (torch.float32, DENSE_DTYPE)
+    ):
+        setting = (packed, dense, int4, prefill, dtype)
+        q = HalfLinear(weight.to(dtype), bias, packed=packed, dense=dense, int4=int4, prefill=prefill)
+        assert q.prefill_copy is None or q.weight_dense is None, setting  # never two copies
+        if dtype == DENSE_DTYPE:
+            assert q.prefill_copy is None, setting  # a bfloat16 weight is its own copy
+        for x in steps:
+            out = q(x)
+            assert out.shape == (len(x), 24) and out.dtype == torch.float32, setting
+            assert relative_error(out, nn.functional.linear(x, weight.to(dtype).float(), bias)) < 1e-2, setting
+
+
+def test_prefill_format_is_measured_once_and_rejected_when_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    timer = quant._best_seconds
+    monkeypatch.setattr(quant, "_best_seconds", lambda ops: calls.append(len(ops)) or timer(ops))
+    large_step_format.cache_clear()
+    threads = torch.get_num_threads()
+    torch.manual_seed(1234)
+    expected = torch.rand(1)
+    torch.manual_seed(1234)
+    first = large_step_format()
+    assert first in ("bf16", "fp16") or not fbgemm_available()
+    assert torch.equal(torch.rand(1), expected)  # the caller's random stream is left alone
+    assert large_step_format() == first and calls == ([2] if fbgemm_available() else [])  # timed once
+    assert torch.get_num_threads() == threads  # timed on one thread, then given back
     with pytest.raises(ValueError, match="bf16, fp16"):
         HalfLinear(torch.randn(8, 8), None, prefill="int8")
     with pytest.raises(ValueError, match="auto, bf16, fp16"):
@@ -209,7 +244,8 @@ def test_default_model_compact_greedy_matches_float() -> None:
         # the GGUF's Q4_1 projections are found exact; the head (not 4-bit at source) stays fp16
         assert sum(m.int4 is not None for m in projections) == len(projections) - 1
         assert model.lm_head.int4 is None  # type: ignore[union-attr]
-        assert all(m.prefill_copy is not None for m in projections if m.int4 is not None)
+        if fbgemm_available():
+            assert all(m.prefill_copy is not None for m in projections if m.int4 is not None)
         expected = [r["token_ids"] for r in fp32.generate(prompts, max_tokens=8, temperature=0.0)]
         for setting, llm in compact.items():
             got = llm.generate(prompts, max_tokens=8, temperature=0.0)

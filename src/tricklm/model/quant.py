@@ -56,7 +56,7 @@ INT4_CHECK_ROWS = 1024
 # Formats of the copy large steps read: "bf16" (oneDNN) or "fp16" (fbgemm); "auto" times both at load.
 PREFILL_FORMATS = ("auto", "bf16", "fp16")
 # The step `large_step_format` times: a prefill chunk through an MLP-sized projection, best of a few.
-CALIBRATION_ROWS, CALIBRATION_SHAPE, CALIBRATION_REPEATS = 256, (1536, 576), 5
+CALIBRATION_ROWS, CALIBRATION_SHAPE, CALIBRATION_REPEATS = 256, (1536, 576), 7
 FBGEMM_K_BLOCK = 512  # fbgemm pads a packed fp16 weight's inputs to a multiple of this
 
 
@@ -67,17 +67,27 @@ def fbgemm_available() -> bool:
 @functools.cache
 def large_step_format() -> str:
     """The copy prefill steps should read here: "fp16" if fbgemm's packed fp16 GEMM runs a prefill-sized
-    step faster than oneDNN's bfloat16 on this CPU, else "bf16"; measured once per process (~0.1 s)."""
+    step faster than oneDNN's bfloat16 on this CPU, else "bf16"; measured once per process (~0.1 s).
+
+    On one thread, alternating the two: the ratio is the same as on all cores (1.6x on the Xeon), while
+    a core taken by another process stalls a multi-threaded GEMM, fbgemm's more than oneDNN's: timed on
+    two threads while the test suite ran, bfloat16 looked fastest.
+    """
     if not fbgemm_available():
         return "bf16"
-    torch.manual_seed(0)
-    w, x = torch.randn(*CALIBRATION_SHAPE), torch.randn(CALIBRATION_ROWS, CALIBRATION_SHAPE[1])
+    gen = torch.Generator().manual_seed(0)  # its own: loading a model must not reseed the caller's
+    w = torch.randn(*CALIBRATION_SHAPE, generator=gen)
+    x = torch.randn(CALIBRATION_ROWS, CALIBRATION_SHAPE[1], generator=gen)
     wb, xb, copy = w.to(DENSE_DTYPE), x.to(DENSE_DTYPE), Fp16Weight(w, None)
-    bf16 = _best_seconds(lambda: F.linear(xb, wb))
-    fp16 = _best_seconds(lambda: copy.matmul(x))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        bf16, fp16 = _best_seconds([lambda: F.linear(xb, wb), lambda: copy.matmul(x)])
+    finally:
+        torch.set_num_threads(threads)
     choice = "fp16" if fp16 < bf16 else "bf16"
     log.info(
-        "prefill weights: %s (a %d-row step: bf16 %.1f ms, fp16 %.1f ms)",
+        "prefill weights: %s (a %d-row step on one thread: bf16 %.1f ms, fp16 %.1f ms; --prefill-weights to pin)",
         choice,
         CALIBRATION_ROWS,
         1000 * bf16,
@@ -86,13 +96,16 @@ def large_step_format() -> str:
     return choice
 
 
-def _best_seconds(op: Callable[[], object]) -> float:
-    op()  # warm-up: packing, thread pool
-    best = float("inf")
+def _best_seconds(ops: list[Callable[[], object]]) -> list[float]:
+    """Each op's best time over CALIBRATION_REPEATS rounds, the ops taking turns within a round."""
+    for op in ops:
+        op()  # warm-up: packing, primitive caches
+    best = [float("inf")] * len(ops)
     for _ in range(CALIBRATION_REPEATS):
-        start = time.perf_counter()
-        op()
-        best = min(best, time.perf_counter() - start)
+        for i, op in enumerate(ops):
+            start = time.perf_counter()
+            op()
+            best[i] = min(best[i], time.perf_counter() - start)
     return best
 
 
@@ -206,14 +219,14 @@ class HalfLinear(nn.Module):
         self.int4 = Int4Weight.from_exact(w, b) if packed and int4 else None
         pack = packed and self.int4 is None and fbgemm_available()
         self.packed = torch.ops.quantized.linear_prepack_fp16(w.float(), b) if pack else None
-        fp16_copy = dense and prefill == "fp16" and fbgemm_available()
+        # A bfloat16 weight is its own bfloat16 copy (the tied head's is the embedding table): free,
+        # so it never gets another.
+        free_dense = w.dtype == DENSE_DTYPE
+        fp16_copy = dense and prefill == "fp16" and fbgemm_available() and not free_dense
         self.prefill_copy = Fp16Weight(w, b) if fp16_copy and self.packed is None else None
-        # Plain attributes, not buffers, so a later `model.to(dtype)` cannot widen them. A bfloat16
-        # weight is kept whatever the format: the tied head's is the embedding table, so it is free.
-        keep_dense = (
-            w.dtype == DENSE_DTYPE
-            or (dense and not fp16_copy)
-            or (self.packed is None and self.int4 is None and self.prefill_copy is None)
+        # Plain attributes, not buffers, so a later `model.to(dtype)` cannot widen them.
+        keep_dense = (dense and not fp16_copy) or (
+            self.packed is None and self.int4 is None and self.prefill_copy is None
         )
         self.weight_dense = w.to(DENSE_DTYPE) if keep_dense else None
         self.bias_dense = None if b is None or not keep_dense else b.to(DENSE_DTYPE)
@@ -235,6 +248,8 @@ class HalfLinear(nn.Module):
             return self.int4.matmul(x)
         if self.packed is not None:
             return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)  # type: ignore[no-any-return]
+        if self.weight_dense is None and self.prefill_copy is not None:  # packed=False: the copy is all
+            return self.prefill_copy.matmul(x)
         return self._dense(x)
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
