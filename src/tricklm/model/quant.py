@@ -230,25 +230,19 @@ class HalfLinear(nn.Module):
         )
         self.weight_dense = w.to(DENSE_DTYPE) if keep_dense else None
         self.bias_dense = None if b is None or not keep_dense else b.to(DENSE_DTYPE)
-        # What steps of more than MAX_PACKED_ROWS rows read; "decode": the same weights as small steps
-        if self.prefill_copy is not None:
-            self.large_steps = "fp16-copy"
-        elif fp16_copy and self.packed is not None:
-            self.large_steps = "fp16"
-        else:
-            self.large_steps = "bf16" if self.weight_dense is not None and dense else "decode"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() // x.shape[-1] > MAX_PACKED_ROWS and self.large_steps != "decode":
+        # At most one copy is kept; a large step reads it, and otherwise the decode weights
+        if x.numel() // x.shape[-1] > MAX_PACKED_ROWS:
             if self.prefill_copy is not None:
                 return self.prefill_copy.matmul(x)
-            if self.large_steps == "bf16":
+            if self.weight_dense is not None:
                 return self._dense(x)
         if self.int4 is not None:
             return self.int4.matmul(x)
         if self.packed is not None:
             return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)  # type: ignore[no-any-return]
-        if self.weight_dense is None and self.prefill_copy is not None:  # packed=False: the copy is all
+        if self.prefill_copy is not None:  # packed=False: the copy is all there is
             return self.prefill_copy.matmul(x)
         return self._dense(x)
 
