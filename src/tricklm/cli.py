@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=_SERVER_DEFAULTS.port)
     serve.add_argument("--served-model-name", default=None, help="model id shown by /v1/models")
     serve.add_argument("--log-level", default=_SERVER_DEFAULTS.log_level)
+    serve.add_argument(
+        "--max-request-bytes",
+        type=_parse_size,
+        default=_SERVER_DEFAULTS.max_request_bytes,
+        help="larger request bodies are refused with 413 before parsing (default: 2MiB)",
+    )
     demo = sub.add_parser("demo", help="stream a prompt to the terminal and compare streaming with non-streaming")
     _add_engine_args(demo)
     demo.add_argument("--prompt", default="Once upon a time, in a small village by the sea,")

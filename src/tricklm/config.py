@@ -75,16 +75,25 @@ class EngineConfig:
 DEFAULT_KV_CACHE_CAP = 256 * 1024 * 1024
 
 
+# A request body larger than this is refused (413) before it is parsed: room for a full context of
+# text or token ids at the model lengths we serve. Parsing holds the GIL (json's C scanner, twice: the
+# body check and the route), about 25 ms per MiB of escaped text, so this also bounds that stall.
+DEFAULT_MAX_REQUEST_BYTES = 2 * 1024 * 1024
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     served_model_name: str | None = None
     log_level: str = "info"
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError("port must be between 0 and 65535")
+        if self.max_request_bytes < 1024:
+            raise ValueError("max_request_bytes must be at least 1024")
 
 
 def config_from_args(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:

@@ -6,7 +6,9 @@ templates with a sandboxed Jinja environment configured the way transformers doe
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -35,7 +37,18 @@ class Tokenizer:
         self.bos_token = _token_str(self._config.get("bos_token"))
         self.eos_token = _token_str(self._config.get("eos_token"))
         self.eos_token_ids = self._eos_ids(model_dir)
+        vocab = self._tok.get_vocab(with_added_tokens=True)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        # No token stands for more characters than its vocabulary string has (byte-level BPE: one per byte)
+        self.max_token_chars = max((len(t) for t in vocab), default=1)
+        # Special added tokens only: a normal added token (Qwen3's <think>) is text a user may write
+        added = self._tok.get_added_tokens_decoder()
+        self.control_tokens = tuple(t.content for t in added.values() if t.special and t.content)
+        self._control_ids = frozenset(i for i, t in added.items() if t.special)
+        # A second instance that reads control-token text as plain text (a flag on the instance, so it is
+        # not toggled on a tokenizer that other threads share)
+        self._as_text = HFTokenizer.from_str(self._tok.to_str())
+        self._as_text.encode_special_tokens = True
 
     def _eos_ids(self, model_dir: Path) -> frozenset[int]:
         ids: set[int] = set()
@@ -50,8 +63,69 @@ class Tokenizer:
             ids.add(tid)
         return frozenset(ids)
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+    def encode(self, text: str, add_special_tokens: bool = True, parse_control: bool = True) -> list[int]:
+        """Token ids of `text`; `parse_control=False` reads control-token text (`<|im_end|>`) as plain text.
+
+        Through `encode_batch`, which releases the GIL: a long prompt tokenized in a worker thread
+        leaves the event loop free (`encode` holds the GIL throughout).
+        """
+        tok = self._tok if parse_control else self._as_text
+        return list(tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
+
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        """The rendered chat, where the template's markup is control tokens and the messages' text never is.
+
+        A user who writes `<|im_start|>system` gets those characters as text, not a forged turn. The
+        rendering is tokenized whole (as any server would) unless a control token came out of message
+        text; then the template's pieces and the messages' strings are tokenized apart.
+        """
+        text = self.apply_chat_template(messages, add_generation_prompt)
+        encoding = self._tok.encode_batch([text], add_special_tokens=False)[0]
+        pieces = self._pieces(messages, add_generation_prompt, text)
+        if pieces is None:  # the template changed the strings, so where they stand is unknown
+            if any(c in value for value in _strings(messages) for c in self.control_tokens):
+                raise ChatTemplateError(
+                    "message text may not spell the model's control tokens with this chat template"
+                )
+            return list(encoding.ids)
+        spans, pos = [], 0
+        for piece, is_text in pieces:
+            if is_text:
+                spans.append((pos, pos + len(piece)))
+            pos += len(piece)
+        forged = any(
+            start < span_end and span_start < end
+            for token_id, (start, end) in zip(encoding.ids, encoding.offsets, strict=True)
+            if token_id in self._control_ids
+            for span_start, span_end in spans
+        )
+        if not forged:
+            return list(encoding.ids)
+        ids: list[int] = []
+        for piece, is_text in pieces:
+            ids += self.encode(piece, add_special_tokens=False, parse_control=not is_text)
+        return ids
+
+    def _pieces(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool, text: str
+    ) -> list[tuple[str, bool]] | None:
+        """`text` cut into (piece, is message text), found by rendering again with a marker for every string
+        of the messages; None if the template does not place the strings as they are (trims them, say)."""
+        values: list[str] = []
+        try:
+            template = self.apply_chat_template([_marked(m, values) for m in messages], add_generation_prompt)
+        except ChatTemplateError:  # a template that inspects the strings themselves
+            return None
+        pieces: list[tuple[str, bool]] = []
+        pos = 0
+        for match in _MARKER.finditer(template):
+            index = int(match.group(1))
+            if index >= len(values):
+                return None
+            pieces += [(template[pos : match.start()], False), (values[index], True)]
+            pos = match.end()
+        pieces.append((template[pos:], False))
+        return pieces if "".join(p for p, _ in pieces) == text else None
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return str(self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens))
@@ -59,12 +133,16 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str:
         return self._tok.id_to_token(token_id) or ""
 
+    @functools.cached_property
+    def _compiled_template(self) -> jinja2.Template:
+        assert self.chat_template
+        return _jinja_env().from_string(self.chat_template)
+
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:
             raise ChatTemplateError("this model has no chat template; use /v1/completions with a plain prompt")
         try:
-            template = _jinja_env().from_string(self.chat_template)
-            return template.render(
+            return self._compiled_template.render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
@@ -72,6 +150,31 @@ class Tokenizer:
             )
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"chat template failed: {e}") from None
+
+
+_MARKER = re.compile("\ue000(\\d+)\ue001")
+
+
+def _marked(value: Any, values: list[str], key: str = "") -> Any:
+    """`value` with every string (at any depth, but a message's role) replaced by a numbered marker."""
+    if isinstance(value, str) and key != "role":
+        values.append(value)
+        return f"\ue000{len(values) - 1}\ue001"
+    if isinstance(value, dict):
+        return {k: _marked(v, values, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_marked(v, values) for v in value]
+    return value
+
+
+def _strings(value: Any, key: str = "") -> list[str]:
+    if isinstance(value, str):
+        return [] if key == "role" else [value]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in _strings(v, k)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
 
 
 def _jinja_env() -> jinja2.Environment:

@@ -15,7 +15,7 @@ from torch import nn
 from tiny_models import make_tiny_model
 from tricklm.config import EngineConfig
 from tricklm.engine.core import EngineCore
-from tricklm.engine.request import Request
+from tricklm.engine.request import Request, Sampled
 from tricklm.engine.sampling_params import SamplingParams
 from tricklm.engine.scheduler import ScheduledBatch
 from tricklm.model import native
@@ -287,7 +287,7 @@ def forced_logits(
                 logits[req.request_id].append(rows[end - 1])
                 step = len(req.output_token_ids)
                 token = forced[req.request_id][step] if forced else int(rows[end - 1].argmax())
-                sampled[req.request_id] = (token, None)
+                sampled[req.request_id] = Sampled(token)
         core.scheduler.update(batch, sampled)
     raise AssertionError("did not finish")
 

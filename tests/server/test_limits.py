@@ -81,7 +81,65 @@ def test_queue_overflow_gives_429_then_recovers(small_queue_server: tuple[str, E
     assert ok.status_code == 200
 
 
-def test_dead_engine_gives_503_and_in_band_error(tiny_model_dir: Path) -> None:
+POISON = [5, 6, 7, 8, 9, 10]  # a prompt the injected fault recognises
+
+
+def _poisoned_runner(engine: Engine) -> list[int]:
+    """Make every step that holds the POISON prompt raise, as a kernel failing on one input would."""
+    real_run = engine.core.runner.run
+    failures: list[int] = []
+
+    def run(batch):  # type: ignore[no-untyped-def]
+        if any(r.prompt_token_ids == POISON for r in batch.requests):
+            failures.append(len(batch.requests))
+            raise RuntimeError("simulated kernel failure")
+        return real_run(batch)
+
+    engine.core.runner.run = run  # type: ignore[method-assign]
+    return failures
+
+
+def _completion(base: str, prompt: list[int], max_tokens: int = 24) -> httpx.Response:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    return httpx.post(f"{base}/v1/completions", json=body, timeout=120)
+
+
+def test_failing_step_ends_only_the_request_at_fault(tiny_model_dir: Path) -> None:
+    engine = Engine(EngineConfig(model=str(tiny_model_dir), max_num_seqs=8), progress=False)
+    prompts = [[20 + i, 30, 40 + i, 50] for i in range(4)]
+    try:
+        with running_server(create_app(engine)) as base:
+            expected = [_completion(base, p).json()["choices"][0]["text"] for p in prompts]
+            failures = _poisoned_runner(engine)
+
+            async def together() -> list[httpx.Response]:
+                body = {"max_tokens": 24, "temperature": 0, "ignore_eos": True}
+                async with httpx.AsyncClient(timeout=120) as client:
+                    return await asyncio.gather(
+                        *(client.post(f"{base}/v1/completions", json={**body, "prompt": p}) for p in [*prompts, POISON])
+                    )
+
+            *good, bad = asyncio.run(together())
+            assert max(failures) > 1, "the fault never hit a shared step: the test proves nothing"
+            assert failures[-1] == 1, "the request at fault was not run alone"
+            assert [r.status_code for r in good] == [200] * 4
+            assert [r.json()["choices"][0]["text"] for r in good] == expected  # recomputed, same tokens
+            assert bad.status_code == 500 and bad.json()["error"]["code"] == "engine_error"
+            assert "RuntimeError" in bad.json()["error"]["message"]  # the class, not internals
+            assert httpx.get(f"{base}/health", timeout=5).status_code == 200
+            wait_idle(engine, 20)
+            assert _completion(base, prompts[0]).json()["choices"][0]["text"] == expected[0]
+            with httpx.stream(
+                "POST", f"{base}/generate", json={"prompt": "1, 2", "max_tokens": 5, "stream": True}, timeout=30
+            ) as r:
+                assert r.status_code == 200
+            metrics = httpx.get(f"{base}/metrics", timeout=5).text
+            assert 'tricklm:request_success_total{finished_reason="error"} 1.0' in metrics
+    finally:
+        engine.shutdown()
+
+
+def test_engine_that_cannot_recover_gives_503_and_in_band_error(tiny_model_dir: Path) -> None:
     engine = Engine(EngineConfig(model=str(tiny_model_dir)), progress=False)
     real_step = engine.core.step
     calls = 0
@@ -93,9 +151,13 @@ def test_dead_engine_gives_503_and_in_band_error(tiny_model_dir: Path) -> None:
             raise RuntimeError("simulated kernel failure")
         return real_step()
 
+    def failing_recover() -> list:  # type: ignore[type-arg]
+        raise MemoryError("simulated: no memory to restart")
+
     try:
         with running_server(create_app(engine)) as base:
             engine.core.step = failing_step  # type: ignore[method-assign]
+            engine.core.recover = failing_recover  # type: ignore[method-assign]
             with httpx.stream(
                 "POST", f"{base}/generate", json={"prompt": "1, 2, 3", "max_tokens": 100, "stream": True}, timeout=30
             ) as r:

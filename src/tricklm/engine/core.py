@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from tricklm.config import DEFAULT_KV_CACHE_CAP, EngineConfig
 from tricklm.engine.kv_cache import KVCache, bytes_per_token
 from tricklm.engine.model_runner import ModelRunner, ThreadPolicy
@@ -9,6 +11,8 @@ from tricklm.engine.request import EngineOutput, FinishReason, Request
 from tricklm.engine.scheduler import Scheduler
 from tricklm.model.quant import model_dtypes
 from tricklm.model.registry import CausalLM
+
+logger = logging.getLogger(__name__)
 
 
 class EngineCore:
@@ -48,6 +52,39 @@ class EngineCore:
     @property
     def has_work(self) -> bool:
         return self.scheduler.has_work
+
+    def recover(self) -> list[EngineOutput]:
+        """After a step raised: restart from an empty cache, and find the request at fault.
+
+        Each request of the failed step is recomputed alone, up to and including the token it was at:
+        one whose lone step fails again is the cause and ends with an error; the others carry on with
+        the same tokens (and may produce one here). Requests that were waiting just wait.
+        """
+        outputs: list[EngineOutput] = []
+        for req in self.scheduler.restart():
+            try:
+                outputs += self._recompute_alone(req)
+            except Exception as e:
+                logger.exception("request %s fails alone: ending it", req.request_id)
+                self.scheduler.abort(req.request_id)
+                message = f"this request failed in the engine ({type(e).__name__}); the server log has the details"
+                outputs.append(EngineOutput.failed(req, message))
+        return outputs
+
+    def fail_all(self, message: str) -> list[EngineOutput]:
+        """End every live request with `message` and start over with an empty cache."""
+        live = [*self.scheduler.running, *self.scheduler.waiting]
+        self.scheduler.restart()
+        for req in live:
+            self.scheduler.abort(req.request_id)
+        return [EngineOutput.failed(req, f"this request failed in the engine: {message}") for req in live]
+
+    def _recompute_alone(self, req: Request) -> list[EngineOutput]:
+        outputs: list[EngineOutput] = []
+        target = req.num_tokens
+        while req.num_computed_tokens < target and (batch := self.scheduler.schedule_alone(req)):
+            outputs += self.scheduler.update(batch, self.runner.run(batch))
+        return outputs
 
     def step(self) -> list[EngineOutput]:
         batch = self.scheduler.schedule()

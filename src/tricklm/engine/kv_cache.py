@@ -50,6 +50,12 @@ class KVCache:
     def usage(self) -> float:
         return 1.0 - self.num_free_blocks / self.num_usable_blocks
 
+    def reset(self) -> None:
+        """Every block free again and block 0 zeroed: what a restart after a failed step starts from."""
+        self._free = list(range(1, self.num_blocks))
+        for layer in self.layers:
+            layer.kv[:, : self.block_size].zero_()
+
     def blocks_needed(self, req: Request, num_new_tokens: int) -> int:
         total = req.num_computed_tokens + num_new_tokens
         return max(0, -(-total // self.block_size) - len(req.block_table))

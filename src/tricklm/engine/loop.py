@@ -1,8 +1,9 @@
 """Runs EngineCore.step() in a dedicated thread and routes each step's outputs to per-request sinks.
 
 Other threads only enqueue commands (add, abort) under a condition variable; the loop thread alone
-touches the scheduler, so no request state is shared. If a step raises, the loop marks itself dead,
-tells every live request, and refuses new ones (the server reports 503 instead of hanging).
+touches the scheduler, so no request state is shared. If a step raises, the core recovers (the request
+at fault ends with an error, the others are recomputed) and the loop goes on. Only if recovery itself
+fails does the loop mark itself dead, tell every live request, and refuse new ones (503, not a hang).
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ from tricklm.engine.request import EngineOutput, Request
 logger = logging.getLogger(__name__)
 
 Sink = Callable[[EngineOutput], None]
+
+# Recovery ends the request at fault, so the next step normally succeeds; this many failed steps with
+# no successful one between them mean the fault is not any request's
+MAX_FAILURES_IN_A_ROW = 8
 
 
 class EngineDeadError(RuntimeError):
@@ -36,6 +41,7 @@ class EngineStats:
     num_prompt_tokens: int
     num_generation_tokens: int
     num_preemptions: int
+    num_step_failures: int
 
 
 class EngineLoop:
@@ -47,6 +53,9 @@ class EngineLoop:
         self._aborts: list[str] = []
         self._sinks: dict[str, Sink] = {}
         self._stopping = False
+        self.restarting = False
+        self.num_step_failures = 0
+        self._failures_in_a_row = 0
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="tricklm-engine", daemon=True)
         self._thread.start()
@@ -78,6 +87,7 @@ class EngineLoop:
             self.core.num_prompt_tokens,
             self.core.num_generation_tokens,
             s.num_preemptions,
+            self.num_step_failures,
         )
 
     def shutdown(self) -> None:
@@ -109,9 +119,32 @@ class EngineLoop:
             out = self.core.abort(request_id)
             if out is not None:
                 self._deliver(out)
-        for out in self.core.step():
+        for out in self._step():
             self._deliver(out)
         return True
+
+    def _step(self) -> list[EngineOutput]:
+        try:
+            outputs = self.core.step()
+        except Exception:  # one bad request or kernel call must not stop the service
+            logger.exception("engine step failed; restarting the core")
+            return self._recover()
+        self._failures_in_a_row = 0
+        return outputs
+
+    def _recover(self) -> list[EngineOutput]:
+        self.num_step_failures += 1
+        self._failures_in_a_row += 1
+        self.restarting = True
+        try:
+            if self._failures_in_a_row > MAX_FAILURES_IN_A_ROW:
+                # Steps fail whoever is in them: no request is at fault, so none can be saved; each gets
+                # its error (nobody hangs) and the engine starts afresh for whatever comes next
+                self._failures_in_a_row = 0
+                return self.core.fail_all(f"{MAX_FAILURES_IN_A_ROW} engine steps failed in a row")
+            return self.core.recover()
+        finally:
+            self.restarting = False
 
     def _deliver(self, out: EngineOutput) -> None:
         sink = self._sinks.pop(out.request_id) if out.finished else self._sinks.get(out.request_id)

@@ -7,7 +7,7 @@ import os
 import torch
 
 from tricklm.engine.kv_cache import KVCache
-from tricklm.engine.request import Request, TokenLogprob
+from tricklm.engine.request import Request, Sampled
 from tricklm.engine.sampler import sample
 from tricklm.engine.scheduler import ScheduledBatch
 from tricklm.model.attention import AttentionMetadata, PrefillSegment, chunk_mask, decode_mask
@@ -53,7 +53,7 @@ class ModelRunner:
         self.dtype = model_dtypes(model)[0]  # type: ignore[arg-type]  # the activations'; masks match it
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> dict[str, tuple[int, TokenLogprob | None]]:
+    def run(self, batch: ScheduledBatch) -> dict[str, Sampled]:
         order = self._decodes_first(batch)
         hidden = self._hidden(order, native=self._runs_native(order))
         rows, sampling = self._sampling_rows(order)

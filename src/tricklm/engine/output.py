@@ -44,6 +44,7 @@ class OutputProcessor:
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.text = ""
         self.finish_reason: str | None = None
+        self.error: str | None = None
         self.stop_hit = False
         self.timings = RequestTimings()
 
@@ -57,6 +58,7 @@ class OutputProcessor:
         if self.logprobs is not None and out.logprobs:
             self.logprobs.extend(out.logprobs)
         if out.error is not None:
+            self.error = out.error
             return Delta("", list(out.new_token_ids), error=out.error)
         raw = self._detok.push(out.new_token_ids)
         if out.finish_reason is not None:

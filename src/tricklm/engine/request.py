@@ -39,6 +39,15 @@ class TokenLogprob:
 
 
 @dataclass
+class Sampled:
+    """One request's draw in a step: a token, or why there is none (that request alone then ends)."""
+
+    token_id: int
+    logprob: TokenLogprob | None = None
+    error: str | None = None
+
+
+@dataclass
 class Request:
     request_id: str
     prompt_token_ids: list[int]
@@ -89,6 +98,11 @@ class EngineOutput:
     logprobs: list[TokenLogprob] | None = None
     num_prompt_tokens: int = 0
     error: str | None = None
+
+    @classmethod
+    def failed(cls, req: Request, message: str) -> EngineOutput:
+        """The end of a request that failed (its client gets `message`; nobody else is affected)."""
+        return cls(req.request_id, [], num_prompt_tokens=req.num_prompt_tokens, error=message)
 
     @property
     def finished(self) -> bool:

@@ -1,30 +1,45 @@
 """Turns the last-position logits of each sampling request into a token, with per-request settings.
 
 Greedy rows take an argmax; the rest get penalties, temperature, top-k/top-p/min-p filters and a draw
-from their own generator (seeded requests draw the same tokens alone or batched).
+from their own generator (seeded requests draw the same tokens alone or batched). A row that cannot be
+sampled (non-finite logits, a failed draw) fails its own request and no other.
 """
 
 from __future__ import annotations
 
 import torch
 
-from tricklm.engine.request import Request, TokenLogprob
+from tricklm.engine.request import Request, Sampled, TokenLogprob
+
+NON_FINITE = "the model produced non-finite logits for this request"
 
 
-def sample(logits: torch.Tensor, requests: list[Request]) -> list[tuple[int, TokenLogprob | None]]:
+def sample(logits: torch.Tensor, requests: list[Request]) -> list[Sampled]:
     logits = logits.float()
     if any(r.params.needs_penalties for r in requests):
         logits = logits.clone()
         for i, req in enumerate(requests):
             if req.params.needs_penalties:
                 _apply_penalties(logits[i], req)
-    token_ids = logits.argmax(dim=-1)
-    random_rows = [i for i, r in enumerate(requests) if not r.params.is_greedy]
+    errors = dict.fromkeys(_bad_rows(logits), NON_FINITE)
+    token_ids: list[int] = logits.argmax(dim=-1).tolist()
+    random_rows = [i for i, r in enumerate(requests) if not r.params.is_greedy and i not in errors]
     if random_rows:
-        drawn = _draw(logits[random_rows], [requests[i] for i in random_rows])
-        token_ids[random_rows] = drawn
-    ids: list[int] = token_ids.tolist()
-    return [(tid, _logprob(logits[i], tid, req)) for i, (tid, req) in enumerate(zip(ids, requests, strict=True))]
+        for i, drawn in zip(random_rows, _draw_rows(logits, requests, random_rows), strict=True):
+            if isinstance(drawn, str):
+                errors[i] = drawn
+            else:
+                token_ids[i] = drawn
+    return [
+        Sampled(-1, error=errors[i]) if i in errors else Sampled(tid, _logprob(logits[i], tid, req))
+        for i, (tid, req) in enumerate(zip(token_ids, requests, strict=True))
+    ]
+
+
+def _bad_rows(logits: torch.Tensor) -> list[int]:
+    """Rows with a NaN or +inf, or with nothing finite to choose: no token can be drawn from them."""
+    bad = logits.isnan().any(dim=-1) | logits.isposinf().any(dim=-1) | ~logits.isfinite().any(dim=-1)
+    return bad.nonzero().flatten().tolist()  # type: ignore[no-any-return]
 
 
 def _apply_penalties(row: torch.Tensor, req: Request) -> None:
@@ -43,14 +58,32 @@ def _apply_penalties(row: torch.Tensor, req: Request) -> None:
         row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
 
 
-def _draw(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+def _draw_rows(logits: torch.Tensor, requests: list[Request], rows: list[int]) -> list[int | str]:
+    """The rows' draws together; if that fails, each alone, so that the failure stays with its row."""
+    try:
+        return _draw(logits[rows], [requests[i] for i in rows])
+    except (RuntimeError, ValueError):
+        out: list[int | str] = []
+        for i in rows:
+            try:
+                out += _draw(logits[i : i + 1], [requests[i]])
+            except (RuntimeError, ValueError) as e:
+                out.append(f"sampling failed: {e}")
+        return out
+
+
+def _draw(logits: torch.Tensor, requests: list[Request]) -> list[int | str]:
+    """A token per row, or the reason that row could not be drawn."""
     temps = torch.tensor([r.params.temperature for r in requests], dtype=logits.dtype).unsqueeze(1)
     probs = torch.softmax(logits / temps, dim=-1)
     if any(r.params.top_k > 0 or r.params.top_p < 1.0 or r.params.min_p > 0 for r in requests):
         probs = _filter(probs, requests)
-    out = torch.empty(len(requests), dtype=torch.long)
+    out: list[int | str] = []
     for i, req in enumerate(requests):
-        out[i] = torch.multinomial(probs[i], 1, generator=req.generator).item()
+        try:
+            out.append(int(torch.multinomial(probs[i], 1, generator=req.generator).item()))
+        except RuntimeError as e:  # invalid distribution: this request's settings or logits, nobody else's
+            out.append(f"sampling failed: {e}")
     return out
 
 
@@ -58,7 +91,7 @@ def _filter(probs: torch.Tensor, requests: list[Request]) -> torch.Tensor:
     """Zero out what top-k, top-p and min-p exclude (on sorted probabilities), then renormalise."""
     sorted_p, order = probs.sort(dim=-1, descending=True)
     vocab = probs.shape[-1]
-    top_k = torch.tensor([r.params.top_k if r.params.top_k > 0 else vocab for r in requests]).unsqueeze(1)
+    top_k = torch.tensor([r.params.top_k if 0 < r.params.top_k < vocab else vocab for r in requests]).unsqueeze(1)
     top_p = torch.tensor([r.params.top_p for r in requests], dtype=probs.dtype).unsqueeze(1)
     min_p = torch.tensor([r.params.min_p for r in requests], dtype=probs.dtype).unsqueeze(1)
     rank = torch.arange(vocab).unsqueeze(0)
@@ -70,11 +103,15 @@ def _filter(probs: torch.Tensor, requests: list[Request]) -> torch.Tensor:
     return filtered / filtered.sum(dim=-1, keepdim=True)
 
 
+# OpenAI's and vLLM's stand-in for a log probability of -inf: JSON has no infinity.
+MIN_LOGPROB = -9999.0
+
+
 def _logprob(row: torch.Tensor, token_id: int, req: Request) -> TokenLogprob | None:
     k = req.params.logprobs
     if k is None:
         return None
-    logprobs = torch.log_softmax(row, dim=-1)
+    logprobs = torch.log_softmax(row, dim=-1).clamp(min=MIN_LOGPROB)
     top: list[tuple[int, float]] = []
     if k > 0:
         values, indices = logprobs.topk(k)

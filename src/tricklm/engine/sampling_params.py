@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 _MAX_STOP = 16
 _MAX_LOGPROBS = 20
+# Below this a temperature is greedy (as in vLLM): dividing by it would overflow the logits to inf.
+SAMPLING_EPS = 1e-5
+# Dividing or multiplying a logit by a penalty below this could overflow float32 (and only ever
+# means "never repeat", which 0.01 already does for any logit the model produces).
+MIN_REPETITION_PENALTY = 0.01
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,17 @@ class SamplingParams:
             raise ValueError(message)
 
     def _problems(self) -> list[str]:
+        values = (
+            self.temperature,
+            self.top_p,
+            self.min_p,
+            self.presence_penalty,
+            self.frequency_penalty,
+            self.repetition_penalty,
+            *self.logit_bias.values(),
+        )
+        if not all(math.isfinite(v) for v in values):
+            return ["sampling parameters must be finite numbers"]
         checks = [
             (self.max_tokens is not None and self.max_tokens < 1, "max_tokens must be at least 1"),
             (not 0.0 <= self.temperature <= 100.0, "temperature must be between 0 and 100"),
@@ -40,7 +58,14 @@ class SamplingParams:
             (not 0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]"),
             (not -2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]"),
             (not -2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
-            (not 0.0 < self.repetition_penalty <= 2.0, "repetition_penalty must be in (0, 2]"),
+            (
+                not MIN_REPETITION_PENALTY <= self.repetition_penalty <= 2.0,
+                f"repetition_penalty must be in [{MIN_REPETITION_PENALTY}, 2]",
+            ),
+            (
+                self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1],
+                "seed must fit in 64 bits",
+            ),
             (len(self.stop) > _MAX_STOP, f"at most {_MAX_STOP} stop strings are allowed"),
             (any(not s for s in self.stop), "stop strings must not be empty"),
             (
@@ -56,7 +81,7 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < SAMPLING_EPS
 
     @property
     def needs_penalties(self) -> bool:

@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from tricklm.engine.kv_cache import KVCache
-from tricklm.engine.request import EngineOutput, FinishReason, Request, RequestStatus, TokenLogprob
+from tricklm.engine.request import EngineOutput, FinishReason, Request, RequestStatus, Sampled
 
 
 @dataclass
@@ -87,6 +87,36 @@ class Scheduler:
         self.waiting.appendleft(req)
         self.num_preemptions += 1
 
+    def restart(self) -> list[Request]:
+        """Forget the cache: every live request waits again (in arrival order) to be recomputed.
+
+        Returns the requests that were running: the suspects of whatever made the engine restart.
+        """
+        running = self.running
+        live = sorted([*self.running, *self.waiting], key=lambda r: r.arrival_time)
+        self.kv.reset()
+        for req in live:
+            req.block_table = []
+            req.num_computed_tokens = 0
+            req.status = RequestStatus.WAITING
+        self.running = []
+        self.waiting = deque(live)
+        return running
+
+    def schedule_alone(self, req: Request) -> ScheduledBatch:
+        """A step of `req` only (admitting it if it waits); empty if it has finished or does not fit."""
+        if req.status.is_finished:
+            return ScheduledBatch()
+        n = min(req.num_tokens - req.num_computed_tokens, self.max_num_batched_tokens)
+        if not self.kv.can_allocate(req, n):
+            return ScheduledBatch()
+        if req.status == RequestStatus.WAITING:
+            self.waiting.remove(req)
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+        self.kv.allocate(req, n)
+        return ScheduledBatch([req], [n])
+
     def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
@@ -103,27 +133,24 @@ class Scheduler:
             batch.num_tokens.append(n)
             budget -= n
 
-    def update(self, batch: ScheduledBatch, sampled: dict[str, tuple[int, TokenLogprob | None]]) -> list[EngineOutput]:
-        """Advance every scheduled request; return a delta for each one that produced a token."""
+    def update(self, batch: ScheduledBatch, sampled: dict[str, Sampled]) -> list[EngineOutput]:
+        """Advance every scheduled request; return a delta for each one that produced a token (or failed)."""
         outputs = []
         for req, n in zip(batch.requests, batch.num_tokens, strict=True):
             req.num_computed_tokens += n
-            if req.request_id not in sampled:
+            draw = sampled.get(req.request_id)
+            if draw is None:
                 continue
-            token_id, logprob = sampled[req.request_id]
-            req.output_token_ids.append(token_id)
-            reason = req.finish_reason_for(token_id)
+            if draw.error is not None:
+                self._finish(req, FinishReason.ABORT)
+                outputs.append(EngineOutput.failed(req, draw.error))
+                continue
+            req.output_token_ids.append(draw.token_id)
+            reason = req.finish_reason_for(draw.token_id)
             if reason is not None:
                 self._finish(req, reason)
-            outputs.append(
-                EngineOutput(
-                    req.request_id,
-                    [token_id],
-                    reason,
-                    [logprob] if logprob is not None else None,
-                    req.num_prompt_tokens,
-                )
-            )
+            logprobs = [draw.logprob] if draw.logprob is not None else None
+            outputs.append(EngineOutput(req.request_id, [draw.token_id], reason, logprobs, req.num_prompt_tokens))
         return outputs
 
     def abort(self, request_id: str) -> Request | None:

@@ -2,26 +2,38 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib import resources
 
 from fastapi import FastAPI, Request
-from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tricklm import __version__
+from tricklm.config import DEFAULT_MAX_REQUEST_BYTES
 from tricklm.engine.engine import Engine
 from tricklm.server import generate, openai_routes
-from tricklm.server.errors import APIError, validation_error_to_openai
+from tricklm.server.body_guard import BodyGuard
+from tricklm.server.errors import (
+    APIError,
+    error_response,
+    is_openai_path,
+    validation_details,
+    validation_error_to_openai,
+)
 from tricklm.server.state import ServerState, get_state
+
+logger = logging.getLogger(__name__)
 
 
 def create_app(
     engine: Engine | None = None,
     engine_factory: Callable[[], Engine] | None = None,
     served_model_name: str | None = None,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
 ) -> FastAPI:
     """Serve `engine`, or build one with `engine_factory` after startup (/health says 503 meanwhile).
 
@@ -43,25 +55,38 @@ def create_app(
     app.state.server = state
     app.include_router(generate.router)
     app.include_router(openai_routes.router)
+    app.add_middleware(BodyGuard, max_bytes=max_request_bytes)
     _add_error_handlers(app)
     _add_service_routes(app)
     return app
 
 
-def _is_openai_route(request: Request) -> bool:
-    return request.url.path.startswith("/v1/") or request.url.path in ("/tokenize", "/detokenize")
-
-
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError) -> Response:
-        if _is_openai_route(request):
+        if is_openai_path(request.url.path):
             return validation_error_to_openai(list(exc.errors())).openai_response()
-        return await request_validation_exception_handler(request, exc)
+        return JSONResponse({"detail": validation_details(exc.errors())}, status_code=422)
 
     @app.exception_handler(APIError)
     async def on_api_error(request: Request, exc: APIError) -> Response:
-        return exc.openai_response() if _is_openai_route(request) else exc.detail_response()
+        return error_response(request.url.path, exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        kind = _HTTP_ERROR_TYPES.get(exc.status_code, "invalid_request_error")
+        error = APIError(exc.status_code, str(exc.detail), kind, headers=dict(exc.headers or {}))
+        return error_response(request.url.path, error)
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, exc: Exception) -> Response:
+        # A bug, not the client's fault: logged in full, answered in the route's shape (never plain text)
+        logger.exception("unhandled error in %s %s", request.method, request.url.path)
+        error = APIError(500, f"internal error: {type(exc).__name__}", "server_error", code="internal_error")
+        return error_response(request.url.path, error)
+
+
+_HTTP_ERROR_TYPES = {404: "NotFoundError", 405: "invalid_request_error"}
 
 
 def _add_service_routes(app: FastAPI) -> None:

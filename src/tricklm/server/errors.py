@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any
 
 from fastapi.responses import JSONResponse
@@ -37,6 +39,15 @@ class APIError(Exception):
         return JSONResponse({"detail": self.message}, status_code=self.status_code, headers=self.headers)
 
 
+def is_openai_path(path: str) -> bool:
+    return path.startswith("/v1/") or path in ("/tokenize", "/detokenize")
+
+
+def error_response(path: str, error: APIError) -> JSONResponse:
+    """The error in the shape its route speaks: OpenAI's for /v1/*, FastAPI's `detail` elsewhere."""
+    return error.openai_response() if is_openai_path(path) else error.detail_response()
+
+
 def overloaded(message: str) -> APIError:
     return APIError(429, message, "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
 
@@ -48,13 +59,32 @@ def unavailable(message: str) -> APIError:
 def validation_error_to_openai(errors: list[Any]) -> APIError:
     """Turn pydantic's error list into one 400 naming the first bad parameter."""
     first = errors[0] if errors else {}
-    loc = [str(p) for p in first.get("loc", ()) if p not in ("body",)]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _UNION_TAG.match(str(p))]
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid request")
     if first.get("type") == "json_invalid":
         return APIError(400, f"request body is not valid JSON: {msg}", code="invalid_json")
     if first.get("type") == "missing":
+        if param is None:
+            return APIError(400, "the request body is empty: send a JSON object", code="missing_body")
         return APIError(400, f"'{param}' is a required parameter", param=param, code="missing_required_parameter")
     if param is None:  # a check across fields: no single parameter to name
         return APIError(400, f"invalid request: {msg}", code="invalid_value")
     return APIError(400, f"invalid value for '{param}': {msg}", param=param, code="invalid_value")
+
+
+# pydantic names the member of a union it tried (`prompt.str`, `prompt.list[int]`): not a field
+_UNION_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|function-\w+\[.*\])$")
+
+
+def validation_details(errors: Any) -> list[dict[str, Any]]:
+    """FastAPI's 422 detail, minus what may not survive JSON: the offending input is echoed only if small."""
+    out = []
+    for err in errors:
+        item = {"type": err.get("type"), "loc": list(err.get("loc", ())), "msg": err.get("msg")}
+        value = err.get("input")
+        small = isinstance(value, bool | int | str) and len(str(value)) <= 200
+        if small or (isinstance(value, float) and math.isfinite(value)):
+            item["input"] = value
+        out.append(item)
+    return out

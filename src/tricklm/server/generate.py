@@ -12,7 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tricklm.engine.async_llm import RequestStream
 from tricklm.engine.llm import summarize
-from tricklm.engine.sampling_params import SamplingParams
+from tricklm.engine.sampling_params import SEED_RANGE, SamplingParams
+from tricklm.server.prompts import encode_text
 from tricklm.server.sse import DONE, SSEResponse, sse_event
 from tricklm.server.state import ServerState, engine_errors, get_state
 
@@ -21,7 +22,7 @@ T = TypeVar("T")
 
 
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     prompt: str = Field(min_length=1, description="Text to continue")
     max_tokens: int = Field(128, ge=1, description="Upper bound on generated tokens")
@@ -29,7 +30,7 @@ class GenerateRequest(BaseModel):
     stream: bool = Field(False, description="Stream tokens as Server-Sent Events")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=-1, description="0 or -1 disables top-k")
-    seed: int | None = Field(None, description="Same seed, same text")
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1], description="Same seed, same text")
     stop: str | list[str] | None = Field(None, description="Stop strings (not included in the output)")
 
 
@@ -47,21 +48,22 @@ class GenerateResponse(BaseModel):
 @router.post("/generate", response_model=GenerateResponse, responses={200: {"content": {"text/event-stream": {}}}})
 async def generate(body: GenerateRequest, request: Request) -> Response:
     state = get_state(request)
-    stream = _start(state, body)
+    stream = await _start(state, body)
     if body.stream:
         return SSEResponse(_sse(stream, state))
     proc = await until_disconnect(request, stream.collect(), stream.close)
+    state.metrics.observe_finished(stream.processor)
     if proc is None:
         return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-    state.metrics.observe_finished(proc)
     if proc.finish_reason is None:
-        return JSONResponse({"detail": "generation failed in the engine"}, status_code=500)
+        return JSONResponse({"detail": proc.error or "generation failed in the engine"}, status_code=500)
     return JSONResponse(summarize(proc))
 
 
-def _start(state: ServerState, body: GenerateRequest) -> RequestStream:
+async def _start(state: ServerState, body: GenerateRequest) -> RequestStream:
     engine = state.require_engine()
     stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+    ids = await encode_text(engine.engine, body.prompt)
     with engine_errors("prompt"):
         params = SamplingParams(
             max_tokens=body.max_tokens,
@@ -71,19 +73,20 @@ def _start(state: ServerState, body: GenerateRequest) -> RequestStream:
             seed=body.seed,
             stop=tuple(stop),
         )
-        ids = engine.engine.tokenizer.encode(body.prompt)
         return engine.stream(ids, params, prefix="gen")
 
 
 async def _sse(stream: RequestStream, state: ServerState) -> AsyncIterator[bytes]:
-    async for delta in stream:
-        if delta.error:
-            yield sse_event({"error": {"message": delta.error, "type": "server_error"}})
-            break
-        for i, token_id in enumerate(delta.token_ids):
-            text = delta.text if i == len(delta.token_ids) - 1 else ""
-            yield sse_event({"token": text, "token_id": token_id})
-    state.metrics.observe_finished(stream.processor)
+    try:
+        async for delta in stream:
+            if delta.error:
+                yield sse_event({"error": {"message": delta.error, "type": "server_error"}})
+                break
+            for i, token_id in enumerate(delta.token_ids):
+                text = delta.text if i == len(delta.token_ids) - 1 else ""
+                yield sse_event({"token": text, "token_id": token_id})
+    finally:  # a client that left counts as an abort
+        state.metrics.observe_finished(stream.processor)
     yield DONE
 
 

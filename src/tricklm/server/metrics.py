@@ -20,6 +20,9 @@ class Metrics:
         self.running = Gauge("tricklm:num_requests_running", "Requests in the running batch", registry=r)
         self.waiting = Gauge("tricklm:num_requests_waiting", "Requests waiting to be scheduled", registry=r)
         self.kv_usage = Gauge("tricklm:kv_cache_usage_perc", "Fraction of KV-cache blocks in use", registry=r)
+        self.step_failures = Gauge(
+            "tricklm:engine_step_failures", "Engine steps that raised (the core restarted after each)", registry=r
+        )
         self.prompt_tokens = Counter("tricklm:prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter("tricklm:generation_tokens", "Tokens generated", registry=r)
         self.success = Counter("tricklm:request_success", "Finished requests", ["finished_reason"], registry=r)
@@ -41,7 +44,8 @@ class Metrics:
         t = proc.timings
         self.prompt_tokens.inc(proc.num_prompt_tokens)
         self.generation_tokens.inc(len(proc.token_ids))
-        self.success.labels(finished_reason=proc.finish_reason or "abort").inc()
+        reason = proc.finish_reason or ("error" if proc.error else "abort")
+        self.success.labels(finished_reason=reason).inc()
         if t.first_token is not None:
             self.ttft.observe(t.first_token - t.arrival)
         for a, b in zip(t.token_times, t.token_times[1:], strict=False):
@@ -55,4 +59,5 @@ class Metrics:
             self.running.set(stats.num_running)
             self.waiting.set(stats.num_waiting)
             self.kv_usage.set(stats.kv_cache_usage)
+            self.step_failures.set(stats.num_step_failures)
         return generate_latest(self.registry)

@@ -1,4 +1,9 @@
-"""Request bodies of the OpenAI-compatible routes (unknown fields are accepted and ignored, as vLLM does)."""
+"""Request bodies of the OpenAI-compatible routes.
+
+Unknown fields are accepted and ignored, as vLLM does, except those that ask for a behaviour this server
+does not have (tools, response formats): those are refused, never silently dropped. `null` means the
+field's default, as in OpenAI's API and its clients.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,20 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from tricklm.engine.sampling_params import MIN_REPETITION_PENALTY, SEED_RANGE
+
 _NonNegInt = Annotated[int, Field(ge=0)]
+
+
+class OpenAIBody(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
 
 
 class StreamOptions(BaseModel):
@@ -14,22 +32,20 @@ class StreamOptions(BaseModel):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     type: str
     text: str | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(OpenAIBody):
     """Fields shared by chat and completions; `None` means: the model's default, else OpenAI's."""
-
-    model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
@@ -37,17 +53,19 @@ class SamplingFields(BaseModel):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=16)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
+    repetition_penalty: float | None = Field(None, ge=MIN_REPETITION_PENALTY, le=2.0)
     logit_bias: dict[str, float] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     user: str | None = None
+    # Refused until structured outputs exist (see `unsupported`): accepted, they would be ignored
+    response_format: dict[str, Any] | None = None
 
     # Field validators (not model validators) so that the error names the parameter; `stream` is declared
     # before `stream_options`, so it is already in `info.data`.
@@ -66,6 +84,12 @@ class SamplingFields(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def unsupported(self) -> str | None:
+        """The first field that asks for what this server cannot do, or None."""
+        if self.response_format is not None and self.response_format.get("type", "text") != "text":
+            return "response_format"
+        return None
+
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
@@ -73,6 +97,19 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+
+    def unsupported(self) -> str | None:
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                return name
+        for name in ("tool_choice", "function_call"):
+            if getattr(self, name) not in (None, "none"):
+                return name
+        return super().unsupported()
 
     @field_validator("top_logprobs")
     @classmethod
@@ -84,14 +121,14 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int = Field(16, ge=1)  # OpenAI's default for completions (chat has none)
     echo: bool = False
     suffix: str | None = None
     logprobs: int | None = Field(None, ge=0, le=20)
     best_of: int | None = Field(None, ge=1)
 
 
-class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class TokenizeRequest(OpenAIBody):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -105,8 +142,7 @@ class TokenizeRequest(BaseModel):
         return self
 
 
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class DetokenizeRequest(OpenAIBody):
     model: str | None = None
     tokens: list[_NonNegInt]
 

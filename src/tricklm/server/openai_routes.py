@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from tricklm.engine.async_llm import AsyncEngine, RequestStream
+from tricklm.engine.engine import Engine
 from tricklm.engine.output import Delta, OutputProcessor
 from tricklm.engine.request import TokenLogprob
 from tricklm.engine.sampling_params import SamplingParams
@@ -20,15 +21,17 @@ from tricklm.server.errors import APIError
 from tricklm.server.generate import until_disconnect
 from tricklm.server.openai_protocol import (
     ChatCompletionRequest,
+    ChatMessage,
     CompletionRequest,
     DetokenizeRequest,
     SamplingFields,
     TokenizeRequest,
     message_dicts,
 )
+from tricklm.server.prompts import encode_chat, encode_text
 from tricklm.server.sse import DONE, SSEResponse, sse_event
 from tricklm.server.state import ServerState, engine_errors, get_state
-from tricklm.tokenizer import ChatTemplateError, Tokenizer
+from tricklm.tokenizer import Tokenizer
 
 router = APIRouter()
 
@@ -88,9 +91,9 @@ async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
     engine = state.require_engine().engine
     _check_model(state, body.model)
     if body.messages is not None:
-        ids = _chat_prompt_ids(engine.tokenizer, body.messages, body.add_generation_prompt)
+        ids = await encode_chat(engine, _messages(body.messages), body.add_generation_prompt)
     else:
-        ids = engine.tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens)
+        ids = await encode_text(engine, body.prompt or "", add_special_tokens=body.add_special_tokens)
     return JSONResponse({"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids})
 
 
@@ -106,13 +109,19 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> JSONResponse:
     return JSONResponse({"prompt": engine.tokenizer.decode(body.tokens, skip_special_tokens=False)})
 
 
-def _chat_prompt_ids(tokenizer: Tokenizer, messages: Any, add_generation_prompt: bool) -> list[int]:
+def _messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     try:
-        text = tokenizer.apply_chat_template(message_dicts(messages), add_generation_prompt)
-    except (ChatTemplateError, ValueError) as e:
-        raise APIError(400, str(e), param="messages", code="chat_template_error") from None
-    # The template writes the special tokens itself; adding them again would double the BOS.
-    return tokenizer.encode(text, add_special_tokens=False)
+        return message_dicts(messages)
+    except ValueError as e:
+        raise APIError(400, str(e), param="messages", code="unsupported_content") from None
+
+
+def _check_supported(body: SamplingFields) -> None:
+    name = body.unsupported()
+    if name is not None:
+        raise APIError(
+            400, f"'{name}' is not supported by this server yet", param=name, code="unsupported_parameter"
+        )
 
 
 # ---- chat and text completions -------------------------------------------------------------------
@@ -123,7 +132,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     state = get_state(request)
     engine = state.require_engine()
     _check_model(state, body.model)
-    prompt_ids = _chat_prompt_ids(engine.engine.tokenizer, body.messages, body.add_generation_prompt)
+    _check_supported(body)
+    prompt_ids = await encode_chat(engine.engine, _messages(body.messages), body.add_generation_prompt)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     max_tokens = body.max_completion_tokens or body.max_tokens
     params = _sampling_params(body, engine, max_tokens, logprobs)
@@ -136,13 +146,14 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     state = get_state(request)
     engine = state.require_engine()
     _check_model(state, body.model)
+    _check_supported(body)
     if body.suffix:
         raise APIError(400, "suffix is not supported by this server", param="suffix", code="unsupported_parameter")
     if body.best_of is not None and body.best_of != body.n:
         raise APIError(400, "best_of other than n is not supported", param="best_of", code="unsupported_parameter")
     if body.echo and body.logprobs is not None:
         raise APIError(400, "echo together with logprobs is not supported", param="echo", code="unsupported_parameter")
-    prompts = _prompt_ids(engine.engine.tokenizer, body.prompt)
+    prompts = await _prompt_ids(engine.engine, body.prompt)
     params = _sampling_params(body, engine, body.max_tokens, body.logprobs)
     job = _start_job("text", state, engine, prompts, params, body.n, sum(len(p) for p in prompts))
     if body.echo:
@@ -150,7 +161,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     return await _respond(job, body, request, state)
 
 
-def _prompt_ids(tokenizer: Tokenizer, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+async def _prompt_ids(engine: Engine, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
     items: list[Any] = [prompt] if isinstance(prompt, str) else list(prompt)
     if items and all(isinstance(t, int) for t in items):
         items = [items]  # one prompt given as token ids
@@ -158,10 +169,10 @@ def _prompt_ids(tokenizer: Tokenizer, prompt: str | list[str] | list[int] | list
         raise APIError(400, "prompt must not be empty", param="prompt")
     out = []
     for item in items:
-        ids = tokenizer.encode(item) if isinstance(item, str) else list(item)
+        ids = await encode_text(engine, item) if isinstance(item, str) else list(item)
         if not ids:
             raise APIError(400, "prompt must not be empty", param="prompt")
-        if any(not 0 <= t < tokenizer.vocab_size for t in ids):
+        if any(not 0 <= t < engine.tokenizer.vocab_size for t in ids):
             raise APIError(400, "prompt token ids must be within the vocabulary", param="prompt")
         out.append(ids)
     return out
@@ -216,6 +227,15 @@ def _start_job(
     n: int,
     prompt_tokens: int,
 ) -> Job:
+    num_choices = len(prompts) * n
+    if num_choices > engine.engine.config.max_queue:
+        # 429 would invite a retry that can never succeed
+        raise APIError(
+            400,
+            f"this request asks for {num_choices} completions (prompts x n), more than the server queues at once "
+            f"({engine.engine.config.max_queue})",
+            param="n" if n > 1 else "prompt",
+        )
     streams: list[RequestStream] = []
     try:
         with engine_errors("messages" if kind == "chat" else "prompt"):
@@ -240,13 +260,14 @@ async def _respond(job: Job, body: SamplingFields, request: Request, state: Serv
     if body.stream:
         return SSEResponse(_stream(job, body.include_usage, state))
     done = await until_disconnect(request, _collect(job), job.close)
+    for stream in job.streams:  # finished, failed or abandoned: each is counted once
+        state.metrics.observe_finished(stream.processor)
     if done is None:
         return Response(status_code=499)
-    errors = [p for p in done if p.finish_reason is None]
-    for proc in done:
-        state.metrics.observe_finished(proc)
-    if errors:
-        raise APIError(500, "generation failed in the engine", "server_error", code="engine_error")
+    failed = [p for p in done if p.finish_reason is None]
+    if failed:
+        message = failed[0].error or "generation failed in the engine"
+        raise APIError(500, message, "server_error", code="engine_error")
     return JSONResponse(_full_response(job, done))
 
 
@@ -309,9 +330,8 @@ async def _stream(job: Job, include_usage: bool, state: ServerState) -> AsyncIte
             if include_usage:
                 yield sse_event(_usage_chunk(job))
     finally:
-        for s in job.streams:
-            if s.processor.finish_reason:
-                state.metrics.observe_finished(s.processor)
+        for s in job.streams:  # a client that left counts as an abort, as in vLLM
+            state.metrics.observe_finished(s.processor)
     yield DONE
 
 

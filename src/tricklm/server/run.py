@@ -32,7 +32,11 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
                 server.should_exit = True
             raise
 
-    app = create_app(engine_factory=factory, served_model_name=server_config.served_model_name)
+    app = create_app(
+        engine_factory=factory,
+        served_model_name=server_config.served_model_name,
+        max_request_bytes=server_config.max_request_bytes,
+    )
     config = uvicorn.Config(
         app, host=server_config.host, port=server_config.port, log_level=server_config.log_level, timeout_keep_alive=30
     )

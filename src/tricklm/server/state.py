@@ -54,11 +54,14 @@ class ServerState:
             return 503, {"status": "loading"}
         if not self.engine.loop.is_alive:
             return 503, {"status": "error", "detail": f"engine stopped: {self.engine.loop.error!r}"}
+        if self.engine.loop.restarting:
+            return 503, {"status": "restarting", "detail": "the engine is restarting after a failed step"}
         return 200, {"status": "ok"}
 
     def require_engine(self) -> AsyncEngine:
         code, body = self.health()
-        if code != 200 or self.async_engine is None:
+        # While the engine restarts after a failed step, a new request just waits in its queue
+        if (code != 200 and body["status"] != "restarting") or self.async_engine is None:
             raise unavailable(body.get("detail", "the model is still loading"))
         return self.async_engine
 

@@ -1,0 +1,188 @@
+"""Checks every request body before any route sees it: size, UTF-8, JSON that Python could not serve.
+
+`json.loads` accepts what later breaks a handler: `NaN` and `Infinity` (not JSON, and a float that
+JSON cannot carry back in an error), lone surrogates such as "\\ud800" (valid JSON escapes, but no
+string a tokenizer or an encoder takes), nesting deep enough to exhaust the stack, and integers of
+thousands of digits. Each is refused here with a 400 that names the field, in the route's error shape.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tricklm.server.errors import APIError, error_response
+
+# No request of ours nests deeper than ~6. Deeper bodies are refused where a walk is needed anyway, and
+# at any depth where json.loads itself runs out of stack.
+MAX_DEPTH = 32
+
+
+class _NonFinite:
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+class _Hooks:
+    """json.loads hooks that turn NaN, Infinity and 1e999 into markers, and remember seeing one."""
+
+    def __init__(self) -> None:
+        self.saw_non_finite = False
+
+    def parse_float(self, text: str) -> float | _NonFinite:
+        value = float(text)
+        if math.isfinite(value):
+            return value
+        self.saw_non_finite = True
+        return _NonFinite(text)
+
+    def parse_constant(self, text: str) -> _NonFinite:
+        self.saw_non_finite = True
+        return _NonFinite(text)
+
+
+# Only a \uD800-\uDFFF escape can make a lone surrogate (raw surrogate bytes are not UTF-8 at all): a
+# high one not followed by a low one, or a low one not after a high one. A pair is one character.
+_LONE_SURROGATE = re.compile(
+    rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+    rb"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+)
+
+
+class BodyGuard:
+    """ASGI middleware: reads the body (at most `max_bytes`), checks it, then hands it on unchanged."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        body, more, gone = await self._read(receive)
+        if gone:
+            return  # the client left before sending its body: nobody to answer
+        error = _too_large(self.max_bytes) if more else check_body(body)
+        if error is not None:
+            await error_response(scope["path"], error)(scope, receive, send)
+            return
+        await self.app(scope, _replay(body, receive), send)
+
+    async def _read(self, receive: Receive) -> tuple[bytes, bool, bool]:
+        """The body, whether it went on past the limit (the rest is not read), whether the client left."""
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return b"", False, True
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return b"", True, False
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks), False, False
+
+
+def _too_large(max_bytes: int) -> APIError:
+    return APIError(413, f"the request body is larger than this server accepts ({max_bytes} bytes)", code="too_large")
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # after the body: wait for the disconnect, as the server would
+
+    return replay
+
+
+def check_body(body: bytes) -> APIError | None:
+    """A 400 for a body that is not UTF-8, or JSON that no route could handle safely; None if fine.
+
+    A body that is not JSON at all passes: the route's own parser says so in its usual words.
+    """
+    if not body:
+        return None
+    if body.startswith(b"\xef\xbb\xbf") or json.detect_encoding(body) != "utf-8":
+        # Starlette's parser would take UTF-16 or a BOM, unchecked by everything below
+        message = "the request body must be JSON in UTF-8, without a byte-order mark"
+        return APIError(400, message, code="invalid_encoding")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return APIError(400, f"the request body is not valid UTF-8 (byte {e.start})", code="invalid_encoding")
+    hooks = _Hooks()
+    try:
+        data = json.loads(text, parse_float=hooks.parse_float, parse_constant=hooks.parse_constant)
+    except RecursionError:
+        return _nested()
+    except json.JSONDecodeError:
+        return None
+    except ValueError as e:  # an integer of more digits than Python converts
+        return APIError(400, f"the request body has a number that cannot be read: {e}", code="invalid_value")
+    if hooks.saw_non_finite or _LONE_SURROGATE.search(body):
+        return _walk(data)  # something to find: walk for its path (the common body skips this)
+    return None
+
+
+def _nested() -> APIError:
+    return APIError(400, f"the request body is nested more than {MAX_DEPTH} levels deep", code="invalid_value")
+
+
+def _walk(data: Any) -> APIError | None:
+    """Breadth-first, without recursion, so no depth can overflow the stack; paths are built only for
+    containers and for the value at fault, so a list of 100,000 token ids costs one pass of type checks."""
+    level: list[tuple[str, Any]] = [("", data)]
+    for _ in range(MAX_DEPTH + 1):
+        below: list[tuple[str, Any]] = []
+        for path, value in level:
+            error = _check_container(path, value, below) if isinstance(value, dict | list) else _check(path, value)
+            if error is not None:
+                return error
+        if not below:
+            return None
+        level = below
+    return _nested()
+
+
+def _check_container(path: str, value: dict[str, Any] | list[Any], below: list[tuple[str, Any]]) -> APIError | None:
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    for key, item in items:
+        if isinstance(key, str) and not _is_unicode(key):
+            where = path or "body"
+            return APIError(400, f"a field name in '{where}' contains a lone surrogate", param=path or None)
+        if isinstance(item, int | bool | None):
+            continue
+        item_path = f"{path}.{key}" if path else str(key)
+        if isinstance(item, dict | list):
+            below.append((item_path, item))
+        elif (error := _check(item_path, item)) is not None:
+            return error
+    return None
+
+
+def _check(path: str, value: Any) -> APIError | None:
+    if isinstance(value, _NonFinite):
+        return APIError(400, f"invalid value for '{path}': {value.text} is not a finite number", param=path)
+    if isinstance(value, str) and not _is_unicode(value):
+        return APIError(400, f"'{path or 'body'}' contains a lone surrogate (not valid Unicode)", param=path or None)
+    return None
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
