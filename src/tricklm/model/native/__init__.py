@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import sysconfig
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,76 +22,20 @@ import torch
 from tricklm.model.attention import KVCacheLayer
 from tricklm.model.layers import RMSNorm
 from tricklm.model.llama import LlamaForCausalLM
+from tricklm.model.native.build import DISABLE_ENV as DISABLE_ENV
+from tricklm.model.native.build import enabled_by_env, load_or_warn
 from tricklm.model.quant import KV_DTYPE, HalfLinear, Int4Weight
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("decode.cpp")
 EXTENSION_NAME = "tricklm_decode"
-DISABLE_ENV = "TRICKLM_NATIVE"
-# torch's builder waits as long as its lock file exists; a build killed midway leaves it behind.
-# A build takes about a minute, so a lock this old belongs to no live build.
-STALE_LOCK_SECONDS = 600
-
-
-def enabled_by_env() -> bool:
-    return os.environ.get(DISABLE_ENV, "1") != "0"
 
 
 @functools.cache
 def load_extension() -> Any | None:
-    """The compiled extension (built into the cache on first use), or None if it cannot be built."""
-    try:
-        return _build()
-    # no compiler, no ninja, a failed build: any of them leaves the Python path working
-    except Exception as e:
-        lines = str(e).strip().splitlines() or [type(e).__name__]
-        # a compiler error says more than ninja's closing line
-        reason = next((line for line in lines if "error:" in line), lines[-1])
-        log.warning("native decode steps unavailable, decode runs in Python: %s", reason)
-        return None
-
-
-def _build() -> Any:
-    from torch.utils import cpp_extension
-
-    from tricklm.model.resolve import cache_dir
-
-    # pip's ninja is installed next to the interpreter, which need not be on PATH, and torch runs it by
-    # name; changing PATH for the whole process is deliberate (the build's subprocesses need it).
-    scripts = sysconfig.get_path("scripts")
-    if scripts not in os.environ.get("PATH", "").split(os.pathsep):
-        os.environ["PATH"] = os.pathsep.join(filter(None, (scripts, os.environ.get("PATH"))))
-    build_dir = cache_dir() / "native"
-    build_dir.mkdir(parents=True, exist_ok=True)
-    _clear_stale_lock(build_dir / "lock")
-    if not any(build_dir.glob(f"{EXTENSION_NAME}*.so")):
-        log.info("compiling the native decode step (once, about a minute)")
-    return cpp_extension.load(
-        name=EXTENSION_NAME,
-        sources=[str(SOURCE)],
-        extra_cflags=compile_flags(),
-        build_directory=str(build_dir),
-        verbose=False,
-    )
-
-
-def _clear_stale_lock(lock: Path) -> None:
-    try:
-        age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
-        return
-    if age > STALE_LOCK_SECONDS:
-        log.warning("removing %s, left by a build that did not finish", lock)
-        lock.unlink(missing_ok=True)
-
-
-def compile_flags() -> list[str]:
-    """-O3, plus the vector extensions the attention loops use when this CPU has them."""
-    flags = ["-O3"]
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        flags += ["-mavx2", "-mfma", "-mf16c"]
-    return flags
+    """The compiled decode step (built into the cache on first use), or None if it cannot be built."""
+    return load_or_warn(EXTENSION_NAME, SOURCE, "native decode steps unavailable, decode runs in Python")
 
 
 Projections = tuple[Int4Weight, Int4Weight, Int4Weight, Int4Weight]  # qkv, o, gate_up, down
@@ -198,10 +139,14 @@ class NativeDecoder:
 
 
 def main() -> int:
-    """`python -m tricklm.model.native`: build the extension now (as `make install` does)."""
+    """`python -m tricklm.model.native`: build the extensions now (as `make install` does)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from tricklm.model.qlinear import load_qmatmul
+
     ext = load_extension()
-    if ext is None:
-        return 1
-    log.info("native decode step ready: %s", ext.__file__)
-    return 0
+    if ext is not None:
+        log.info("native decode step ready: %s", ext.__file__)
+    qmatmul = load_qmatmul()
+    if qmatmul is not None:
+        log.info("native 4-bit matmul ready (%s kernel): %s", qmatmul.isa(), qmatmul.__file__)
+    return 0 if ext is not None and qmatmul is not None else 1
