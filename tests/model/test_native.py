@@ -20,6 +20,7 @@ from tricklm.engine.sampling_params import SamplingParams
 from tricklm.engine.scheduler import ScheduledBatch
 from tricklm.model import native
 from tricklm.model.loader import load_model
+from tricklm.model.native import build as native_build
 from tricklm.model.quant import INT4_GROUP, MAX_PACKED_ROWS, quantize
 from tricklm.model.registry import CausalLM
 
@@ -248,12 +249,12 @@ def test_switched_off_by_config_or_environment(tmp_path: Path, monkeypatch: pyte
 def test_a_failed_build_falls_back_to_python(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def broken() -> None:
+    def broken(*args: object) -> None:
         raise RuntimeError("Error building extension 'tricklm_decode'")
 
     model = four_bit_model(make_tiny_model(tmp_path, "LlamaForCausalLM", weight_std=0.1))
     native.load_extension.cache_clear()
-    monkeypatch.setattr(native, "_build", broken)
+    monkeypatch.setattr(native_build, "build", broken)
     try:
         with caplog.at_level(logging.WARNING, logger="tricklm.model.native"):
             core = core_for(model)
