@@ -35,7 +35,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         choices=QUANTIZATIONS,
         help="int4: 4-bit weights for decode where the checkpoint's are 4-bit already (levels kept; fp16 "
         "elsewhere), a copy for prefill (--prefill-weights), float32 activations (default); fp16: fp16 "
-        "weights for decode; fp16-only: fp16 weights for every step (no copies, slower prefill); none: all "
+        "weights for decode; fp16-only: fp16 weights for every step (no copies, slower prefill); q4_1: one "
+        "4-bit copy for every step, int8 kernels (head in fp16); none: all "
         "in --dtype",
     )
     p.add_argument(

@@ -25,6 +25,8 @@ class EngineConfig:
     # float32 activations, fp16 KV cache (see model/quant.py). "fp16": packed fp16 for every projection's
     # decode steps. "none": everything in `dtype` (float32 is the exact reference). "fp16-only": fp16
     # weights for every step, no bfloat16 copies: less memory, slower prefill (benchmarks/README.md).
+    # "q4_1": one 4-bit copy (GGUF's Q4_1 blocks) read by every step through int8 kernels
+    # (model/qlinear.py); the output head keeps packed fp16.
     quantization: str = "int4"
     # The format of the copy prefill (large) steps read in "int4" and "fp16": "bf16" (oneDNN) or "fp16"
     # (fbgemm), whichever the CPU runs faster; "auto" times both at load (model/quant.py).

@@ -9,6 +9,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
 from tricklm.model.qlinear import Q4Linear, Q4Weight, load_qmatmul, q4_from_gguf, q4_matmul
+from tricklm.model.quant import quantize_q4_1
 
 SHAPES = [(1, 32), (17, 96), (33, 64), (100, 576), (16, 2048)]  # n not a multiple of 16, k not of 256
 ROWS = [1, 3, 4, 5, 16, 17, 64]
@@ -97,3 +98,22 @@ def test_bad_shapes_are_refused() -> None:
             ext.q4_matmul(torch.randn(2, 96), weight.levels, weight.d, weight.m, 20, "")
         with pytest.raises(RuntimeError):
             ext.q4_matmul(torch.randn(2, 64), weight.levels, weight.d, weight.m, 20, "sse9")
+
+
+def test_round_to_nearest_matches_llama_cpp_quantize() -> None:
+    values = np.random.default_rng(1).standard_normal((48, 128)).astype(np.float32)
+    ours = quantize_q4_1(torch.from_numpy(values)).dequantize().numpy()
+    theirs = dequantize(quantize(values, GGMLQuantizationType.Q4_1), GGMLQuantizationType.Q4_1)
+    # the same levels and fp16 scales; a float32 rounding tie may land a weight one level apart
+    mismatched = np.abs(ours - theirs) > 1e-6
+    assert mismatched.mean() < 1e-3
+
+
+def test_a_q4_1_weight_staged_in_fp16_keeps_its_levels() -> None:
+    values = np.random.default_rng(2).standard_normal((40, 96)).astype(np.float32)
+    raw = quantize(values, GGMLQuantizationType.Q4_1)
+    source = q4_from_gguf(raw, "Q4_1")
+    staged = torch.from_numpy(dequantize(raw, GGMLQuantizationType.Q4_1)).half()  # what the loader holds
+    again = quantize_q4_1(staged)
+    assert torch.equal(again.blocks()[0], source.blocks()[0])
+    assert torch.allclose(again.dequantize(), source.dequantize(), atol=2e-3)

@@ -141,9 +141,10 @@ class Q4Linear(nn.Module):
         super().__init__()
         self.q4 = weight
         self.bias = None if bias is None else bias.detach().float()
+        self.isa = ""  # the kernel to use: "" the best this CPU runs; "torch" float activations (a reference)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = q4_matmul(x.reshape(-1, x.shape[-1]), self.q4)
+        y = q4_matmul(x.reshape(-1, x.shape[-1]), self.q4, self.isa)
         if self.bias is not None:
             y += self.bias
         return y.view(*x.shape[:-1], -1)

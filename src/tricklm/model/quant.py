@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tricklm.memory import release_freed_memory
+from tricklm.model.qlinear import BLOCK, Q4Linear, Q4Weight
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,9 @@ DENSE_DTYPE = torch.bfloat16
 # Up to this many rows the packed kernels win; above it the bfloat16 copy does (same benchmark).
 MAX_PACKED_ROWS = 16
 # "int4": 4-bit where the checkpoint's weights are 4-bit already, else packed fp16, plus bfloat16 copies
-# for large steps; "fp16": packed fp16 plus the copies; "fp16-only": packed fp16 for every step.
-QUANT_MODES = ("int4", "fp16", "fp16-only")
+# for large steps; "fp16": packed fp16 plus the copies; "fp16-only": packed fp16 for every step;
+# "q4_1": one copy in GGUF's Q4_1 blocks for every step, read by the int8 kernels (model/qlinear.py).
+QUANT_MODES = ("int4", "fp16", "fp16-only", "q4_1")
 INT4_GROUP = 32  # weights per scale, as in GGUF's Q4_0 / Q4_1 blocks
 # A group counts as 4-bit when its stored 16-level form is this close (relative to the group's largest
 # weight): one bfloat16 ulp, what a bfloat16 copy of the weights could be off by; a real 4-bit rounding
@@ -274,7 +276,7 @@ def quantize(model: nn.Module, mode: str = "int4", prefill: str = "auto") -> nn.
         raise ValueError(f"quantization mode must be one of {', '.join(QUANT_MODES)}")
     if prefill not in PREFILL_FORMATS:
         raise ValueError(f"prefill weights must be one of {', '.join(PREFILL_FORMATS)}")
-    dense, int4 = mode != "fp16-only", mode == "int4"
+    dense, int4 = mode not in ("fp16-only", "q4_1"), mode == "int4"
     if prefill == "auto":
         prefill = large_step_format() if dense else "bf16"
     tied = not isinstance(getattr(model, "lm_head", None), nn.Linear)
@@ -287,7 +289,7 @@ def quantize(model: nn.Module, mode: str = "int4", prefill: str = "auto") -> nn.
         if isinstance(child, nn.Embedding) or (isinstance(child, nn.Linear) and name != "lm_head")
     ]
     for parent, name in slots:
-        setattr(parent, name, _half(getattr(parent, name), dense, int4, prefill))
+        setattr(parent, name, _half(getattr(parent, name), mode, prefill))
         release_freed_memory()  # glibc keeps freed heap pages resident until asked
     head = model.get_input_embeddings() if tied else model.lm_head  # type: ignore[operator]
     assert isinstance(head, HalfEmbedding | nn.Linear)
@@ -297,16 +299,38 @@ def quantize(model: nn.Module, mode: str = "int4", prefill: str = "auto") -> nn.
     return model
 
 
-def _half(module: nn.Module, dense: bool, int4: bool, prefill: str) -> nn.Module:
+def _half(module: nn.Module, mode: str, prefill: str) -> nn.Module:
     if isinstance(module, nn.Embedding):
         return HalfEmbedding(module.weight)
     assert isinstance(module, nn.Linear)
-    return HalfLinear(module.weight, module.bias, dense=dense, int4=int4, prefill=prefill)
+    if mode == "q4_1" and module.in_features % BLOCK == 0:
+        return Q4Linear(quantize_q4_1(module.weight.detach()), module.bias)
+    dense = mode not in ("fp16-only", "q4_1")
+    return HalfLinear(module.weight, module.bias, dense=dense, int4=mode == "int4", prefill=prefill)
+
+
+def quantize_q4_1(weight: torch.Tensor) -> Q4Weight:
+    """Round to nearest in blocks of 32, as llama.cpp's `quantize` makes Q4_1: d = (max - min) / 15,
+    m = min, both stored as fp16. A weight that is Q4_1 already (a GGUF's, staged in fp16) comes back
+    with its own levels."""
+    parts = [_q4_1_rows(rows) for rows in weight.split(INT4_CHECK_ROWS)]
+    levels, d, m = (torch.cat(t) for t in zip(*parts, strict=True))
+    return Q4Weight.from_blocks(levels, d, m)
+
+
+def _q4_1_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n, k = rows.shape
+    blocks = rows.float().view(n, k // BLOCK, BLOCK)
+    low, high = blocks.amin(-1), blocks.amax(-1)
+    d = (high - low) / 15
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    levels = ((blocks - low.unsqueeze(-1)) * inv.unsqueeze(-1)).round_().clamp_(0, 15).to(torch.uint8)
+    return levels.view(n, k), d.half().float(), low.half().float()
 
 
 def model_dtypes(model: nn.Module) -> tuple[torch.dtype, torch.dtype]:
     """(activation dtype, KV cache dtype) of a loaded model."""
-    if any(isinstance(m, HalfLinear) for m in model.modules()):
+    if any(isinstance(m, HalfLinear | Q4Linear) for m in model.modules()):
         return ACT_DTYPE, KV_DTYPE
     dtype = next(iter(model.parameters())).dtype
     return dtype, dtype

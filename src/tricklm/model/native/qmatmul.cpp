@@ -160,44 +160,57 @@ __attribute__((target("avx2,fma"))) void kernel_avx2(const Problem& p, int64_t g
   }
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) void kernel_vnni(const Problem& p, int64_t group_begin,
-                                                                          int64_t group_end) {
+// TILE rows of one column group: a compile-time tile lets every row's dot products run as independent
+// chains (vpdpbusd has a latency of several cycles: one chain per row would wait on itself).
+template <int TILE>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void vnni_tile(const Problem& p, int64_t g, int64_t row0) {
   const int64_t blocks = p.k / kBlock;
   const __m512i nibble = _mm512_set1_epi8(0x0F);
+  __m512 acc[TILE];
+  for (int t = 0; t < TILE; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* w = p.levels + (g * blocks + b) * kGroupBytes;
+    __m512i lo[4], hi[4];
+    for (int quad = 0; quad < 4; ++quad) {
+      const __m512i v = _mm512_loadu_si512(w + quad * 64);
+      lo[quad] = _mm512_and_si512(v, nibble);
+      hi[quad] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+    }
+    const __m512 dv = _mm512_loadu_ps(p.d + (g * blocks + b) * kCols);
+    const __m512 mv = _mm512_loadu_ps(p.m + (g * blocks + b) * kCols);
+    __m512i even[TILE], odd[TILE];
+    for (int t = 0; t < TILE; ++t) even[t] = odd[t] = _mm512_setzero_si512();
+    for (int quad = 0; quad < 4; ++quad) {
+      for (int t = 0; t < TILE; ++t) {
+        const int32_t* q = reinterpret_cast<const int32_t*>(p.x->q.data() + (row0 + t) * p.k + b * kBlock);
+        even[t] = _mm512_dpbusd_epi32(even[t], lo[quad], _mm512_set1_epi32(q[quad]));
+        odd[t] = _mm512_dpbusd_epi32(odd[t], hi[quad], _mm512_set1_epi32(q[quad + 4]));
+      }
+    }
+    for (int t = 0; t < TILE; ++t) {
+      const int64_t at = (row0 + t) * blocks + b;
+      const __m512 isum = _mm512_cvtepi32_ps(_mm512_add_epi32(even[t], odd[t]));
+      acc[t] = _mm512_fmadd_ps(isum, _mm512_mul_ps(dv, _mm512_set1_ps(p.x->scale[at])), acc[t]);
+      acc[t] = _mm512_fmadd_ps(mv, _mm512_set1_ps(p.x->scaled_sum[at]), acc[t]);
+    }
+  }
+  for (int t = 0; t < TILE; ++t) {
+    alignas(64) float values[kCols];
+    _mm512_store_ps(values, acc[t]);
+    store_columns(p, row0 + t, g, values);
+  }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void kernel_vnni(const Problem& p, int64_t group_begin,
+                                                                          int64_t group_end) {
   for (int64_t g = group_begin; g < group_end; ++g) {
-    for (int64_t row0 = 0; row0 < p.rows; row0 += kRowTile) {
-      const int64_t tile = std::min(kRowTile, p.rows - row0);
-      __m512 acc[kRowTile];
-      for (auto& a : acc) a = _mm512_setzero_ps();
-      for (int64_t b = 0; b < blocks; ++b) {
-        const uint8_t* w = p.levels + (g * blocks + b) * kGroupBytes;
-        __m512i lo[4], hi[4];
-        for (int64_t quad = 0; quad < 4; ++quad) {
-          const __m512i v = _mm512_loadu_si512(w + quad * 64);
-          lo[quad] = _mm512_and_si512(v, nibble);
-          hi[quad] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
-        }
-        const __m512 dv = _mm512_loadu_ps(p.d + (g * blocks + b) * kCols);
-        const __m512 mv = _mm512_loadu_ps(p.m + (g * blocks + b) * kCols);
-        for (int64_t t = 0; t < tile; ++t) {
-          const int64_t row = row0 + t;
-          const int32_t* q = reinterpret_cast<const int32_t*>(p.x->q.data() + row * p.k + b * kBlock);
-          __m512i isum = _mm512_setzero_si512();
-          for (int64_t quad = 0; quad < 4; ++quad) {
-            isum = _mm512_dpbusd_epi32(isum, lo[quad], _mm512_set1_epi32(q[quad]));
-            isum = _mm512_dpbusd_epi32(isum, hi[quad], _mm512_set1_epi32(q[quad + 4]));
-          }
-          const __m512 s = _mm512_set1_ps(p.x->scale[row * blocks + b]);
-          const __m512 ss = _mm512_set1_ps(p.x->scaled_sum[row * blocks + b]);
-          acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(dv, s), acc[t]);
-          acc[t] = _mm512_fmadd_ps(mv, ss, acc[t]);
-        }
-      }
-      for (int64_t t = 0; t < tile; ++t) {
-        alignas(64) float values[kCols];
-        _mm512_store_ps(values, acc[t]);
-        store_columns(p, row0 + t, g, values);
-      }
+    int64_t row = 0;
+    for (; row + kRowTile <= p.rows; row += kRowTile) vnni_tile<kRowTile>(p, g, row);
+    switch (p.rows - row) {
+      case 3: vnni_tile<3>(p, g, row); break;
+      case 2: vnni_tile<2>(p, g, row); break;
+      case 1: vnni_tile<1>(p, g, row); break;
+      default: break;
     }
   }
 }
