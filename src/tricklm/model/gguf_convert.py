@@ -1,7 +1,9 @@
-"""Turn a llama-architecture `.gguf` file into a Hugging Face folder we can load in about a second.
+"""Describe a llama-architecture `.gguf` file as a small Hugging Face folder: config, tokenizer, a link.
 
-Weights are dequantised to fp32 safetensors; the tokenizer and chat template are rebuilt by
-`transformers` (its GGUF reader) and saved as tokenizer.json / tokenizer_config.json.
+The folder holds config.json and generation_config.json (from the file's metadata), tokenizer.json and
+tokenizer_config.json with the chat template (rebuilt once by `transformers`' GGUF reader), and
+`model.gguf`, a link to the file itself: the weights are read from it at every start, tensor by tensor
+(`gguf_weights.py`), never converted. A few MB, however large the model.
 """
 
 from __future__ import annotations
@@ -12,35 +14,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from safetensors.torch import save_file
-from tqdm import tqdm
-
 from tricklm.model.config import ModelLoadError
-
-_LAYER_NAMES = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+from tricklm.model.gguf_weights import GGUF_LINK, open_reader
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path, progress: bool = True) -> None:
-    """Write `out_dir` atomically: a crash mid-way leaves no half-written model behind."""
-    import gguf
-
-    try:
-        reader = gguf.GGUFReader(str(gguf_path))
-    except Exception as e:  # the reader raises bare ValueError/struct errors on a damaged file
-        raise ModelLoadError(f"{gguf_path} is not a readable GGUF file: {e}") from None
+    """Write `out_dir` atomically: a crash mid-way leaves no half-written folder behind."""
+    reader = open_reader(gguf_path)
     meta = _metadata(reader)
     arch = meta.get("general.architecture")
     if arch != "llama":
@@ -49,13 +29,12 @@ def convert_gguf(gguf_path: Path, out_dir: Path, progress: bool = True) -> None:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out_dir.parent))
     try:
-        tensors = _dequantize_all(reader, config, progress, gguf_path.name)
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         _write_json(tmp / "config.json", config)
         _write_json(tmp / "generation_config.json", _generation_config(meta))
         _save_tokenizer(gguf_path, tmp, meta)
+        (tmp / GGUF_LINK).symlink_to(gguf_path.resolve())
         if out_dir.exists():
-            shutil.rmtree(out_dir)
+            shutil.rmtree(out_dir)  # an older layout (float32 weights) or a damaged folder
         tmp.rename(out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -110,38 +89,6 @@ def _generation_config(meta: dict[str, Any]) -> dict[str, Any]:
     return {
         k: int(meta[f"tokenizer.ggml.{k}"]) for k in ("bos_token_id", "eos_token_id") if f"tokenizer.ggml.{k}" in meta
     }
-
-
-def _dequantize_all(reader: Any, config: dict[str, Any], progress: bool, label: str) -> dict[str, torch.Tensor]:
-    from gguf.quants import dequantize
-
-    out: dict[str, torch.Tensor] = {}
-    for t in tqdm(reader.tensors, desc=f"converting {label}", unit="tensor", disable=not progress):
-        name = _hf_name(t.name)
-        array = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-        array = array.reshape(tuple(int(d) for d in reversed(t.shape)))
-        if name.endswith("q_proj.weight"):
-            array = _unpermute(array, config["num_attention_heads"])
-        elif name.endswith("k_proj.weight"):
-            array = _unpermute(array, config["num_key_value_heads"])
-        out[name] = torch.from_numpy(np.array(array, copy=True))
-    return out
-
-
-def _hf_name(gguf_name: str) -> str:
-    base, _, suffix = gguf_name.rpartition(".")
-    parts = base.split(".")
-    if parts[0] == "blk" and len(parts) == 3 and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{suffix}"
-    if base in _TOP_NAMES:
-        return f"{_TOP_NAMES[base]}.{suffix}"
-    raise ModelLoadError(f"unexpected tensor {gguf_name!r} in GGUF file")
-
-
-def _unpermute(w: np.ndarray, num_heads: int) -> np.ndarray:
-    """Undo llama.cpp's interleaved-RoPE row order for Q/K (back to the Hugging Face half-rotation)."""
-    rows = w.shape[0]
-    return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _save_tokenizer(gguf_path: Path, out_dir: Path, meta: dict[str, Any]) -> None:

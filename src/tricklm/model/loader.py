@@ -1,4 +1,4 @@
-"""Build a model from a local Hugging Face folder (config.json + *.safetensors)."""
+"""Build a model from a local folder: config.json plus *.safetensors, or a link to a GGUF file."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from safetensors import SafetensorError, safe_open
 
 from tricklm.memory import release_freed_memory
 from tricklm.model.config import ModelConfig, ModelLoadError
+from tricklm.model.gguf_weights import GGUF_LINK, dense_tensors, hf_name, projection_blocks, weights_reader
 from tricklm.model.layers import RotaryEmbedding
+from tricklm.model.qlinear import BLOCK, Blocks, Q4Linear, Q4Weight
 from tricklm.model.quant import QUANT_MODES, quantize
 from tricklm.model.registry import CausalLM, model_class
 
@@ -40,11 +42,16 @@ def load_model(
     cls = model_class(cfg)
     with torch.device("meta"):
         model = cls(cfg)
+    gguf = weights_reader(model_dir / GGUF_LINK) if (model_dir / GGUF_LINK).exists() else None
+    direct: set[str] = set()
+    if gguf is not None and quantization == "q4_1":
+        direct = _q4_projections_from_gguf(model, gguf, cfg)
     # Allocated uninitialised and already in the final dtype, so the float32 checkpoint is converted tensor
     # by tensor and never held whole; every parameter is then overwritten (checked below).
     model = _storage_dtypes(model, dtype, quantization).to_empty(device="cpu")
     _reset_buffers(model)
-    loaded = model.load_weights(_iter_safetensors(model_dir))  # type: ignore[operator]
+    weights = dense_tensors(gguf, cfg, skip=direct) if gguf is not None else _iter_safetensors(model_dir)
+    loaded = model.load_weights(weights)  # type: ignore[operator]
     missing = sorted(set(dict(model.named_parameters())) - loaded)
     if missing:
         shown = ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else "")
@@ -54,6 +61,47 @@ def load_model(
         model = quantize(model, quantization, prefill_weights)
     release_freed_memory()  # the loader's staging buffers
     return model  # type: ignore[return-value]
+
+
+def _q4_projections_from_gguf(model: torch.nn.Module, reader: Any, cfg: ModelConfig) -> set[str]:
+    """Every decoder projection of a model still on the meta device, built as a Q4Linear from the file's
+    blocks (Q4_0/Q4_1 as they are, other types rounded to Q4_1): no float copy of it ever exists.
+
+    Returns the file's tensor names used, for the dense loader to skip. Fused projections (qkv,
+    gate_up) collect their parts' rows at the offsets the model gives them.
+    """
+    slots = {f"{name}.weight": module for name, module in model.named_modules() if _is_q4_slot(name, module)}
+    names = {n for n in (hf_name(t.name) for t in reader.tensors) if _map_name(model, n)[0] in slots}
+    parts: dict[str, list[tuple[int, Blocks]]] = {}
+    for name, blocks in projection_blocks(reader, cfg, names):
+        target, offset = _map_name(model, name)
+        parts.setdefault(target, []).append((offset or 0, blocks))
+        linear = slots[target]
+        assert isinstance(linear, torch.nn.Linear)
+        if sum(b[0].shape[0] for _, b in parts[target]) == linear.out_features:
+            pieces = [b for _, b in sorted(parts.pop(target), key=lambda p: p[0])]
+            weight = Q4Weight.from_blocks(*(torch.cat(t) for t in zip(*pieces, strict=True)))
+            if weight.shape != (linear.out_features, linear.in_features):
+                wanted = (linear.out_features, linear.in_features)
+                raise ModelLoadError(f"{target} has shape {weight.shape} in the GGUF file, the model wants {wanted}")
+            model.set_submodule(target.removesuffix(".weight"), Q4Linear(weight, None))
+    if parts:
+        raise ModelLoadError(f"projections incomplete in the GGUF file: {', '.join(sorted(parts))}")
+    return names
+
+
+def _is_q4_slot(name: str, module: torch.nn.Module) -> bool:
+    return (
+        isinstance(module, torch.nn.Linear)
+        and name != "lm_head"
+        and module.bias is None
+        and module.in_features % BLOCK == 0
+    )
+
+
+def _map_name(model: torch.nn.Module, name: str) -> tuple[str, int | None]:
+    mapper = getattr(model, "_map_name", None)
+    return mapper(name) if mapper is not None else (name, None)  # type: ignore[no-any-return]
 
 
 def _storage_dtypes(model: torch.nn.Module, dtype: torch.dtype, quantization: str) -> torch.nn.Module:

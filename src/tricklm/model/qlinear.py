@@ -88,9 +88,17 @@ class Q4Weight:
         return sum(t.numel() * t.element_size() for t in (self.levels, self.d, self.m))
 
 
+Blocks = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # levels [n, k] uint8, d and m [n, k/32] float32
+
+
 def q4_from_gguf(data: np.ndarray, qtype: str) -> Q4Weight:
-    """A Q4_0 or Q4_1 tensor's raw blocks ([n, bytes per row] uint8, as the `gguf` reader gives them) as
-    a Q4Weight, with no float detour: the levels are GGUF's, the scales and minimums its fp16 values.
+    """A Q4_0 or Q4_1 tensor's raw rows as a Q4Weight (see `gguf_blocks`)."""
+    return Q4Weight.from_blocks(*gguf_blocks(data, qtype))
+
+
+def gguf_blocks(data: np.ndarray, qtype: str) -> Blocks:
+    """A Q4_0 or Q4_1 tensor's raw rows ([n, bytes per row] uint8, as the `gguf` reader gives them) as
+    levels, scales and minimums, with no float detour: the levels are GGUF's, d and m its fp16 values.
 
     Q4_1 blocks are (d fp16, m fp16, 16 bytes of levels): w = d level + m. Q4_0 blocks are (d fp16, 16
     bytes): w = d (level - 8), the case m = -8 d.
@@ -98,14 +106,41 @@ def q4_from_gguf(data: np.ndarray, qtype: str) -> Q4Weight:
     head = {"Q4_0": 2, "Q4_1": 4}.get(qtype)
     if head is None:
         raise ValueError(f"not a 4-bit GGUF type: {qtype}")
-    raw = torch.from_numpy(np.ascontiguousarray(data, dtype=np.uint8))
+    raw = torch.from_numpy(np.array(data, dtype=np.uint8))  # a copy: the reader's arrays map the file, read-only
     n = raw.shape[0]
     blocks = raw.view(n, -1, head + BLOCK // 2)
     d = blocks[..., :2].contiguous().view(torch.float16).squeeze(-1).float()
     m = blocks[..., 2:4].contiguous().view(torch.float16).squeeze(-1).float() if qtype == "Q4_1" else -8 * d
     packed = blocks[..., head:]
     levels = torch.cat((packed & 0x0F, packed >> 4), dim=-1).reshape(n, -1)
-    return Q4Weight.from_blocks(levels, d, m)
+    return levels, d, m
+
+
+# Rows rounded at a time: the float32 work buffers stay a few MB whatever the weight's size
+ROUNDING_ROWS = 1024
+
+
+def quantize_q4_1(weight: torch.Tensor) -> Q4Weight:
+    """Round to nearest in blocks of 32, as llama.cpp's `quantize` makes Q4_1 (see `q4_1_blocks`)."""
+    return Q4Weight.from_blocks(*q4_1_blocks(weight))
+
+
+def q4_1_blocks(weight: torch.Tensor) -> Blocks:
+    """d = (max - min) / 15 and m = min per block, both stored as fp16, levels rounded to nearest. A weight
+    that is Q4_1 already (a GGUF's, staged in fp16) comes back with its own levels."""
+    parts = [_q4_1_rows(rows) for rows in weight.split(ROUNDING_ROWS)]
+    levels, d, m = (torch.cat(t) for t in zip(*parts, strict=True))
+    return levels, d, m
+
+
+def _q4_1_rows(rows: torch.Tensor) -> Blocks:
+    n, k = rows.shape
+    blocks = rows.float().view(n, k // BLOCK, BLOCK)
+    low, high = blocks.amin(-1), blocks.amax(-1)
+    d = (high - low) / 15
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    levels = ((blocks - low.unsqueeze(-1)) * inv.unsqueeze(-1)).round_().clamp_(0, 15).to(torch.uint8)
+    return levels.view(n, k), d.half().float(), low.half().float()
 
 
 def _interleave(values: torch.Tensor, groups: int, pad: int) -> torch.Tensor:

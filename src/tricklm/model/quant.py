@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tricklm.memory import release_freed_memory
-from tricklm.model.qlinear import BLOCK, Q4Linear, Q4Weight
+from tricklm.model.qlinear import BLOCK, Q4Linear, quantize_q4_1
 
 log = logging.getLogger(__name__)
 
@@ -307,25 +307,6 @@ def _half(module: nn.Module, mode: str, prefill: str) -> nn.Module:
         return Q4Linear(quantize_q4_1(module.weight.detach()), module.bias)
     dense = mode not in ("fp16-only", "q4_1")
     return HalfLinear(module.weight, module.bias, dense=dense, int4=mode == "int4", prefill=prefill)
-
-
-def quantize_q4_1(weight: torch.Tensor) -> Q4Weight:
-    """Round to nearest in blocks of 32, as llama.cpp's `quantize` makes Q4_1: d = (max - min) / 15,
-    m = min, both stored as fp16. A weight that is Q4_1 already (a GGUF's, staged in fp16) comes back
-    with its own levels."""
-    parts = [_q4_1_rows(rows) for rows in weight.split(INT4_CHECK_ROWS)]
-    levels, d, m = (torch.cat(t) for t in zip(*parts, strict=True))
-    return Q4Weight.from_blocks(levels, d, m)
-
-
-def _q4_1_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    n, k = rows.shape
-    blocks = rows.float().view(n, k // BLOCK, BLOCK)
-    low, high = blocks.amin(-1), blocks.amax(-1)
-    d = (high - low) / 15
-    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
-    levels = ((blocks - low.unsqueeze(-1)) * inv.unsqueeze(-1)).round_().clamp_(0, 15).to(torch.uint8)
-    return levels.view(n, k), d.half().float(), low.half().float()
 
 
 def model_dtypes(model: nn.Module) -> tuple[torch.dtype, torch.dtype]:

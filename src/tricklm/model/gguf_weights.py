@@ -1,0 +1,135 @@
+"""Weights read straight from a `.gguf` file, tensor by tensor, with no float32 copy of the model on disk.
+
+The file is memory-mapped by the `gguf` reader; each tensor is dequantized (or, for the one-copy 4-bit
+mode, kept in its own Q4_0/Q4_1 blocks) as the loader asks for it, so loading holds the model in its
+runtime form plus one tensor at a time. Names are mapped to Hugging Face's, and Q/K rows are put back
+from llama.cpp's interleaved RoPE order to Hugging Face's halves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tricklm.model.config import ModelConfig, ModelLoadError
+from tricklm.model.qlinear import Blocks, gguf_blocks, q4_1_blocks
+
+GGUF_LINK = "model.gguf"  # in a converted folder: a link to the file the weights are read from
+
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+Q4_TYPES = ("Q4_0", "Q4_1")
+
+
+def open_reader(path: Path) -> Any:
+    """The file's reader (memory-mapped; parsing its metadata, the vocabulary most of all, takes seconds:
+    open it once per load)."""
+    import gguf
+
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as e:  # the reader raises bare ValueError/struct errors on a damaged file
+        raise ModelLoadError(f"{path} is not a readable GGUF file: {e}") from None
+
+
+def weights_reader(path: Path) -> Any:
+    """The reader, without the metadata a loader does not need: its fields (the vocabulary above all)
+    are hundreds of thousands of small arrays, and would stay resident for the whole load."""
+    reader = open_reader(path)
+    reader.fields.clear()
+    return reader
+
+
+def release(reader: Any, tensor: Any) -> None:
+    """Let the kernel drop the file pages of a tensor already copied out. Mapped pages that were read
+    count as resident until unmapped: without this, loading would end holding the whole file besides
+    the model (1 GB more for a 1.7B Q4 file)."""
+    mapped = getattr(reader.data, "_mmap", None)
+    if mapped is None:
+        return
+    start = int(tensor.data_offset) // mmap.PAGESIZE * mmap.PAGESIZE
+    end = int(tensor.data_offset) + int(tensor.n_bytes)
+    with contextlib.suppress(OSError, ValueError):  # advice only: a kernel that refuses it changes nothing
+        mapped.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
+def hf_name(gguf_name: str) -> str:
+    base, _, suffix = gguf_name.rpartition(".")
+    parts = base.split(".")
+    if parts[0] == "blk" and len(parts) == 3 and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{suffix}"
+    if base in _TOP_NAMES:
+        return f"{_TOP_NAMES[base]}.{suffix}"
+    raise ModelLoadError(f"unexpected tensor {gguf_name!r} in GGUF file")
+
+
+def unpermute_rows(rows: int, cfg: ModelConfig, name: str) -> np.ndarray | None:
+    """The row order that undoes llama.cpp's Q/K permutation (None for other tensors)."""
+    if name.endswith("q_proj.weight"):
+        heads = cfg.num_heads
+    elif name.endswith("k_proj.weight"):
+        heads = cfg.num_kv_heads
+    else:
+        return None
+    index = np.arange(rows)
+    return index.reshape(heads, rows // heads // 2, 2).swapaxes(1, 2).reshape(rows)
+
+
+def tensor_type(tensor: Any) -> str:
+    return str(tensor.tensor_type.name)
+
+
+def dense_tensors(reader: Any, cfg: ModelConfig, skip: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face name, float32 tensor) for every tensor of the file but those named in `skip`."""
+    from gguf.quants import dequantize
+
+    for t in reader.tensors:
+        name = hf_name(t.name)
+        if skip and name in skip:
+            continue
+        array = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        array = array.reshape(tuple(int(d) for d in reversed(t.shape)))
+        order = unpermute_rows(array.shape[0], cfg, name)
+        # a copy where the array still maps the file (float32 tensors): torch wants writable memory
+        tensor = torch.from_numpy(np.array(array if order is None else array[order]))
+        release(reader, t)
+        yield name, tensor
+
+
+def projection_blocks(reader: Any, cfg: ModelConfig, names: set[str]) -> Iterator[tuple[str, Blocks]]:
+    """(Hugging Face name, Q4_1-style blocks) of the named 2-D tensors, rows in Hugging Face's order.
+
+    Q4_0 and Q4_1 tensors give their own blocks, untouched; any other type is dequantized and rounded to
+    Q4_1, as llama.cpp's `quantize` would.
+    """
+    from gguf.quants import dequantize
+
+    for t in reader.tensors:
+        name = hf_name(t.name)
+        if name not in names:
+            continue
+        if tensor_type(t) in Q4_TYPES:
+            rows = int(t.shape[-1])
+            blocks = gguf_blocks(np.asarray(t.data).reshape(rows, -1), tensor_type(t))
+        else:
+            dense = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+            blocks = q4_1_blocks(torch.from_numpy(dense.reshape(int(t.shape[-1]), -1)))
+        release(reader, t)
+        order = unpermute_rows(blocks[0].shape[0], cfg, name)
+        yield name, blocks if order is None else tuple(b[torch.from_numpy(order)] for b in blocks)  # type: ignore[misc]

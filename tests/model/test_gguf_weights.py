@@ -1,0 +1,155 @@
+"""Weights read straight from a GGUF file: every tensor type, llama.cpp's Q/K order, the one-copy path."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, GGUFWriter
+from gguf.quants import dequantize, quantize
+from safetensors.torch import load_file
+
+from tiny_models import make_tiny_model
+from tricklm.config import EngineConfig
+from tricklm.engine.core import EngineCore
+from tricklm.engine.llm import LLM
+from tricklm.engine.request import Request
+from tricklm.engine.sampling_params import SamplingParams
+from tricklm.model.gguf_weights import GGUF_LINK
+from tricklm.model.loader import load_model
+from tricklm.model.qlinear import Q4Linear
+
+_GGUF_NAMES = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+HEADS, KV_HEADS = 4, 2  # tiny_models' Llama
+
+
+def _gguf_name(hf: str) -> str:
+    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    if hf in top:
+        return top[hf]
+    if hf == "lm_head.weight":
+        return "output.weight"
+    parts = hf.split(".")  # model.layers.N.<module>.<param>
+    return f"blk.{parts[2]}.{_GGUF_NAMES['.'.join(parts[3:-1])]}.{parts[-1]}"
+
+
+def _permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's convert: Hugging Face's rotary halves -> interleaved pairs."""
+    rows = w.shape[0]
+    return w.reshape(heads, 2, rows // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(hf_dir: Path, out: Path, qtype: str) -> dict[str, np.ndarray]:
+    """The HF folder's weights as a llama.cpp-style GGUF: 2-D projections in `qtype`, the rest F32.
+
+    Returns what each tensor dequantizes to, in Hugging Face order (what a loader must produce)."""
+    writer = GGUFWriter(str(out), "llama")
+    expected = {}
+    kind = GGMLQuantizationType[qtype]
+    for name, tensor in sorted(load_file(str(hf_dir / "model.safetensors")).items()):
+        w = tensor.float().numpy()
+        heads = HEADS if ".q_proj." in name else KV_HEADS if ".k_proj." in name else None
+        stored = _permute(w, heads) if heads else w
+        if w.ndim == 2 and "embed" not in name and "lm_head" not in name:
+            raw = quantize(stored, kind) if qtype != "F32" else stored
+            back = dequantize(raw, kind) if qtype != "F32" else stored
+            writer.add_tensor(_gguf_name(name), raw, raw_dtype=kind)
+        else:
+            back = stored
+            writer.add_tensor(_gguf_name(name), stored)
+        order = np.arange(w.shape[0])
+        if heads:
+            order = _permute(order[:, None], heads)[:, 0].argsort()  # the inverse permutation
+        expected[name] = np.asarray(back, dtype=np.float32)[order]
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return expected
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("hf") / "llama", "LlamaForCausalLM", weight_std=0.1)
+
+
+def _gguf_folder(hf_dir: Path, tmp: Path, qtype: str) -> tuple[Path, dict[str, np.ndarray]]:
+    folder = tmp / f"gguf-{qtype}"
+    shutil.copytree(hf_dir, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    expected = write_gguf(hf_dir, tmp / f"{qtype}.gguf", qtype)
+    (folder / GGUF_LINK).symlink_to(tmp / f"{qtype}.gguf")
+    return folder, expected
+
+
+def _fused(expected: dict[str, np.ndarray], layer: int, parts: list[str]) -> torch.Tensor:
+    return torch.from_numpy(np.concatenate([expected[f"model.layers.{layer}.{p}.weight"] for p in parts]))
+
+
+@pytest.mark.parametrize("qtype", ["F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0"])
+def test_every_type_loads_as_the_gguf_package_dequantizes_it(hf_dir: Path, tmp_path: Path, qtype: str) -> None:
+    folder, expected = _gguf_folder(hf_dir, tmp_path, qtype)
+    model = load_model(folder, torch.float32, "none")
+    layer = model.model.layers[1]  # type: ignore[attr-defined]
+    qkv = _fused(expected, 1, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"])
+    assert torch.equal(layer.self_attn.qkv_proj.weight, qkv)
+    assert torch.equal(layer.mlp.down_proj.weight, torch.from_numpy(expected["model.layers.1.mlp.down_proj.weight"]))
+    assert torch.equal(model.model.norm.weight, torch.from_numpy(expected["model.norm.weight"]))  # type: ignore[attr-defined]
+
+
+def test_f32_gguf_gives_the_hugging_face_model(hf_dir: Path, tmp_path: Path) -> None:
+    folder, _ = _gguf_folder(hf_dir, tmp_path, "F32")
+    ours, reference = load_model(folder), load_model(hf_dir)
+    for (name, a), (_, b) in zip(ours.named_parameters(), reference.named_parameters(), strict=True):  # type: ignore[attr-defined]
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "F16"])
+def test_one_copy_mode_builds_4_bit_projections_from_the_file(hf_dir: Path, tmp_path: Path, qtype: str) -> None:
+    folder, expected = _gguf_folder(hf_dir, tmp_path, qtype)
+    model = load_model(folder, torch.float32, "q4_1")
+    layer = model.model.layers[0]  # type: ignore[attr-defined]
+    projections = [layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj]
+    assert all(isinstance(p, Q4Linear) for p in projections)
+    qkv = _fused(expected, 0, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"])
+    got = layer.self_attn.qkv_proj.q4.dequantize()
+    if qtype == "F16":  # rounded to Q4_1 at load: within half a level of every block
+        assert (got - qkv).abs().max() <= (qkv.abs().max() * 2 / 15) / 2 + 1e-3
+    else:  # the file's own blocks: exactly what gguf dequantizes (fp16 scales kept)
+        assert torch.equal(got, qkv)
+        # and the model as a whole: the float path over the same weights picks the same next tokens
+        # (int8 activations aside)
+        a, b = _logits(model, "q4_1"), _logits(load_model(folder, torch.float32, "none"), "none")
+        assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= 0.9
+
+
+def _logits(model: torch.nn.Module, quantization: str) -> torch.Tensor:
+    core = EngineCore(model, EngineConfig(quantization=quantization, native_decode=False))  # type: ignore[arg-type]
+    core.add_request(Request("r", list(range(3, 40)), SamplingParams(max_tokens=1), 1))
+    return core.runner.forward_logits(core.scheduler.schedule())
+
+
+def test_default_model_serves_from_one_4_bit_copy() -> None:
+    llm = LLM(quantization="q4_1", max_num_seqs=2)
+    try:
+        model = llm.engine.core.runner.model
+        projections = [m for m in model.modules() if isinstance(m, Q4Linear)]  # type: ignore[attr-defined]
+        assert len(projections) == 4 * model.config.num_layers
+        assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())  # type: ignore[attr-defined]
+        chat = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+        assert "Paris" in llm.generate(chat, max_tokens=10, temperature=0.0)["text"]
+        assert "Paris" in llm.generate("The capital of France is", max_tokens=4, temperature=0.0)["text"]
+    finally:
+        llm.shutdown()
