@@ -11,6 +11,7 @@ and `--prefill-weights` values to see what the weight formats buy.
     .venv/bin/python benchmarks/engine_steps.py --quantization none --batch-sizes 1,4,16
     .venv/bin/python benchmarks/engine_steps.py --no-native-decode   # decode steps in Python
     .venv/bin/python benchmarks/engine_steps.py --prefill-weights bf16 --batch-sizes 16   # prefill copy format
+    .venv/bin/python benchmarks/engine_steps.py --model big.gguf --quantization q4_1 --kv-cache-memory-mib 1024
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def main() -> None:
     p.add_argument("--batch-sizes", default="1,16")
     p.add_argument("--native-decode", action=argparse.BooleanOptionalAction, default=EngineConfig.native_decode)
     p.add_argument("--prefill-weights", default=EngineConfig.prefill_weights, choices=PREFILL_FORMATS)
+    p.add_argument("--kv-cache-memory-mib", type=int, default=None, help="KV budget (a large model needs more)")
     args = p.parse_args()
     limit_fragmentation()  # the server's malloc settings, so the step costs match
     config = EngineConfig(
@@ -70,6 +72,7 @@ def main() -> None:
         quantization=args.quantization,
         native_decode=args.native_decode,
         prefill_weights=args.prefill_weights,
+        kv_cache_memory=args.kv_cache_memory_mib and args.kv_cache_memory_mib * 2**20,
     )
     engine = Engine(config, progress=False)
     engine.loop.shutdown()  # this script is the only one stepping the core

@@ -35,6 +35,7 @@ _LAYER_NAMES = {
 }
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 Q4_TYPES = ("Q4_0", "Q4_1")
+DEQUANTIZE_ROWS = 4096  # rows of a matrix dequantized at a time: tens of MB of float32 at most
 
 
 def open_reader(path: Path) -> Any:
@@ -95,21 +96,38 @@ def tensor_type(tensor: Any) -> str:
     return str(tensor.tensor_type.name)
 
 
-def dense_tensors(reader: Any, cfg: ModelConfig, skip: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """(Hugging Face name, float32 tensor) for every tensor of the file but those named in `skip`."""
-    from gguf.quants import dequantize
+def dense_tensors(
+    reader: Any, cfg: ModelConfig, skip: set[str] | None = None, matrix_dtype: torch.dtype = torch.float32
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face name, tensor) for every tensor of the file but those named in `skip`: matrices in
+    `matrix_dtype` (what the loader stages them in), vectors (norms) in float32.
 
+    A matrix is dequantized a slice of rows at a time into its final dtype, so that a large one (the
+    embedding table) never exists in float32 whole.
+    """
     for t in reader.tensors:
         name = hf_name(t.name)
         if skip and name in skip:
             continue
-        array = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-        array = array.reshape(tuple(int(d) for d in reversed(t.shape)))
-        order = unpermute_rows(array.shape[0], cfg, name)
-        # a copy where the array still maps the file (float32 tensors): torch wants writable memory
-        tensor = torch.from_numpy(np.array(array if order is None else array[order]))
+        shape = tuple(int(d) for d in reversed(t.shape))
+        dtype = matrix_dtype if len(shape) == 2 else torch.float32
+        tensor = _dequantized(t, shape, dtype)
         release(reader, t)
-        yield name, tensor
+        order = unpermute_rows(shape[0], cfg, name)
+        yield name, tensor if order is None else tensor[torch.from_numpy(order)]
+
+
+def _dequantized(t: Any, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    from gguf.quants import dequantize
+
+    raw = np.asarray(t.data)
+    rows = shape[0] if len(shape) == 2 else 1
+    raw = raw.reshape(rows, -1)
+    out = torch.empty((rows, int(np.prod(shape)) // rows), dtype=dtype)
+    for start in range(0, rows, DEQUANTIZE_ROWS):
+        part = np.asarray(dequantize(raw[start : start + DEQUANTIZE_ROWS], t.tensor_type), dtype=np.float32)
+        out[start : start + len(part)] = torch.from_numpy(np.array(part, copy=not part.flags.writeable))
+    return out.view(shape)
 
 
 def projection_blocks(reader: Any, cfg: ModelConfig, names: set[str]) -> Iterator[tuple[str, Blocks]]:

@@ -50,7 +50,11 @@ def load_model(
     # by tensor and never held whole; every parameter is then overwritten (checked below).
     model = _storage_dtypes(model, dtype, quantization).to_empty(device="cpu")
     _reset_buffers(model)
-    weights = dense_tensors(gguf, cfg, skip=direct) if gguf is not None else _iter_safetensors(model_dir)
+    staging = torch.float16 if quantization in QUANT_MODES else dtype  # see _storage_dtypes
+    if gguf is not None:
+        weights = dense_tensors(gguf, cfg, skip=direct, matrix_dtype=staging)
+    else:
+        weights = _iter_safetensors(model_dir)
     loaded = model.load_weights(weights)  # type: ignore[operator]
     missing = sorted(set(dict(model.named_parameters())) - loaded)
     if missing:

@@ -37,7 +37,8 @@ def load_qmatmul() -> Any | None:
 
 class Q4Weight:
     """A [n, k] weight in blocks of 32, repacked for the kernel (see `native/qmatmul.cpp`): 16 output
-    columns interleaved, `levels` [groups, k/32, 4, 64] uint8, `d` and `m` [groups, k/32, 16] float32,
+    columns interleaved, `levels` [groups, k/32, 4, 64] uint8, `d` and `m` [groups, k/32, 16] float16 (as in
+    GGUF's blocks),
     groups = ceil(n / 16) (the last one padded with zeros)."""
 
     def __init__(self, levels: torch.Tensor, d: torch.Tensor, m: torch.Tensor, n: int) -> None:
@@ -47,7 +48,7 @@ class Q4Weight:
             raise ValueError("Q4Weight wants levels [groups, k/32, 4, 64] uint8, d and m [groups, k/32, 16]")
         if not (groups - 1) * GROUP < n <= groups * GROUP:
             raise ValueError(f"{groups} groups of {GROUP} columns cannot hold {n}")
-        self.levels, self.d, self.m, self.n = levels.contiguous(), d.float().contiguous(), m.float().contiguous(), n
+        self.levels, self.d, self.m, self.n = levels.contiguous(), d.half().contiguous(), m.half().contiguous(), n
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -70,7 +71,7 @@ class Q4Weight:
         v = self.levels.view(groups, blocks, 4, GROUP, 4)
         quads = torch.cat((v & 0x0F, v >> 4), dim=2)  # [groups, blocks, 8, column, 4]
         levels = quads.permute(0, 3, 1, 2, 4).reshape(groups * GROUP, blocks * BLOCK)[: self.n]
-        return levels, _deinterleave(self.d)[: self.n], _deinterleave(self.m)[: self.n]
+        return levels, _deinterleave(self.d.float())[: self.n], _deinterleave(self.m.float())[: self.n]
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight [n, k]."""
@@ -144,8 +145,8 @@ def _q4_1_rows(rows: torch.Tensor) -> Blocks:
 
 
 def _interleave(values: torch.Tensor, groups: int, pad: int) -> torch.Tensor:
-    """[n, blocks] -> [groups, blocks, 16]"""
-    return F.pad(values.float(), (0, 0, 0, pad)).view(groups, GROUP, -1).transpose(1, 2).contiguous()
+    """[n, blocks] -> [groups, blocks, 16] float16 (scales and minimums are fp16 in Q4_0/Q4_1 already)"""
+    return F.pad(values.half(), (0, 0, 0, pad)).view(groups, GROUP, -1).transpose(1, 2).contiguous()
 
 
 def _deinterleave(values: torch.Tensor) -> torch.Tensor:

@@ -52,7 +52,12 @@ def build(name: str, source: Path, flags: list[str]) -> Any:
     if not any(build_dir.glob(f"{name}*.so")):
         log.info("compiling %s (once, about a minute)", source.name)
     return cpp_extension.load(
-        name=name, sources=[str(source)], extra_cflags=flags, build_directory=str(build_dir), verbose=False
+        name=name,
+        sources=[str(source)],
+        extra_cflags=flags,
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(build_dir),
+        verbose=False,
     )
 
 
@@ -67,8 +72,13 @@ def _clear_stale_lock(lock: Path) -> None:
 
 
 def compile_flags() -> list[str]:
-    """-O3, plus the vector extensions the attention loops use when this CPU has them."""
-    flags = ["-O3"]
+    """-O3 and OpenMP, plus the vector extensions the attention loops use when this CPU has them.
+
+    OpenMP because at::parallel_for is a header template whose threads are OpenMP pragmas: compiled
+    without it, every "parallel" loop of an extension runs on one thread. The extension then links
+    libgomp.so.1, the name of the copy torch ships and has already loaded, so there is one runtime.
+    """
+    flags = ["-O3", "-fopenmp"]
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         flags += ["-mavx2", "-mfma", "-mf16c"]
     return flags

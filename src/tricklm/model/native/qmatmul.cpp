@@ -6,7 +6,8 @@
 // AVX-512: 16 output columns interleaved, so that one 64-byte load holds 4 consecutive levels of each of
 // 16 columns. For column group g and block b, `levels[g][b][p]` is 64 bytes: byte 4 c + i holds, in its
 // low nibble, the level of column c at element 4 p + i of the block, and in its high nibble the level at
-// element 4 (p + 4) + i. `d[g][b]` and `m[g][b]` are the 16 columns' scales and minimums.
+// element 4 (p + 4) + i. `d[g][b]` and `m[g][b]` are the 16 columns' scales and minimums, fp16 as in
+// the file (a quarter of a bit per weight each, against half a bit in float32).
 //
 // Activations are quantized per block of 32 to int8 with a scale s, as llama.cpp's Q8_1 does, so each
 // block's dot product is an integer one:
@@ -68,12 +69,13 @@ QuantizedRows quantize_rows(const float* x, int64_t rows, int64_t k) {
 
 constexpr int64_t kCols = 16;       // output columns interleaved in one group
 constexpr int64_t kGroupBytes = 256;  // one block of one group: 4 loads of 64 bytes
+constexpr int64_t kPrefetch = 8 * kGroupBytes;  // how far ahead of the loads the prefetches run
 
 struct Problem {
   const QuantizedRows* x;
   const uint8_t* levels;  // [groups, blocks, 4, 64]
-  const float* d;         // [groups, blocks, 16]
-  const float* m;         // [groups, blocks, 16]
+  const at::Half* d;      // [groups, blocks, 16]
+  const at::Half* m;      // [groups, blocks, 16]
   float* out;             // [rows, n]
   int64_t rows, n, k;
 };
@@ -102,7 +104,8 @@ void kernel_scalar(const Problem& p, int64_t group_begin, int64_t group_end) {
             }
           }
           const int64_t at = (g * blocks + b) * kCols + c;
-          acc[c] += p.d[at] * s * static_cast<float>(dot) + p.m[at] * ss;
+          const float d = static_cast<float>(p.d[at]), m = static_cast<float>(p.m[at]);
+          acc[c] += d * s * static_cast<float>(dot) + m * ss;
         }
       }
       store_columns(p, row, g, acc);
@@ -110,12 +113,12 @@ void kernel_scalar(const Problem& p, int64_t group_begin, int64_t group_end) {
   }
 }
 
-__attribute__((target("avx2,fma"))) inline __m256i dot_avx2(__m256i acc, __m256i w, __m256i x) {
+__attribute__((target("avx2,fma,f16c"))) inline __m256i dot_avx2(__m256i acc, __m256i w, __m256i x) {
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
 }
 
 // AVX2: a group is two halves of 8 columns (32 bytes of each 64-byte load).
-__attribute__((target("avx2,fma"))) void kernel_avx2(const Problem& p, int64_t group_begin, int64_t group_end) {
+__attribute__((target("avx2,fma,f16c"))) void kernel_avx2(const Problem& p, int64_t group_begin, int64_t group_end) {
   const int64_t blocks = p.k / kBlock;
   const __m256i nibble = _mm256_set1_epi8(0x0F);
   for (int64_t g = group_begin; g < group_end; ++g) {
@@ -125,8 +128,8 @@ __attribute__((target("avx2,fma"))) void kernel_avx2(const Problem& p, int64_t g
       for (auto& a : acc) a[0] = a[1] = _mm256_setzero_ps();
       for (int64_t b = 0; b < blocks; ++b) {
         const uint8_t* w = p.levels + (g * blocks + b) * kGroupBytes;
-        const float* d = p.d + (g * blocks + b) * kCols;
-        const float* m = p.m + (g * blocks + b) * kCols;
+        const auto* d = reinterpret_cast<const uint16_t*>(p.d + (g * blocks + b) * kCols);
+        const auto* m = reinterpret_cast<const uint16_t*>(p.m + (g * blocks + b) * kCols);
         for (int64_t half = 0; half < 2; ++half) {
           __m256i lo[4], hi[4];
           for (int64_t quad = 0; quad < 4; ++quad) {
@@ -134,7 +137,8 @@ __attribute__((target("avx2,fma"))) void kernel_avx2(const Problem& p, int64_t g
             lo[quad] = _mm256_and_si256(v, nibble);
             hi[quad] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
           }
-          const __m256 dv = _mm256_loadu_ps(d + half * 8), mv = _mm256_loadu_ps(m + half * 8);
+          const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d + half * 8)));
+          const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m + half * 8)));
           for (int64_t t = 0; t < tile; ++t) {
             const int64_t row = row0 + t;
             const int32_t* q = reinterpret_cast<const int32_t*>(p.x->q.data() + row * p.k + b * kBlock);
@@ -170,14 +174,17 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void vnni_tile(const Prob
   for (int t = 0; t < TILE; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
     const uint8_t* w = p.levels + (g * blocks + b) * kGroupBytes;
+    // A decode step streams every weight once from memory: ask for the next blocks ahead of time
+    for (int line = 0; line < 4; ++line) _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetch + line * 64), _MM_HINT_T0);
     __m512i lo[4], hi[4];
     for (int quad = 0; quad < 4; ++quad) {
       const __m512i v = _mm512_loadu_si512(w + quad * 64);
       lo[quad] = _mm512_and_si512(v, nibble);
       hi[quad] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
     }
-    const __m512 dv = _mm512_loadu_ps(p.d + (g * blocks + b) * kCols);
-    const __m512 mv = _mm512_loadu_ps(p.m + (g * blocks + b) * kCols);
+    const int64_t at = (g * blocks + b) * kCols;
+    const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.d + at)));
+    const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.m + at)));
     __m512i even[TILE], odd[TILE];
     for (int t = 0; t < TILE; ++t) even[t] = odd[t] = _mm512_setzero_si512();
     for (int quad = 0; quad < 4; ++quad) {
@@ -239,9 +246,9 @@ void check_inputs(const torch::Tensor& x, const torch::Tensor& levels, const tor
                   levels.sizes() == torch::IntArrayRef({groups, blocks, 4, 64}),
               "levels must be contiguous uint8 [ceil(n / 16), k / 32, 4, 64]");
   for (const auto* t : {&d, &m}) {
-    TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->is_contiguous() &&
+    TORCH_CHECK(t->scalar_type() == torch::kFloat16 && t->is_contiguous() &&
                     t->sizes() == torch::IntArrayRef({groups, blocks, kCols}),
-                "scales and minimums must be contiguous float32 [ceil(n / 16), k / 32, 16]");
+                "scales and minimums must be contiguous float16 [ceil(n / 16), k / 32, 16]");
   }
 }
 
@@ -257,7 +264,7 @@ torch::Tensor q4_matmul(const torch::Tensor& x, const torch::Tensor& levels, con
   auto out = torch::empty({rows, n}, x.options());
   if (rows == 0) return out;
   const QuantizedRows quantized = quantize_rows(x.data_ptr<float>(), rows, k);
-  const Problem problem{&quantized, levels.data_ptr<uint8_t>(), d.data_ptr<float>(), m.data_ptr<float>(),
+  const Problem problem{&quantized, levels.data_ptr<uint8_t>(), d.data_ptr<at::Half>(), m.data_ptr<at::Half>(),
                         out.data_ptr<float>(), rows, n, k};
   const Kernel kernel = pick(chosen);
   at::parallel_for(0, levels.size(0), 1, [&](int64_t begin, int64_t end) { kernel(problem, begin, end); });
