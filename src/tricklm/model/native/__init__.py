@@ -24,6 +24,7 @@ from tricklm.model.layers import RMSNorm
 from tricklm.model.llama import LlamaForCausalLM
 from tricklm.model.native.build import DISABLE_ENV as DISABLE_ENV
 from tricklm.model.native.build import enabled_by_env, load_or_warn
+from tricklm.model.qlinear import Q4Linear
 from tricklm.model.quant import KV_DTYPE, HalfLinear, Int4Weight
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,8 @@ def load_extension() -> Any | None:
     return load_or_warn(EXTENSION_NAME, SOURCE, "native decode steps unavailable, decode runs in Python")
 
 
-Projections = tuple[Int4Weight, Int4Weight, Int4Weight, Int4Weight]  # qkv, o, gate_up, down
+# qkv, o, gate_up, down: all in torch's 4-bit layout (int4) or all one-copy Q4_1 blocks (q4_1)
+Projections = tuple[Int4Weight, Int4Weight, Int4Weight, Int4Weight] | tuple[Q4Linear, Q4Linear, Q4Linear, Q4Linear]
 
 
 def _int4(module: Any) -> Int4Weight | None:
@@ -47,14 +49,19 @@ def _int4(module: Any) -> Int4Weight | None:
 
 
 def _projections(layer: Any) -> Projections | None:
-    """A decoder layer's 4-bit projections, if all four are 4-bit and only qkv has a bias."""
+    """A decoder layer's 4-bit projections, if all four are 4-bit of one layout and only qkv has a bias."""
     attn, mlp = layer.self_attn, layer.mlp
-    qkv, o, gate_up, down = (_int4(p) for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
-    if qkv is None or o is None or gate_up is None or down is None:
+    modules = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+    if all(isinstance(m, Q4Linear) for m in modules):
+        found: Projections = modules
+    else:
+        qkv, o, gate_up, down = (_int4(p) for p in modules)
+        if qkv is None or o is None or gate_up is None or down is None:
+            return None
+        found = (qkv, o, gate_up, down)
+    if any(p.bias is not None for p in found[1:]):
         return None
-    if o.bias is not None or gate_up.bias is not None or down.bias is not None:
-        return None
-    return qkv, o, gate_up, down
+    return found
 
 
 def _norm_weights(layer: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -95,6 +102,10 @@ class NativeDecoder:
             projections, norms = _projections(layer), _norm_weights(layer)
             assert projections is not None and norms is not None  # checked by `supports`
             qkv, o, gate_up, down = projections
+            if isinstance(qkv, Q4Linear):
+                parts = [[m.q4.levels, m.q4.d, m.q4.m] for m in projections]  # type: ignore[union-attr]
+                self.stack.add_layer_q4(*norms, cache.kv, parts[0], qkv.bias, *parts[1:])
+                continue
             self.stack.add_layer(
                 *norms,
                 cache.kv,

@@ -1,4 +1,5 @@
-// Decode steps of a Llama-family decoder stack with 4-bit projections, in C++.
+// Decode steps of a Llama-family decoder stack with 4-bit projections, in C++: torch's 4-bit kernel
+// (--quantization int4), or the one-copy Q4_1 blocks of `qmatmul.h` (--quantization q4_1).
 //
 // A decode step does little arithmetic per op. At one row the Python path spent more time dispatching
 // ~45 small torch ops per layer than computing them. Here the projections still go through torch's
@@ -8,6 +9,8 @@
 // fp16 KV cache, bfloat16 only at the projections' inputs and outputs.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
+
+#include "qmatmul.h"
 
 #include <algorithm>
 #include <cmath>
@@ -65,6 +68,10 @@ inline void store8(bf16* p, __m256 v) {
   const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
 }
+
+// The one-copy Q4_1 kernels take and give float32 (they round their inputs to int8 themselves).
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 #endif
 
 #if defined(TRICKLM_AVX2) && defined(__GNUC__)
@@ -153,9 +160,10 @@ constexpr int64_t kMaxChunks = 16;  // head_dim up to 256 in 16-wide vectors
 // One (sequence, KV head) of attention, as `DecoderStack::attend` does it 8 wide: the group's query
 // heads `qg` [group, d] over n cached positions (`slots`) -> `dst` [group, d]. Scores go 16 keys at a
 // time through `sum_lanes16`; `scores` holds group x n floats, `partial` group x 256.
+template <typename Out>
 TRICKLM_AVX512 void attend_group_avx512(const float* qg, int64_t group, int64_t d, const half* keys,
                                         const half* values, const int64_t* slots, int64_t n, float scale,
-                                        float* scores, float* partial, bf16* dst) {
+                                        float* scores, float* partial, Out* dst) {
   const int64_t chunks = d / 16;
   for (int64_t p0 = 0; p0 < n; p0 += 16) {
     const int64_t count = std::min<int64_t>(16, n - p0);
@@ -202,15 +210,16 @@ TRICKLM_AVX512 void attend_group_avx512(const float* qg, int64_t group, int64_t 
 }
 #endif
 
-// out = bfloat16(rms_norm(x) * w), row by row: the input of the next projection.
-void rms_norm_bf16(const at::Tensor& x, const at::Tensor& w, double eps, at::Tensor& out) {
+// out = rms_norm(x) * w, row by row, in the dtype the next projection reads (Out: bf16 or float).
+template <typename Out>
+void rms_norm_to(const at::Tensor& x, const at::Tensor& w, double eps, at::Tensor& out) {
   const int64_t rows = x.size(0), h = x.size(1);
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
-  bf16* op = out.data_ptr<bf16>();
+  Out* op = out.data_ptr<Out>();
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = xp + r * h;
-    bf16* o = op + r * h;
+    Out* o = op + r * h;
     float ss = 0.f;
     for (int64_t i = 0; i < h; ++i) ss += xr[i] * xr[i];
     const float inv = 1.f / std::sqrt(ss / static_cast<float>(h) + static_cast<float>(eps));
@@ -221,14 +230,15 @@ void rms_norm_bf16(const at::Tensor& x, const at::Tensor& w, double eps, at::Ten
       store8(o + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + i), scale), _mm256_loadu_ps(wp + i)));
     }
 #endif
-    for (; i < h; ++i) o[i] = bf16(xr[i] * inv * wp[i]);
+    for (; i < h; ++i) o[i] = Out(xr[i] * inv * wp[i]);
   }
 }
 
-// x += float(y): a projection's bfloat16 output added to the float32 residual stream.
-void add_bf16_(at::Tensor& x, const at::Tensor& y) {
+// x += float(y): a projection's output (bfloat16 or float32) added to the float32 residual stream.
+template <typename T>
+void add_(at::Tensor& x, const at::Tensor& y) {
   float* xp = x.data_ptr<float>();
-  const bf16* yp = y.data_ptr<bf16>();
+  const T* yp = y.data_ptr<T>();
   const int64_t n = x.numel();
   int64_t i = 0;
 #ifdef TRICKLM_AVX2
@@ -237,14 +247,16 @@ void add_bf16_(at::Tensor& x, const at::Tensor& y) {
   for (; i < n; ++i) xp[i] += static_cast<float>(yp[i]);
 }
 
-// out = bfloat16(silu(gate) * up), from the fused gate/up projection's output.
-void silu_mul_bf16(const at::Tensor& gate_up, int64_t inter, at::Tensor& out) {
+// out = silu(gate) * up, from the fused gate/up projection's output, all in T (bf16 or float).
+template <typename T>
+void silu_mul_to(const at::Tensor& gate_up, int64_t inter, at::Tensor& out) {
+  using Out = T;
   const int64_t rows = gate_up.size(0);
-  const bf16* gp = gate_up.data_ptr<bf16>();
-  bf16* op = out.data_ptr<bf16>();
+  const T* gp = gate_up.data_ptr<T>();
+  Out* op = out.data_ptr<Out>();
   for (int64_t r = 0; r < rows; ++r) {
-    const bf16* g = gp + r * 2 * inter;
-    bf16* o = op + r * inter;
+    const T* g = gp + r * 2 * inter;
+    Out* o = op + r * inter;
     int64_t i = 0;
 #ifdef TRICKLM_AVX2
     const __m256 one = _mm256_set1_ps(1.f);
@@ -256,15 +268,22 @@ void silu_mul_bf16(const at::Tensor& gate_up, int64_t inter, at::Tensor& out) {
 #endif
     for (; i < inter; ++i) {
       const float a = static_cast<float>(g[i]);
-      o[i] = bf16(a / (1.f + std::exp(-a)) * static_cast<float>(g[inter + i]));
+      o[i] = Out(a / (1.f + std::exp(-a)) * static_cast<float>(g[inter + i]));
     }
   }
 }
 
+// Torch's 4-bit kernel takes and gives bfloat16; the Q4_1 one float32 (it rounds its input to int8
+// itself, and a bfloat16 rounding before or after it doubled the difference from the Python path).
 struct Projection {
-  at::Tensor packed, scales_and_zeros;
+  at::Tensor packed, scales_and_zeros;  // torch's layout
+  at::Tensor levels, d, m;              // or Q4_1 blocks (qmatmul.h), `n` outputs
+  int64_t n = 0;
 
   at::Tensor operator()(const at::Tensor& x) const {
+    if (levels.defined()) {
+      return tricklm_q4::q4_matmul(x, levels, d, m, n, "");
+    }
     return at::_weight_int4pack_mm_for_cpu(x, packed, kGroup, scales_and_zeros);
   }
 };
@@ -311,31 +330,31 @@ class DecoderStack {
   void add_layer(at::Tensor input_norm, at::Tensor post_norm, at::Tensor kv_cache, at::Tensor qkv_packed,
                  at::Tensor qkv_sz, c10::optional<at::Tensor> qkv_bias, at::Tensor o_packed, at::Tensor o_sz,
                  at::Tensor gate_up_packed, at::Tensor gate_up_sz, at::Tensor down_packed, at::Tensor down_sz) {
-    TORCH_CHECK(kv_cache.scalar_type() == at::kHalf && kv_cache.is_contiguous() && kv_cache.dim() == 3 &&
-                    kv_cache.size(0) == 2 * hkv_ && kv_cache.size(2) == d_,
-                "kv_cache must be contiguous fp16 [2 * num_kv_heads, slots, head_dim]");
-    TORCH_CHECK(layers_.empty() || kv_cache.size(1) == layers_.front().kv_cache.size(1),
-                "every layer's cache must have the same number of slots");
+    TORCH_CHECK(!q4_, "a stack's layers must all use one 4-bit layout");
     const int64_t hidden = final_norm_.numel();
-    for (const auto* norm : {&input_norm, &post_norm}) {
-      TORCH_CHECK(norm->device().is_cpu() && norm->scalar_type() == at::kFloat && norm->numel() == hidden,
-                  "norm weights must be float32 vectors of the hidden size");
-    }
     check_projection("qkv", qkv_packed, qkv_sz, hidden, (hq_ + 2 * hkv_) * d_);
     check_projection("o", o_packed, o_sz, hq_ * d_, hidden);
     check_projection("gate_up", gate_up_packed, gate_up_sz, hidden, 2 * inter_);
     check_projection("down", down_packed, down_sz, inter_, hidden);
-    at::Tensor bias;
-    if (qkv_bias) {
-      TORCH_CHECK(qkv_bias->device().is_cpu() && qkv_bias->numel() == (hq_ + 2 * hkv_) * d_,
-                  "the qkv bias must have one value per output");
-      bias = qkv_bias->to(at::kFloat).contiguous();
-    }
-    layers_.push_back(Layer{input_norm.contiguous(), post_norm.contiguous(), std::move(kv_cache), bias,
-                            Projection{std::move(qkv_packed), std::move(qkv_sz)},
-                            Projection{std::move(o_packed), std::move(o_sz)},
-                            Projection{std::move(gate_up_packed), std::move(gate_up_sz)},
-                            Projection{std::move(down_packed), std::move(down_sz)}});
+    add(std::move(input_norm), std::move(post_norm), std::move(kv_cache), qkv_bias,
+        Projection{std::move(qkv_packed), std::move(qkv_sz)}, Projection{std::move(o_packed), std::move(o_sz)},
+        Projection{std::move(gate_up_packed), std::move(gate_up_sz)},
+        Projection{std::move(down_packed), std::move(down_sz)});
+  }
+
+  // The same with projections in Q4_1 blocks (levels, d, m each, as `Q4Weight` holds them).
+  void add_layer_q4(at::Tensor input_norm, at::Tensor post_norm, at::Tensor kv_cache, std::vector<at::Tensor> qkv,
+                    c10::optional<at::Tensor> qkv_bias, std::vector<at::Tensor> o, std::vector<at::Tensor> gate_up,
+                    std::vector<at::Tensor> down) {
+    const int64_t hidden = final_norm_.numel();
+    TORCH_CHECK(layers_.empty() || q4_, "a stack's layers must all use one 4-bit layout");
+    q4_ = true;
+    auto qkv_p = q4_projection("qkv", qkv, hidden, (hq_ + 2 * hkv_) * d_);
+    auto o_p = q4_projection("o", o, hq_ * d_, hidden);
+    auto gate_up_p = q4_projection("gate_up", gate_up, hidden, 2 * inter_);
+    auto down_p = q4_projection("down", down, inter_, hidden);
+    add(std::move(input_norm), std::move(post_norm), std::move(kv_cache), qkv_bias, std::move(qkv_p),
+        std::move(o_p), std::move(gate_up_p), std::move(down_p));
   }
 
   // x [B, H] float32, one row per sequence -> final-normed hidden states [B, H] float32.
@@ -367,27 +386,77 @@ class DecoderStack {
     const Step step{cos_c.data_ptr<float>(),  sin_c.data_ptr<float>(), slots_c.data_ptr<int64_t>(),
                     tables.data_ptr<int64_t>(), tables.size(1),         lp, max_len};
 
-    const auto bf = x.options().dtype(at::kBFloat16);
-    auto h = at::empty({b, hidden}, bf);
-    auto attn = at::empty({b, hq_ * d_}, bf);
-    auto act = at::empty({b, inter_}, bf);
+    if (q4_) return run_layers<float>(x, step);
+    return run_layers<bf16>(x, step);
+  }
+
+  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+  bool q4() const { return q4_; }
+  bool avx512_attention() const { return avx512_; }
+
+ private:
+  // In: the projections' input and output dtype (bfloat16 for torch's 4-bit kernel, float32 for Q4_1).
+  template <typename In>
+  at::Tensor run_layers(at::Tensor x, const Step& step) const {
+    const int64_t b = x.size(0), hidden = x.size(1);
+    const auto in = x.options().dtype(c10::CppTypeToScalarType<In>::value);
+    auto h = at::empty({b, hidden}, in);
+    auto attn = at::empty({b, hq_ * d_}, in);
+    auto act = at::empty({b, inter_}, in);
     auto q = at::empty({b, hq_ * d_}, x.options());
     for (const auto& layer : layers_) {
-      rms_norm_bf16(x, layer.input_norm, eps_, h);
-      rotate_and_store(layer, layer.qkv(h), step, q);
-      attend(layer, q, step, attn);
-      add_bf16_(x, layer.o(attn));
-      rms_norm_bf16(x, layer.post_norm, eps_, h);
-      silu_mul_bf16(layer.gate_up(h), inter_, act);
-      add_bf16_(x, layer.down(act));
+      rms_norm_to<In>(x, layer.input_norm, eps_, h);
+      rotate_and_store<In>(layer, layer.qkv(h), step, q);
+      attend<In>(layer, q, step, attn);
+      add_<In>(x, layer.o(attn));
+      rms_norm_to<In>(x, layer.post_norm, eps_, h);
+      silu_mul_to<In>(layer.gate_up(h), inter_, act);
+      add_<In>(x, layer.down(act));
     }
     return at::rms_norm(x, {hidden}, final_norm_, eps_);
   }
 
-  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
-  bool avx512_attention() const { return avx512_; }
+  void add(at::Tensor input_norm, at::Tensor post_norm, at::Tensor kv_cache, const c10::optional<at::Tensor>& qkv_bias,
+           Projection qkv, Projection o, Projection gate_up, Projection down) {
+    TORCH_CHECK(kv_cache.scalar_type() == at::kHalf && kv_cache.is_contiguous() && kv_cache.dim() == 3 &&
+                    kv_cache.size(0) == 2 * hkv_ && kv_cache.size(2) == d_,
+                "kv_cache must be contiguous fp16 [2 * num_kv_heads, slots, head_dim]");
+    TORCH_CHECK(layers_.empty() || kv_cache.size(1) == layers_.front().kv_cache.size(1),
+                "every layer's cache must have the same number of slots");
+    const int64_t hidden = final_norm_.numel();
+    for (const auto* norm : {&input_norm, &post_norm}) {
+      TORCH_CHECK(norm->device().is_cpu() && norm->scalar_type() == at::kFloat && norm->numel() == hidden,
+                  "norm weights must be float32 vectors of the hidden size");
+    }
+    at::Tensor bias;
+    if (qkv_bias) {
+      TORCH_CHECK(qkv_bias->device().is_cpu() && qkv_bias->numel() == (hq_ + 2 * hkv_) * d_,
+                  "the qkv bias must have one value per output");
+      bias = qkv_bias->to(at::kFloat).contiguous();
+    }
+    layers_.push_back(Layer{input_norm.contiguous(), post_norm.contiguous(), std::move(kv_cache), bias,
+                            std::move(qkv), std::move(o), std::move(gate_up), std::move(down)});
+  }
 
- private:
+  Projection q4_projection(const char* name, const std::vector<at::Tensor>& parts, int64_t in, int64_t out) const {
+    TORCH_CHECK(parts.size() == 3, "the ", name, " projection needs levels, scales and minimums");
+    const int64_t groups = (out + tricklm_q4::kCols - 1) / tricklm_q4::kCols;
+    TORCH_CHECK(parts[0].device().is_cpu() && parts[0].scalar_type() == at::kByte && parts[0].is_contiguous() &&
+                    parts[0].sizes() == at::IntArrayRef({groups, in / kGroup, 4, 64}) && in % kGroup == 0,
+                "the ", name, " projection must be Q4_1 blocks, ", in, " -> ", out);
+    for (int i = 1; i < 3; ++i) {
+      TORCH_CHECK(parts[i].device().is_cpu() && parts[i].scalar_type() == at::kHalf && parts[i].is_contiguous() &&
+                      parts[i].sizes() == at::IntArrayRef({groups, in / kGroup, tricklm_q4::kCols}),
+                  "the ", name, " projection's scales and minimums must be fp16 [groups, in / 32, 16]");
+    }
+    Projection p;
+    p.levels = parts[0];
+    p.d = parts[1];
+    p.m = parts[2];
+    p.n = out;
+    return p;
+  }
+
   void check_projection(const char* name, const at::Tensor& packed, const at::Tensor& scales_and_zeros,
                         int64_t in, int64_t out) const {
     // torch's CPU 4-bit layout: scales and zeros are [in / 32, out, 2], the packed levels [out, in / 2]
@@ -418,10 +487,11 @@ class DecoderStack {
   }
 
   // q heads (rotated) into `q`; K heads (rotated) and V heads into the cache at each row's slot.
+  template <typename T>
   void rotate_and_store(const Layer& layer, const at::Tensor& qkv, const Step& step, at::Tensor& q) const {
     const int64_t b = qkv.size(0), width = qkv.size(1), half_d = d_ / 2;
     const int64_t num_slots = layer.kv_cache.size(1);
-    const bf16* src = qkv.data_ptr<bf16>();
+    const T* src = qkv.data_ptr<T>();
     const float* bias = layer.qkv_bias.defined() ? layer.qkv_bias.data_ptr<float>() : nullptr;
     float* qp = q.data_ptr<float>();
     half* cache = layer.kv_cache.data_ptr<half>();
@@ -453,11 +523,12 @@ class DecoderStack {
   }
 
   // One query per sequence over its cached context (K/V read straight from the cache's blocks).
+  template <typename Out>
   void attend(const Layer& layer, const at::Tensor& q, const Step& step, at::Tensor& out) const {
     const int64_t b = q.size(0), group = hq_ / hkv_, num_slots = layer.kv_cache.size(1);
     const float* qp = q.data_ptr<float>();
     const half* cache = layer.kv_cache.data_ptr<half>();
-    bf16* op = out.data_ptr<bf16>();
+    Out* op = out.data_ptr<Out>();
     at::parallel_for(0, b * hkv_, kAttentionGrain, [&](int64_t begin, int64_t end) {
       std::vector<float> scores(group * step.max_len), acc(group * d_), partial(avx512_ ? group * 256 : 0);
       std::vector<int64_t> slots(step.max_len);
@@ -470,7 +541,7 @@ class DecoderStack {
         const half* values = cache + (hkv_ + g) * num_slots * d_;
         const float* qg = qp + (r * hq_ + g * group) * d_;
         const int64_t* table = step.tables + r * step.blocks_per_row;
-        bf16* dst = op + (r * hq_ + g * group) * d_;
+        Out* dst = op + (r * hq_ + g * group) * d_;
         // block by block: a 64-bit division per position cost more than the position's arithmetic
         for (int64_t i = 0, block = start / block_size_, offset = start % block_size_; i < n; ++i) {
           slots[i] = table[block] * block_size_ + offset;
@@ -492,7 +563,7 @@ class DecoderStack {
           const half* v = values + slots[p] * d_;
           for (int64_t j = 0; j < group; ++j) axpy_half(acc.data() + j * d_, scores[j * n + p], v, d_);
         }
-        for (int64_t i = 0; i < group * d_; ++i) dst[i] = bf16(acc[i]);
+        for (int64_t i = 0; i < group * d_; ++i) dst[i] = Out(acc[i]);
       }
     });
   }
@@ -504,6 +575,7 @@ class DecoderStack {
   at::Tensor final_norm_;
   std::vector<Layer> layers_;
   bool avx512_ = false;  // attention 16 wide (`attend_group_avx512`)
+  bool q4_ = false;       // the layers' projections are Q4_1 blocks (all or none of them)
 };
 
 }  // namespace
@@ -512,6 +584,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<DecoderStack>(m, "DecoderStack")
       .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, double, int64_t, int64_t, at::Tensor>())
       .def("add_layer", &DecoderStack::add_layer)
+      .def("add_layer_q4", &DecoderStack::add_layer_q4)
       .def("forward", &DecoderStack::forward, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("num_layers", &DecoderStack::num_layers)
       .def_property_readonly("avx512_attention", &DecoderStack::avx512_attention);

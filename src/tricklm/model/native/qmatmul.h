@@ -1,0 +1,277 @@
+// 4-bit weights times 8-bit activations, for every step: one compact copy of the weights serves a 1-row
+// decode step, a 16-row batch and a 256-row prefill chunk alike.
+//
+// Weights are GGUF's Q4_1 blocks of 32 (a level 0..15 per weight, a scale d and a minimum m per block,
+// w = d * level + m; Q4_0 is the case m = -8 d), repacked at load the way llama.cpp repacks Q4_0 for
+// AVX-512: 16 output columns interleaved, so that one 64-byte load holds 4 consecutive levels of each of
+// 16 columns. For column group g and block b, `levels[g][b][p]` is 64 bytes: byte 4 c + i holds, in its
+// low nibble, the level of column c at element 4 p + i of the block, and in its high nibble the level at
+// element 4 (p + 4) + i. `d[g][b]` and `m[g][b]` are the 16 columns' scales and minimums, fp16 as in
+// the file (a quarter of a bit per weight each, against half a bit in float32).
+//
+// Activations are quantized per block of 32 to int8 with a scale s, as llama.cpp's Q8_1 does, so each
+// block's dot product is an integer one:
+//
+//   sum_j w_j x_j ~= d s sum_j level_j q_j + m s sum_j q_j
+//
+// One VNNI vpdpbusd multiplies 4 levels of 16 columns by the same 4 activations (broadcast) and adds:
+// a block of 16 columns is 8 of them, and a tile of activation rows shares each unpacked weight block.
+// AVX2 does the same on 8 columns at a time with vpmaddubsw + vpmaddwd (levels <= 15 and |q| <= 127
+// cannot saturate its 16-bit pairs); plain C++ without either. The choice is made at run time.
+
+#pragma once
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace tricklm_q4 {
+
+constexpr int64_t kBlock = 32;
+constexpr int64_t kRowTile = 4;   // activation rows that share one unpacked weight block
+
+// Rows of activations, quantized: int8 values, and per block its scale and scale * sum of values.
+struct QuantizedRows {
+  std::vector<int8_t> q;
+  std::vector<float> scale;
+  std::vector<float> scaled_sum;
+};
+
+inline QuantizedRows quantize_rows(const float* x, int64_t rows, int64_t k) {
+  const int64_t blocks = k / kBlock;
+  QuantizedRows out{std::vector<int8_t>(rows * k), std::vector<float>(rows * blocks),
+                    std::vector<float>(rows * blocks)};
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t b = 0; b < blocks; ++b) {
+        const float* src = x + r * k + b * kBlock;
+        float amax = 0.0f;
+        for (int64_t j = 0; j < kBlock; ++j) amax = std::max(amax, std::fabs(src[j]));
+        const float s = amax / 127.0f;
+        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        int8_t* dst = out.q.data() + r * k + b * kBlock;
+        int sum = 0;
+        for (int64_t j = 0; j < kBlock; ++j) {
+          dst[j] = static_cast<int8_t>(std::nearbyint(src[j] * inv));
+          sum += dst[j];
+        }
+        out.scale[r * blocks + b] = s;
+        out.scaled_sum[r * blocks + b] = s * static_cast<float>(sum);
+      }
+    }
+  });
+  return out;
+}
+
+constexpr int64_t kCols = 16;       // output columns interleaved in one group
+constexpr int64_t kGroupBytes = 256;  // one block of one group: 4 loads of 64 bytes
+constexpr int64_t kPrefetch = 8 * kGroupBytes;  // how far ahead of the loads the prefetches run
+
+struct Problem {
+  const QuantizedRows* x;
+  const uint8_t* levels;  // [groups, blocks, 4, 64]
+  const at::Half* d;      // [groups, blocks, 16]
+  const at::Half* m;      // [groups, blocks, 16]
+  float* out;             // [rows, n]
+  int64_t rows, n, k;
+};
+
+inline void store_columns(const Problem& p, int64_t row, int64_t group, const float* values) {
+  const int64_t first = group * kCols;
+  const int64_t count = std::min(kCols, p.n - first);  // the last group may be padding past n
+  std::memcpy(p.out + row * p.n + first, values, count * sizeof(float));
+}
+
+inline void kernel_scalar(const Problem& p, int64_t group_begin, int64_t group_end) {
+  const int64_t blocks = p.k / kBlock;
+  for (int64_t g = group_begin; g < group_end; ++g) {
+    for (int64_t row = 0; row < p.rows; ++row) {
+      float acc[kCols] = {};
+      for (int64_t b = 0; b < blocks; ++b) {
+        const uint8_t* w = p.levels + (g * blocks + b) * kGroupBytes;
+        const int8_t* q = p.x->q.data() + row * p.k + b * kBlock;
+        const float s = p.x->scale[row * blocks + b], ss = p.x->scaled_sum[row * blocks + b];
+        for (int64_t c = 0; c < kCols; ++c) {
+          int dot = 0;
+          for (int64_t quad = 0; quad < 4; ++quad) {
+            for (int64_t i = 0; i < 4; ++i) {
+              const uint8_t byte = w[quad * 64 + c * 4 + i];
+              dot += (byte & 0x0F) * q[quad * 4 + i] + (byte >> 4) * q[(quad + 4) * 4 + i];
+            }
+          }
+          const int64_t at = (g * blocks + b) * kCols + c;
+          const float d = static_cast<float>(p.d[at]), m = static_cast<float>(p.m[at]);
+          acc[c] += d * s * static_cast<float>(dot) + m * ss;
+        }
+      }
+      store_columns(p, row, g, acc);
+    }
+  }
+}
+
+__attribute__((target("avx2,fma,f16c"))) inline __m256i dot_avx2(__m256i acc, __m256i w, __m256i x) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
+}
+
+// AVX2: a group is two halves of 8 columns (32 bytes of each 64-byte load).
+__attribute__((target("avx2,fma,f16c"))) inline void kernel_avx2(const Problem& p, int64_t group_begin, int64_t group_end) {
+  const int64_t blocks = p.k / kBlock;
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  for (int64_t g = group_begin; g < group_end; ++g) {
+    for (int64_t row0 = 0; row0 < p.rows; row0 += kRowTile) {
+      const int64_t tile = std::min(kRowTile, p.rows - row0);
+      __m256 acc[kRowTile][2];
+      for (auto& a : acc) a[0] = a[1] = _mm256_setzero_ps();
+      for (int64_t b = 0; b < blocks; ++b) {
+        const uint8_t* w = p.levels + (g * blocks + b) * kGroupBytes;
+        const auto* d = reinterpret_cast<const uint16_t*>(p.d + (g * blocks + b) * kCols);
+        const auto* m = reinterpret_cast<const uint16_t*>(p.m + (g * blocks + b) * kCols);
+        for (int64_t half = 0; half < 2; ++half) {
+          __m256i lo[4], hi[4];
+          for (int64_t quad = 0; quad < 4; ++quad) {
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + quad * 64 + half * 32));
+            lo[quad] = _mm256_and_si256(v, nibble);
+            hi[quad] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+          }
+          const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d + half * 8)));
+          const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m + half * 8)));
+          for (int64_t t = 0; t < tile; ++t) {
+            const int64_t row = row0 + t;
+            const int32_t* q = reinterpret_cast<const int32_t*>(p.x->q.data() + row * p.k + b * kBlock);
+            __m256i isum = _mm256_setzero_si256();
+            for (int64_t quad = 0; quad < 4; ++quad) {
+              isum = dot_avx2(isum, lo[quad], _mm256_set1_epi32(q[quad]));
+              isum = dot_avx2(isum, hi[quad], _mm256_set1_epi32(q[quad + 4]));
+            }
+            const __m256 s = _mm256_set1_ps(p.x->scale[row * blocks + b]);
+            const __m256 ss = _mm256_set1_ps(p.x->scaled_sum[row * blocks + b]);
+            acc[t][half] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dv, s), acc[t][half]);
+            acc[t][half] = _mm256_fmadd_ps(mv, ss, acc[t][half]);
+          }
+        }
+      }
+      for (int64_t t = 0; t < tile; ++t) {
+        alignas(32) float values[kCols];
+        _mm256_store_ps(values, acc[t][0]);
+        _mm256_store_ps(values + 8, acc[t][1]);
+        store_columns(p, row0 + t, g, values);
+      }
+    }
+  }
+}
+
+// TILE rows of one column group: a compile-time tile lets every row's dot products run as independent
+// chains (vpdpbusd has a latency of several cycles: one chain per row would wait on itself).
+template <int TILE>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void vnni_tile(const Problem& p, int64_t g, int64_t row0) {
+  const int64_t blocks = p.k / kBlock;
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  __m512 acc[TILE];
+  for (int t = 0; t < TILE; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const uint8_t* w = p.levels + (g * blocks + b) * kGroupBytes;
+    // A decode step streams every weight once from memory: ask for the next blocks ahead of time
+    for (int line = 0; line < 4; ++line) _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetch + line * 64), _MM_HINT_T0);
+    __m512i lo[4], hi[4];
+    for (int quad = 0; quad < 4; ++quad) {
+      const __m512i v = _mm512_loadu_si512(w + quad * 64);
+      lo[quad] = _mm512_and_si512(v, nibble);
+      hi[quad] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+    }
+    const int64_t at = (g * blocks + b) * kCols;
+    const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.d + at)));
+    const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.m + at)));
+    __m512i even[TILE], odd[TILE];
+    for (int t = 0; t < TILE; ++t) even[t] = odd[t] = _mm512_setzero_si512();
+    for (int quad = 0; quad < 4; ++quad) {
+      for (int t = 0; t < TILE; ++t) {
+        const int32_t* q = reinterpret_cast<const int32_t*>(p.x->q.data() + (row0 + t) * p.k + b * kBlock);
+        even[t] = _mm512_dpbusd_epi32(even[t], lo[quad], _mm512_set1_epi32(q[quad]));
+        odd[t] = _mm512_dpbusd_epi32(odd[t], hi[quad], _mm512_set1_epi32(q[quad + 4]));
+      }
+    }
+    for (int t = 0; t < TILE; ++t) {
+      const int64_t at = (row0 + t) * blocks + b;
+      const __m512 isum = _mm512_cvtepi32_ps(_mm512_add_epi32(even[t], odd[t]));
+      acc[t] = _mm512_fmadd_ps(isum, _mm512_mul_ps(dv, _mm512_set1_ps(p.x->scale[at])), acc[t]);
+      acc[t] = _mm512_fmadd_ps(mv, _mm512_set1_ps(p.x->scaled_sum[at]), acc[t]);
+    }
+  }
+  for (int t = 0; t < TILE; ++t) {
+    alignas(64) float values[kCols];
+    _mm512_store_ps(values, acc[t]);
+    store_columns(p, row0 + t, g, values);
+  }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) inline void kernel_vnni(const Problem& p, int64_t group_begin,
+                                                                          int64_t group_end) {
+  for (int64_t g = group_begin; g < group_end; ++g) {
+    int64_t row = 0;
+    for (; row + kRowTile <= p.rows; row += kRowTile) vnni_tile<kRowTile>(p, g, row);
+    switch (p.rows - row) {
+      case 3: vnni_tile<3>(p, g, row); break;
+      case 2: vnni_tile<2>(p, g, row); break;
+      case 1: vnni_tile<1>(p, g, row); break;
+      default: break;
+    }
+  }
+}
+
+using Kernel = void (*)(const Problem&, int64_t, int64_t);
+
+inline std::string isa_name() {
+  if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw")) return "avx512vnni";
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return "avx2";
+  return "scalar";
+}
+
+inline Kernel pick(const std::string& isa) {
+  if (isa == "avx512vnni") return kernel_vnni;
+  if (isa == "avx2") return kernel_avx2;
+  return kernel_scalar;
+}
+
+inline void check_inputs(const torch::Tensor& x, const torch::Tensor& levels, const torch::Tensor& d,
+                  const torch::Tensor& m, int64_t n) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
+              "x must be a contiguous float32 [rows, k] tensor");
+  const int64_t k = x.size(1), groups = (n + kCols - 1) / kCols, blocks = k / kBlock;
+  TORCH_CHECK(k % kBlock == 0 && k > 0 && n > 0, "k must be a positive multiple of 32, n positive");
+  TORCH_CHECK(levels.scalar_type() == torch::kUInt8 && levels.is_contiguous() &&
+                  levels.sizes() == torch::IntArrayRef({groups, blocks, 4, 64}),
+              "levels must be contiguous uint8 [ceil(n / 16), k / 32, 4, 64]");
+  for (const auto* t : {&d, &m}) {
+    TORCH_CHECK(t->scalar_type() == torch::kFloat16 && t->is_contiguous() &&
+                    t->sizes() == torch::IntArrayRef({groups, blocks, kCols}),
+                "scales and minimums must be contiguous float16 [ceil(n / 16), k / 32, 16]");
+  }
+}
+
+// x [rows, k] float32 times the repacked 4-bit weight [n, k] -> [rows, n] float32; `isa` "" picks the best.
+inline torch::Tensor q4_matmul(const torch::Tensor& x, const torch::Tensor& levels, const torch::Tensor& d,
+                        const torch::Tensor& m, int64_t n, const std::string& isa) {
+  check_inputs(x, levels, d, m, n);
+  const int64_t rows = x.size(0), k = x.size(1);
+  const std::string chosen = isa.empty() ? isa_name() : isa;
+  TORCH_CHECK(chosen == "scalar" || chosen == "avx2" || chosen == "avx512vnni", "unknown isa ", chosen);
+  TORCH_CHECK(chosen == "scalar" || isa_name() == "avx512vnni" || chosen == isa_name(),
+              "this CPU cannot run the ", chosen, " kernel");
+  auto out = torch::empty({rows, n}, x.options());
+  if (rows == 0) return out;
+  const QuantizedRows quantized = quantize_rows(x.data_ptr<float>(), rows, k);
+  const Problem problem{&quantized, levels.data_ptr<uint8_t>(), d.data_ptr<at::Half>(), m.data_ptr<at::Half>(),
+                        out.data_ptr<float>(), rows, n, k};
+  const Kernel kernel = pick(chosen);
+  at::parallel_for(0, levels.size(0), 1, [&](int64_t begin, int64_t end) { kernel(problem, begin, end); });
+  return out;
+}
+
+}  // namespace tricklm_q4
+
