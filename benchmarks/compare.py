@@ -13,6 +13,7 @@ Servers (`--servers`, default all):
   tricklm-bf16-prefill  the same with `--prefill-weights bf16` (the prefill copy before `auto`)
   tricklm-fp16 the same with `--quantization fp16` (fp16 weights for decode: the default before int4)
   tricklm-fp16-only  the same with `--quantization fp16-only` (no bfloat16 prefill copies)
+  tricklm-q4_1 the same with `--quantization q4_1` (one 4-bit copy for every step, int8 kernels)
   baseline     the design doc's thread-pool server, `benchmarks/baseline_threadpool.py` (HF model, fp32)
   tf-serve     `transformers serve MODEL`
   tf-serve-cb  `transformers serve MODEL --continuous-batching`
@@ -106,6 +107,12 @@ SPECS: dict[str, ServerSpec] = {
             "tricklm `--quantization fp16-only`",
             False,
             "fp16 weights for every step, no bfloat16 prefill copies: less memory, slower prefill",
+        ),
+        ServerSpec(
+            "tricklm-q4_1",
+            "tricklm `--quantization q4_1`",
+            False,
+            "one copy of Q4_1 weights for every step, int8 activations in the native kernels",
         ),
         ServerSpec(
             "baseline",
