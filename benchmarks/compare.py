@@ -187,9 +187,10 @@ def build_launch(key: str, ctx: Context, port: int) -> Launch:
         return Launch([sys.executable, "-m", "tricklm", "serve", *host, "--quantization", mode], env, [])
     if key == "baseline":
         script = str(BENCH_DIR / "baseline_threadpool.py")
-        return Launch([sys.executable, script, "--model", str(ctx.model_dir), *host], env, [])
+        return Launch([sys.executable, script, "--model", str(hf_weights_folder(ctx.model_dir)), *host], env, [])
     if key in ("tf-serve", "tf-serve-cb"):
-        model = str(no_eos_view(ctx.model_dir, PEERS_VENV / "models" / f"{ctx.model_dir.name}-no-eos"))
+        hf = hf_weights_folder(ctx.model_dir)
+        model = str(no_eos_view(hf, PEERS_VENV / "models" / f"{ctx.model_dir.name}-no-eos"))
         cmd = [str(PEERS_VENV / "bin" / "transformers"), "serve", model, *host]
         if key == "tf-serve-cb":
             cmd.append("--continuous-batching")
@@ -205,6 +206,33 @@ def build_launch(key: str, ctx: Context, port: int) -> Launch:
         cmd = [str(PEERS_PY), "-m", "llama_cpp.server", "--model", str(ctx.gguf), *host]
         return Launch([*cmd, "--interrupt_requests", "False"], env, [])
     raise ValueError(key)
+
+
+def hf_weights_folder(model_dir: Path) -> Path:
+    """A Hugging Face folder with float32 safetensors, for the peers that load models with transformers.
+
+    tricklm's cache folder of a GGUF holds no weights (tricklm reads them from the file at every start),
+    so they are written out here once, through tricklm's own GGUF reader.
+    """
+    from safetensors.torch import save_file
+
+    from tricklm.model.gguf_weights import GGUF_LINK, dense_tensors, weights_reader
+    from tricklm.model.loader import load_config
+    from tricklm.model.resolve import cache_dir
+
+    if any(model_dir.glob("*.safetensors")):
+        return model_dir
+    out = cache_dir() / "hf-export" / model_dir.name
+    if (out / "model.safetensors").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    for item in model_dir.iterdir():
+        if item.name != GGUF_LINK and not (out / item.name).exists():
+            (out / item.name).symlink_to(item.resolve())
+    tensors = dict(dense_tensors(weights_reader(model_dir / GGUF_LINK), load_config(model_dir)))
+    save_file(tensors, str(out / "model.safetensors.partial"), metadata={"format": "pt"})
+    (out / "model.safetensors.partial").rename(out / "model.safetensors")
+    return out
 
 
 def no_eos_view(model_dir: Path, out: Path) -> Path:
@@ -554,7 +582,8 @@ def write_markdown(outcomes: list[Outcome], ctx: Context, args: argparse.Namespa
         f"({info.get('threads_per_core', '?')} thread per core), {info['memory']} memory",
         "- software: " + ", ".join(f"{k} {v}" for k, v in info.items() if k not in _MACHINE_KEYS),
         f"- command: `{shlex.join([_rel(Path(sys.executable)), *sys.argv])}` (from the repository root)",
-        f"- model: SmolLM2-135M-Instruct — HF folder `{ctx.model_dir}` (fp32); llama.cpp: `{ctx.gguf}`",
+        f"- model: SmolLM2-135M-Instruct — tricklm folder `{ctx.model_dir}` (transformers peers: its weights in "
+        f"float32 safetensors); llama.cpp: `{ctx.gguf}`",
         f"- workload: `tricklm bench` over streaming `/v1/completions`, {args.num_prompts} random prompts of "
         f"{args.input_len} tokens per concurrency level, {args.output_len} output tokens (`ignore_eos`), "
         f"greedy, closed loop at concurrency {args.sweep}; the same prompts for every server",

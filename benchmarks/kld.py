@@ -1,9 +1,10 @@
 """KL divergence of weight formats from a reference, teacher-forced over real prose (issue 14's yardstick).
 
 Runs the same text through a reference and each candidate setting, in chunks of `--ctx` tokens, and
-scores the second half of every chunk (as `llama-perplexity --kl-divergence` does, so that each scored
-position sees at least ctx/2 tokens of context). Prints mean KLD, same-top-token %, Δp percentiles and
-both perplexities per candidate. Settings:
+scores the second half of every chunk as `llama-perplexity --kl-divergence` does: positions ctx/2 to
+ctx-2, each predicting the next token, so that every scored position has at least ctx/2 tokens of
+context (255 positions a chunk of 512; no BOS is added, SmolLM2's tokenizer adds none). Prints mean
+KLD, same-top-token %, Δp percentiles and both perplexities per candidate. Settings:
 
     none        float32 weights and activations (the default reference)
     q4_1        one 4-bit copy, int8 activations in the native kernels (--quantization q4_1)
@@ -108,11 +109,12 @@ def main() -> None:
     half = args.ctx // 2
     for c in range(chunks):
         ids = tokens[c * args.ctx : (c + 1) * args.ctx]
-        targets = torch.tensor(ids[half:])
+        # as llama-perplexity: positions ctx/2 .. ctx-2 are scored, each predicting the token after it
+        targets = torch.tensor(ids[half + 1 :])
         logits = {}
         for s, core in cores.items():
             start = time.perf_counter()
-            logits[s] = chunk_logits(core, ids)[half - 1 : -1]  # position i predicts token i + 1
+            logits[s] = chunk_logits(core, ids)[half:-1]
             seconds[s] += time.perf_counter() - start
         for s in stats:
             stats[s].add(logits[args.reference], logits[s], targets)

@@ -33,9 +33,13 @@ def convert_gguf(gguf_path: Path, out_dir: Path, progress: bool = True) -> None:
         _write_json(tmp / "generation_config.json", _generation_config(meta))
         _save_tokenizer(gguf_path, tmp, meta)
         (tmp / GGUF_LINK).symlink_to(gguf_path.resolve())
-        if out_dir.exists():
-            shutil.rmtree(out_dir)  # an older layout (float32 weights) or a damaged folder
-        tmp.rename(out_dir)
+        if out_dir.exists() and not (out_dir / GGUF_LINK).is_symlink():
+            shutil.rmtree(out_dir)  # an older layout (float32 weights)
+        try:
+            tmp.rename(out_dir)
+        except OSError:
+            if not (out_dir / GGUF_LINK).is_symlink():
+                raise  # not merely another process that finished the same folder first
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -42,7 +42,10 @@ def load_model(
     cls = model_class(cfg)
     with torch.device("meta"):
         model = cls(cfg)
-    gguf = weights_reader(model_dir / GGUF_LINK) if (model_dir / GGUF_LINK).exists() else None
+    link = model_dir / GGUF_LINK
+    if link.is_symlink() and not link.exists():
+        raise ModelLoadError(f"{link} points to {link.readlink()}, which is gone: pass the .gguf file again")
+    gguf = weights_reader(link) if link.exists() else None
     direct: set[str] = set()
     if gguf is not None and quantization == "q4_1":
         direct = _q4_projections_from_gguf(model, gguf, cfg)

