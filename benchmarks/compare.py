@@ -164,6 +164,7 @@ class Context:
     results: Path
     ready_timeout: float
     llama_server: Path | None = None  # a native llama-server binary, for the `llama-server` peer
+    model_arg: Path | None = None  # --model as given (tricklm's servers load it; None: the default model)
 
 
 @dataclass
@@ -175,6 +176,8 @@ class Launch:
 
 def build_launch(key: str, ctx: Context, port: int) -> Launch:
     host = ["--host", "127.0.0.1", "--port", str(port)]
+    if key.startswith("tricklm") and ctx.model_arg is not None:
+        host = [*host, "--model", str(ctx.model_arg)]
     env = dict(OFFLINE_ENV)
     if key == "tricklm":
         return Launch([sys.executable, "-m", "tricklm", "serve", *host], env, [])
@@ -720,7 +723,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--input-len", type=int, default=100, help="prompt tokens")
     p.add_argument("--output-len", type=int, default=128, help="output tokens per request")
     p.add_argument("--skip-install", action="store_true", help="do not create or fill benchmarks/.peers-venv")
-    p.add_argument("--model", type=Path, default=None, help="HF model folder (default: tricklm's cached default)")
+    p.add_argument(
+        "--model", type=Path, default=None, help="model folder or .gguf file to serve (default: the shipped one)"
+    )
     p.add_argument("--results", type=Path, default=BENCH_DIR / "results", help="output folder")
     p.add_argument(
         "--llama-server",
@@ -756,6 +761,7 @@ def main(argv: list[str] | None = None) -> int:
     gguf = args.gguf or find_gguf()
     ctx = Context(resolve_model(str(args.model) if args.model else None), gguf, results, args.ready_timeout)
     ctx.llama_server = args.llama_server
+    ctx.model_arg = args.model
     print(f"model folder: {ctx.model_dir}\nGGUF: {ctx.gguf}", flush=True)
 
     blocked: dict[str, str] = {}
