@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
+from tiny_models import make_tiny_model
+from tricklm.model.loader import load_model
 from tricklm.model.qlinear import Q4Linear, Q4Weight, load_qmatmul, q4_from_gguf, q4_matmul
-from tricklm.model.quant import quantize_q4_1
+from tricklm.model.quant import quantize_q4_1, weight_bytes
 
 SHAPES = [(1, 32), (17, 96), (33, 64), (100, 576), (16, 2048)]  # n not a multiple of 16, k not of 256
 ROWS = [1, 3, 4, 5, 16, 17, 64]
@@ -117,3 +121,15 @@ def test_a_q4_1_weight_staged_in_fp16_keeps_its_levels() -> None:
     again = quantize_q4_1(staged)
     assert torch.equal(again.blocks()[0], source.blocks()[0])
     assert torch.allclose(again.dequantize(), source.dequantize(), atol=2e-3)
+
+
+def test_weight_bytes_counts_each_format_once(tmp_path: Path) -> None:
+    path = make_tiny_model(tmp_path / "llama", "LlamaForCausalLM")
+    exact = load_model(path)
+    assert weight_bytes(exact) == {"float32": 4 * sum(p.numel() for p in exact.parameters())}  # type: ignore[attr-defined]
+    compact = load_model(path, quantization="q4_1")
+    held = weight_bytes(compact)
+    weights = sum(m.q4.n * m.q4.shape[1] for m in compact.modules() if isinstance(m, Q4Linear))  # type: ignore[attr-defined]
+    # half a byte a weight, plus fp16 scales and minimums (a quarter byte more) and the last group's padding
+    assert weights * 0.625 <= held["q4_1"] <= weights * 0.7
+    assert held["bfloat16"] == 2 * compact.model.embed_tokens.weight.numel()  # type: ignore[attr-defined]

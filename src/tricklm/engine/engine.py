@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from tricklm.engine.loop import EngineLoop, Sink
 from tricklm.engine.request import Request
 from tricklm.engine.sampling_params import SamplingParams
 from tricklm.model.loader import load_model, read_json
+from tricklm.model.quant import weight_bytes
 from tricklm.model.resolve import DEFAULT_MODEL_NAME, resolve_model
 from tricklm.tokenizer import Tokenizer
 
@@ -55,6 +57,7 @@ class Engine:
         self.info = LoadInfo(model_dir, name, time.monotonic() - start)
         self._ids = itertools.count()
         logger.info("loaded %s from %s in %.1fs", name, model_dir, self.info.load_seconds)
+        logger.info("memory: %s", memory_summary(model, self.core.kv_cache.nbytes))
 
     @property
     def max_model_len(self) -> int:
@@ -96,3 +99,17 @@ def generation_defaults(model_dir: Path) -> dict[str, Any]:
     if cfg.get("do_sample") is False:
         return {}
     return {k: cfg[k] for k in _DEFAULT_KEYS if isinstance(cfg.get(k), int | float)}
+
+
+def memory_summary(model: object, kv_bytes: int) -> str:
+    """One line for the log: weights by format, the KV cache's budget, and the process's resident size."""
+    weights = weight_bytes(model)  # type: ignore[arg-type]
+    by_format = ", ".join(f"{kind} {n / 2**20:.0f}" for kind, n in sorted(weights.items(), key=lambda kv: -kv[1]))
+    line = f"weights {sum(weights.values()) / 2**20:.0f} MiB ({by_format}); KV cache budget {kv_bytes / 2**20:.0f} MiB"
+    try:
+        with open("/proc/self/statm") as f:  # Linux; elsewhere the line just says less
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return line
+    return f"{line} (resident as it fills); process resident now {rss / 2**20:.0f} MiB"
+

@@ -35,6 +35,10 @@ class KVCache:
         self._free = list(range(1, num_blocks))
 
     @property
+    def nbytes(self) -> int:
+        return sum(layer.kv.numel() * layer.kv.element_size() for layer in self.layers)
+
+    @property
     def num_usable_blocks(self) -> int:
         return self.num_blocks - 1
 

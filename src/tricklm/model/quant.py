@@ -217,6 +217,7 @@ class HalfLinear(nn.Module):
         if prefill not in PREFILL_FORMATS[1:]:
             raise ValueError(f"prefill format must be one of {', '.join(PREFILL_FORMATS[1:])}")
         w = weight.detach()
+        self.shape = (int(w.shape[0]), int(w.shape[1]))  # (outputs, inputs): the packed forms do not say
         b = None if bias is None else bias.detach().float()
         self.int4 = Int4Weight.from_exact(w, b) if packed and int4 else None
         pack = packed and self.int4 is None and fbgemm_available()
@@ -315,3 +316,38 @@ def model_dtypes(model: nn.Module) -> tuple[torch.dtype, torch.dtype]:
         return ACT_DTYPE, KV_DTYPE
     dtype = next(iter(model.parameters())).dtype
     return dtype, dtype
+
+
+def weight_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes of weights held, by format ("q4_1", "int4", "fp16 packed", "bfloat16", "float32", ...).
+
+    fbgemm's packed fp16 weights are opaque: they count as 2 bytes a weight, what they hold (the
+    padding of their inputs to a multiple of 512 aside). A head that reads the embedding table counts once.
+    """
+    held: dict[str, int] = {}
+    seen: set[int] = set()
+
+    def add(kind: str, *tensors: torch.Tensor | None) -> None:
+        for t in tensors:
+            if t is not None and t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                held[kind] = held.get(kind, 0) + t.numel() * t.element_size()
+
+    for module in model.modules():
+        if isinstance(module, Q4Linear):
+            add("q4_1", module.q4.levels, module.q4.d, module.q4.m, module.bias)
+        elif isinstance(module, HalfLinear):
+            out, inputs = module.shape
+            if module.int4 is not None:
+                add("int4", module.int4.packed, module.int4.scales_and_zeros, module.int4.bias)
+            if module.packed is not None:
+                held["fp16 packed"] = held.get("fp16 packed", 0) + 2 * out * inputs
+            if module.prefill_copy is not None:
+                held["fp16 packed"] = held.get("fp16 packed", 0) + 2 * out * module.prefill_copy.split
+                add("float32", module.prefill_copy.rest)
+            add("bfloat16", module.weight_dense, module.bias_dense)
+        elif isinstance(module, HalfEmbedding):
+            add("bfloat16", module.weight)
+        for tensor in module.parameters(recurse=False):  # norms, and everything of a model kept as it is
+            add(str(tensor.dtype).removeprefix("torch."), tensor)
+    return {kind: n for kind, n in held.items() if n}
