@@ -15,7 +15,7 @@ from tricklm.model.config import ModelConfig, ModelLoadError
 from tricklm.model.gguf_weights import GGUF_LINK, dense_tensors, hf_name, projection_blocks, weights_reader
 from tricklm.model.layers import RotaryEmbedding
 from tricklm.model.qlinear import BLOCK, Blocks, Q4Linear, Q4Weight
-from tricklm.model.quant import QUANT_MODES, quantize
+from tricklm.model.quant import DENSE_DTYPE, QUANT_MODES, quantize
 from tricklm.model.registry import CausalLM, model_class
 
 
@@ -112,13 +112,16 @@ def _map_name(model: torch.nn.Module, name: str) -> tuple[str, int | None]:
 
 
 def _storage_dtypes(model: torch.nn.Module, dtype: torch.dtype, quantization: str) -> torch.nn.Module:
-    """Quantized modes stage matrices in float16 (what they are packed from) and keep norms in float32."""
+    """Quantized modes stage projections in float16 (what they are packed from), embedding tables in
+    bfloat16 (what they are kept in: no second table exists while quantizing), norms in float32."""
     if quantization not in QUANT_MODES:
         return model.to(dtype=dtype)
     model = model.to(dtype=torch.float32)
     for module in model.modules():
-        if isinstance(module, torch.nn.Linear | torch.nn.Embedding):
+        if isinstance(module, torch.nn.Linear):
             module.to(dtype=torch.float16)
+        elif isinstance(module, torch.nn.Embedding):
+            module.to(dtype=DENSE_DTYPE)
     return model
 
 

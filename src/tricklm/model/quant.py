@@ -296,7 +296,9 @@ def quantize(model: nn.Module, mode: str = "int4", prefill: str = "auto") -> nn.
     assert isinstance(head, HalfEmbedding | nn.Linear)
     # Packed too: at one row the fp16 head took 3 ms off a 23 ms step. Its dense copy is the embedding
     # table itself when they are tied, so that costs nothing.
-    model.lm_head = HalfLinear(head.weight, None, dense=dense or tied, int4=int4, prefill=prefill)
+    # q4_1 keeps one copy: a tied head reads the bfloat16 table itself, no packed fp16 beside it
+    packed = not (mode == "q4_1" and tied)
+    model.lm_head = HalfLinear(head.weight, None, packed=packed, dense=dense or tied, int4=int4, prefill=prefill)
     return model
 
 
