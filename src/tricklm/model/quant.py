@@ -49,6 +49,8 @@ MAX_PACKED_ROWS = 16
 # for large steps; "fp16": packed fp16 plus the copies; "fp16-only": packed fp16 for every step;
 # "q4_1": one copy in GGUF's Q4_1 blocks for every step, read by the int8 kernels (model/qlinear.py).
 QUANT_MODES = ("int4", "fp16", "fp16-only", "q4_1")
+# Modes whose projections keep no second copy for large steps
+ONE_COPY_MODES = ("fp16-only", "q4_1")
 INT4_GROUP = 32  # weights per scale, as in GGUF's Q4_0 / Q4_1 blocks
 # A group counts as 4-bit when its stored 16-level form is this close (relative to the group's largest
 # weight): one bfloat16 ulp, what a bfloat16 copy of the weights could be off by; a real 4-bit rounding
@@ -277,7 +279,7 @@ def quantize(model: nn.Module, mode: str = "int4", prefill: str = "auto") -> nn.
         raise ValueError(f"quantization mode must be one of {', '.join(QUANT_MODES)}")
     if prefill not in PREFILL_FORMATS:
         raise ValueError(f"prefill weights must be one of {', '.join(PREFILL_FORMATS)}")
-    dense, int4 = mode not in ("fp16-only", "q4_1"), mode == "int4"
+    dense, int4 = mode not in ONE_COPY_MODES, mode == "int4"
     if prefill == "auto":
         prefill = large_step_format() if dense else "bf16"
     tied = not isinstance(getattr(model, "lm_head", None), nn.Linear)
@@ -295,8 +297,8 @@ def quantize(model: nn.Module, mode: str = "int4", prefill: str = "auto") -> nn.
     head = model.get_input_embeddings() if tied else model.lm_head  # type: ignore[operator]
     assert isinstance(head, HalfEmbedding | nn.Linear)
     # Packed too: at one row the fp16 head took 3 ms off a 23 ms step. Its dense copy is the embedding
-    # table itself when they are tied, so that costs nothing.
-    # q4_1 keeps one copy: a tied head reads the bfloat16 table itself, no packed fp16 beside it
+    # table itself when they are tied, so that costs nothing. q4_1 keeps one copy: a tied head reads
+    # the bfloat16 table alone (more memory for the packed copy than its speed is worth at real sizes).
     packed = not (mode == "q4_1" and tied)
     model.lm_head = HalfLinear(head.weight, None, packed=packed, dense=dense or tied, int4=int4, prefill=prefill)
     return model
@@ -308,7 +310,7 @@ def _half(module: nn.Module, mode: str, prefill: str) -> nn.Module:
     assert isinstance(module, nn.Linear)
     if mode == "q4_1" and module.in_features % BLOCK == 0:
         return Q4Linear(quantize_q4_1(module.weight.detach()), module.bias)
-    dense = mode not in ("fp16-only", "q4_1")
+    dense = mode not in ONE_COPY_MODES
     return HalfLinear(module.weight, module.bias, dense=dense, int4=mode == "int4", prefill=prefill)
 
 
