@@ -36,7 +36,7 @@ from tricklm.engine.core import EngineCore
 from tricklm.engine.request import Request, Sampled
 from tricklm.engine.sampling_params import SamplingParams
 from tricklm.model.loader import load_model
-from tricklm.model.qlinear import Q4Linear
+from tricklm.model.qlinear import QLinear
 from tricklm.model.resolve import resolve_model
 from tricklm.tokenizer import Tokenizer
 
@@ -69,7 +69,7 @@ def load_setting(setting: str, model_dir: Path, ctx: int) -> EngineCore:
     model = load_model(model_dir, torch.float32, quantization)
     if setting.endswith("-float"):
         for module in model.modules():
-            if isinstance(module, Q4Linear):
+            if isinstance(module, QLinear):
                 module.isa = "torch"
     config = EngineConfig(quantization=quantization, max_num_batched_tokens=ctx, max_num_seqs=1, native_decode=False)
     return EngineCore(model, config)  # type: ignore[arg-type]

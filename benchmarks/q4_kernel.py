@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from tricklm.model.qlinear import Q4Weight, load_qmatmul, q4_matmul
+from tricklm.model.qlinear import QWeight, load_qmatmul, qmatmul
 from tricklm.model.quant import Fp16Weight
 
 SHAPES = [(3072, 576), (576, 1536), (8192, 2048), (2048, 8192)]
@@ -39,7 +39,7 @@ def main() -> None:
     for n, k in SHAPES:
         levels = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
         d = torch.rand(n, k // 32, generator=gen) * 0.01 + 1e-3
-        weight = Q4Weight.from_blocks(levels, d, -8 * d)
+        weight = QWeight.from_blocks(levels, d, -8 * d)
         fp16 = Fp16Weight(weight.dequantize(), None)
         for rows in ROWS:
             x = torch.randn(rows, k, generator=gen)
@@ -48,8 +48,8 @@ def main() -> None:
             print(f"{n}x{k} at {rows:>3} rows: " + ", ".join(f"{name} {ms:.2f}" for name, ms in times.items()))
 
 
-def _q4(x: torch.Tensor, weight: Q4Weight, isa: str) -> Callable[[], object]:
-    return lambda: q4_matmul(x, weight, isa)
+def _q4(x: torch.Tensor, weight: QWeight, isa: str) -> Callable[[], object]:
+    return lambda: qmatmul(x, weight, isa)
 
 
 def _fp16(x: torch.Tensor, weight: Fp16Weight) -> Callable[[], object]:

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -153,3 +154,21 @@ def make_tiny_model(path: Path, arch: str, *, weight_std: float = 0.2, **overrid
     generation_config = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": bos}
     (path / "generation_config.json").write_text(json.dumps(generation_config, indent=2), encoding="utf-8")
     return path
+
+
+# Where each K-quant block keeps its fp16 factors (the rest of a block is any bytes at all)
+K_FACTORS = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+def random_k_quant(rows: int, cols: int, qtype: str, seed: int = 0) -> np.ndarray:
+    """Raw rows of a K-quant type (the `gguf` package reads them but cannot write them): random bytes,
+    with sane fp16 factors."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (rows * cols // block, size), dtype=np.uint8)
+    for at in K_FACTORS[qtype]:
+        factors = (rng.random(len(raw)) * 0.01 + 1e-3).astype(np.float16)
+        raw[:, at : at + 2] = factors.view(np.uint8).reshape(-1, 2)
+    return raw.reshape(rows, -1)

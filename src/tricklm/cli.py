@@ -33,11 +33,11 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         "--quantization",
         default=d.quantization,
         choices=QUANTIZATIONS,
-        help="int4: 4-bit weights for decode where the checkpoint's are 4-bit already (levels kept; fp16 "
-        "elsewhere), a copy for prefill (--prefill-weights), float32 activations (default); fp16: fp16 "
-        "weights for decode; fp16-only: fp16 weights for every step (no copies, slower prefill); q4_1: one "
-        "4-bit copy for every step, int8 kernels (head in fp16); none: all "
-        "in --dtype",
+        help="auto (default): gguf for a .gguf file, int4 for a safetensors folder; gguf: one copy of the "
+        "file's own types (4- or 8-bit blocks) for every step, int8 kernels; q4_0, q4_1, q4_k, q8_0: one copy "
+        "rounded to that format at load (as llama.cpp's quantize); int4: 4-bit weights for decode where the "
+        "checkpoint's are 4-bit already (fp16 elsewhere) plus a copy for prefill (--prefill-weights); fp16: "
+        "fp16 weights for decode plus the copy; fp16-only: fp16 weights for every step; none: all in --dtype",
     )
     p.add_argument(
         "--prefill-weights",

@@ -13,21 +13,23 @@ from tricklm.model.quant import PREFILL_FORMATS, QUANT_MODES
 T = TypeVar("T")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-QUANTIZATIONS = ("none", *QUANT_MODES)
+QUANTIZATIONS = ("auto", "none", *QUANT_MODES)
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     model: str | None = None  # None: the default model (SmolLM2-135M-Instruct)
     dtype: str = "float32"
-    # "int4" (default): decode steps read 4-bit weights where the checkpoint's already are (a Q4_1
-    # GGUF's: levels kept, scales in bfloat16), packed fp16 elsewhere; large steps read a bfloat16 copy;
-    # float32 activations, fp16 KV cache (see model/quant.py). "fp16": packed fp16 for every projection's
-    # decode steps. "none": everything in `dtype` (float32 is the exact reference). "fp16-only": fp16
-    # weights for every step, no bfloat16 copies: less memory, slower prefill (benchmarks/README.md).
-    # "q4_1": one 4-bit copy (GGUF's Q4_1 blocks) read by every step through int8 kernels
-    # (model/qlinear.py); the output head keeps packed fp16.
-    quantization: str = "int4"
+    # "auto" (default): "gguf" for a GGUF file, "int4" for a safetensors folder.
+    # "gguf": one copy of the file's own types (4- or 8-bit blocks, model/block_formats.py) read by every
+    # step through int8 kernels (model/qlinear.py). "q4_0", "q4_1", "q4_k", "q8_0": the same, every
+    # projection rounded to that format at load as llama.cpp's `quantize` does (GGUF types that fit are
+    # read exactly). "int4": decode steps read 4-bit weights where the checkpoint's already are, packed
+    # fp16 elsewhere; large steps read a bfloat16 copy. "fp16": packed fp16 for every projection's decode
+    # steps, plus the copy. "fp16-only": fp16 weights for every step, no copies. All these keep float32
+    # activations and an fp16 KV cache (model/quant.py). "none": everything in `dtype` (float32 is the
+    # exact reference).
+    quantization: str = "auto"
     # The format of the copy prefill (large) steps read in "int4" and "fp16": "bf16" (oneDNN) or "fp16"
     # (fbgemm), whichever the CPU runs faster; "auto" times both at load (model/quant.py).
     prefill_weights: str = "auto"
@@ -70,7 +72,7 @@ class EngineConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         """The dtype of activations and the KV cache."""
-        return torch.float32 if self.quantization in QUANT_MODES else DTYPES[self.dtype]
+        return DTYPES[self.dtype] if self.quantization == "none" else torch.float32
 
 
 # Without an explicit budget the KV cache may not exceed this; preemption handles the rare overflow.

@@ -84,9 +84,7 @@ class Tokenizer:
         pieces = self._pieces(messages, add_generation_prompt, text)
         if pieces is None:  # the template changed the strings, so where they stand is unknown
             if any(c in value for value in _strings(messages) for c in self.control_tokens):
-                raise ChatTemplateError(
-                    "message text may not spell the model's control tokens with this chat template"
-                )
+                raise ChatTemplateError("message text may not spell the model's control tokens with this chat template")
             return list(encoding.ids)
         spans, pos = [], 0
         for piece, is_text in pieces:

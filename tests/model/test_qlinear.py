@@ -1,4 +1,5 @@
-"""The one-copy 4-bit projection: layout round trips, GGUF blocks, and every kernel against a reference."""
+"""The one-copy block projection: layout round trips, every GGUF type, llama.cpp's roundings, and every
+kernel against a reference, in 4 and 8 bits."""
 
 from __future__ import annotations
 
@@ -10,21 +11,22 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
-from tiny_models import make_tiny_model
+from tiny_models import make_tiny_model, random_k_quant
+from tricklm.model.block_formats import gguf_blocks, round_blocks
 from tricklm.model.loader import load_model
-from tricklm.model.qlinear import Q4Linear, Q4Weight, load_qmatmul, q4_from_gguf, q4_matmul
-from tricklm.model.quant import quantize_q4_1, weight_bytes
+from tricklm.model.qlinear import QLinear, QWeight, load_qmatmul, qmatmul, quantize_blocks, qweight_from_gguf
+from tricklm.model.quant import weight_bytes
 
 SHAPES = [(1, 32), (17, 96), (33, 64), (100, 576), (16, 2048)]  # n not a multiple of 16, k not of 256
 ROWS = [1, 3, 4, 5, 16, 17, 64]
 
 
-def _random_weight(n: int, k: int, seed: int = 0) -> tuple[Q4Weight, torch.Tensor]:
+def _random_weight(n: int, k: int, seed: int = 0, bits: int = 4) -> tuple[QWeight, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    levels = torch.randint(0, 16, (n, k), generator=gen)
-    d = torch.rand(n, k // 32, generator=gen) * 0.02 + 1e-3
-    m = -8 * d + torch.randn(n, k // 32, generator=gen) * 0.01
-    return Q4Weight.from_blocks(levels, d, m), levels
+    levels = torch.randint(0, 1 << bits, (n, k), generator=gen)
+    d = (torch.rand(n, k // 32, generator=gen) * 0.02 + 1e-3) / (1 << (bits - 4))
+    m = -(1 << (bits - 1)) * d + torch.randn(n, k // 32, generator=gen) * 0.01
+    return QWeight.from_blocks(levels, d, m), levels
 
 
 def _kernels() -> list[str]:
@@ -45,22 +47,24 @@ def _int8_activations(x: torch.Tensor) -> torch.Tensor:
     return (q * amax / 127).view(rows, k)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize(("n", "k"), SHAPES)
-def test_repacking_round_trips(n: int, k: int) -> None:
-    weight, levels = _random_weight(n, k)
+def test_repacking_round_trips(n: int, k: int, bits: int) -> None:
+    weight, levels = _random_weight(n, k, bits=bits)
     back, d, m = weight.blocks()
     assert torch.equal(back, levels)
-    assert weight.shape == (n, k) and d.shape == m.shape == (n, k // 32)
+    assert weight.bits == bits and weight.shape == (n, k) and d.shape == m.shape == (n, k // 32)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("isa", _kernels())
 @pytest.mark.parametrize(("n", "k"), SHAPES)
-def test_kernels_agree_with_a_reference(isa: str, n: int, k: int) -> None:
-    weight, _ = _random_weight(n, k, seed=n + k)
+def test_kernels_agree_with_a_reference(isa: str, n: int, k: int, bits: int) -> None:
+    weight, _ = _random_weight(n, k, seed=n + k, bits=bits)
     dense = weight.dequantize()
     for rows in ROWS:
         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
-        got = q4_matmul(x, weight, isa)
+        got = qmatmul(x, weight, isa)
         # the fallback multiplies float32 activations; the kernels int8 ones, and only their sums differ
         want = x @ dense.t() if isa == "torch" else _int8_activations(x) @ dense.t()
         scale = want.abs().max().item()
@@ -69,56 +73,96 @@ def test_kernels_agree_with_a_reference(isa: str, n: int, k: int) -> None:
         assert (got - x @ dense.t()).abs().max().item() <= 0.02 * scale
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
-def test_gguf_blocks_load_as_the_gguf_package_dequantizes_them(qtype: str) -> None:
+@pytest.mark.parametrize(("qtype", "bits"), [("Q4_0", 4), ("Q4_1", 4), ("Q5_0", 8), ("Q5_1", 8), ("Q8_0", 8)])
+def test_gguf_blocks_load_as_the_gguf_package_dequantizes_them(qtype: str, bits: int) -> None:
     values = np.random.default_rng(0).standard_normal((37, 96)).astype(np.float32)
     kind = GGMLQuantizationType[qtype]
     raw = quantize(values, kind)
-    weight = q4_from_gguf(raw, qtype)
-    assert weight.shape == (37, 96)
+    weight = qweight_from_gguf(raw, qtype)
+    assert weight.shape == (37, 96) and weight.bits == bits
     np.testing.assert_array_equal(weight.dequantize().numpy(), dequantize(raw, kind).astype(np.float32))
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K"])
+def test_k_quants_keep_their_levels(qtype: str) -> None:
+    raw = random_k_quant(20, 512, qtype)
+    weight = qweight_from_gguf(raw, qtype)
+    assert weight.bits == (4 if qtype == "Q4_K" else 8)
+    want = torch.from_numpy(dequantize(raw, GGMLQuantizationType[qtype]).astype(np.float32))
+    # the levels are the file's; only the products d x scale and dmin x min are rounded to fp16, by at
+    # most 2^-11 of each of the two terms of d level + m
+    _, d, m = weight.blocks()
+    tolerance = 2.0**-10 * (d.abs() * 31 + m.abs()).unsqueeze(-1)
+    assert ((weight.dequantize() - want).view(20, -1, 32).abs() <= tolerance).all()
+
+
+def test_other_gguf_types_are_not_read_as_blocks() -> None:
+    with pytest.raises(ValueError, match="Q6_K"):
+        gguf_blocks(random_k_quant(4, 256, "Q6_K"), "Q6_K")
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8_0"])
+def test_round_to_nearest_matches_llama_cpp_quantize(fmt: str) -> None:
+    values = np.random.default_rng(1).standard_normal((48, 128)).astype(np.float32)
+    ours = quantize_blocks(torch.from_numpy(values), fmt).dequantize().numpy()
+    kind = GGMLQuantizationType[fmt.upper()]
+    theirs = dequantize(quantize(values, kind), kind)
+    # the same levels and fp16 scales; a float32 rounding tie may land a weight one level apart
+    mismatched = np.abs(ours - theirs) > 1e-6
+    assert mismatched.mean() < 1e-3
+
+
+def test_q4_k_rounding_is_llama_cpp_s_structure_and_no_worse_than_q4_1() -> None:
+    values = torch.from_numpy(np.random.default_rng(3).standard_normal((64, 512)).astype(np.float32))
+    levels, d, m = round_blocks(values, "q4_k")
+    assert int(levels.max()) <= 15
+    # each block's scale is a 6-bit multiple of its super-block's fp16 factor, and so is its -min (the
+    # products then kept in fp16, to 2^-11)
+    for factor in (d, -m):
+        per_super = factor.view(64, 2, 8)
+        multiples = per_super / (per_super.amax(-1, keepdim=True) / 63)
+        assert ((multiples - multiples.round()).abs() <= multiples * 2.0**-10).all()
+    k_error = (quantize_blocks(values, "q4_k").dequantize() - values).square().mean()
+    q4_1_error = (quantize_blocks(values, "q4_1").dequantize() - values).square().mean()
+    assert k_error <= 1.05 * q4_1_error
+
+
+def test_q4_k_falls_back_to_8_bits_where_inputs_are_not_super_blocks() -> None:
+    values = torch.randn(8, 96)
+    assert quantize_blocks(values, "q4_k").bits == 8
 
 
 def test_linear_keeps_leading_dimensions_and_adds_its_bias() -> None:
     weight, _ = _random_weight(40, 64)
     bias = torch.randn(40)
-    layer = Q4Linear(weight, bias)
+    layer = QLinear(weight, bias)
     x = torch.randn(2, 3, 64)
-    want = q4_matmul(x.view(6, 64), weight).view(2, 3, 40) + bias
+    want = qmatmul(x.view(6, 64), weight).view(2, 3, 40) + bias
     assert torch.allclose(layer(x), want)
 
 
 def test_bad_shapes_are_refused() -> None:
     weight, _ = _random_weight(20, 64)
     with pytest.raises(ValueError):
-        Q4Weight(weight.levels, weight.d, weight.m, 40)  # more columns than the groups hold
+        QWeight(weight.levels, weight.d, weight.m, 40)  # more columns than the groups hold
     with pytest.raises(ValueError):
-        Q4Weight(weight.levels, weight.d[:, :1], weight.m, 20)
+        QWeight(weight.levels, weight.d[:, :1], weight.m, 20)
     ext = load_qmatmul()
     if ext is not None:
         with pytest.raises(RuntimeError):
-            ext.q4_matmul(torch.randn(2, 63), weight.levels, weight.d, weight.m, 20, "")
+            ext.qmatmul(torch.randn(2, 63), weight.levels, weight.d, weight.m, 20, "")
         with pytest.raises(RuntimeError):
-            ext.q4_matmul(torch.randn(2, 96), weight.levels, weight.d, weight.m, 20, "")
+            ext.qmatmul(torch.randn(2, 96), weight.levels, weight.d, weight.m, 20, "")
         with pytest.raises(RuntimeError):
-            ext.q4_matmul(torch.randn(2, 64), weight.levels, weight.d, weight.m, 20, "sse9")
-
-
-def test_round_to_nearest_matches_llama_cpp_quantize() -> None:
-    values = np.random.default_rng(1).standard_normal((48, 128)).astype(np.float32)
-    ours = quantize_q4_1(torch.from_numpy(values)).dequantize().numpy()
-    theirs = dequantize(quantize(values, GGMLQuantizationType.Q4_1), GGMLQuantizationType.Q4_1)
-    # the same levels and fp16 scales; a float32 rounding tie may land a weight one level apart
-    mismatched = np.abs(ours - theirs) > 1e-6
-    assert mismatched.mean() < 1e-3
+            ext.qmatmul(torch.randn(2, 64), weight.levels, weight.d, weight.m, 20, "sse9")
 
 
 def test_a_q4_1_weight_staged_in_fp16_keeps_its_levels() -> None:
     values = np.random.default_rng(2).standard_normal((40, 96)).astype(np.float32)
     raw = quantize(values, GGMLQuantizationType.Q4_1)
-    source = q4_from_gguf(raw, "Q4_1")
+    source = qweight_from_gguf(raw, "Q4_1")
     staged = torch.from_numpy(dequantize(raw, GGMLQuantizationType.Q4_1)).half()  # what the loader holds
-    again = quantize_q4_1(staged)
+    again = quantize_blocks(staged, "q4_1")
     assert torch.equal(again.blocks()[0], source.blocks()[0])
     assert torch.allclose(again.dequantize(), source.dequantize(), atol=2e-3)
 
@@ -129,7 +173,7 @@ def test_weight_bytes_counts_each_format_once(tmp_path: Path) -> None:
     assert weight_bytes(exact) == {"float32": 4 * sum(p.numel() for p in exact.parameters())}  # type: ignore[attr-defined]
     compact = load_model(path, quantization="q4_1")
     held = weight_bytes(compact)
-    weights = sum(m.q4.n * m.q4.shape[1] for m in compact.modules() if isinstance(m, Q4Linear))  # type: ignore[attr-defined]
+    weights = sum(m.qweight.n * m.qweight.shape[1] for m in compact.modules() if isinstance(m, QLinear))  # type: ignore[attr-defined]
     # half a byte a weight, plus fp16 scales and minimums (a quarter byte more) and the last group's padding
-    assert weights * 0.625 <= held["q4_1"] <= weights * 0.7
+    assert weights * 0.625 <= held["4-bit blocks"] <= weights * 0.7
     assert held["bfloat16"] == 2 * compact.model.embed_tokens.weight.numel()  # type: ignore[attr-defined]

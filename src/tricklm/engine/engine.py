@@ -112,4 +112,3 @@ def memory_summary(model: object, kv_bytes: int) -> str:
     except (OSError, ValueError):
         return line
     return f"{line} (resident as it fills); process resident now {rss / 2**20:.0f} MiB"
-

@@ -1,7 +1,7 @@
 """Weights read straight from a `.gguf` file, tensor by tensor, with no float32 copy of the model on disk.
 
-The file is memory-mapped by the `gguf` reader; each tensor is dequantized (or, for the one-copy 4-bit
-mode, kept in its own Q4_0/Q4_1 blocks) as the loader asks for it, so loading holds the model in its
+The file is memory-mapped by the `gguf` reader; each tensor is dequantized (or, for the one-copy block
+modes, read as blocks: `block_formats.py`) as the loader asks for it, so loading holds the model in its
 runtime form plus one tensor at a time. Names are mapped to Hugging Face's, and Q/K rows are put back
 from llama.cpp's interleaved RoPE order to Hugging Face's halves.
 """
@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from tricklm.model.block_formats import EXACT_BITS, ROUNDING_BITS, Blocks, gguf_blocks, round_blocks
 from tricklm.model.config import ModelConfig, ModelLoadError
-from tricklm.model.qlinear import Blocks, gguf_blocks, q4_1_blocks
 
 GGUF_LINK = "model.gguf"  # in a converted folder: a link to the file the weights are read from
 
@@ -34,7 +34,6 @@ _LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-Q4_TYPES = ("Q4_0", "Q4_1")
 DEQUANTIZE_ROWS = 4096  # rows of a matrix dequantized at a time: tens of MB of float32 at most
 
 
@@ -130,11 +129,12 @@ def _dequantized(t: Any, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Te
     return out.view(shape)
 
 
-def projection_blocks(reader: Any, cfg: ModelConfig, names: set[str]) -> Iterator[tuple[str, Blocks]]:
-    """(Hugging Face name, Q4_1-style blocks) of the named 2-D tensors, rows in Hugging Face's order.
+def projection_blocks(reader: Any, cfg: ModelConfig, names: set[str], fmt: str) -> Iterator[tuple[str, Blocks]]:
+    """(Hugging Face name, blocks) of the named 2-D tensors, rows in Hugging Face's order.
 
-    Q4_0 and Q4_1 tensors give their own blocks, untouched; any other type is dequantized and rounded to
-    Q4_1, as llama.cpp's `quantize` would.
+    A type whose levels fit the bits of `fmt` (a rounding of `block_formats.ROUNDINGS`) is read exactly,
+    its own levels and scales; any other is dequantized and rounded in `fmt`, as llama.cpp's `quantize`
+    would.
     """
     from gguf.quants import dequantize
 
@@ -142,12 +142,12 @@ def projection_blocks(reader: Any, cfg: ModelConfig, names: set[str]) -> Iterato
         name = hf_name(t.name)
         if name not in names:
             continue
-        if tensor_type(t) in Q4_TYPES:
-            rows = int(t.shape[-1])
-            blocks = gguf_blocks(np.asarray(t.data).reshape(rows, -1), tensor_type(t))
+        qtype, rows = tensor_type(t), int(t.shape[-1])
+        if EXACT_BITS.get(qtype, 99) <= ROUNDING_BITS[fmt]:
+            blocks = gguf_blocks(np.asarray(t.data).reshape(rows, -1), qtype)
         else:
             dense = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-            blocks = q4_1_blocks(torch.from_numpy(dense.reshape(int(t.shape[-1]), -1)))
+            blocks = round_blocks(torch.from_numpy(dense.reshape(rows, -1)), fmt)
         release(reader, t)
         order = unpermute_rows(blocks[0].shape[0], cfg, name)
         yield name, blocks if order is None else tuple(b[torch.from_numpy(order)] for b in blocks)  # type: ignore[misc]

@@ -11,11 +11,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from tricklm.memory import release_freed_memory
+from tricklm.model.block_formats import BLOCK, FLOAT_TYPES, Blocks
 from tricklm.model.config import ModelConfig, ModelLoadError
-from tricklm.model.gguf_weights import GGUF_LINK, dense_tensors, hf_name, projection_blocks, weights_reader
+from tricklm.model.gguf_weights import GGUF_LINK, dense_tensors, hf_name, projection_blocks, tensor_type, weights_reader
 from tricklm.model.layers import RotaryEmbedding
-from tricklm.model.qlinear import BLOCK, Blocks, Q4Linear, Q4Weight
-from tricklm.model.quant import DENSE_DTYPE, QUANT_MODES, quantize
+from tricklm.model.qlinear import QLinear, QWeight
+from tricklm.model.quant import BLOCK_MODES, DENSE_DTYPE, QUANT_MODES, block_rounding, quantize, resolve_mode
 from tricklm.model.registry import CausalLM, model_class
 
 
@@ -46,9 +47,13 @@ def load_model(
     if link.is_symlink() and not link.exists():
         raise ModelLoadError(f"{link} points to {link.readlink()}, which is gone: pass the .gguf file again")
     gguf = weights_reader(link) if link.exists() else None
+    try:
+        quantization = resolve_mode(quantization, gguf is not None)
+    except ValueError as e:
+        raise ModelLoadError(f"{model_dir}: {e}") from None
     direct: set[str] = set()
-    if gguf is not None and quantization == "q4_1":
-        direct = _q4_projections_from_gguf(model, gguf, cfg)
+    if gguf is not None and quantization in BLOCK_MODES:
+        direct = _block_projections_from_gguf(model, gguf, cfg, quantization)
     # Allocated uninitialised and already in the final dtype, so the float32 checkpoint is converted tensor
     # by tensor and never held whole; every parameter is then overwritten (checked below).
     model = _storage_dtypes(model, dtype, quantization).to_empty(device="cpu")
@@ -73,29 +78,37 @@ def load_model(
 TRIM_EVERY = 4  # projections built between two heap trims: one decoder layer's
 
 
-def _q4_projections_from_gguf(model: torch.nn.Module, reader: Any, cfg: ModelConfig) -> set[str]:
-    """Every decoder projection of a model still on the meta device, built as a Q4Linear from the file's
-    blocks (Q4_0/Q4_1 as they are, other types rounded to Q4_1): no float copy of it ever exists.
+def _block_projections_from_gguf(model: torch.nn.Module, reader: Any, cfg: ModelConfig, mode: str) -> set[str]:
+    """Every decoder projection of a model still on the meta device, built as a QLinear from the file's
+    blocks (see `projection_blocks`): no float copy of it ever exists. In "gguf" mode a projection
+    stored in a float type is left to the dense loader (it becomes packed fp16, as the file keeps it).
 
     Returns the file's tensor names used, for the dense loader to skip. Fused projections (qkv,
     gate_up) collect their parts' rows at the offsets the model gives them.
     """
-    slots = {f"{name}.weight": module for name, module in model.named_modules() if _is_q4_slot(name, module)}
-    names = {n for n in (hf_name(t.name) for t in reader.tensors) if _map_name(model, n)[0] in slots}
+    slots = {f"{name}.weight": module for name, module in model.named_modules() if _is_block_slot(name, module)}
+    sources: dict[str, list[Any]] = {}
+    for t in reader.tensors:
+        target = _map_name(model, hf_name(t.name))[0]
+        if target in slots:
+            sources.setdefault(target, []).append(t)
+    if mode == "gguf":  # a fused projection with any float part stays float whole
+        sources = {k: ts for k, ts in sources.items() if not any(tensor_type(t) in FLOAT_TYPES for t in ts)}
+    names = {hf_name(t.name) for ts in sources.values() for t in ts}
     parts: dict[str, list[tuple[int, Blocks]]] = {}
     built = 0
-    for name, blocks in projection_blocks(reader, cfg, names):
+    for name, blocks in projection_blocks(reader, cfg, names, block_rounding(mode)):
         target, offset = _map_name(model, name)
         parts.setdefault(target, []).append((offset or 0, blocks))
         linear = slots[target]
         assert isinstance(linear, torch.nn.Linear)
         if sum(b[0].shape[0] for _, b in parts[target]) == linear.out_features:
             pieces = [b for _, b in sorted(parts.pop(target), key=lambda p: p[0])]
-            weight = Q4Weight.from_blocks(*(torch.cat(t) for t in zip(*pieces, strict=True)))
+            weight = QWeight.from_blocks(*(torch.cat(t) for t in zip(*pieces, strict=True)))
             if weight.shape != (linear.out_features, linear.in_features):
                 wanted = (linear.out_features, linear.in_features)
                 raise ModelLoadError(f"{target} has shape {weight.shape} in the GGUF file, the model wants {wanted}")
-            model.set_submodule(target.removesuffix(".weight"), Q4Linear(weight, None))
+            model.set_submodule(target.removesuffix(".weight"), QLinear(weight, None))
             built += 1
             if built % TRIM_EVERY == 0:
                 # The unpacked parts and repacking buffers are freed, but glibc keeps their heap pages
@@ -107,7 +120,7 @@ def _q4_projections_from_gguf(model: torch.nn.Module, reader: Any, cfg: ModelCon
     return names
 
 
-def _is_q4_slot(name: str, module: torch.nn.Module) -> bool:
+def _is_block_slot(name: str, module: torch.nn.Module) -> bool:
     return (
         isinstance(module, torch.nn.Linear)
         and name != "lm_head"

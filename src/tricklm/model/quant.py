@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tricklm.memory import release_freed_memory
-from tricklm.model.qlinear import BLOCK, Q4Linear, quantize_q4_1
+from tricklm.model.block_formats import BLOCK
+from tricklm.model.qlinear import QLinear, quantize_blocks
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,14 @@ DENSE_DTYPE = torch.bfloat16
 MAX_PACKED_ROWS = 16
 # "int4": 4-bit where the checkpoint's weights are 4-bit already, else packed fp16, plus bfloat16 copies
 # for large steps; "fp16": packed fp16 plus the copies; "fp16-only": packed fp16 for every step;
-# "q4_1": one copy in GGUF's Q4_1 blocks for every step, read by the int8 kernels (model/qlinear.py).
-QUANT_MODES = ("int4", "fp16", "fp16-only", "q4_1")
+# Block modes keep one copy in blocks of 32 for every step, read by the int8 kernels (model/qlinear.py):
+# "gguf" keeps a GGUF file's own types (4-bit or 8-bit blocks, `block_formats.py`; float types as
+# "fp16-only"); "q4_0", "q4_1", "q4_k", "q8_0" round every projection so, as llama.cpp's `quantize`
+# does (a GGUF type whose levels fit is read exactly instead).
+BLOCK_MODES = ("gguf", "q4_0", "q4_1", "q4_k", "q8_0")
+QUANT_MODES = ("int4", "fp16", "fp16-only", *BLOCK_MODES)
 # Modes whose projections keep no second copy for large steps
-ONE_COPY_MODES = ("fp16-only", "q4_1")
+ONE_COPY_MODES = ("fp16-only", *BLOCK_MODES)
 INT4_GROUP = 32  # weights per scale, as in GGUF's Q4_0 / Q4_1 blocks
 # A group counts as 4-bit when its stored 16-level form is this close (relative to the group's largest
 # weight): one bfloat16 ulp, what a bfloat16 copy of the weights could be off by; a real 4-bit rounding
@@ -297,9 +302,9 @@ def quantize(model: nn.Module, mode: str = "int4", prefill: str = "auto") -> nn.
     head = model.get_input_embeddings() if tied else model.lm_head  # type: ignore[operator]
     assert isinstance(head, HalfEmbedding | nn.Linear)
     # Packed too: at one row the fp16 head took 3 ms off a 23 ms step. Its dense copy is the embedding
-    # table itself when they are tied, so that costs nothing. q4_1 keeps one copy: a tied head reads
+    # table itself when they are tied, so that costs nothing. Block modes keep one copy: a tied head reads
     # the bfloat16 table alone (more memory for the packed copy than its speed is worth at real sizes).
-    packed = not (mode == "q4_1" and tied)
+    packed = not (mode in BLOCK_MODES and tied)
     model.lm_head = HalfLinear(head.weight, None, packed=packed, dense=dense or tied, int4=int4, prefill=prefill)
     return model
 
@@ -308,22 +313,39 @@ def _half(module: nn.Module, mode: str, prefill: str) -> nn.Module:
     if isinstance(module, nn.Embedding):
         return HalfEmbedding(module.weight)
     assert isinstance(module, nn.Linear)
-    if mode == "q4_1" and module.in_features % BLOCK == 0:
-        return Q4Linear(quantize_q4_1(module.weight.detach()), module.bias)
+    if mode in BLOCK_MODES[1:] and module.in_features % BLOCK == 0:
+        return QLinear(quantize_blocks(module.weight.detach(), mode), module.bias)
     dense = mode not in ONE_COPY_MODES
     return HalfLinear(module.weight, module.bias, dense=dense, int4=mode == "int4", prefill=prefill)
 
 
+def resolve_mode(mode: str, gguf: bool) -> str:
+    """ "auto": a GGUF file's own types ("gguf"), else "int4"; "gguf" is refused without a GGUF file."""
+    if mode == "auto":
+        return "gguf" if gguf else "int4"
+    if mode == "gguf" and not gguf:
+        raise ValueError(
+            "--quantization gguf keeps a GGUF file's types: pass a .gguf model, or round a "
+            "safetensors folder with q8_0, q4_k, q4_1 or q4_0"
+        )
+    return mode
+
+
+def block_rounding(mode: str) -> str:
+    """How a block mode rounds a weight its blocks cannot hold exactly (`block_formats.ROUNDINGS`)."""
+    return "q8_0" if mode == "gguf" else mode
+
+
 def model_dtypes(model: nn.Module) -> tuple[torch.dtype, torch.dtype]:
     """(activation dtype, KV cache dtype) of a loaded model."""
-    if any(isinstance(m, HalfLinear | Q4Linear) for m in model.modules()):
+    if any(isinstance(m, HalfLinear | QLinear) for m in model.modules()):
         return ACT_DTYPE, KV_DTYPE
     dtype = next(iter(model.parameters())).dtype
     return dtype, dtype
 
 
 def weight_bytes(model: nn.Module) -> dict[str, int]:
-    """Bytes of weights held, by format ("q4_1", "int4", "fp16 packed", "bfloat16", "float32", ...).
+    """Bytes of weights held, by format ("4-bit blocks", "int4", "fp16 packed", "bfloat16", ...).
 
     fbgemm's packed fp16 weights are opaque: they count as 2 bytes a weight, what they hold (the
     padding of their inputs to a multiple of 512 aside). A head that reads the embedding table counts once.
@@ -338,8 +360,9 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
                 held[kind] = held.get(kind, 0) + t.numel() * t.element_size()
 
     for module in model.modules():
-        if isinstance(module, Q4Linear):
-            add("q4_1", module.q4.levels, module.q4.d, module.q4.m, module.bias)
+        if isinstance(module, QLinear):
+            w = module.qweight
+            add(f"{w.bits}-bit blocks", w.levels, w.d, w.m, module.bias)
         elif isinstance(module, HalfLinear):
             out, inputs = module.shape
             if module.int4 is not None:

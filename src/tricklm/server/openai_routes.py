@@ -119,9 +119,7 @@ def _messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
 def _check_supported(body: SamplingFields) -> None:
     name = body.unsupported()
     if name is not None:
-        raise APIError(
-            400, f"'{name}' is not supported by this server yet", param=name, code="unsupported_parameter"
-        )
+        raise APIError(400, f"'{name}' is not supported by this server yet", param=name, code="unsupported_parameter")
 
 
 # ---- chat and text completions -------------------------------------------------------------------

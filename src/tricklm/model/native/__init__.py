@@ -24,7 +24,7 @@ from tricklm.model.layers import RMSNorm
 from tricklm.model.llama import LlamaForCausalLM
 from tricklm.model.native.build import DISABLE_ENV as DISABLE_ENV
 from tricklm.model.native.build import enabled_by_env, load_or_warn
-from tricklm.model.qlinear import Q4Linear
+from tricklm.model.qlinear import QLinear
 from tricklm.model.quant import KV_DTYPE, HalfLinear, Int4Weight
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def load_extension() -> Any | None:
 
 
 # qkv, o, gate_up, down: all in torch's 4-bit layout (int4) or all one-copy Q4_1 blocks (q4_1)
-Projections = tuple[Int4Weight, Int4Weight, Int4Weight, Int4Weight] | tuple[Q4Linear, Q4Linear, Q4Linear, Q4Linear]
+Projections = tuple[Int4Weight, Int4Weight, Int4Weight, Int4Weight] | tuple[QLinear, QLinear, QLinear, QLinear]
 
 
 def _int4(module: Any) -> Int4Weight | None:
@@ -52,7 +52,7 @@ def _projections(layer: Any) -> Projections | None:
     """A decoder layer's 4-bit projections, if all four are 4-bit of one layout and only qkv has a bias."""
     attn, mlp = layer.self_attn, layer.mlp
     modules = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-    if all(isinstance(m, Q4Linear) for m in modules):
+    if all(isinstance(m, QLinear) for m in modules):
         found: Projections = modules
     else:
         qkv, o, gate_up, down = (_int4(p) for p in modules)
@@ -102,9 +102,9 @@ class NativeDecoder:
             projections, norms = _projections(layer), _norm_weights(layer)
             assert projections is not None and norms is not None  # checked by `supports`
             qkv, o, gate_up, down = projections
-            if isinstance(qkv, Q4Linear):
-                parts = [[m.q4.levels, m.q4.d, m.q4.m] for m in projections]  # type: ignore[union-attr]
-                self.stack.add_layer_q4(*norms, cache.kv, parts[0], qkv.bias, *parts[1:])
+            if isinstance(qkv, QLinear):
+                parts = [[m.qweight.levels, m.qweight.d, m.qweight.m] for m in projections]  # type: ignore[union-attr]
+                self.stack.add_layer_blocks(*norms, cache.kv, parts[0], qkv.bias, *parts[1:])
                 continue
             self.stack.add_layer(
                 *norms,
@@ -159,5 +159,5 @@ def main() -> int:
         log.info("native decode step ready: %s", ext.__file__)
     qmatmul = load_qmatmul()
     if qmatmul is not None:
-        log.info("native 4-bit matmul ready (%s kernel): %s", qmatmul.isa(), qmatmul.__file__)
+        log.info("native block matmul ready (%s kernel): %s", qmatmul.isa(), qmatmul.__file__)
     return 0 if ext is not None and qmatmul is not None else 1

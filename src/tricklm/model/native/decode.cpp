@@ -1,5 +1,5 @@
-// Decode steps of a Llama-family decoder stack with 4-bit projections, in C++: torch's 4-bit kernel
-// (--quantization int4), or the one-copy Q4_1 blocks of `qmatmul.h` (--quantization q4_1).
+// Decode steps of a Llama-family decoder stack with compact projections, in C++: torch's 4-bit kernel
+// (--quantization int4), or the one-copy 4- and 8-bit blocks of `qmatmul.h` (gguf, q4_1, q8_0, ...).
 //
 // A decode step does little arithmetic per op. At one row the Python path spent more time dispatching
 // ~45 small torch ops per layer than computing them. Here the projections still go through torch's
@@ -69,7 +69,7 @@ inline void store8(bf16* p, __m256 v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
 }
 
-// The one-copy Q4_1 kernels take and give float32 (they round their inputs to int8 themselves).
+// The one-copy block kernels take and give float32 (they round their inputs to int8 themselves).
 inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 #endif
@@ -272,16 +272,16 @@ void silu_mul_to(const at::Tensor& gate_up, int64_t inter, at::Tensor& out) {
   }
 }
 
-// Torch's 4-bit kernel takes and gives bfloat16; the Q4_1 one float32 (it rounds its input to int8
+// Torch's 4-bit kernel takes and gives bfloat16; the block one float32 (it rounds its input to int8
 // itself, and a bfloat16 rounding before or after it doubled the difference from the Python path).
 struct Projection {
   at::Tensor packed, scales_and_zeros;  // torch's layout
-  at::Tensor levels, d, m;              // or Q4_1 blocks (qmatmul.h), `n` outputs
+  at::Tensor levels, d, m;              // or blocks (qmatmul.h), `n` outputs
   int64_t n = 0;
 
   at::Tensor operator()(const at::Tensor& x) const {
     if (levels.defined()) {
-      return tricklm_q4::q4_matmul(x, levels, d, m, n, "");
+      return tricklm_q::qmatmul(x, levels, d, m, n, "");
     }
     return at::_weight_int4pack_mm_for_cpu(x, packed, kGroup, scales_and_zeros);
   }
@@ -329,7 +329,7 @@ class DecoderStack {
   void add_layer(at::Tensor input_norm, at::Tensor post_norm, at::Tensor kv_cache, at::Tensor qkv_packed,
                  at::Tensor qkv_sz, c10::optional<at::Tensor> qkv_bias, at::Tensor o_packed, at::Tensor o_sz,
                  at::Tensor gate_up_packed, at::Tensor gate_up_sz, at::Tensor down_packed, at::Tensor down_sz) {
-    TORCH_CHECK(!q4_, "a stack's layers must all use one 4-bit layout");
+    TORCH_CHECK(!blocks_, "a stack's layers must all use one weight layout");
     const int64_t hidden = final_norm_.numel();
     check_projection("qkv", qkv_packed, qkv_sz, hidden, (hq_ + 2 * hkv_) * d_);
     check_projection("o", o_packed, o_sz, hq_ * d_, hidden);
@@ -341,17 +341,17 @@ class DecoderStack {
         Projection{std::move(down_packed), std::move(down_sz)});
   }
 
-  // The same with projections in Q4_1 blocks (levels, d, m each, as `Q4Weight` holds them).
-  void add_layer_q4(at::Tensor input_norm, at::Tensor post_norm, at::Tensor kv_cache, std::vector<at::Tensor> qkv,
+  // The same with projections in qmatmul.h's blocks (levels, d, m each, as `QWeight` holds them).
+  void add_layer_blocks(at::Tensor input_norm, at::Tensor post_norm, at::Tensor kv_cache, std::vector<at::Tensor> qkv,
                     c10::optional<at::Tensor> qkv_bias, std::vector<at::Tensor> o, std::vector<at::Tensor> gate_up,
                     std::vector<at::Tensor> down) {
     const int64_t hidden = final_norm_.numel();
-    TORCH_CHECK(layers_.empty() || q4_, "a stack's layers must all use one 4-bit layout");
-    q4_ = true;
-    auto qkv_p = q4_projection("qkv", qkv, hidden, (hq_ + 2 * hkv_) * d_);
-    auto o_p = q4_projection("o", o, hq_ * d_, hidden);
-    auto gate_up_p = q4_projection("gate_up", gate_up, hidden, 2 * inter_);
-    auto down_p = q4_projection("down", down, inter_, hidden);
+    TORCH_CHECK(layers_.empty() || blocks_, "a stack's layers must all use one weight layout");
+    blocks_ = true;
+    auto qkv_p = block_projection("qkv", qkv, hidden, (hq_ + 2 * hkv_) * d_);
+    auto o_p = block_projection("o", o, hq_ * d_, hidden);
+    auto gate_up_p = block_projection("gate_up", gate_up, hidden, 2 * inter_);
+    auto down_p = block_projection("down", down, inter_, hidden);
     add(std::move(input_norm), std::move(post_norm), std::move(kv_cache), qkv_bias, std::move(qkv_p),
         std::move(o_p), std::move(gate_up_p), std::move(down_p));
   }
@@ -385,16 +385,15 @@ class DecoderStack {
     const Step step{cos_c.data_ptr<float>(),  sin_c.data_ptr<float>(), slots_c.data_ptr<int64_t>(),
                     tables.data_ptr<int64_t>(), tables.size(1),         lp, max_len};
 
-    if (q4_) return run_layers<float>(x, step);
+    if (blocks_) return run_layers<float>(x, step);
     return run_layers<bf16>(x, step);
   }
 
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
-  bool q4() const { return q4_; }
   bool avx512_attention() const { return avx512_; }
 
  private:
-  // In: the projections' input and output dtype (bfloat16 for torch's 4-bit kernel, float32 for Q4_1).
+  // In: the projections' input and output dtype (bfloat16 for torch's 4-bit kernel, float32 for blocks).
   template <typename In>
   at::Tensor run_layers(at::Tensor x, const Step& step) const {
     const int64_t b = x.size(0), hidden = x.size(1);
@@ -437,15 +436,17 @@ class DecoderStack {
                             std::move(qkv), std::move(o), std::move(gate_up), std::move(down)});
   }
 
-  Projection q4_projection(const char* name, const std::vector<at::Tensor>& parts, int64_t in, int64_t out) const {
+  Projection block_projection(const char* name, const std::vector<at::Tensor>& parts, int64_t in, int64_t out) const {
     TORCH_CHECK(parts.size() == 3, "the ", name, " projection needs levels, scales and minimums");
-    const int64_t groups = (out + tricklm_q4::kCols - 1) / tricklm_q4::kCols;
+    const int64_t groups = (out + tricklm_q::kCols - 1) / tricklm_q::kCols;
+    const int64_t bits = parts[0].dim() == 4 ? parts[0].size(2) : 0;
     TORCH_CHECK(parts[0].device().is_cpu() && parts[0].scalar_type() == at::kByte && parts[0].is_contiguous() &&
-                    parts[0].sizes() == at::IntArrayRef({groups, in / kGroup, 4, 64}) && in % kGroup == 0,
-                "the ", name, " projection must be Q4_1 blocks, ", in, " -> ", out);
+                    (bits == 4 || bits == 8) && in % kGroup == 0 &&
+                    parts[0].sizes() == at::IntArrayRef({groups, in / kGroup, bits, 64}),
+                "the ", name, " projection must be 4- or 8-bit blocks, ", in, " -> ", out);
     for (int i = 1; i < 3; ++i) {
       TORCH_CHECK(parts[i].device().is_cpu() && parts[i].scalar_type() == at::kHalf && parts[i].is_contiguous() &&
-                      parts[i].sizes() == at::IntArrayRef({groups, in / kGroup, tricklm_q4::kCols}),
+                      parts[i].sizes() == at::IntArrayRef({groups, in / kGroup, tricklm_q::kCols}),
                   "the ", name, " projection's scales and minimums must be fp16 [groups, in / 32, 16]");
     }
     Projection p;
@@ -574,7 +575,7 @@ class DecoderStack {
   at::Tensor final_norm_;
   std::vector<Layer> layers_;
   bool avx512_ = false;  // attention 16 wide (`attend_group_avx512`)
-  bool q4_ = false;       // the layers' projections are Q4_1 blocks (all or none of them)
+  bool blocks_ = false;  // the layers' projections are qmatmul.h's blocks (all or none of them)
 };
 
 }  // namespace
@@ -583,7 +584,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<DecoderStack>(m, "DecoderStack")
       .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, double, int64_t, int64_t, at::Tensor>())
       .def("add_layer", &DecoderStack::add_layer)
-      .def("add_layer_q4", &DecoderStack::add_layer_q4)
+      .def("add_layer_blocks", &DecoderStack::add_layer_blocks)
       .def("forward", &DecoderStack::forward, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("num_layers", &DecoderStack::num_layers)
       .def_property_readonly("avx512_attention", &DecoderStack::avx512_attention);

@@ -2,8 +2,8 @@
 #include "qmatmul.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.def("q4_matmul", &tricklm_q4::q4_matmul, "x [rows, k] float32 @ 4-bit weight [n, k]^T -> [rows, n] float32",
+  module.def("qmatmul", &tricklm_q::qmatmul, "x [rows, k] float32 @ 4-bit weight [n, k]^T -> [rows, n] float32",
              pybind11::arg("x"), pybind11::arg("levels"), pybind11::arg("d"), pybind11::arg("m"),
              pybind11::arg("n"), pybind11::arg("isa") = "");
-  module.def("isa", &tricklm_q4::isa_name, "the kernel this CPU runs: avx512vnni, avx2 or scalar");
+  module.def("isa", &tricklm_q::isa_name, "the kernel this CPU runs: avx512vnni, avx2 or scalar");
 }

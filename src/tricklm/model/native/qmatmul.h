@@ -1,13 +1,17 @@
-// 4-bit weights times 8-bit activations, for every step: one compact copy of the weights serves a 1-row
-// decode step, a 16-row batch and a 256-row prefill chunk alike.
+// Block-quantized weights times 8-bit activations, for every step: one compact copy of the weights
+// serves a 1-row decode step, a 16-row batch and a 256-row prefill chunk alike.
 //
-// Weights are GGUF's Q4_1 blocks of 32 (a level 0..15 per weight, a scale d and a minimum m per block,
-// w = d * level + m; Q4_0 is the case m = -8 d), repacked at load the way llama.cpp repacks Q4_0 for
-// AVX-512: 16 output columns interleaved, so that one 64-byte load holds 4 consecutive levels of each of
-// 16 columns. For column group g and block b, `levels[g][b][p]` is 64 bytes: byte 4 c + i holds, in its
-// low nibble, the level of column c at element 4 p + i of the block, and in its high nibble the level at
-// element 4 (p + 4) + i. `d[g][b]` and `m[g][b]` are the 16 columns' scales and minimums, fp16 as in
-// the file (a quarter of a bit per weight each, against half a bit in float32).
+// A weight is stored in blocks of 32 along k: an unsigned level per weight, and a scale d and an offset m
+// per block, w = d * level + m. Levels are 4 bits (GGUF's Q4_0, Q4_1 and Q4_K fit exactly: Q4_0 is the
+// case m = -8 d) or 8 bits (Q5_0, Q5_1, Q5_K and Q8_0 fit exactly: Q8_0 is levels q + 128 with m = -128 d).
+// Both are repacked at load the way llama.cpp repacks Q4_0 for AVX-512: 16 output columns interleaved, so
+// that one 64-byte load holds 4 consecutive levels of each of 16 columns. For column group g and block b,
+// `levels[g][b][p]` is 64 bytes; byte 4 c + i of it holds
+//   4-bit (p < 4): in its low nibble the level of column c at element 4 p + i of the block, and in its
+//                  high nibble the level at element 4 (p + 4) + i;
+//   8-bit (p < 8): the level of column c at element 4 p + i.
+// `d[g][b]` and `m[g][b]` are the 16 columns' scales and offsets in fp16, as GGUF keeps them (a quarter
+// of a bit per weight each, against half a bit in float32).
 //
 // Activations are quantized per block of 32 to int8 with a scale s, as llama.cpp's Q8_1 does, so each
 // block's dot product is an integer one:
@@ -15,9 +19,11 @@
 //   sum_j w_j x_j ~= d s sum_j level_j q_j + m s sum_j q_j
 //
 // One VNNI vpdpbusd multiplies 4 levels of 16 columns by the same 4 activations (broadcast) and adds:
-// a block of 16 columns is 8 of them, and a tile of activation rows shares each unpacked weight block.
-// AVX2 does the same on 8 columns at a time with vpmaddubsw + vpmaddwd (levels <= 15 and |q| <= 127
-// cannot saturate its 16-bit pairs); plain C++ without either. The choice is made at run time.
+// a block of 16 columns is 8 of them, and a tile of activation rows shares each loaded weight block.
+// AVX2 does the same on 8 columns at a time with vpmaddubsw + vpmaddwd; its 16-bit pair sums cannot
+// overflow with 4-bit levels, and 8-bit levels are recentred to signed (level - 128, whose magnitude and
+// sign vpmaddubsw takes separately, as llama.cpp's Q8_0 code does). Plain C++ without either. The choice
+// is made at run time.
 
 #pragma once
 
@@ -31,7 +37,7 @@
 #include <cstring>
 #include <vector>
 
-namespace tricklm_q4 {
+namespace tricklm_q {
 
 constexpr int64_t kBlock = 32;
 constexpr int64_t kRowTile = 4;   // activation rows that share one unpacked weight block
@@ -69,9 +75,9 @@ inline QuantizedRows quantize_rows(const float* x, int64_t rows, int64_t k) {
   return out;
 }
 
-constexpr int64_t kCols = 16;       // output columns interleaved in one group
-constexpr int64_t kGroupBytes = 256;  // one block of one group: 4 loads of 64 bytes
-constexpr int64_t kPrefetch = 8 * kGroupBytes;  // how far ahead of the loads the prefetches run
+constexpr int64_t kCols = 16;  // output columns interleaved in one group
+constexpr int64_t kLine = 64;  // bytes of one load: 4 levels (or 8, packed in nibbles) of 16 columns
+constexpr int64_t kAhead = 8;  // blocks between a prefetch and the loads it serves
 
 // Four int8 activations as one int32, the operand vpdpbusd broadcasts (memcpy: no aliasing assumption).
 inline int32_t quad_at(const int8_t* q) {
@@ -82,11 +88,14 @@ inline int32_t quad_at(const int8_t* q) {
 
 struct Problem {
   const QuantizedRows* x;
-  const uint8_t* levels;  // [groups, blocks, 4, 64]
+  const uint8_t* levels;  // [groups, blocks, bits, 64]
   const at::Half* d;      // [groups, blocks, 16]
   const at::Half* m;      // [groups, blocks, 16]
   float* out;             // [rows, n]
   int64_t rows, n, k;
+  int64_t bits;  // 4 or 8: a block of a group is `bits` lines of 64 bytes
+
+  int64_t block_bytes() const { return bits * kLine; }
 };
 
 inline void store_columns(const Problem& p, int64_t row, int64_t group, const float* values) {
@@ -95,23 +104,25 @@ inline void store_columns(const Problem& p, int64_t row, int64_t group, const fl
   std::memcpy(p.out + row * p.n + first, values, count * sizeof(float));
 }
 
+// The level of column c at element j of a block (the layouts above, spelled out).
+inline int level_at(const uint8_t* w, int64_t bits, int64_t c, int64_t j) {
+  if (bits == 8) return w[(j / 4) * kLine + c * 4 + j % 4];
+  const uint8_t byte = w[(j / 4 % 4) * kLine + c * 4 + j % 4];
+  return j < 16 ? byte & 0x0F : byte >> 4;
+}
+
 inline void kernel_scalar(const Problem& p, int64_t group_begin, int64_t group_end) {
   const int64_t blocks = p.k / kBlock;
   for (int64_t g = group_begin; g < group_end; ++g) {
     for (int64_t row = 0; row < p.rows; ++row) {
       float acc[kCols] = {};
       for (int64_t b = 0; b < blocks; ++b) {
-        const uint8_t* w = p.levels + (g * blocks + b) * kGroupBytes;
+        const uint8_t* w = p.levels + (g * blocks + b) * p.block_bytes();
         const int8_t* q = p.x->q.data() + row * p.k + b * kBlock;
         const float s = p.x->scale[row * blocks + b], ss = p.x->scaled_sum[row * blocks + b];
         for (int64_t c = 0; c < kCols; ++c) {
           int dot = 0;
-          for (int64_t quad = 0; quad < 4; ++quad) {
-            for (int64_t i = 0; i < 4; ++i) {
-              const uint8_t byte = w[quad * 64 + c * 4 + i];
-              dot += (byte & 0x0F) * q[quad * 4 + i] + (byte >> 4) * q[(quad + 4) * 4 + i];
-            }
-          }
+          for (int64_t j = 0; j < kBlock; ++j) dot += level_at(w, p.bits, c, j) * q[j];
           const int64_t at = (g * blocks + b) * kCols + c;
           const float d = static_cast<float>(p.d[at]), m = static_cast<float>(p.m[at]);
           acc[c] += d * s * static_cast<float>(dot) + m * ss;
@@ -126,35 +137,52 @@ __attribute__((target("avx2,fma,f16c"))) inline __m256i dot_avx2(__m256i acc, __
   return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
 }
 
+// One block of 8 columns (`half` of a group) as 8 registers of unsigned operands, one per quad of
+// elements; for 8-bit levels `signs` gets their recentred values, whose signs go onto the activations.
+template <int BITS>
+__attribute__((target("avx2,fma,f16c"))) inline void load_avx2(const uint8_t* w, int64_t half, __m256i* ops,
+                                                               __m256i* signs) {
+  for (int quad = 0; quad < (BITS == 4 ? 4 : 8); ++quad) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + quad * kLine + half * 32));
+    if constexpr (BITS == 4) {
+      const __m256i nibble = _mm256_set1_epi8(0x0F);
+      ops[quad] = _mm256_and_si256(v, nibble);
+      ops[quad + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
+    } else {
+      signs[quad] = _mm256_xor_si256(v, _mm256_set1_epi8(static_cast<char>(0x80)));  // level - 128
+      ops[quad] = _mm256_abs_epi8(signs[quad]);  // |level - 128| <= 128: read unsigned, it fits
+    }
+  }
+}
+
 // AVX2: a group is two halves of 8 columns (32 bytes of each 64-byte load).
-__attribute__((target("avx2,fma,f16c"))) inline void kernel_avx2(const Problem& p, int64_t group_begin, int64_t group_end) {
+template <int BITS>
+__attribute__((target("avx2,fma,f16c"))) void kernel_avx2(const Problem& p, int64_t group_begin, int64_t group_end) {
   const int64_t blocks = p.k / kBlock;
-  const __m256i nibble = _mm256_set1_epi8(0x0F);
   for (int64_t g = group_begin; g < group_end; ++g) {
     for (int64_t row0 = 0; row0 < p.rows; row0 += kRowTile) {
       const int64_t tile = std::min(kRowTile, p.rows - row0);
       __m256 acc[kRowTile][2];
       for (auto& a : acc) a[0] = a[1] = _mm256_setzero_ps();
       for (int64_t b = 0; b < blocks; ++b) {
-        const uint8_t* w = p.levels + (g * blocks + b) * kGroupBytes;
+        const uint8_t* w = p.levels + (g * blocks + b) * p.block_bytes();
         const auto* d = reinterpret_cast<const uint16_t*>(p.d + (g * blocks + b) * kCols);
         const auto* m = reinterpret_cast<const uint16_t*>(p.m + (g * blocks + b) * kCols);
         for (int64_t half = 0; half < 2; ++half) {
-          __m256i lo[4], hi[4];
-          for (int64_t quad = 0; quad < 4; ++quad) {
-            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + quad * 64 + half * 32));
-            lo[quad] = _mm256_and_si256(v, nibble);
-            hi[quad] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nibble);
-          }
+          __m256i ops[8], signs[8];
+          load_avx2<BITS>(w, half, ops, signs);
           const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d + half * 8)));
-          const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m + half * 8)));
+          __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m + half * 8)));
+          // The products were of level - 128: the 128 sum_j q_j left out goes into the offset term
+          if constexpr (BITS == 8) mv = _mm256_fmadd_ps(dv, _mm256_set1_ps(128.0f), mv);
           for (int64_t t = 0; t < tile; ++t) {
             const int64_t row = row0 + t;
             const int8_t* q = p.x->q.data() + row * p.k + b * kBlock;
             __m256i isum = _mm256_setzero_si256();
-            for (int64_t quad = 0; quad < 4; ++quad) {
-              isum = dot_avx2(isum, lo[quad], _mm256_set1_epi32(quad_at(q + 4 * quad)));
-              isum = dot_avx2(isum, hi[quad], _mm256_set1_epi32(quad_at(q + 4 * (quad + 4))));
+            for (int quad = 0; quad < 8; ++quad) {
+              __m256i xq = _mm256_set1_epi32(quad_at(q + 4 * quad));
+              if constexpr (BITS == 8) xq = _mm256_sign_epi8(xq, signs[quad]);
+              isum = dot_avx2(isum, ops[quad], xq);
             }
             const __m256 s = _mm256_set1_ps(p.x->scale[row * blocks + b]);
             const __m256 ss = _mm256_set1_ps(p.x->scaled_sum[row * blocks + b]);
@@ -175,32 +203,39 @@ __attribute__((target("avx2,fma,f16c"))) inline void kernel_avx2(const Problem& 
 
 // TILE rows of one column group: a compile-time tile lets every row's dot products run as independent
 // chains (vpdpbusd has a latency of several cycles: one chain per row would wait on itself).
-template <int TILE>
+template <int TILE, int BITS>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void vnni_tile(const Problem& p, int64_t g, int64_t row0) {
   const int64_t blocks = p.k / kBlock;
-  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  constexpr int64_t bytes = BITS * kLine;
   __m512 acc[TILE];
   for (int t = 0; t < TILE; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
-    const uint8_t* w = p.levels + (g * blocks + b) * kGroupBytes;
+    const uint8_t* w = p.levels + (g * blocks + b) * bytes;
     // A decode step streams every weight once from memory: ask for the next blocks ahead of time
-    for (int line = 0; line < 4; ++line) _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetch + line * 64), _MM_HINT_T0);
-    __m512i lo[4], hi[4];
-    for (int quad = 0; quad < 4; ++quad) {
-      const __m512i v = _mm512_loadu_si512(w + quad * 64);
-      lo[quad] = _mm512_and_si512(v, nibble);
-      hi[quad] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+    for (int line = 0; line < BITS; ++line) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + kAhead * bytes + line * kLine), _MM_HINT_T0);
+    }
+    __m512i ops[8];  // one per quad of elements
+    for (int quad = 0; quad < BITS; ++quad) {
+      const __m512i v = _mm512_loadu_si512(w + quad * kLine);
+      if constexpr (BITS == 4) {
+        const __m512i nibble = _mm512_set1_epi8(0x0F);
+        ops[quad] = _mm512_and_si512(v, nibble);
+        ops[quad + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+      } else {
+        ops[quad] = v;
+      }
     }
     const int64_t at = (g * blocks + b) * kCols;
     const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.d + at)));
     const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.m + at)));
     __m512i even[TILE], odd[TILE];
     for (int t = 0; t < TILE; ++t) even[t] = odd[t] = _mm512_setzero_si512();
-    for (int quad = 0; quad < 4; ++quad) {
+    for (int quad = 0; quad < 8; quad += 2) {
       for (int t = 0; t < TILE; ++t) {
         const int8_t* q = p.x->q.data() + (row0 + t) * p.k + b * kBlock;
-        even[t] = _mm512_dpbusd_epi32(even[t], lo[quad], _mm512_set1_epi32(quad_at(q + 4 * quad)));
-        odd[t] = _mm512_dpbusd_epi32(odd[t], hi[quad], _mm512_set1_epi32(quad_at(q + 4 * (quad + 4))));
+        even[t] = _mm512_dpbusd_epi32(even[t], ops[quad], _mm512_set1_epi32(quad_at(q + 4 * quad)));
+        odd[t] = _mm512_dpbusd_epi32(odd[t], ops[quad + 1], _mm512_set1_epi32(quad_at(q + 4 * (quad + 1))));
       }
     }
     for (int t = 0; t < TILE; ++t) {
@@ -217,15 +252,16 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void vnni_tile(const Prob
   }
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) inline void kernel_vnni(const Problem& p, int64_t group_begin,
+template <int BITS>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void kernel_vnni(const Problem& p, int64_t group_begin,
                                                                           int64_t group_end) {
   for (int64_t g = group_begin; g < group_end; ++g) {
     int64_t row = 0;
-    for (; row + kRowTile <= p.rows; row += kRowTile) vnni_tile<kRowTile>(p, g, row);
+    for (; row + kRowTile <= p.rows; row += kRowTile) vnni_tile<kRowTile, BITS>(p, g, row);
     switch (p.rows - row) {
-      case 3: vnni_tile<3>(p, g, row); break;
-      case 2: vnni_tile<2>(p, g, row); break;
-      case 1: vnni_tile<1>(p, g, row); break;
+      case 3: vnni_tile<3, BITS>(p, g, row); break;
+      case 2: vnni_tile<2, BITS>(p, g, row); break;
+      case 1: vnni_tile<1, BITS>(p, g, row); break;
       default: break;
     }
   }
@@ -244,9 +280,9 @@ inline std::string isa_name() {
   return "scalar";
 }
 
-inline Kernel pick(const std::string& isa) {
-  if (isa == "avx512vnni") return kernel_vnni;
-  if (isa == "avx2") return kernel_avx2;
+inline Kernel pick(const std::string& isa, int64_t bits) {
+  if (isa == "avx512vnni") return bits == 4 ? kernel_vnni<4> : kernel_vnni<8>;
+  if (isa == "avx2") return bits == 4 ? kernel_avx2<4> : kernel_avx2<8>;
   return kernel_scalar;
 }
 
@@ -256,9 +292,10 @@ inline void check_inputs(const torch::Tensor& x, const torch::Tensor& levels, co
               "x must be a contiguous float32 [rows, k] tensor");
   const int64_t k = x.size(1), groups = (n + kCols - 1) / kCols, blocks = k / kBlock;
   TORCH_CHECK(k % kBlock == 0 && k > 0 && n > 0, "k must be a positive multiple of 32, n positive");
-  TORCH_CHECK(levels.scalar_type() == torch::kUInt8 && levels.is_contiguous() &&
-                  levels.sizes() == torch::IntArrayRef({groups, blocks, 4, 64}),
-              "levels must be contiguous uint8 [ceil(n / 16), k / 32, 4, 64]");
+  const int64_t bits = levels.dim() == 4 ? levels.size(2) : 0;
+  TORCH_CHECK(levels.scalar_type() == torch::kUInt8 && levels.is_contiguous() && (bits == 4 || bits == 8) &&
+                  levels.sizes() == torch::IntArrayRef({groups, blocks, bits, kLine}),
+              "levels must be contiguous uint8 [ceil(n / 16), k / 32, 4 or 8 (bits), 64]");
   for (const auto* t : {&d, &m}) {
     TORCH_CHECK(t->scalar_type() == torch::kFloat16 && t->is_contiguous() &&
                     t->sizes() == torch::IntArrayRef({groups, blocks, kCols}),
@@ -266,8 +303,8 @@ inline void check_inputs(const torch::Tensor& x, const torch::Tensor& levels, co
   }
 }
 
-// x [rows, k] float32 times the repacked 4-bit weight [n, k] -> [rows, n] float32; `isa` "" picks the best.
-inline torch::Tensor q4_matmul(const torch::Tensor& x, const torch::Tensor& levels, const torch::Tensor& d,
+// x [rows, k] float32 times the repacked weight [n, k] -> [rows, n] float32; `isa` "" picks the best.
+inline torch::Tensor qmatmul(const torch::Tensor& x, const torch::Tensor& levels, const torch::Tensor& d,
                         const torch::Tensor& m, int64_t n, const std::string& isa) {
   check_inputs(x, levels, d, m, n);
   const int64_t rows = x.size(0), k = x.size(1);
@@ -279,11 +316,11 @@ inline torch::Tensor q4_matmul(const torch::Tensor& x, const torch::Tensor& leve
   if (rows == 0) return out;
   const QuantizedRows quantized = quantize_rows(x.data_ptr<float>(), rows, k);
   const Problem problem{&quantized, levels.data_ptr<uint8_t>(), d.data_ptr<at::Half>(), m.data_ptr<at::Half>(),
-                        out.data_ptr<float>(), rows, n, k};
-  const Kernel kernel = pick(chosen);
+                        out.data_ptr<float>(), rows, n, k, levels.size(2)};
+  const Kernel kernel = pick(chosen, problem.bits);
   at::parallel_for(0, levels.size(0), 1, [&](int64_t begin, int64_t end) { kernel(problem, begin, end); });
   return out;
 }
 
-}  // namespace tricklm_q4
+}  // namespace tricklm_q
 
