@@ -13,7 +13,7 @@ Servers (`--servers`, default all):
   tricklm-bf16-prefill  the same with `--prefill-weights bf16` (the prefill copy before `auto`)
   tricklm-fp16 the same with `--quantization fp16` (fp16 weights for decode: the default before int4)
   tricklm-fp16-only  the same with `--quantization fp16-only` (no bfloat16 prefill copies)
-  tricklm-q4_1 the same with `--quantization q4_1` (one 4-bit copy for every step, int8 kernels)
+  tricklm-MODE the same with `--quantization MODE` (int4, q8_0, fp16, ...)
   baseline     the design doc's thread-pool server, `benchmarks/baseline_threadpool.py` (HF model, fp32)
   tf-serve     `transformers serve MODEL`
   tf-serve-cb  `transformers serve MODEL --continuous-batching`
@@ -57,6 +57,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from tricklm.bench.hf_export import hf_weights_folder
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -114,10 +116,16 @@ SPECS: dict[str, ServerSpec] = {
             "fp16 weights for every step, no bfloat16 prefill copies: less memory, slower prefill",
         ),
         ServerSpec(
-            "tricklm-q4_1",
-            "tricklm `--quantization q4_1`",
+            "tricklm-int4",
+            "tricklm `--quantization int4`",
             False,
-            "one copy of Q4_1 weights for every step, int8 activations in the native kernels",
+            "4-bit decode weights (torch's kernel) plus a prefill copy: the default before one-copy blocks",
+        ),
+        ServerSpec(
+            "tricklm-q8_0",
+            "tricklm `--quantization q8_0`",
+            False,
+            "one copy in 8-bit blocks (GGUF types of up to 8 bits read exactly), int8 activations",
         ),
         ServerSpec(
             "baseline",
@@ -211,33 +219,6 @@ def build_launch(key: str, ctx: Context, port: int) -> Launch:
         cmd = [str(PEERS_PY), "-m", "llama_cpp.server", "--model", str(ctx.gguf), *host]
         return Launch([*cmd, "--interrupt_requests", "False"], env, [])
     raise ValueError(key)
-
-
-def hf_weights_folder(model_dir: Path) -> Path:
-    """A Hugging Face folder with float32 safetensors, for the peers that load models with transformers.
-
-    tricklm's cache folder of a GGUF holds no weights (tricklm reads them from the file at every start),
-    so they are written out here once, through tricklm's own GGUF reader.
-    """
-    from safetensors.torch import save_file
-
-    from tricklm.model.gguf_weights import GGUF_LINK, dense_tensors, weights_reader
-    from tricklm.model.loader import load_config
-    from tricklm.model.resolve import cache_dir
-
-    if any(model_dir.glob("*.safetensors")):
-        return model_dir
-    out = cache_dir() / "hf-export" / model_dir.name
-    if (out / "model.safetensors").is_file():
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    for item in model_dir.iterdir():
-        if item.name != GGUF_LINK and not (out / item.name).exists():
-            (out / item.name).symlink_to(item.resolve())
-    tensors = dict(dense_tensors(weights_reader(model_dir / GGUF_LINK), load_config(model_dir)))
-    save_file(tensors, str(out / "model.safetensors.partial"), metadata={"format": "pt"})
-    (out / "model.safetensors.partial").rename(out / "model.safetensors")
-    return out
 
 
 def no_eos_view(model_dir: Path, out: Path) -> Path:

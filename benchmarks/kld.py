@@ -4,19 +4,23 @@ Runs the same text through a reference and each candidate setting, in chunks of 
 scores the second half of every chunk as `llama-perplexity --kl-divergence` does: positions ctx/2 to
 ctx-2, each predicting the next token, so that every scored position has at least ctx/2 tokens of
 context (255 positions a chunk of 512; no BOS is added, SmolLM2's tokenizer adds none). Prints mean
-KLD, same-top-token %, Δp percentiles and both perplexities per candidate. Settings:
+KLD, same-top-token %, Δp percentiles and both perplexities per candidate. Settings are `--quantization`
+modes, or a mode with `-float`:
 
     none        float32 weights and activations (the default reference)
-    q4_1        one 4-bit copy, int8 activations in the native kernels (--quantization q4_1)
-    q4_1-float  the same 4-bit weights with float32 activations: the reference the int8 path is judged by
-    int4, fp16, fp16-only   the other --quantization modes (a teacher-forced chunk is one large step:
-                int4 and fp16 read their prefill copy here)
+    gguf        the file's own types in one copy of blocks, int8 activations in the native kernels
+    q4_0, q4_1, q4_k, q8_0   every projection rounded to that format (a GGUF type that fits is read as it is:
+                give --float-weights to round from float weights instead)
+    MODE-float  a block mode's weights with float32 activations: the reference its int8 path is judged by
+    int4, fp16, fp16-only   the other modes (a teacher-forced chunk is one large step: int4 and fp16 read
+                their prefill copy here)
 
 The text: docstrings of a fixed list of Python standard-library modules (real English prose, PSF
 license), about 67,000 tokens for SmolLM2's tokenizer, of which `--tokens` are used; or `--text FILE`.
 
-    .venv/bin/python benchmarks/kld.py                                    # q4_1 and q4_1-float vs none
-    .venv/bin/python benchmarks/kld.py --reference q4_1-float --candidates q4_1
+    .venv/bin/python benchmarks/kld.py                                    # gguf and gguf-float vs none
+    .venv/bin/python benchmarks/kld.py --reference gguf-float --candidates gguf
+    .venv/bin/python benchmarks/kld.py --float-weights --candidates q8_0,q4_k,q4_1,q4_0
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from tricklm.bench.hf_export import hf_weights_folder
 from tricklm.bench.kld import KLDStats, format_summary
 from tricklm.config import EngineConfig
 from tricklm.engine.core import EngineCore
@@ -90,17 +95,26 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None)
     p.add_argument("--reference", default="none")
-    p.add_argument("--candidates", default="q4_1,q4_1-float")
+    p.add_argument("--candidates", default="gguf,gguf-float")
+    p.add_argument(
+        "--float-weights",
+        action="store_true",
+        help="run every setting from a float32 export of the model (a GGUF's dequantized weights), so that "
+        "block modes round them rather than read the file's blocks",
+    )
     p.add_argument("--tokens", type=int, default=20480, help="tokens of text to run (a multiple of --ctx)")
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--text", type=Path, default=None)
     args = p.parse_args()
     model_dir = resolve_model(args.model)
+    if args.float_weights:
+        model_dir = hf_weights_folder(model_dir)
     text = args.text.read_text(encoding="utf-8") if args.text else stdlib_prose()
     tokens = Tokenizer(model_dir).encode(text, add_special_tokens=False)
     chunks = len(tokens) // args.ctx if args.tokens <= 0 else min(args.tokens, len(tokens)) // args.ctx
     digest = hashlib.sha1(text.encode()).hexdigest()[:10]
     print(f"# text: {len(tokens)} tokens (sha1 {digest}); {chunks} chunks of {args.ctx}, second halves scored")
+    print(f"# weights: {model_dir}")
     print(f"# reference: {args.reference}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     settings = [args.reference, *args.candidates.split(",")]
     cores = {s: load_setting(s, model_dir, args.ctx) for s in settings}

@@ -11,7 +11,7 @@ from tricklm.config import EngineConfig
 def test_defaults_come_from_the_engine_config() -> None:
     config = engine_config(build_parser().parse_args(["serve"]))
     assert config == EngineConfig()
-    assert config.native_decode and config.quantization == "int4" and config.prefill_weights == "auto"
+    assert config.native_decode and config.quantization == "auto" and config.prefill_weights == "auto"
 
 
 @pytest.mark.parametrize("command", ["serve", "demo"])

@@ -68,7 +68,9 @@ def _text(chunks: list[Any], index: int = 0) -> str:
 def test_chat_streamed_equals_non_streamed(client: openai.OpenAI) -> None:
     full = client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=CHAT, max_tokens=12, temperature=0)
     text = full.choices[0].message.content
-    assert text and "Paris" in text
+    # (not "Paris" necessarily: the float32 model's first token is a near-tie, "The" 0.152 against "L"
+    # 0.140, which the default's int8 activations tip to "L'Étoile, la Cité, ...")
+    assert text and len(text) > 10
     assert full.object == "chat.completion" and full.choices[0].message.role == "assistant"
     chunks = list(
         client.chat.completions.create(
@@ -380,8 +382,9 @@ def test_text_held_for_a_possible_stop_is_flushed_at_the_end(client: openai.Open
 def test_stop_string_in_chat(client: openai.OpenAI) -> None:
     kw: dict[str, Any] = {"model": DEFAULT_MODEL_NAME, "messages": CHAT, "max_tokens": 12, "temperature": 0}
     text = client.chat.completions.create(**kw).choices[0].message.content or ""
-    assert "Paris" in text
-    cut = text.index("Paris") + 2  # "Pa" | "ris": inside one word, likely across tokens
+    word = max(text.split(), key=len)
+    assert len(word) >= 5, text
+    cut = text.index(word) + 2  # inside the longest word, likely across tokens
     stop = text[cut : cut + 3]
     full = client.chat.completions.create(stop=stop, **kw)
     assert full.choices[0].message.content == text[: text.index(stop)]
