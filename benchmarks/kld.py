@@ -12,6 +12,8 @@ modes, or a mode with `-float`:
     q4_0, q4_1, q4_k, q8_0   every projection rounded to that format (a GGUF type that fits is read as it is:
                 give --float-weights to round from float weights instead)
     MODE-float  a block mode's weights with float32 activations: the reference its int8 path is judged by
+    MODE@PATH   a setting on another model of the same tokenizer (a folder or a .gguf file), e.g. one
+                GGUF file per llama.cpp type (benchmarks/gguf_formats.py)
     int4, fp16, fp16-only   the other modes (a teacher-forced chunk is one large step: int4 and fp16 read
                 their prefill copy here)
 
@@ -70,6 +72,10 @@ def stdlib_prose() -> str:
 
 
 def load_setting(setting: str, model_dir: Path, ctx: int) -> EngineCore:
+    """`setting` is a mode, optionally with -float, optionally @ a model of its own (folder or .gguf)."""
+    setting, _, path = setting.partition("@")
+    if path:
+        model_dir = resolve_model(path, progress=False)
     quantization = setting.removesuffix("-float")
     model = load_model(model_dir, torch.float32, quantization)
     if setting.endswith("-float"):

@@ -35,7 +35,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         choices=QUANTIZATIONS,
         help="auto (default): gguf for a .gguf file, int4 for a safetensors folder; gguf: one copy of the "
         "file's own types (4- or 8-bit blocks) for every step, int8 kernels; q4_0, q4_1, q4_k, q8_0: one copy "
-        "rounded to that format at load (as llama.cpp's quantize); int4: 4-bit weights for decode where the "
+        "rounded to that format at load as llama.cpp's quantize does (GGUF types that fit are kept as they are; "
+        "q4_k takes q5_0 where inputs are not a multiple of 256); int4: 4-bit weights for decode where the "
         "checkpoint's are 4-bit already (fp16 elsewhere) plus a copy for prefill (--prefill-weights); fp16: "
         "fp16 weights for decode plus the copy; fp16-only: fp16 weights for every step; none: all in --dtype",
     )
@@ -64,7 +65,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         "--native-decode",
         action=argparse.BooleanOptionalAction,
         default=d.native_decode,
-        help="run decode steps of 4-bit Llama-family models in C++ (compiled on first use; default: on)",
+        help="run decode steps of Llama-family models with compact weights in C++ (compiled on first use; default: on)",
     )
 
 

@@ -101,7 +101,7 @@ def test_other_gguf_types_are_not_read_as_blocks() -> None:
         gguf_blocks(random_k_quant(4, 256, "Q6_K"), "Q6_K")
 
 
-@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q8_0"])
+@pytest.mark.parametrize("fmt", ["q4_0", "q4_1", "q5_0", "q8_0"])
 def test_round_to_nearest_matches_llama_cpp_quantize(fmt: str) -> None:
     values = np.random.default_rng(1).standard_normal((48, 128)).astype(np.float32)
     ours = quantize_blocks(torch.from_numpy(values), fmt).dequantize().numpy()

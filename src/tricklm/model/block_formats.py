@@ -1,14 +1,16 @@
 """Weights as blocks of 32 (a level per weight, w = d level + m per block): read from GGUF's quantized
-types exactly, or rounded from float weights the way llama.cpp's `quantize` rounds them.
+types as they are, or rounded from float weights the way llama.cpp's `quantize` rounds them.
 
-`QWeight` (qlinear.py) stores the blocks in 4 bits where every level fits, else 8. Exact readings:
+`QWeight` (qlinear.py) stores the blocks in 4 bits where every level fits, else 8. GGUF types read as
+they are, levels untouched:
 
     Q4_0, Q4_1, Q4_K        4-bit levels (Q4_K: d = super-block d x 6-bit scale, m = -dmin x 6-bit min)
     Q5_0, Q5_1, Q5_K, Q8_0  8-bit levels (Q8_0: level q + 128, m = -128 d)
 
-d and m are kept in fp16, as GGUF keeps them; for the K-quants that rounds their products (a relative
-2^-11 of the scale, against the 1/16-step rounding of the levels themselves). Any other type (Q6_K,
-Q2_K, Q3_K, the IQ types) is dequantized and rounded to 8 bits: within a quarter of its own step.
+d and m are kept in fp16, as GGUF keeps them: exact for the first kinds, while for the K-quants it rounds
+the products (by up to 2^-11 of each, 1-2% of a level step at most). Any other type (Q6_K, Q2_K, Q3_K,
+the IQ types), or one with more bits than the mode asks for, is dequantized and rounded in the mode's
+format (`gguf` mode: q8_0, within a quarter of Q6_K's own step).
 """
 
 from __future__ import annotations
@@ -32,24 +34,42 @@ FLOAT_TYPES = ("F32", "F16", "BF16")
 
 def gguf_blocks(data: np.ndarray, qtype: str) -> Blocks:
     """A quantized GGUF tensor's raw rows ([n, bytes per row] uint8, as the `gguf` reader gives them) as
-    levels, scales and offsets: the file's levels, with no rounding (see the module docstring)."""
+    levels, scales and offsets: the file's levels, with no rounding (see the module docstring). A slice
+    of rows at a time, so the float32 work buffers stay a few MB whatever the tensor's size."""
     if qtype not in EXACT_BITS:
         raise ValueError(f"GGUF type {qtype} has no exact block form")
+    parts = [_exact_rows(data[start : start + ROUNDING_ROWS], qtype) for start in range(0, len(data), ROUNDING_ROWS)]
+    levels, d, m = (torch.cat(t) for t in zip(*parts, strict=True))
+    return levels, d, m
+
+
+def _exact_rows(data: np.ndarray, qtype: str) -> Blocks:
     raw = np.array(data, dtype=np.uint8)  # a copy: the reader's arrays map the file, read-only
     if qtype in ("Q4_0", "Q4_1"):
         return _q4_blocks(torch.from_numpy(raw), qtype)
-    from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize
-
     n = raw.shape[0]
     d, m = _scales(raw.reshape(-1, _type_size(qtype)), qtype)
     d, m = d.reshape(n, -1), m.reshape(n, -1)
-    values = np.asarray(dequantize(raw, GGMLQuantizationType[qtype]), dtype=np.float32).reshape(n, -1, BLOCK)
+    if qtype == "Q8_0":  # the levels are the stored int8 values, offset
+        quants = raw.reshape(n, -1, 34)[..., 2:].view(np.int8).astype(np.int16) + 128
+        return torch.from_numpy(quants.astype(np.uint8).reshape(n, -1)), _half(d), _half(m)
+    values = dequantize_rows(raw, qtype).reshape(n, -1, BLOCK)
     # The values are d level + m exactly (or within float32 rounding): dividing back finds each level
     safe = np.where(d != 0, d, 1)[..., None]  # Q5_0 scales may be negative, as Q4_0 ones
     levels = np.rint((values - m[..., None]) / safe).clip(0, (1 << EXACT_BITS[qtype]) - 1)
     levels = np.where(d[..., None] != 0, levels, 0).astype(np.uint8).reshape(n, -1)
     return torch.from_numpy(levels), _half(d), _half(m)
+
+
+def dequantize_rows(raw: np.ndarray, qtype: str) -> np.ndarray:
+    """Raw rows of any type the `gguf` package reads, as float32 [n, k]."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    try:
+        return np.asarray(dequantize(raw, GGMLQuantizationType[qtype]), dtype=np.float32)
+    except NotImplementedError:
+        raise ValueError(f"GGUF type {qtype} cannot be read (the gguf package does not dequantize it)") from None
 
 
 def _type_size(qtype: str) -> int:
@@ -100,11 +120,11 @@ def _q4_blocks(raw: torch.Tensor, qtype: str) -> Blocks:
 
 def round_blocks(weight: torch.Tensor, fmt: str) -> Blocks:
     """`weight` [n, k] (k a multiple of 32) rounded to nearest in format `fmt`. q4_k needs k a multiple of
-    256: other weights get q8_0 instead (llama.cpp's `quantize` falls back to Q5_0, which 8 bits hold)."""
+    256: other weights get q5_0 instead, as llama.cpp's `quantize` does (kept in 8 bits)."""
     if fmt not in ROUNDINGS:
         raise ValueError(f"unknown block format {fmt!r}: one of {', '.join(ROUNDINGS)}")
     if fmt == "q4_k" and weight.shape[1] % SUPER_BLOCK:
-        fmt = "q8_0"
+        fmt = "q5_0"
     rounding = ROUNDINGS[fmt]
     parts = [rounding(rows.float()) for rows in weight.split(ROUNDING_ROWS)]
     levels, d, m = (torch.cat(t) for t in zip(*parts, strict=True))
@@ -119,7 +139,8 @@ def _q4_1(rows: torch.Tensor) -> Blocks:
     low, high = blocks.amin(-1), blocks.amax(-1)
     d = (high - low) / 15
     inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
-    levels = ((blocks - low.unsqueeze(-1)) * inv.unsqueeze(-1)).round_().clamp_(0, 15).to(torch.uint8)
+    # (int)(x + 0.5), as llama.cpp: halves round up (torch.round would round them to even)
+    levels = ((blocks - low.unsqueeze(-1)) * inv.unsqueeze(-1)).add_(0.5).floor_().clamp_(0, 15).to(torch.uint8)
     return levels.view(n, k), d.half().float(), low.half().float()
 
 
@@ -135,6 +156,18 @@ def _q4_0(rows: torch.Tensor) -> Blocks:
     return levels.view(n, k), d16, -8 * d16
 
 
+def _q5_0(rows: torch.Tensor) -> Blocks:
+    """As q4_0 with 32 levels: d = the value of largest magnitude / -16, levels floor(x / d + 16.5)."""
+    n, k = rows.shape
+    blocks = rows.view(n, k // BLOCK, BLOCK)
+    extreme = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    d = extreme / -16
+    inv = torch.where(d != 0, 1 / d, torch.zeros_like(d))
+    levels = (blocks * inv.unsqueeze(-1) + 16.5).floor_().clamp_(0, 31).to(torch.uint8)
+    d16 = d.half().float()
+    return levels.view(n, k), d16, -16 * d16
+
+
 def _q8_0(rows: torch.Tensor) -> Blocks:
     """d = max |x| / 127, levels round(x / d) + 128 (0 is never used), m = -128 d."""
     n, k = rows.shape
@@ -147,7 +180,7 @@ def _q8_0(rows: torch.Tensor) -> Blocks:
 
 
 def _round_half_away(x: torch.Tensor) -> torch.Tensor:
-    """C's roundf (torch.round rounds halves to even)."""
+    """C's roundf (q8_0 uses it; torch.round, like the K-quants' nearest_int, rounds halves to even)."""
     return x.sign() * (x.abs() + 0.5).floor()
 
 
@@ -165,58 +198,63 @@ def _q4_k(rows: torch.Tensor) -> Blocks:
     d_super, dmin_super = (max_scale / 63).half().float(), (max_min / 63).half().float()
     d, m = d_super * ls, -(dmin_super * lm)
     inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
-    levels = _round_half_away((blocks - m.unsqueeze(-1)) * inv.unsqueeze(-1)).clamp_(0, 15).to(torch.uint8)
+    levels = torch.round((blocks - m.unsqueeze(-1)) * inv.unsqueeze(-1)).clamp_(0, 15).to(torch.uint8)
     return levels.view(n, k), d.half().float().view(n, -1), m.half().float().view(n, -1)
 
 
 def _six_bits(values: torch.Tensor, largest: torch.Tensor) -> torch.Tensor:
     inv = torch.where(largest > 0, 63 / largest, torch.zeros_like(largest))
-    return _round_half_away(values * inv).clamp_(max=63)
+    return torch.round(values * inv).clamp_(max=63)
 
 
 def _fit_scale_min(blocks: torch.Tensor, steps: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
     """llama.cpp's make_qkx2_quants for 4-bit levels: try 21 scales around (max - min) / 15, fit scale
-    and min to each candidate's levels by weighted least squares (weights |x| + rms of the block), keep
-    the fit of least weighted error. Returns (scale, -min); min is never above 0."""
+    and min to each candidate's levels by weighted least squares (weights |x| + rms of the block), and
+    keep the fit of least weighted error; a better fit's min is where the next candidates start from.
+    Returns (scale, -min); min is never above 0."""
     x = blocks
     w = x.abs() + x.square().mean(-1, keepdim=True).sqrt()
+    high = x.amax(-1, keepdim=True)
     low = x.amin(-1, keepdim=True).clamp(max=0)
-    span = x.amax(-1, keepdim=True) - low
-    safe = torch.where(span > 0, span, torch.ones_like(span))
+    flat = high == low  # a constant block (or all zero): level 0 at the value itself
     sum_w, sum_x = w.sum(-1, keepdim=True), (w * x).sum(-1, keepdim=True)
+
+    def levels_for(numerator: float, minimum: torch.Tensor) -> torch.Tensor:
+        span = high - minimum
+        iscale = numerator / torch.where(span > 0, span, torch.ones_like(span))
+        return torch.round((x - minimum) * iscale).clamp_(0, 15)
 
     def error(scale: torch.Tensor, minimum: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
         return (w * (scale * levels + minimum - x).square()).sum(-1, keepdim=True)
 
-    levels = _round_half_away((x - low) * (15 / safe)).clamp_(0, 15)
-    best_scale, best_min = span / 15, low
-    best = error(best_scale, best_min, levels)
+    best_min = low
+    best_scale = (high - low) / 15
+    best = error(best_scale, best_min, levels_for(15, low))
     for step in range(steps + 1):
-        levels = _round_half_away((x - low) * ((-1 + 0.1 * step + 15) / safe)).clamp_(0, 15)
-        sum_l, sum_l2, sum_xl = (
-            (w * levels).sum(-1, keepdim=True),
-            (w * levels.square()).sum(-1, keepdim=True),
-            (w * levels * x).sum(-1, keepdim=True),
-        )
+        levels = levels_for(-1 + 0.1 * step + 15, best_min)
+        sum_l, sum_l2 = (w * levels).sum(-1, keepdim=True), (w * levels.square()).sum(-1, keepdim=True)
+        sum_xl = (w * levels * x).sum(-1, keepdim=True)
         det = sum_w * sum_l2 - sum_l.square()
-        ok = det > 0
-        safe_det = torch.where(ok, det, torch.ones_like(det))
+        safe_det = torch.where(det > 0, det, torch.ones_like(det))
         scale = (sum_w * sum_xl - sum_x * sum_l) / safe_det
         minimum = (sum_l2 * sum_x - sum_l * sum_xl) / safe_det
         positive = minimum > 0  # a min above 0 is dropped: the scale refitted with min 0
         scale = torch.where(positive, sum_xl / torch.where(sum_l2 > 0, sum_l2, torch.ones_like(sum_l2)), scale)
         minimum = torch.where(positive, torch.zeros_like(minimum), minimum)
-        current = error(scale, minimum, levels)
-        better = ok & (current < best)
-        best = torch.where(better, current, best)
+        better = (det > 0) & (error(scale, minimum, levels) < best) & ~flat
+        best = torch.where(better, error(scale, minimum, levels), best)
         best_scale = torch.where(better, scale, best_scale)
         best_min = torch.where(better, minimum, best_min)
-    flat = span == 0  # a constant block: level 0 at the value itself
     best_scale = torch.where(flat, torch.zeros_like(best_scale), best_scale)
-    best_min = torch.where(flat, low, best_min)
     return best_scale.squeeze(-1).clamp_(min=0), (-best_min).squeeze(-1)
 
 
-ROUNDINGS: dict[str, Callable[[torch.Tensor], Blocks]] = {"q4_0": _q4_0, "q4_1": _q4_1, "q4_k": _q4_k, "q8_0": _q8_0}
+ROUNDINGS: dict[str, Callable[[torch.Tensor], Blocks]] = {
+    "q4_0": _q4_0,
+    "q4_1": _q4_1,
+    "q4_k": _q4_k,
+    "q5_0": _q5_0,
+    "q8_0": _q8_0,
+}
 # The bits of each rounding's levels: a GGUF type whose levels fit is read exactly rather than rounded
-ROUNDING_BITS = {"q4_0": 4, "q4_1": 4, "q4_k": 4, "q8_0": 8}
+ROUNDING_BITS = {"q4_0": 4, "q4_1": 4, "q4_k": 4, "q5_0": 5, "q8_0": 8}

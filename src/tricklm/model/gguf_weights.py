@@ -17,7 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from tricklm.model.block_formats import EXACT_BITS, ROUNDING_BITS, Blocks, gguf_blocks, round_blocks
+from tricklm.model.block_formats import (
+    EXACT_BITS,
+    ROUNDING_BITS,
+    Blocks,
+    dequantize_rows,
+    gguf_blocks,
+    round_blocks,
+)
 from tricklm.model.config import ModelConfig, ModelLoadError
 
 GGUF_LINK = "model.gguf"  # in a converted folder: a link to the file the weights are read from
@@ -117,14 +124,15 @@ def dense_tensors(
 
 
 def _dequantized(t: Any, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    from gguf.quants import dequantize
-
     raw = np.asarray(t.data)
     rows = shape[0] if len(shape) == 2 else 1
     raw = raw.reshape(rows, -1)
     out = torch.empty((rows, int(np.prod(shape)) // rows), dtype=dtype)
     for start in range(0, rows, DEQUANTIZE_ROWS):
-        part = np.asarray(dequantize(raw[start : start + DEQUANTIZE_ROWS], t.tensor_type), dtype=np.float32)
+        try:
+            part = dequantize_rows(raw[start : start + DEQUANTIZE_ROWS], tensor_type(t))
+        except ValueError as e:
+            raise ModelLoadError(f"{t.name}: {e}") from None
         out[start : start + len(part)] = torch.from_numpy(np.array(part, copy=not part.flags.writeable))
     return out.view(shape)
 
@@ -136,18 +144,29 @@ def projection_blocks(reader: Any, cfg: ModelConfig, names: set[str], fmt: str) 
     its own levels and scales; any other is dequantized and rounded in `fmt`, as llama.cpp's `quantize`
     would.
     """
-    from gguf.quants import dequantize
-
     for t in reader.tensors:
         name = hf_name(t.name)
         if name not in names:
             continue
         qtype, rows = tensor_type(t), int(t.shape[-1])
-        if EXACT_BITS.get(qtype, 99) <= ROUNDING_BITS[fmt]:
-            blocks = gguf_blocks(np.asarray(t.data).reshape(rows, -1), qtype)
-        else:
-            dense = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-            blocks = round_blocks(torch.from_numpy(dense.reshape(rows, -1)), fmt)
+        raw = np.asarray(t.data).reshape(rows, -1)
+        try:
+            if EXACT_BITS.get(qtype, 99) <= ROUNDING_BITS[fmt]:
+                blocks = gguf_blocks(raw, qtype)
+            else:
+                blocks = _rounded(raw, qtype, fmt)
+        except ValueError as e:
+            raise ModelLoadError(f"{t.name}: {e}") from None
         release(reader, t)
         order = unpermute_rows(blocks[0].shape[0], cfg, name)
         yield name, blocks if order is None else tuple(b[torch.from_numpy(order)] for b in blocks)  # type: ignore[misc]
+
+
+def _rounded(raw: np.ndarray, qtype: str, fmt: str) -> Blocks:
+    """Raw rows of any readable type dequantized and rounded in `fmt`, a slice of rows at a time."""
+    parts = []
+    for start in range(0, len(raw), DEQUANTIZE_ROWS):
+        values = dequantize_rows(np.array(raw[start : start + DEQUANTIZE_ROWS]), qtype)
+        parts.append(round_blocks(torch.from_numpy(values), fmt))
+    levels, d, m = (torch.cat(t) for t in zip(*parts, strict=True))
+    return levels, d, m

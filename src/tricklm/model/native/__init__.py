@@ -1,4 +1,4 @@
-"""Decode steps of 4-bit Llama-family models in C++ (`decode.cpp`), with the Python path as fallback.
+"""Decode steps of Llama-family models with compact projections in C++ (`decode.cpp`), with the Python path as fallback.
 
 At one row, a decode step of the Python path spent more time dispatching its ~45 small torch ops per
 layer than in the 4-bit projections. The extension runs the same step without the interpreter, and
@@ -39,7 +39,7 @@ def load_extension() -> Any | None:
     return load_or_warn(EXTENSION_NAME, SOURCE, "native decode steps unavailable, decode runs in Python")
 
 
-# qkv, o, gate_up, down: all in torch's 4-bit layout (int4) or all one-copy Q4_1 blocks (q4_1)
+# qkv, o, gate_up, down: all in torch's 4-bit layout (int4) or all one-copy blocks (gguf, q4_1, q8_0, ...)
 Projections = tuple[Int4Weight, Int4Weight, Int4Weight, Int4Weight] | tuple[QLinear, QLinear, QLinear, QLinear]
 
 
@@ -49,7 +49,7 @@ def _int4(module: Any) -> Int4Weight | None:
 
 
 def _projections(layer: Any) -> Projections | None:
-    """A decoder layer's 4-bit projections, if all four are 4-bit of one layout and only qkv has a bias."""
+    """A decoder layer's compact projections, if all four are of one layout and only qkv has a bias."""
     attn, mlp = layer.self_attn, layer.mlp
     modules = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
     if all(isinstance(m, QLinear) for m in modules):
@@ -73,7 +73,8 @@ def _norm_weights(layer: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 
 def supports(model: torch.nn.Module, kv_layers: list[KVCacheLayer]) -> bool:
-    """True for a Llama-family model whose every decoder projection is 4-bit, with an fp16 KV cache."""
+    """True for a Llama-family model whose every decoder projection is compact (int4 or blocks), with an
+    fp16 KV cache."""
     if not isinstance(model, LlamaForCausalLM) or model.config.hidden_act != "silu":
         return False
     if any(layer.kv.dtype != KV_DTYPE for layer in kv_layers):

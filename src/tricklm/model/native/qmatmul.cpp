@@ -1,8 +1,8 @@
-// Python bindings of the 4-bit x int8 matmul (`qmatmul.h`, which the decode step includes too).
+// Python bindings of the block (4- or 8-bit levels) x int8 matmul (`qmatmul.h`, which the decode step includes too).
 #include "qmatmul.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.def("qmatmul", &tricklm_q::qmatmul, "x [rows, k] float32 @ 4-bit weight [n, k]^T -> [rows, n] float32",
+  module.def("qmatmul", &tricklm_q::qmatmul, "x [rows, k] float32 @ block weight [n, k]^T -> [rows, n] float32",
              pybind11::arg("x"), pybind11::arg("levels"), pybind11::arg("d"), pybind11::arg("m"),
              pybind11::arg("n"), pybind11::arg("isa") = "");
   module.def("isa", &tricklm_q::isa_name, "the kernel this CPU runs: avx512vnni, avx2 or scalar");

@@ -2,8 +2,9 @@
 // serves a 1-row decode step, a 16-row batch and a 256-row prefill chunk alike.
 //
 // A weight is stored in blocks of 32 along k: an unsigned level per weight, and a scale d and an offset m
-// per block, w = d * level + m. Levels are 4 bits (GGUF's Q4_0, Q4_1 and Q4_K fit exactly: Q4_0 is the
-// case m = -8 d) or 8 bits (Q5_0, Q5_1, Q5_K and Q8_0 fit exactly: Q8_0 is levels q + 128 with m = -128 d).
+// per block, w = d * level + m. Levels are 4 bits (GGUF's Q4_0, Q4_1 and Q4_K levels: Q4_0 is the case
+// m = -8 d) or 8 bits (Q5_0, Q5_1, Q5_K and Q8_0 levels: Q8_0 is levels q + 128 with m = -128 d); the
+// K-quants' d and m are products of two factors, rounded to fp16 here.
 // Both are repacked at load the way llama.cpp repacks Q4_0 for AVX-512: 16 output columns interleaved, so
 // that one 64-byte load holds 4 consecutive levels of each of 16 columns. For column group g and block b,
 // `levels[g][b][p]` is 64 bytes; byte 4 c + i of it holds
@@ -229,18 +230,23 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void vnni_tile(const Prob
     const int64_t at = (g * blocks + b) * kCols;
     const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.d + at)));
     const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.m + at)));
-    __m512i even[TILE], odd[TILE];
-    for (int t = 0; t < TILE; ++t) even[t] = odd[t] = _mm512_setzero_si512();
-    for (int quad = 0; quad < 8; quad += 2) {
+    // Small tiles split each row's sum in two chains; 8 rows are 8 chains already (and registers run out)
+    constexpr int kChains = TILE >= 8 ? 1 : 2;
+    __m512i sums[TILE][kChains];
+    for (int t = 0; t < TILE; ++t) {
+      for (int c = 0; c < kChains; ++c) sums[t][c] = _mm512_setzero_si512();
+    }
+    for (int quad = 0; quad < 8; ++quad) {
       for (int t = 0; t < TILE; ++t) {
         const int8_t* q = p.x->q.data() + (row0 + t) * p.k + b * kBlock;
-        even[t] = _mm512_dpbusd_epi32(even[t], ops[quad], _mm512_set1_epi32(quad_at(q + 4 * quad)));
-        odd[t] = _mm512_dpbusd_epi32(odd[t], ops[quad + 1], _mm512_set1_epi32(quad_at(q + 4 * (quad + 1))));
+        __m512i& sum = sums[t][quad % kChains];
+        sum = _mm512_dpbusd_epi32(sum, ops[quad], _mm512_set1_epi32(quad_at(q + 4 * quad)));
       }
     }
     for (int t = 0; t < TILE; ++t) {
       const int64_t at = (row0 + t) * blocks + b;
-      const __m512 isum = _mm512_cvtepi32_ps(_mm512_add_epi32(even[t], odd[t]));
+      const __m512i total = kChains == 2 ? _mm512_add_epi32(sums[t][0], sums[t][kChains - 1]) : sums[t][0];
+      const __m512 isum = _mm512_cvtepi32_ps(total);
       acc[t] = _mm512_fmadd_ps(isum, _mm512_mul_ps(dv, _mm512_set1_ps(p.x->scale[at])), acc[t]);
       acc[t] = _mm512_fmadd_ps(mv, _mm512_set1_ps(p.x->scaled_sum[at]), acc[t]);
     }
@@ -257,6 +263,8 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void kernel_vnni(const Pr
                                                                           int64_t group_end) {
   for (int64_t g = group_begin; g < group_end; ++g) {
     int64_t row = 0;
+    // A prefill chunk: 8 rows share each loaded and unpacked weight block
+    for (; row + 2 * kRowTile <= p.rows; row += 2 * kRowTile) vnni_tile<2 * kRowTile, BITS>(p, g, row);
     for (; row + kRowTile <= p.rows; row += kRowTile) vnni_tile<kRowTile, BITS>(p, g, row);
     switch (p.rows - row) {
       case 3: vnni_tile<3, BITS>(p, g, row); break;
