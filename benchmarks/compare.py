@@ -175,6 +175,7 @@ class Context:
     ready_timeout: float
     llama_server: Path | None = None  # a native llama-server binary, for the `llama-server` peer
     model_arg: Path | None = None  # --model as given (tricklm's servers load it; None: the default model)
+    tricklm_args: tuple[str, ...] = ()  # appended to every tricklm server's command line
 
 
 @dataclass
@@ -188,6 +189,8 @@ def build_launch(key: str, ctx: Context, port: int) -> Launch:
     host = ["--host", "127.0.0.1", "--port", str(port)]
     if key.startswith("tricklm") and ctx.model_arg is not None:
         host = [*host, "--model", str(ctx.model_arg)]
+    if key.startswith("tricklm"):
+        host = [*host, *ctx.tricklm_args]
     env = dict(OFFLINE_ENV)
     if key == "tricklm":
         return Launch([sys.executable, "-m", "tricklm", "serve", *host], env, [])
@@ -717,6 +720,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="a native llama-server binary (the llama-server peer)",
     )
     p.add_argument("--gguf", type=Path, default=None, help="the GGUF llama.cpp serves (default: the shipped Q4_1)")
+    p.add_argument(
+        "--tricklm-args", default="", help="extra options for every tricklm server, e.g. '--kv-cache-memory 512MiB'"
+    )
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds for a server to come up")
     p.add_argument("--bench-timeout", type=float, default=3600.0, help="seconds for one server's whole sweep")
     p.add_argument("--request-timeout", type=float, default=1200.0, help="seconds before a request counts as failed")
@@ -745,6 +751,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = Context(resolve_model(str(args.model) if args.model else None), gguf, results, args.ready_timeout)
     ctx.llama_server = args.llama_server
     ctx.model_arg = args.model
+    ctx.tricklm_args = tuple(shlex.split(args.tricklm_args))
     print(f"model folder: {ctx.model_dir}\nGGUF: {ctx.gguf}", flush=True)
 
     blocked: dict[str, str] = {}

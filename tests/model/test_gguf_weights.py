@@ -111,7 +111,7 @@ def _fused(expected: dict[str, np.ndarray], layer: int, parts: list[str]) -> tor
     return torch.from_numpy(np.concatenate([expected[f"model.layers.{layer}.{p}.weight"] for p in parts]))
 
 
-@pytest.mark.parametrize("qtype", ["F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0"])
+@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
 def test_every_type_loads_as_the_gguf_package_dequantizes_it(hf_dir: Path, tmp_path: Path, qtype: str) -> None:
     folder, expected = _gguf_folder(hf_dir, tmp_path, qtype)
     model = load_model(folder, torch.float32, "none")
@@ -208,8 +208,9 @@ def test_gguf_mode_keeps_each_type_in_its_own_blocks(
         assert ((got.view_as(blocks) - blocks).abs() <= largest / 254 + largest * 2.0**-10).all()
 
 
-def test_gguf_mode_keeps_float_projections_in_fp16(hf_dir: Path, tmp_path: Path) -> None:
-    folder, _ = _gguf_folder(hf_dir, tmp_path, "F16")
+@pytest.mark.parametrize("qtype", ["F16", "BF16", "F32"])
+def test_gguf_mode_keeps_float_projections_in_fp16(hf_dir: Path, tmp_path: Path, qtype: str) -> None:
+    folder, _ = _gguf_folder(hf_dir, tmp_path, qtype)
     model = load_model(folder, torch.float32, "gguf")
     assert all(isinstance(p, HalfLinear) and p.weight_dense is None for p in _projections(model))
     a, b = _logits(model, "gguf"), _logits(load_model(folder, torch.float32, "none"), "none")

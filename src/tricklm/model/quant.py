@@ -1,4 +1,9 @@
-"""Compact weights for CPU serving: 4-bit or packed fp16 for decode steps, a second copy for prefill.
+"""Compact weights for CPU serving: the modes of `--quantization` and the torch-kernel ones among them.
+
+The block modes ("gguf", the default for a GGUF file, and "q4_0", "q4_1", "q4_k", "q8_0") keep one copy
+of every projection in blocks of 32 read by every step through int8 kernels (`qlinear.py`,
+`block_formats.py`, `native/qmatmul.h`). The rest of this module is about the older modes, which use
+torch's own kernels: 4-bit or packed fp16 for decode steps and a second copy for prefill.
 
 A decode step reads every weight once and does little arithmetic, so its time follows the weights'
 size and how well the kernel streams them. On a 2-core Zen 4 (`python benchmarks/linear_kernels.py`)
