@@ -22,7 +22,7 @@ from tricklm.engine.sampling_params import SamplingParams
 from tricklm.model.config import ModelLoadError
 from tricklm.model.gguf_weights import GGUF_LINK
 from tricklm.model.loader import load_model
-from tricklm.model.qlinear import QLinear
+from tricklm.model.qlinear import QEmbedding, QLinear
 from tricklm.model.quant import HalfLinear
 
 _GGUF_NAMES = {
@@ -154,12 +154,16 @@ def _logits(model: torch.nn.Module, quantization: str) -> torch.Tensor:
     return core.runner.forward_logits(core.scheduler.schedule())
 
 
-def test_default_model_serves_from_one_4_bit_copy() -> None:
-    llm = LLM(quantization="q4_1", max_num_seqs=2)
+def test_default_model_serves_from_one_copy_of_its_own_blocks() -> None:
+    llm = LLM(max_num_seqs=2)  # auto: the GGUF's own types
     try:
         model = llm.engine.core.runner.model
         projections = [m for m in model.modules() if isinstance(m, QLinear)]  # type: ignore[attr-defined]
-        assert len(projections) == 4 * model.config.num_layers
+        assert len(projections) == 4 * model.config.num_layers + 1  # and the tied head
+        assert all(p.qweight.bits == 4 for p in projections[:-1])  # Q4_1
+        table = model.model.embed_tokens  # type: ignore[attr-defined]
+        assert isinstance(table, QEmbedding) and table.qweight.bits == 8  # Q8_0, read as it is
+        assert model.lm_head.qweight is table.qweight  # type: ignore[attr-defined]
         assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())  # type: ignore[attr-defined]
         chat = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
         assert "Paris" in llm.generate(chat, max_tokens=10, temperature=0.0)["text"]

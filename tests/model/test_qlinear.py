@@ -14,7 +14,15 @@ from gguf.quants import dequantize, quantize
 from tiny_models import make_tiny_model, random_k_quant
 from tricklm.model.block_formats import gguf_blocks, round_blocks
 from tricklm.model.loader import load_model
-from tricklm.model.qlinear import QLinear, QWeight, load_qmatmul, qmatmul, quantize_blocks, qweight_from_gguf
+from tricklm.model.qlinear import (
+    QEmbedding,
+    QLinear,
+    QWeight,
+    load_qmatmul,
+    qmatmul,
+    quantize_blocks,
+    qweight_from_gguf,
+)
 from tricklm.model.quant import weight_bytes
 
 SHAPES = [(1, 32), (17, 96), (33, 64), (100, 576), (16, 2048)]  # n not a multiple of 16, k not of 256
@@ -173,7 +181,26 @@ def test_weight_bytes_counts_each_format_once(tmp_path: Path) -> None:
     assert weight_bytes(exact) == {"float32": 4 * sum(p.numel() for p in exact.parameters())}  # type: ignore[attr-defined]
     compact = load_model(path, quantization="q4_1")
     held = weight_bytes(compact)
-    weights = sum(m.qweight.n * m.qweight.shape[1] for m in compact.modules() if isinstance(m, QLinear))  # type: ignore[attr-defined]
-    # half a byte a weight, plus fp16 scales and minimums (a quarter byte more) and the last group's padding
-    assert weights * 0.625 <= held["4-bit blocks"] <= weights * 0.7
-    assert held["bfloat16"] == 2 * compact.model.embed_tokens.weight.numel()  # type: ignore[attr-defined]
+    blocks = {id(m.qweight): m.qweight for m in compact.modules() if isinstance(m, QLinear | QEmbedding)}  # type: ignore[attr-defined]
+    four = sum(w.n * w.shape[1] for w in blocks.values() if w.bits == 4)
+    eight = sum(w.n * w.shape[1] for w in blocks.values() if w.bits == 8)
+    # half a byte a weight (or one: the table and head), plus fp16 scales and minimums (a quarter byte
+    # more) and the last group's padding
+    assert four * 0.625 <= held["4-bit blocks"] <= four * 0.7
+    assert held["8-bit blocks"] == eight * 1.125
+    assert set(held) == {"4-bit blocks", "8-bit blocks", "float32"}  # float32: the norms
+    # a tied head is the 8-bit table itself, counted once
+    tied = load_model(
+        make_tiny_model(tmp_path / "tied", "LlamaForCausalLM", tie_word_embeddings=True), quantization="q4_1"
+    )
+    table = tied.model.embed_tokens.qweight  # type: ignore[attr-defined]
+    assert tied.lm_head.qweight is table  # type: ignore[attr-defined]
+    assert weight_bytes(tied)["8-bit blocks"] == table.nbytes
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_table_hands_out_its_rows(bits: int) -> None:
+    weight, _ = _random_weight(37, 96, bits=bits)
+    table = QEmbedding(weight)
+    ids = torch.tensor([[0, 36, 5], [16, 17, 5]])
+    assert torch.equal(table(ids), weight.dequantize()[ids])

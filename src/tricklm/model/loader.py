@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from tricklm.model.block_formats import BLOCK, FLOAT_TYPES, Blocks
 from tricklm.model.config import ModelConfig, ModelLoadError
 from tricklm.model.gguf_weights import GGUF_LINK, dense_tensors, hf_name, projection_blocks, tensor_type, weights_reader
 from tricklm.model.layers import RotaryEmbedding
-from tricklm.model.qlinear import QLinear, QWeight
+from tricklm.model.qlinear import QEmbedding, QLinear, QWeight
 from tricklm.model.quant import BLOCK_MODES, DENSE_DTYPE, QUANT_MODES, block_rounding, quantize, resolve_mode
 from tricklm.model.registry import CausalLM, model_class
 
@@ -79,9 +80,11 @@ TRIM_EVERY = 4  # projections built between two heap trims: one decoder layer's
 
 
 def _block_projections_from_gguf(model: torch.nn.Module, reader: Any, cfg: ModelConfig, mode: str) -> set[str]:
-    """Every decoder projection of a model still on the meta device, built as a QLinear from the file's
-    blocks (see `projection_blocks`): no float copy of it ever exists. In "gguf" mode a projection
-    stored in a float type is left to the dense loader (it becomes packed fp16, as the file keeps it).
+    """Every decoder projection, the token table and the output head of a model still on the meta
+    device, built from the file's blocks (see `projection_blocks`) as QLinear / QEmbedding modules: no
+    float copy of them ever exists. The table and head are rounded to no fewer than 8 bits, whatever the
+    mode (llama.cpp keeps the output at 6 bits or more). In "gguf" mode a tensor stored in a float type is
+    left to the dense loader (it stays float: fp16), as the file keeps it.
 
     Returns the file's tensor names used, for the dense loader to skip. Fused projections (qkv,
     gate_up) collect their parts' rows at the offsets the model gives them.
@@ -95,20 +98,25 @@ def _block_projections_from_gguf(model: torch.nn.Module, reader: Any, cfg: Model
     if mode == "gguf":  # a fused projection with any float part stays float whole
         sources = {k: ts for k, ts in sources.items() if not any(tensor_type(t) in FLOAT_TYPES for t in ts)}
     names = {hf_name(t.name) for ts in sources.values() for t in ts}
+    tables = {n for n in names if _is_table(n, slots[_map_name(model, n)[0]])}
+    found = chain(
+        projection_blocks(reader, cfg, names - tables, block_rounding(mode)),
+        projection_blocks(reader, cfg, tables, "q8_0"),
+    )
     parts: dict[str, list[tuple[int, Blocks]]] = {}
     built = 0
-    for name, blocks in projection_blocks(reader, cfg, names, block_rounding(mode)):
+    for name, blocks in found:
         target, offset = _map_name(model, name)
         parts.setdefault(target, []).append((offset or 0, blocks))
-        linear = slots[target]
-        assert isinstance(linear, torch.nn.Linear)
-        if sum(b[0].shape[0] for _, b in parts[target]) == linear.out_features:
+        slot = slots[target]
+        wanted = _slot_shape(slot)
+        if sum(b[0].shape[0] for _, b in parts[target]) == wanted[0]:
             pieces = [b for _, b in sorted(parts.pop(target), key=lambda p: p[0])]
             weight = QWeight.from_blocks(*(torch.cat(t) for t in zip(*pieces, strict=True)))
-            if weight.shape != (linear.out_features, linear.in_features):
-                wanted = (linear.out_features, linear.in_features)
+            if weight.shape != wanted:
                 raise ModelLoadError(f"{target} has shape {weight.shape} in the GGUF file, the model wants {wanted}")
-            model.set_submodule(target.removesuffix(".weight"), QLinear(weight, None))
+            module = QEmbedding(weight) if isinstance(slot, torch.nn.Embedding) else QLinear(weight, None)
+            model.set_submodule(target.removesuffix(".weight"), module)
             built += 1
             if built % TRIM_EVERY == 0:
                 # The unpacked parts and repacking buffers are freed, but glibc keeps their heap pages
@@ -121,12 +129,21 @@ def _block_projections_from_gguf(model: torch.nn.Module, reader: Any, cfg: Model
 
 
 def _is_block_slot(name: str, module: torch.nn.Module) -> bool:
-    return (
-        isinstance(module, torch.nn.Linear)
-        and name != "lm_head"
-        and module.bias is None
-        and module.in_features % BLOCK == 0
-    )
+    if isinstance(module, torch.nn.Embedding):
+        return module.embedding_dim % BLOCK == 0
+    return isinstance(module, torch.nn.Linear) and module.bias is None and module.in_features % BLOCK == 0
+
+
+def _is_table(name: str, slot: torch.nn.Module) -> bool:
+    """The token table or the output head: kept at 8 bits or more."""
+    return isinstance(slot, torch.nn.Embedding) or name == "lm_head.weight"
+
+
+def _slot_shape(slot: torch.nn.Module) -> tuple[int, int]:
+    if isinstance(slot, torch.nn.Embedding):
+        return slot.num_embeddings, slot.embedding_dim
+    assert isinstance(slot, torch.nn.Linear)
+    return slot.out_features, slot.in_features
 
 
 def _map_name(model: torch.nn.Module, name: str) -> tuple[str, int | None]:
@@ -140,11 +157,13 @@ def _storage_dtypes(model: torch.nn.Module, dtype: torch.dtype, quantization: st
     if quantization not in QUANT_MODES:
         return model.to(dtype=dtype)
     model = model.to(dtype=torch.float32)
+    # A table rounded to blocks is staged in fp16, like the projections (bfloat16 would round it twice)
+    table_dtype = torch.float16 if quantization in BLOCK_MODES[1:] else DENSE_DTYPE
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             module.to(dtype=torch.float16)
         elif isinstance(module, torch.nn.Embedding):
-            module.to(dtype=DENSE_DTYPE)
+            module.to(dtype=table_dtype)
     return model
 
 

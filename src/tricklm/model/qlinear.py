@@ -87,6 +87,18 @@ class QWeight:
         n, k = levels.shape
         return (levels.float().view(n, k // BLOCK, BLOCK) * d.unsqueeze(-1) + m.unsqueeze(-1)).view(n, k)
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` [r] of the float32 weight, [r, k]: an embedding lookup that unpacks nothing else."""
+        blocks = self.levels.shape[1]
+        groups, columns = ids // GROUP, ids % GROUP
+        picked = self.levels[groups].view(len(ids), blocks, self.bits, GROUP, 4)
+        picked = picked[torch.arange(len(ids)), :, :, columns]  # [r, blocks, bits, 4]
+        if self.bits == 4:
+            picked = torch.cat((picked & 0x0F, picked >> 4), dim=2)
+        d, m = self.d[groups, :, columns].float(), self.m[groups, :, columns].float()  # [r, blocks]
+        values = picked.reshape(len(ids), blocks, BLOCK).float() * d.unsqueeze(-1) + m.unsqueeze(-1)
+        return values.view(len(ids), blocks * BLOCK)
+
     def group_slice(self, start: int, stop: int) -> QWeight:
         """Columns [16 start, 16 stop) as a weight of their own (a view)."""
         n = min(stop * GROUP, self.n) - start * GROUP
@@ -151,3 +163,15 @@ class QLinear(nn.Module):
         if self.bias is not None:
             y += self.bias
         return y.view(*x.shape[:-1], -1)
+
+
+class QEmbedding(nn.Module):
+    """An embedding table kept as a QWeight (a row per token), handing out float32 rows. A tied output
+    head is a QLinear over the same QWeight: one copy serves both."""
+
+    def __init__(self, weight: QWeight) -> None:
+        super().__init__()
+        self.qweight = weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.qweight.rows(ids.reshape(-1)).view(*ids.shape, -1)

@@ -40,7 +40,7 @@ from torch import nn
 
 from tricklm.memory import release_freed_memory
 from tricklm.model.block_formats import BLOCK
-from tricklm.model.qlinear import QLinear, quantize_blocks
+from tricklm.model.qlinear import QEmbedding, QLinear, quantize_blocks
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,9 @@ MAX_PACKED_ROWS = 16
 # does (a GGUF type whose levels fit is read exactly instead).
 BLOCK_MODES = ("gguf", "q4_0", "q4_1", "q4_k", "q8_0")
 QUANT_MODES = ("int4", "fp16", "fp16-only", *BLOCK_MODES)
+# How block modes round the token table and output head: 8 bits whatever the mode, as llama.cpp keeps
+# the output at 6 bits or more (the logits are what every token is sampled from)
+TABLE_ROUNDING = "q8_0"
 # Modes whose projections keep no second copy for large steps
 ONE_COPY_MODES = ("fp16-only", *BLOCK_MODES)
 INT4_GROUP = 32  # weights per scale, as in GGUF's Q4_0 / Q4_1 blocks
@@ -292,7 +295,7 @@ def quantize(model: nn.Module, mode: str = "int4", prefill: str = "auto") -> nn.
     dense, int4 = mode not in ONE_COPY_MODES, mode == "int4"
     if prefill == "auto":
         prefill = large_step_format() if dense else "bf16"
-    tied = not isinstance(getattr(model, "lm_head", None), nn.Linear)
+    tied = getattr(model, "lm_head", None) is None
     # Slots, not modules: holding no reference to the old children lets each float16 staging weight be
     # freed as soon as it is replaced, so loading peaks near the final size rather than staging + final.
     slots = [
@@ -305,6 +308,14 @@ def quantize(model: nn.Module, mode: str = "int4", prefill: str = "auto") -> nn.
         setattr(parent, name, _half(getattr(parent, name), mode, prefill))
         release_freed_memory()  # glibc keeps freed heap pages resident until asked
     head = model.get_input_embeddings() if tied else model.lm_head  # type: ignore[operator]
+    if isinstance(head, QEmbedding):  # one copy of the table in blocks serves the head too
+        model.lm_head = QLinear(head.qweight, None)
+        return model
+    if isinstance(head, QLinear):  # built from a GGUF file's blocks already
+        return model
+    if mode in BLOCK_MODES[1:] and isinstance(head, nn.Linear) and head.in_features % BLOCK == 0:
+        model.lm_head = QLinear(quantize_blocks(head.weight.detach(), TABLE_ROUNDING), head.bias)
+        return model
     assert isinstance(head, HalfEmbedding | nn.Linear)
     # Packed too: at one row the fp16 head took 3 ms off a 23 ms step. Its dense copy is the embedding
     # table itself when they are tied, so that costs nothing. Block modes keep one copy: a tied head reads
@@ -316,6 +327,8 @@ def quantize(model: nn.Module, mode: str = "int4", prefill: str = "auto") -> nn.
 
 def _half(module: nn.Module, mode: str, prefill: str) -> nn.Module:
     if isinstance(module, nn.Embedding):
+        if mode in BLOCK_MODES[1:] and module.embedding_dim % BLOCK == 0:
+            return QEmbedding(quantize_blocks(module.weight.detach(), TABLE_ROUNDING))
         return HalfEmbedding(module.weight)
     assert isinstance(module, nn.Linear)
     if mode in BLOCK_MODES[1:] and module.in_features % BLOCK == 0:
@@ -365,9 +378,9 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
                 held[kind] = held.get(kind, 0) + t.numel() * t.element_size()
 
     for module in model.modules():
-        if isinstance(module, QLinear):
+        if isinstance(module, QLinear | QEmbedding):
             w = module.qweight
-            add(f"{w.bits}-bit blocks", w.levels, w.d, w.m, module.bias)
+            add(f"{w.bits}-bit blocks", w.levels, w.d, w.m, getattr(module, "bias", None))
         elif isinstance(module, HalfLinear):
             out, inputs = module.shape
             if module.int4 is not None:
