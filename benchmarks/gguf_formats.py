@@ -7,10 +7,15 @@ are not a multiple of 256, as most of SmolLM2-135M's are: 576 inputs), then runs
 with the F32 file as reference and each file, served as tricklm serves it by default (`auto`: the
 file's own types in one copy of blocks), as a candidate.
 
-llama-quantize is never a tricklm dependency: build it beside llama-server (benchmarks/README.md) and
-pass its path.
+With `--llama-perplexity`, llama.cpp's own `llama-perplexity --kl-divergence` then scores the same files
+on the same text (40 chunks of 512 tokens, second halves), so each type's figure can be set beside
+llama.cpp's: a type read wrongly would stand out.
 
-    .venv/bin/python benchmarks/gguf_formats.py --llama-quantize PATH/llama-quantize
+llama-quantize and llama-perplexity are never tricklm dependencies: build them beside llama-server
+(benchmarks/README.md) and pass their paths.
+
+    .venv/bin/python benchmarks/gguf_formats.py --llama-quantize PATH/llama-quantize \
+        --llama-perplexity PATH/llama-perplexity
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ def main() -> int:
     p.add_argument("--llama-quantize", type=Path, default=os.environ.get("TRICKLM_LLAMA_QUANTIZE"))
     p.add_argument("--types", default=TYPES, help="llama-quantize type names, comma-separated")
     p.add_argument("--work-dir", type=Path, default=Path("/tmp/tricklm-formats"))
+    p.add_argument("--llama-perplexity", type=Path, default=os.environ.get("TRICKLM_LLAMA_PERPLEXITY"))
     p.add_argument("--tokens", type=int, default=20480)
     args = p.parse_args()
     if args.llama_quantize is None or not args.llama_quantize.is_file():
@@ -86,7 +92,33 @@ def main() -> int:
     kld = [sys.executable, str(BENCH_DIR / "kld.py"), "--tokens", str(args.tokens), "--reference", f"none@{f32}"]
     kld += ["--candidates", ",".join(f"auto@{f}" for f in files)]
     print("# " + " ".join(kld[1:]), flush=True)
-    return subprocess.run(kld, check=False).returncode
+    code = subprocess.run(kld, check=False).returncode
+    if args.llama_perplexity is not None:
+        llama_cpp_kld(args.llama_perplexity, f32, files, args.work_dir, args.tokens // CTX)
+    return code
+
+
+CTX = 512
+
+
+def llama_cpp_kld(tool: Path, f32: Path, files: list[Path], work: Path, chunks: int) -> None:
+    """llama-perplexity's KL divergence of each file from the F32 one, on kld.py's text."""
+    sys.path.insert(0, str(BENCH_DIR))
+    from kld import stdlib_prose
+
+    text = work / "prose.txt"
+    text.write_text(stdlib_prose(), encoding="utf-8")
+    common = ["-f", str(text), "-c", str(CTX), "--chunks", str(chunks), "-t", "2", "-b", str(CTX)]
+    base = work / "f32.kld"
+    subprocess.run(
+        [str(tool), "-m", str(f32), *common, "--kl-divergence-base", str(base)], capture_output=True, check=True
+    )
+    for f in files:
+        cmd = [str(tool), "-m", str(f), *common, "--kl-divergence-base", str(base), "--kl-divergence"]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        keep = ("Mean    KLD", "Same top p", "Mean PPL(Q)/PPL(base)", "chunks")
+        lines = [line.strip() for line in (done.stdout + done.stderr).splitlines() if line.strip().startswith(keep)]
+        print(f"llama.cpp {f.name} vs {f32.name}: " + " | ".join(lines), flush=True)
 
 
 if __name__ == "__main__":

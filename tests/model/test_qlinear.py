@@ -18,6 +18,7 @@ from tricklm.model.qlinear import (
     QEmbedding,
     QLinear,
     QWeight,
+    int8_rounded,
     load_qmatmul,
     qmatmul,
     quantize_blocks,
@@ -46,15 +47,6 @@ def _kernels() -> list[str]:
     return sorted(runnable)
 
 
-def _int8_activations(x: torch.Tensor) -> torch.Tensor:
-    """What the native kernels multiply by: x rounded to int8 per block of 32, scaled back."""
-    rows, k = x.shape
-    blocks = x.view(rows, k // 32, 32)
-    amax = blocks.abs().amax(-1, keepdim=True)
-    q = torch.where(amax > 0, torch.round(blocks * 127 / amax), torch.zeros_like(blocks))
-    return (q * amax / 127).view(rows, k)
-
-
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize(("n", "k"), SHAPES)
 def test_repacking_round_trips(n: int, k: int, bits: int) -> None:
@@ -74,7 +66,7 @@ def test_kernels_agree_with_a_reference(isa: str, n: int, k: int, bits: int) -> 
         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
         got = qmatmul(x, weight, isa)
         # the fallback multiplies float32 activations; the kernels int8 ones, and only their sums differ
-        want = x @ dense.t() if isa == "torch" else _int8_activations(x) @ dense.t()
+        want = x @ dense.t() if isa == "torch" else int8_rounded(x) @ dense.t()
         scale = want.abs().max().item()
         assert (got - want).abs().max().item() <= 1e-5 * scale, (isa, rows)
         # against float activations: int8 rounding, well under a percent
@@ -204,3 +196,13 @@ def test_a_table_hands_out_its_rows(bits: int) -> None:
     table = QEmbedding(weight)
     ids = torch.tensor([[0, 36, 5], [16, 17, 5]])
     assert torch.equal(table(ids), weight.dequantize()[ids])
+
+
+def test_a_precise_projection_is_as_close_as_float_activations_allow() -> None:
+    weight, _ = _random_weight(100, 576, bits=8)
+    x = torch.randn(3, 576, generator=torch.Generator().manual_seed(5))
+    want = x @ weight.dequantize().t()
+    scale = want.abs().max().item()
+    plain, precise = QLinear(weight, None), QLinear(weight, None, precise=True)
+    assert (plain(x) - want).abs().max().item() > 1e-3 * scale  # int8 activations: about 1%
+    assert (precise(x) - want).abs().max().item() <= 1e-4 * scale  # a second pass: about 15 bits

@@ -149,17 +149,39 @@ def qmatmul(x: torch.Tensor, weight: QWeight, isa: str = "") -> torch.Tensor:
     return out
 
 
-class QLinear(nn.Module):
-    """A projection whose only weights are a QWeight (plus an optional float32 bias)."""
+def int8_rounded(x: torch.Tensor) -> torch.Tensor:
+    """x [rows, k] as the native kernels see it: rounded to int8 per block of 32 (scale max |x| / 127)."""
+    rows, k = x.shape
+    blocks = x.view(rows, k // BLOCK, BLOCK)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    return (torch.round(blocks * inv) * (amax / 127)).view(rows, k)
 
-    def __init__(self, weight: QWeight, bias: torch.Tensor | None) -> None:
+
+class QLinear(nn.Module):
+    """A projection whose only weights are a QWeight (plus an optional float32 bias).
+
+    `precise` (the output head) adds a second int8 pass over what the first one's rounding left out of
+    the activations, as extra rows of the same call: one pass over the weights still, and activations
+    good to about 15 bits. Each token is sampled from the head's logits, and a decode step's head is
+    bound by reading its weights, so the second pass costs little there.
+    """
+
+    def __init__(self, weight: QWeight, bias: torch.Tensor | None, precise: bool = False) -> None:
         super().__init__()
         self.qweight = weight
         self.bias = None if bias is None else bias.detach().float()
+        self.precise = precise
         self.isa = ""  # the kernel to use: "" the best this CPU runs; "torch" float activations (a reference)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = qmatmul(x.reshape(-1, x.shape[-1]), self.qweight, self.isa)
+        flat = x.reshape(-1, x.shape[-1]).float()
+        if self.precise and self.isa != "torch":
+            rows = flat.shape[0]
+            both = qmatmul(torch.cat((flat, flat - int8_rounded(flat))), self.qweight, self.isa)
+            y = both[:rows] + both[rows:]
+        else:
+            y = qmatmul(flat, self.qweight, self.isa)
         if self.bias is not None:
             y += self.bias
         return y.view(*x.shape[:-1], -1)

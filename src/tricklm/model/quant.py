@@ -309,12 +309,13 @@ def quantize(model: nn.Module, mode: str = "int4", prefill: str = "auto") -> nn.
         release_freed_memory()  # glibc keeps freed heap pages resident until asked
     head = model.get_input_embeddings() if tied else model.lm_head  # type: ignore[operator]
     if isinstance(head, QEmbedding):  # one copy of the table in blocks serves the head too
-        model.lm_head = QLinear(head.qweight, None)
+        model.lm_head = QLinear(head.qweight, None, precise=True)
         return model
     if isinstance(head, QLinear):  # built from a GGUF file's blocks already
+        head.precise = True
         return model
     if mode in BLOCK_MODES[1:] and isinstance(head, nn.Linear) and head.in_features % BLOCK == 0:
-        model.lm_head = QLinear(quantize_blocks(head.weight.detach(), TABLE_ROUNDING), head.bias)
+        model.lm_head = QLinear(quantize_blocks(head.weight.detach(), TABLE_ROUNDING), head.bias, precise=True)
         return model
     assert isinstance(head, HalfEmbedding | nn.Linear)
     # Packed too: at one row the fp16 head took 3 ms off a 23 ms step. Its dense copy is the embedding
