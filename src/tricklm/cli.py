@@ -6,10 +6,12 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from tricklm.config import QUANTIZATIONS, EngineConfig, ServerConfig, config_from_args
 from tricklm.model.config import ModelLoadError
 from tricklm.model.quant import PREFILL_FORMATS
+from tricklm.server.access import KEY_ENV, read_keys
 
 _ENGINE_DEFAULTS = EngineConfig()
 _SERVER_DEFAULTS = ServerConfig()
@@ -88,6 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=_SERVER_DEFAULTS.max_request_bytes,
         help="larger request bodies are refused with 413 before parsing (default: 2MiB)",
     )
+    serve.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        help="require 'Authorization: Bearer KEY' on every route but /health and the chat page (repeatable; "
+        f"also --api-key-file, {KEY_ENV})",
+    )
+    serve.add_argument("--api-key-file", type=Path, default=None, help="API keys, one per line")
+    serve.add_argument(
+        "--allowed-origins",
+        default="",
+        help="CORS: comma-separated origins allowed to call from a browser, or * (default: same-origin only)",
+    )
+    serve.add_argument("--metrics-public", action="store_true", help="serve /metrics without an API key")
     demo = sub.add_parser("demo", help="stream a prompt to the terminal and compare streaming with non-streaming")
     _add_engine_args(demo)
     demo.add_argument("--prompt", default="Once upon a time, in a small village by the sea,")
@@ -122,4 +138,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _server_config(args: argparse.Namespace) -> ServerConfig:
-    return config_from_args(ServerConfig, args)
+    keys = read_keys(args.api_key, args.api_key_file)
+    origins = tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip())
+    return config_from_args(ServerConfig, args, api_keys=keys, allowed_origins=origins)

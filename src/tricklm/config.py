@@ -92,6 +92,9 @@ class ServerConfig:
     served_model_name: str | None = None
     log_level: str = "info"
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    api_keys: tuple[str, ...] = ()  # empty: no key needed (say so loudly off loopback)
+    allowed_origins: tuple[str, ...] = ()  # CORS: empty is same-origin only; "*" allows any, without credentials
+    metrics_public: bool = False  # /metrics without a key
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

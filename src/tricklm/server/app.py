@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from importlib import resources
 
@@ -16,6 +16,7 @@ from tricklm import __version__
 from tricklm.config import DEFAULT_MAX_REQUEST_BYTES
 from tricklm.engine.engine import Engine
 from tricklm.server import generate, openai_routes
+from tricklm.server.access import CORSMiddleware, KeyGuard, SecurityHeaders, cors_options
 from tricklm.server.body_guard import BodyGuard
 from tricklm.server.errors import (
     APIError,
@@ -34,10 +35,15 @@ def create_app(
     engine_factory: Callable[[], Engine] | None = None,
     served_model_name: str | None = None,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    api_keys: Sequence[str] = (),
+    allowed_origins: Sequence[str] = (),
+    metrics_public: bool = False,
 ) -> FastAPI:
     """Serve `engine`, or build one with `engine_factory` after startup (/health says 503 meanwhile).
 
     An engine passed in is not shut down with the app (the caller owns it); a factory-built one is.
+    With `api_keys`, every route but /health and the chat page needs one (`access.py`); CORS is closed
+    unless `allowed_origins` names some.
     """
     state = ServerState(served_model_name)
 
@@ -55,7 +61,13 @@ def create_app(
     app.state.server = state
     app.include_router(generate.router)
     app.include_router(openai_routes.router)
+    # Outermost last: headers on everything, CORS preflight before the key check, the key before the body
     app.add_middleware(BodyGuard, max_bytes=max_request_bytes)
+    app.add_middleware(KeyGuard, keys=api_keys, metrics_public=metrics_public)
+    cors = cors_options(allowed_origins)
+    if cors is not None:
+        app.add_middleware(CORSMiddleware, **cors)  # type: ignore[arg-type]
+    app.add_middleware(SecurityHeaders)
     _add_error_handlers(app)
     _add_service_routes(app)
     return app

@@ -1,0 +1,134 @@
+"""Who may call the server: API keys on every route but /health and the chat page, CORS closed by default.
+
+vLLM protects only /v1/*; here /generate, /tokenize, /detokenize, /metrics and the API docs need the key
+too (`--metrics-public` opens /metrics for a scraper on a private network). Keys are compared in
+constant time and never logged. CORS is same-origin unless `--allowed-origins` names origins (or `*`,
+which never allows credentials); preflight requests are answered before the key is checked, as
+browsers send them without one.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tricklm.server.errors import APIError, error_response
+
+logger = logging.getLogger(__name__)
+
+KEY_ENV = "TRICKLM_API_KEY"
+# Reachable without a key: the load balancer's probe and the chat page's HTML (which then asks for one)
+OPEN_PATHS = frozenset({"/health", "/"})
+# Sent with every response: the page and the docs are never framed, and no response is content-sniffed
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+]
+# The chat page's own policy: its script and style are inline, it talks to its own origin only
+PAGE_POLICY = (
+    b"default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+    b"img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
+
+def read_keys(keys: Sequence[str], key_file: Path | None) -> tuple[str, ...]:
+    """The keys from the command line, a file (one per line, # comments) and TRICKLM_API_KEY."""
+    found = [k for k in keys if k]
+    if key_file is not None:
+        try:
+            lines = key_file.read_text(encoding="utf-8").splitlines()
+        except OSError as e:
+            raise ValueError(f"--api-key-file {key_file}: {e.strerror or e}") from None
+        found += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    env = os.environ.get(KEY_ENV, "").strip()
+    if env:
+        found.append(env)
+    if any(len(k) < 8 or any(c.isspace() for c in k) for k in found):
+        raise ValueError("API keys must be at least 8 characters, without spaces")
+    return tuple(dict.fromkeys(found))
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class KeyGuard:
+    """ASGI middleware: a request without a valid `Authorization: Bearer KEY` gets a 401."""
+
+    def __init__(self, app: ASGIApp, keys: Sequence[str], metrics_public: bool = False) -> None:
+        self.app = app
+        self.keys = [k.encode() for k in keys]
+        self.open = OPEN_PATHS | ({"/metrics"} if metrics_public else set())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.keys or scope["path"] in self.open or self._authorized(scope):
+            await self.app(scope, receive, send)
+            return
+        error = APIError(
+            401,
+            "a valid API key is required: send it as 'Authorization: Bearer KEY'",
+            "invalid_request_error",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+        await error_response(scope["path"], error)(scope, receive, send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() != b"bearer":
+            return False
+        token = token.strip()
+        # Every key is compared, each in constant time: neither which key nor how much of it matched leaks
+        matches = [hmac.compare_digest(token, key) for key in self.keys]
+        return any(matches)
+
+
+class SecurityHeaders:
+    """ASGI middleware: SECURITY_HEADERS on every response, PAGE_POLICY on the chat page's."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        page = scope["path"] == "/"
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                extra = [*SECURITY_HEADERS, *([(b"content-security-policy", PAGE_POLICY)] if page else [])]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+def cors_options(origins: Sequence[str]) -> dict[str, object] | None:
+    """CORSMiddleware's options for `--allowed-origins`, or None (no CORS headers: same-origin only)."""
+    if not origins:
+        return None
+    wildcard = "*" in origins
+    return {
+        "allow_origins": ["*"] if wildcard else list(origins),
+        "allow_credentials": not wildcard,
+        "allow_methods": ["GET", "POST", "OPTIONS"],
+        "allow_headers": ["Authorization", "Content-Type", "X-Request-Id"],
+        "max_age": 600,
+    }
+
+
+__all__ = ["CORSMiddleware", "KeyGuard", "SecurityHeaders", "cors_options", "is_loopback", "read_keys"]

@@ -1,0 +1,134 @@
+"""API keys on every route but /health and the chat page, CORS closed by default, security headers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tricklm.engine.engine import Engine
+from tricklm.server.access import is_loopback, read_keys
+from tricklm.server.app import create_app
+from tricklm.server.testing import running_server
+
+KEY, OTHER = "sk-test-0123456789", "sk-second-abcdefgh"
+ORIGIN = "https://chat.example.org"
+PROTECTED = [
+    ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+    ("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2}),
+    ("GET", "/v1/models", None),
+    ("POST", "/generate", {"prompt": "hi", "max_tokens": 2}),
+    ("POST", "/tokenize", {"prompt": "hi"}),
+    ("POST", "/detokenize", {"tokens": [1, 2]}),
+    ("GET", "/metrics", None),
+    ("GET", "/openapi.json", None),
+    ("GET", "/docs", None),
+]
+
+
+@pytest.fixture(scope="module")
+def keyed(tiny_engine: Engine) -> Iterator[str]:
+    with running_server(create_app(tiny_engine, api_keys=[KEY, OTHER], allowed_origins=[ORIGIN])) as base:
+        yield base
+
+
+@pytest.mark.parametrize(("method", "path", "body"), PROTECTED)
+def test_every_route_but_health_and_the_page_needs_a_key(keyed: str, method: str, path: str, body: object) -> None:
+    for headers in ({}, {"Authorization": "Bearer wrong-key-123"}, {"Authorization": KEY}):
+        r = httpx.request(method, keyed + path, json=body, headers=headers, timeout=30)
+        assert r.status_code == 401, (path, headers)
+        assert r.headers["www-authenticate"] == "Bearer"
+        if path.startswith("/v1/"):
+            assert r.json()["error"]["code"] == "invalid_api_key"
+    for key in (KEY, OTHER):
+        r = httpx.request(method, keyed + path, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+        assert r.status_code == 200, (path, r.text[:200])
+
+
+def test_health_and_the_page_stay_open(keyed: str) -> None:
+    assert httpx.get(keyed + "/health").status_code == 200
+    page = httpx.get(keyed + "/")
+    assert page.status_code == 200 and "API key" in page.text
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    assert page.headers["x-content-type-options"] == "nosniff"
+
+
+def test_the_openai_client_sends_its_key(keyed: str, tiny_engine: Engine) -> None:
+    good = openai.OpenAI(base_url=keyed + "/v1", api_key=KEY)
+    done = good.completions.create(model=tiny_engine.info.model_name, prompt="hi", max_tokens=2)
+    assert done.choices[0].finish_reason == "length"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=keyed + "/v1", api_key="not-the-key").models.list()
+
+
+def test_a_key_is_never_logged(tiny_engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
+    with running_server(create_app(tiny_engine, api_keys=[KEY])) as base:
+        httpx.get(base + "/v1/models", headers={"Authorization": "Bearer guess-1234567"})
+        httpx.get(base + "/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+    assert KEY not in caplog.text and "guess-1234567" not in caplog.text
+
+
+def test_metrics_can_be_opened_for_a_scraper(tiny_engine: Engine) -> None:
+    with running_server(create_app(tiny_engine, api_keys=[KEY], metrics_public=True)) as base:
+        assert httpx.get(base + "/metrics").status_code == 200
+        assert httpx.get(base + "/v1/models").status_code == 401
+
+
+def test_cors_preflight_for_an_allowed_origin_is_answered_without_a_key(keyed: str) -> None:
+    preflight = {
+        "Origin": ORIGIN,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type",
+    }
+    r = httpx.options(keyed + "/v1/chat/completions", headers=preflight)
+    assert r.status_code == 200
+    assert r.headers["access-control-allow-origin"] == ORIGIN
+    assert "authorization" in r.headers["access-control-allow-headers"].lower()
+    # and the real request's answer, even a 401, carries the header the browser needs to read it
+    r = httpx.get(keyed + "/v1/models", headers={"Origin": ORIGIN})
+    assert r.status_code == 401 and r.headers["access-control-allow-origin"] == ORIGIN
+
+
+def test_cors_refuses_other_origins(keyed: str, tiny_server: str) -> None:
+    evil = {"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+    r = httpx.options(keyed + "/v1/chat/completions", headers=evil)
+    assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+    # by default (no --allowed-origins) no response carries CORS headers at all: same-origin only
+    for url in (tiny_server + "/v1/models", tiny_server + "/health"):
+        assert "access-control-allow-origin" not in httpx.get(url, headers={"Origin": ORIGIN}).headers
+
+
+def test_a_wildcard_origin_never_allows_credentials(tiny_engine: Engine) -> None:
+    with running_server(create_app(tiny_engine, allowed_origins=["*"])) as base:
+        r = httpx.get(base + "/v1/models", headers={"Origin": "https://anywhere.example"})
+        assert r.headers["access-control-allow-origin"] == "*"
+        assert "access-control-allow-credentials" not in r.headers
+
+
+def test_keys_come_from_flags_a_file_and_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRICKLM_API_KEY", "from-the-env-1")
+    file = tmp_path / "keys"
+    file.write_text("# team keys\nfrom-a-file-1\n\nfrom-a-file-2\n")
+    assert read_keys(["from-flag-1"], file) == ("from-flag-1", "from-a-file-1", "from-a-file-2", "from-the-env-1")
+    with pytest.raises(ValueError, match="8 characters"):
+        read_keys(["short"], None)
+    with pytest.raises(ValueError, match="--api-key-file"):
+        read_keys([], tmp_path / "missing")
+
+
+def test_loopback_hosts() -> None:
+    assert all(is_loopback(h) for h in ("127.0.0.1", "localhost", "::1", "127.0.0.2"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.10", "example.org"))
+
+
+def test_serving_off_loopback_without_a_key_warns() -> None:
+    """The warning comes before the model loads; a bad model path then ends the process quickly."""
+    cmd = [sys.executable, "-m", "tricklm", "serve", "--host", "0.0.0.0", "--model", "/nonexistent/model"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode != 0
+    assert "without an API key" in done.stderr and "no such model" in done.stderr
