@@ -104,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="CORS: comma-separated origins allowed to call from a browser, or * (default: same-origin only)",
     )
     serve.add_argument("--metrics-public", action="store_true", help="serve /metrics without an API key")
+    serve.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=_SERVER_DEFAULTS.shutdown_timeout,
+        help="on SIGTERM, seconds requests in flight may take to finish before they end with an error "
+        "(a second signal exits at once; default: 30)",
+    )
     demo = sub.add_parser("demo", help="stream a prompt to the terminal and compare streaming with non-streaming")
     _add_engine_args(demo)
     demo.add_argument("--prompt", default="Once upon a time, in a small village by the sea,")

@@ -95,12 +95,17 @@ class ServerConfig:
     api_keys: tuple[str, ...] = ()  # empty: no key needed (say so loudly off loopback)
     allowed_origins: tuple[str, ...] = ()  # CORS: empty is same-origin only; "*" allows any, without credentials
     metrics_public: bool = False  # /metrics without a key
+    # On SIGTERM/SIGINT: requests in flight may finish for this long, then end with an error; a second
+    # signal exits at once
+    shutdown_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError("port must be between 0 and 65535")
         if self.max_request_bytes < 1024:
             raise ValueError("max_request_bytes must be at least 1024")
+        if not 0 <= self.shutdown_timeout <= 24 * 3600:
+            raise ValueError("shutdown_timeout must be between 0 and 86400 seconds")
 
 
 def config_from_args(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +18,7 @@ import pytest
 from tricklm.engine.engine import Engine
 from tricklm.server.access import is_loopback, read_keys
 from tricklm.server.app import create_app
-from tricklm.server.testing import running_server
+from tricklm.server.testing import free_port, running_server, wait_healthy
 
 KEY, OTHER = "sk-test-0123456789", "sk-second-abcdefgh"
 ORIGIN = "https://chat.example.org"
@@ -132,3 +136,68 @@ def test_serving_off_loopback_without_a_key_warns() -> None:
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode != 0
     assert "without an API key" in done.stderr and "no such model" in done.stderr
+
+
+def _serve(*extra: str) -> tuple[subprocess.Popen[bytes], str]:
+    """The default model: its streams last long enough to be in flight when the signal comes."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "tricklm", "serve", "--port", str(port), "--max-num-seqs", "4", *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    wait_healthy(base, 120, lambda: proc.poll() is None)
+    return proc, base
+
+
+def _stream(base: str, events: list[str]) -> None:
+    body = {"prompt": "Once upon a time", "max_tokens": 4000, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", base + "/v1/completions", json=body, timeout=120) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+
+
+def test_sigterm_drains_for_the_timeout_then_ends_every_stream_cleanly() -> None:
+    proc, base = _serve("--shutdown-timeout", "2")
+    streams: list[list[str]] = [[] for _ in range(3)]
+    threads = [threading.Thread(target=_stream, args=(base, events)) for events in streams]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while min(len(e) for e in streams) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    at_signal = [len(e) for e in streams]
+    proc.send_signal(signal.SIGTERM)
+    start = time.monotonic()
+    time.sleep(1.5)  # of the 2 s drain
+    during = [len(e) for e in streams]
+    if not all(d > n for d, n in zip(during, at_signal, strict=True)):
+        proc.kill()
+        raise AssertionError(
+            f"streams stalled while draining: {at_signal} -> {during}: {proc.communicate()[1][-2000:]!r}"
+        )
+    for t in threads:
+        t.join(timeout=30)
+    _, stderr = proc.communicate(timeout=30)
+    took = time.monotonic() - start
+    assert proc.returncode == 0, stderr.decode(errors="replace")[-2000:]
+    assert 1.5 <= took <= 15, took
+    for events in streams:
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2])["error"]["message"].endswith("the server is shutting down")
+    assert b"Traceback" not in stderr
+
+
+def test_a_second_signal_exits_at_once() -> None:
+    proc, base = _serve("--shutdown-timeout", "600")
+    events: list[str] = []
+    thread = threading.Thread(target=_stream, args=(base, events), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while len(events) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert proc.poll() is None  # draining: the stream may take its 600 s
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+    assert proc.returncode == 0

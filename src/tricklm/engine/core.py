@@ -72,12 +72,12 @@ class EngineCore:
         return outputs
 
     def fail_all(self, message: str) -> list[EngineOutput]:
-        """End every live request with `message` and start over with an empty cache."""
+        """End every live request with `message` (its client's error) and start over with an empty cache."""
         live = [*self.scheduler.running, *self.scheduler.waiting]
         self.scheduler.restart()
         for req in live:
             self.scheduler.abort(req.request_id)
-        return [EngineOutput.failed(req, f"this request failed in the engine: {message}") for req in live]
+        return [EngineOutput.failed(req, message) for req in live]
 
     def _recompute_alone(self, req: Request) -> list[EngineOutput]:
         outputs: list[EngineOutput] = []

@@ -51,6 +51,7 @@ class EngineLoop:
         self._cond = threading.Condition()
         self._incoming: list[tuple[Request, Sink]] = []
         self._aborts: list[str] = []
+        self._end_all: str | None = None  # set by `end_all`: the message every live request is ended with
         self._sinks: dict[str, Sink] = {}
         self._stopping = False
         self.restarting = False
@@ -76,6 +77,13 @@ class EngineLoop:
     def abort(self, request_id: str) -> None:
         with self._cond:
             self._aborts.append(request_id)
+            self._cond.notify()
+
+    def end_all(self, message: str) -> None:
+        """End every request in flight or waiting with `message` as its error, at the next step (a bounded
+        shutdown's last act); the engine keeps serving whatever comes after."""
+        with self._cond:
+            self._end_all = message
             self._cond.notify()
 
     def stats(self) -> EngineStats:
@@ -106,19 +114,24 @@ class EngineLoop:
 
     def _run_once(self) -> bool:
         with self._cond:
-            while not (self._stopping or self._incoming or self._aborts or self.core.has_work):
+            while not (self._stopping or self._incoming or self._aborts or self._end_all or self.core.has_work):
                 self._cond.wait()
             if self._stopping:
                 return False
             incoming, self._incoming = self._incoming, []
             aborts, self._aborts = self._aborts, []
+            end_all, self._end_all = self._end_all, None
         for req, sink in incoming:
             self._sinks[req.request_id] = sink
             self.core.add_request(req)
         for request_id in aborts:
-            out = self.core.abort(request_id)
-            if out is not None:
-                self._deliver(out)
+            aborted = self.core.abort(request_id)
+            if aborted is not None:
+                self._deliver(aborted)
+        if end_all is not None:
+            for ended in self.core.fail_all(end_all):
+                self._deliver(ended)
+            return True
         for out in self._step():
             self._deliver(out)
         return True
@@ -141,7 +154,9 @@ class EngineLoop:
                 # Steps fail whoever is in them: no request is at fault, so none can be saved; each gets
                 # its error (nobody hangs) and the engine starts afresh for whatever comes next
                 self._failures_in_a_row = 0
-                return self.core.fail_all(f"{MAX_FAILURES_IN_A_ROW} engine steps failed in a row")
+                return self.core.fail_all(
+                    f"this request failed in the engine: {MAX_FAILURES_IN_A_ROW} engine steps failed in a row"
+                )
             return self.core.recover()
         finally:
             self.restarting = False

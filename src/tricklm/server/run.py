@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from types import FrameType
 
 import uvicorn
 
@@ -13,6 +14,7 @@ from tricklm.memory import limit_fragmentation
 from tricklm.model.resolve import resolve_model
 from tricklm.server.access import is_loopback
 from tricklm.server.app import create_app
+from tricklm.server.state import ServerState
 
 logger = logging.getLogger("tricklm")
 
@@ -21,7 +23,7 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
     limit_fragmentation()
     if not server_config.api_keys and not is_loopback(server_config.host):
         logger.warning(
-            "tricklm: serving on %s without an API key: anyone who can reach the port can use the model "
+            "serving on %s without an API key: anyone who can reach the port can use the model "
             "(--api-key KEY, --api-key-file FILE or TRICKLM_API_KEY)",
             server_config.host,
         )
@@ -50,6 +52,43 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
     config = uvicorn.Config(
         app, host=server_config.host, port=server_config.port, log_level=server_config.log_level, timeout_keep_alive=30
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, app.state.server, server_config.shutdown_timeout)
     server.run()
     return 1 if failed.is_set() else 0
+
+
+SHUTDOWN_MESSAGE = "the server is shutting down"
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, with a bounded drain: the first signal stops accepting (uvicorn closes its sockets) and
+    turns /health and new requests on open connections to 503; requests in flight may finish for
+    `timeout` seconds, then each ends with an error (streams: an error event, then [DONE]) so that
+    every connection closes and the process exits 0. A second signal exits at once."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState, timeout: float) -> None:
+        super().__init__(config)
+        self.state = state
+        self.timeout = timeout
+        self._timer: threading.Timer | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.state.draining:
+            logger.warning("second signal, exiting now")
+            self.force_exit = True
+        else:
+            self.state.draining = True
+            logger.info("shutting down; requests in flight have %.0f s to finish", self.timeout)
+            self._timer = threading.Timer(self.timeout, self._end_requests)
+            self._timer.daemon = True
+            self._timer.start()
+        super().handle_exit(sig, frame)
+        # uvicorn raises the signal again once it has stopped, so the process would end "killed by
+        # SIGTERM"; a drain that finished is a clean exit
+        self._captured_signals.clear()
+
+    def _end_requests(self) -> None:
+        engine = self.state.engine
+        if engine is not None:
+            logger.warning("shutdown timeout reached, ending the requests still in flight")
+            engine.loop.end_all(SHUTDOWN_MESSAGE)

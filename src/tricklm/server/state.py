@@ -23,6 +23,7 @@ class ServerState:
         self._served_model_name = served_model_name
         self.metrics = Metrics()
         self._ready = threading.Event()
+        self.draining = False  # a shutdown has begun: no new requests, those in flight may finish
 
     def set_engine(self, engine: Engine) -> None:
         self.engine = engine
@@ -48,6 +49,8 @@ class ServerState:
         return self.engine.info.model_name if self.engine else "unknown"
 
     def health(self) -> tuple[int, dict[str, str]]:
+        if self.draining:
+            return 503, {"status": "draining", "detail": "the server is shutting down"}
         if self.engine is None:
             if self.load_error:
                 return 503, {"status": "error", "detail": f"model failed to load: {self.load_error}"}
