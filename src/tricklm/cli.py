@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--metrics-public", action="store_true", help="serve /metrics without an API key")
     serve.add_argument(
+        "--request-timeout",
+        type=float,
+        default=None,
+        help="seconds a request may run; longer ones end with an error and free their slot (default: none)",
+    )
+    serve.add_argument(
         "--shutdown-timeout",
         type=float,
         default=_SERVER_DEFAULTS.shutdown_timeout,

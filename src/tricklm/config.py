@@ -98,12 +98,15 @@ class ServerConfig:
     # On SIGTERM/SIGINT: requests in flight may finish for this long, then end with an error; a second
     # signal exits at once
     shutdown_timeout: float = 30.0
+    request_timeout: float | None = None  # seconds from submission; None: no limit
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError("port must be between 0 and 65535")
         if self.max_request_bytes < 1024:
             raise ValueError("max_request_bytes must be at least 1024")
+        if self.request_timeout is not None and not 0 < self.request_timeout <= 24 * 3600:
+            raise ValueError("request_timeout must be between 0 and 86400 seconds")
         if not 0 <= self.shutdown_timeout <= 24 * 3600:
             raise ValueError("shutdown_timeout must be between 0 and 86400 seconds")
 

@@ -201,3 +201,23 @@ def test_a_second_signal_exits_at_once() -> None:
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=30)
     assert proc.returncode == 0
+
+
+def test_a_request_past_the_timeout_ends_with_an_error_and_frees_its_slot(default_engine: Engine) -> None:
+    with running_server(create_app(default_engine, request_timeout=1.0)) as base:
+        events: list[str] = []
+        start = time.monotonic()
+        _stream(base, events)  # 4,000 tokens: far more than a second's worth
+        took = time.monotonic() - start
+        assert 1.0 <= took < 10, took
+        assert events[-1] == "[DONE]" and len(events) > 3  # it streamed until the deadline
+        assert "ran longer than 1 s" in json.loads(events[-2])["error"]["message"]
+        whole = httpx.post(base + "/v1/completions", json={"prompt": "hi", "max_tokens": 4000, "ignore_eos": True})
+        assert whole.status_code == 500 and "ran longer than 1 s" in whole.json()["error"]["message"]
+        deadline = time.monotonic() + 10
+        while default_engine.loop.stats().num_running and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert default_engine.loop.stats().num_running == 0
+        # and the next request is served
+        short = httpx.post(base + "/v1/completions", json={"prompt": "hi", "max_tokens": 4}, timeout=30)
+        assert short.status_code == 200

@@ -56,9 +56,12 @@ class RequestStream:
         params: SamplingParams,
         request_id: str,
         mailbox: Mailbox,
+        timeout: float | None = None,
     ) -> None:
         self.engine = engine
         self.request_id = request_id
+        self.timeout = timeout
+        self._deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         req = engine.make_request(request_id, prompt_token_ids, params)
         self.processor = OutputProcessor(engine.tokenizer, params, len(prompt_token_ids))
         self._queue: asyncio.Queue[EngineOutput] = asyncio.Queue()
@@ -73,7 +76,7 @@ class RequestStream:
     async def __aiter__(self) -> AsyncIterator[Delta]:
         try:
             while not self._done:
-                out = await self._queue.get()
+                out = await self._next()
                 delta = self.processor.process(out)
                 if delta.finished:
                     self._done = True
@@ -82,6 +85,17 @@ class RequestStream:
                 yield delta
         finally:
             self.close()
+
+    async def _next(self) -> EngineOutput:
+        if self._deadline is None:
+            return await self._queue.get()
+        remaining = self._deadline - asyncio.get_running_loop().time()
+        try:
+            return await asyncio.wait_for(self._queue.get(), max(remaining, 0.0))
+        except TimeoutError:
+            # Its slot is freed at the next step; the client gets the reason as the request's error
+            self.engine.abort(self.request_id)
+            return EngineOutput(self.request_id, [], error=f"the request ran longer than {self.timeout:g} s")
 
     async def collect(self) -> OutputProcessor:
         """Run to the end; the processor holds the whole text, tokens and timings."""
@@ -96,8 +110,9 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, request_timeout: float | None = None) -> None:
         self.engine = engine
+        self.request_timeout = request_timeout  # seconds a request may run, from submission to its end
         # One mailbox per event loop (tests run several loops against one engine).
         self._mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox] = weakref.WeakKeyDictionary()
 
@@ -106,4 +121,5 @@ class AsyncEngine:
         box = self._mailboxes.get(loop)
         if box is None:
             box = self._mailboxes[loop] = Mailbox(loop)
-        return RequestStream(self.engine, prompt_token_ids, params, self.engine.new_request_id(prefix), box)
+        request_id = self.engine.new_request_id(prefix)
+        return RequestStream(self.engine, prompt_token_ids, params, request_id, box, self.request_timeout)

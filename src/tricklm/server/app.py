@@ -38,14 +38,16 @@ def create_app(
     api_keys: Sequence[str] = (),
     allowed_origins: Sequence[str] = (),
     metrics_public: bool = False,
+    request_timeout: float | None = None,
 ) -> FastAPI:
     """Serve `engine`, or build one with `engine_factory` after startup (/health says 503 meanwhile).
 
     An engine passed in is not shut down with the app (the caller owns it); a factory-built one is.
     With `api_keys`, every route but /health and the chat page needs one (`access.py`); CORS is closed
-    unless `allowed_origins` names some.
+    unless `allowed_origins` names some. A request running longer than `request_timeout` seconds ends with
+    an error (streams: an error event, then [DONE]) and frees its slot.
     """
-    state = ServerState(served_model_name)
+    state = ServerState(served_model_name, request_timeout)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

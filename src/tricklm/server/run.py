@@ -48,6 +48,7 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
         api_keys=server_config.api_keys,
         allowed_origins=server_config.allowed_origins,
         metrics_public=server_config.metrics_public,
+        request_timeout=server_config.request_timeout,
     )
     config = uvicorn.Config(
         app, host=server_config.host, port=server_config.port, log_level=server_config.log_level, timeout_keep_alive=30

@@ -16,18 +16,19 @@ from tricklm.server.metrics import Metrics
 
 
 class ServerState:
-    def __init__(self, served_model_name: str | None = None) -> None:
+    def __init__(self, served_model_name: str | None = None, request_timeout: float | None = None) -> None:
         self.engine: Engine | None = None
         self.async_engine: AsyncEngine | None = None
         self.load_error: str | None = None
         self._served_model_name = served_model_name
+        self.request_timeout = request_timeout
         self.metrics = Metrics()
         self._ready = threading.Event()
         self.draining = False  # a shutdown has begun: no new requests, those in flight may finish
 
     def set_engine(self, engine: Engine) -> None:
         self.engine = engine
-        self.async_engine = AsyncEngine(engine)
+        self.async_engine = AsyncEngine(engine, self.request_timeout)
         self.metrics.bind(engine)
         self._ready.set()
 
