@@ -5,7 +5,7 @@ the seconds until the engine is ready, the peak resident memory during the load 
 resident memory once loaded. The first start of a GGUF file also writes its config and tokenizer to
 the cache (once); run twice to see later starts.
 
-    .venv/bin/python benchmarks/load_memory.py --model /tmp/smollm2-1.7b-q4_1.gguf --quantization q4_1,int4
+    .venv/bin/python benchmarks/load_memory.py --model /tmp/smollm2-1.7b-q4_1.gguf --quantization gguf,int4
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def measure(model: str | None, quantization: str, kv_mib: int) -> dict[str, floa
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None)
-    p.add_argument("--quantization", default="q4_1,int4")
+    p.add_argument("--quantization", default="gguf,int4")
     p.add_argument("--kv-cache-memory-mib", type=int, default=512)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -206,3 +206,10 @@ def test_a_precise_projection_is_as_close_as_float_activations_allow() -> None:
     plain, precise = QLinear(weight, None), QLinear(weight, None, precise=True)
     assert (plain(x) - want).abs().max().item() > 1e-3 * scale  # int8 activations: about 1%
     assert (precise(x) - want).abs().max().item() <= 1e-4 * scale  # a second pass: about 15 bits
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_weight_larger_than_one_packing_slice_round_trips(bits: int) -> None:
+    weight, levels = _random_weight(4096 + 37, 64, bits=bits)  # two slices, the second one ragged
+    back, _, _ = weight.blocks()
+    assert torch.equal(back, levels)

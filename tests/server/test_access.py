@@ -199,8 +199,10 @@ def test_a_second_signal_exits_at_once() -> None:
     time.sleep(0.5)
     assert proc.poll() is None  # draining: the stream may take its 600 s
     proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=30)
-    assert proc.returncode == 0
+    start = time.monotonic()
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 1 and time.monotonic() - start < 5
+    assert b"second signal" in stderr
 
 
 def test_a_request_past_the_timeout_ends_with_an_error_and_frees_its_slot(default_engine: Engine) -> None:

@@ -99,9 +99,10 @@ def _block_projections_from_gguf(model: torch.nn.Module, reader: Any, cfg: Model
         sources = {k: ts for k, ts in sources.items() if not any(tensor_type(t) in FLOAT_TYPES for t in ts)}
     names = {hf_name(t.name) for ts in sources.values() for t in ts}
     tables = {n for n in names if _is_table(n, slots[_map_name(model, n)[0]])}
+    # The table first: its repacking buffers are the load's largest, best spent before the rest is held
     found = chain(
-        projection_blocks(reader, cfg, names - tables, block_rounding(mode)),
         projection_blocks(reader, cfg, tables, "q8_0"),
+        projection_blocks(reader, cfg, names - tables, block_rounding(mode)),
     )
     parts: dict[str, list[tuple[int, Blocks]]] = {}
     built = 0

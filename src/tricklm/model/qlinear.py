@@ -20,6 +20,7 @@ from torch import nn
 from tricklm.model.block_formats import BLOCK, Blocks, gguf_blocks, round_blocks
 
 GROUP = 16  # output columns the kernel interleaves
+PACK_GROUPS = 256  # column groups (4,096 rows) repacked at a time
 SOURCE = Path(__file__).with_name("native") / "qmatmul.cpp"
 EXTENSION_NAME = "tricklm_qmatmul"
 # The fallback dequantizes this many column groups (1,024 output rows) at a time: a few MB of float32
@@ -62,16 +63,21 @@ class QWeight:
     @classmethod
     def from_blocks(cls, levels: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> QWeight:
         """From levels [n, k] (0..255, in element order) and per-block scales and offsets [n, k/32]; in
-        4 bits if every level fits, else 8."""
+        4 bits if every level fits, else 8. Packed a slice of column groups at a time into the final
+        tensor, so that repacking a large table costs a few MB beyond the weight itself."""
         n, k = levels.shape
         groups, blocks = -(-n // GROUP), k // BLOCK
-        pad = groups * GROUP - n
         bits = 4 if int(levels.max()) <= 15 else 8
-        lv = F.pad(levels.to(torch.uint8), (0, 0, 0, pad)).view(groups, GROUP, blocks, 8, 4)
-        lv = lv.permute(0, 2, 3, 1, 4)  # [groups, blocks, quad, column, 4]
-        packed = lv[:, :, :4] | (lv[:, :, 4:] << 4) if bits == 4 else lv
-        levels_out = packed.reshape(groups, blocks, bits, 64)
-        return cls(levels_out, _interleave(d, groups, pad), _interleave(m, groups, pad), n)
+        packed = torch.empty(groups, blocks, bits, 64, dtype=torch.uint8)
+        for start in range(0, groups, PACK_GROUPS):
+            rows = levels[start * GROUP : (start + PACK_GROUPS) * GROUP]
+            count = -(-rows.shape[0] // GROUP)
+            lv = F.pad(rows.to(torch.uint8), (0, 0, 0, count * GROUP - rows.shape[0]))
+            lv = lv.view(count, GROUP, blocks, 8, 4).permute(0, 2, 3, 1, 4)  # [groups, blocks, quad, column, 4]
+            part = lv[:, :, :4] | (lv[:, :, 4:] << 4) if bits == 4 else lv
+            packed[start : start + count] = part.reshape(count, blocks, bits, 64)
+        pad = groups * GROUP - n
+        return cls(packed, _interleave(d, groups, pad), _interleave(m, groups, pad), n)
 
     def blocks(self) -> Blocks:
         """(levels [n, k], d [n, k/32], m [n, k/32]): `from_blocks`' inputs back."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from types import FrameType
 
@@ -65,7 +66,7 @@ class DrainingServer(uvicorn.Server):
     """uvicorn, with a bounded drain: the first signal stops accepting (uvicorn closes its sockets) and
     turns /health and new requests on open connections to 503; requests in flight may finish for
     `timeout` seconds, then each ends with an error (streams: an error event, then [DONE]) so that
-    every connection closes and the process exits 0. A second signal exits at once."""
+    every connection closes and the process exits 0. A second signal exits at once, with status 1."""
 
     def __init__(self, config: uvicorn.Config, state: ServerState, timeout: float) -> None:
         super().__init__(config)
@@ -75,8 +76,10 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.state.draining:
+            # At once, as asked: not through interpreter teardown, which a decode step's native threads
+            # could still be inside (it ended in SIGABRT)
             logger.warning("second signal, exiting now")
-            self.force_exit = True
+            os._exit(1)
         else:
             self.state.draining = True
             logger.info("shutting down; requests in flight have %.0f s to finish", self.timeout)
