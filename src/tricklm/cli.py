@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=_SERVER_DEFAULTS.shutdown_timeout,
         help="on SIGTERM, seconds requests in flight may take to finish before they end with an error "
-        "(a second signal exits at once; default: 30)",
+        "(a second signal exits at once; default: 25)",
     )
     demo = sub.add_parser("demo", help="stream a prompt to the terminal and compare streaming with non-streaming")
     _add_engine_args(demo)

@@ -96,8 +96,8 @@ class ServerConfig:
     allowed_origins: tuple[str, ...] = ()  # CORS: empty is same-origin only; "*" allows any, without credentials
     metrics_public: bool = False  # /metrics without a key
     # On SIGTERM/SIGINT: requests in flight may finish for this long, then end with an error; a second
-    # signal exits at once
-    shutdown_timeout: float = 30.0
+    # signal exits at once. Under Kubernetes' default 30 s grace period, so the error events get out.
+    shutdown_timeout: float = 25.0
     request_timeout: float | None = None  # seconds from submission; None: no limit
 
     def __post_init__(self) -> None:

@@ -61,7 +61,6 @@ class RequestStream:
         self.engine = engine
         self.request_id = request_id
         self.timeout = timeout
-        self._deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         req = engine.make_request(request_id, prompt_token_ids, params)
         self.processor = OutputProcessor(engine.tokenizer, params, len(prompt_token_ids))
         self._queue: asyncio.Queue[EngineOutput] = asyncio.Queue()
@@ -72,11 +71,13 @@ class RequestStream:
             mailbox.post(queue, out)
 
         engine.submit(req, sink)
+        # On the loop's clock, not on reads: a client that stopped reading still loses its slot on time
+        self._expiry = None if timeout is None else asyncio.get_running_loop().call_later(timeout, self._expire)
 
     async def __aiter__(self) -> AsyncIterator[Delta]:
         try:
             while not self._done:
-                out = await self._next()
+                out = await self._queue.get()
                 delta = self.processor.process(out)
                 if delta.finished:
                     self._done = True
@@ -86,16 +87,13 @@ class RequestStream:
         finally:
             self.close()
 
-    async def _next(self) -> EngineOutput:
-        if self._deadline is None:
-            return await self._queue.get()
-        remaining = self._deadline - asyncio.get_running_loop().time()
-        try:
-            return await asyncio.wait_for(self._queue.get(), max(remaining, 0.0))
-        except TimeoutError:
-            # Its slot is freed at the next step; the client gets the reason as the request's error
+    def _expire(self) -> None:
+        """The request ran past its timeout: its slot is freed at the next step, its reader gets the reason."""
+        if not self._done:
             self.engine.abort(self.request_id)
-            return EngineOutput(self.request_id, [], error=f"the request ran longer than {self.timeout:g} s")
+            self._queue.put_nowait(
+                EngineOutput(self.request_id, [], error=f"the request ran longer than {self.timeout:g} s")
+            )
 
     async def collect(self) -> OutputProcessor:
         """Run to the end; the processor holds the whole text, tokens and timings."""
@@ -104,6 +102,8 @@ class RequestStream:
         return self.processor
 
     def close(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
         if not self._done:
             self._done = True
             self.engine.abort(self.request_id)

@@ -2,13 +2,14 @@
 
 vLLM protects only /v1/*; here /generate, /tokenize, /detokenize, /metrics and the API docs need the key
 too (`--metrics-public` opens /metrics for a scraper on a private network). Keys are compared in
-constant time and never logged. CORS is same-origin unless `--allowed-origins` names origins (or `*`,
-which never allows credentials); preflight requests are answered before the key is checked, as
+constant time and never logged. CORS is same-origin unless `--allowed-origins` names origins (or `*`);
+credentials (cookies) are never allowed; preflight requests are answered before the key is checked, as
 browsers send them without one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 import logging
@@ -50,8 +51,8 @@ def read_keys(keys: Sequence[str], key_file: Path | None) -> tuple[str, ...]:
     env = os.environ.get(KEY_ENV, "").strip()
     if env:
         found.append(env)
-    if any(len(k) < 8 or any(c.isspace() for c in k) for k in found):
-        raise ValueError("API keys must be at least 8 characters, without spaces")
+    if any(len(k) < 8 or not all(c.isascii() and c.isprintable() and not c.isspace() for c in k) for k in found):
+        raise ValueError("API keys must be at least 8 printable ASCII characters, without spaces")
     return tuple(dict.fromkeys(found))
 
 
@@ -69,7 +70,8 @@ class KeyGuard:
 
     def __init__(self, app: ASGIApp, keys: Sequence[str], metrics_public: bool = False) -> None:
         self.app = app
-        self.keys = [k.encode() for k in keys]
+        # Digests, compared in constant time: neither a key's content nor its length shows in the timing
+        self.keys = [hashlib.sha256(k.encode()).digest() for k in keys]
         self.open = OPEN_PATHS | ({"/metrics"} if metrics_public else set())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -90,9 +92,9 @@ class KeyGuard:
         scheme, _, token = header.partition(b" ")
         if scheme.lower() != b"bearer":
             return False
-        token = token.strip()
-        # Every key is compared, each in constant time: neither which key nor how much of it matched leaks
-        matches = [hmac.compare_digest(token, key) for key in self.keys]
+        digest = hashlib.sha256(token.strip()).digest()
+        # Every key is compared, so which one matched does not show either
+        matches = [hmac.compare_digest(digest, key) for key in self.keys]
         return any(matches)
 
 
@@ -124,7 +126,7 @@ def cors_options(origins: Sequence[str]) -> dict[str, object] | None:
     wildcard = "*" in origins
     return {
         "allow_origins": ["*"] if wildcard else list(origins),
-        "allow_credentials": not wildcard,
+        "allow_credentials": False,  # keys travel as Bearer headers: no cookie ever needs to ride along
         "allow_methods": ["GET", "POST", "OPTIONS"],
         "allow_headers": ["Authorization", "Content-Type", "X-Request-Id"],
         "max_age": 600,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 from types import FrameType
@@ -52,7 +53,14 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
         request_timeout=server_config.request_timeout,
     )
     config = uvicorn.Config(
-        app, host=server_config.host, port=server_config.port, log_level=server_config.log_level, timeout_keep_alive=30
+        app,
+        host=server_config.host,
+        port=server_config.port,
+        log_level=server_config.log_level,
+        timeout_keep_alive=30,
+        # A client that stopped reading cannot hold the exit: uvicorn cancels what is left this long after
+        # the requests were ended
+        timeout_graceful_shutdown=math.ceil(server_config.shutdown_timeout + GRACE_SECONDS),
     )
     server = DrainingServer(config, app.state.server, server_config.shutdown_timeout)
     server.run()
@@ -60,6 +68,7 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
 
 
 SHUTDOWN_MESSAGE = "the server is shutting down"
+GRACE_SECONDS = 5.0  # after the drain's requests were ended, for their last events to be written
 
 
 class DrainingServer(uvicorn.Server):
