@@ -145,27 +145,25 @@ def _q4_1(rows: torch.Tensor) -> Blocks:
 
 
 def _q4_0(rows: torch.Tensor) -> Blocks:
-    """d = the block's value of largest magnitude / -8, levels floor(x / d + 8.5) in 0..15, m = -8 d."""
-    n, k = rows.shape
-    blocks = rows.view(n, k // BLOCK, BLOCK)
-    extreme = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True)).squeeze(-1)
-    d = extreme / -8
-    inv = torch.where(d != 0, 1 / d, torch.zeros_like(d))
-    levels = (blocks * inv.unsqueeze(-1) + 8.5).floor_().clamp_(0, 15).to(torch.uint8)
-    d16 = d.half().float()
-    return levels.view(n, k), d16, -8 * d16
+    return _symmetric(rows, 16)
 
 
 def _q5_0(rows: torch.Tensor) -> Blocks:
-    """As q4_0 with 32 levels: d = the value of largest magnitude / -16, levels floor(x / d + 16.5)."""
+    return _symmetric(rows, 32)
+
+
+def _symmetric(rows: torch.Tensor, count: int) -> Blocks:
+    """Q4_0 (16 levels) and Q5_0 (32): d = the block's value of largest magnitude / -(count / 2), levels
+    floor(x / d + count / 2 + 0.5) in 0..count-1, m = -(count / 2) d."""
     n, k = rows.shape
+    half = count // 2
     blocks = rows.view(n, k // BLOCK, BLOCK)
     extreme = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True)).squeeze(-1)
-    d = extreme / -16
+    d = extreme / -half
     inv = torch.where(d != 0, 1 / d, torch.zeros_like(d))
-    levels = (blocks * inv.unsqueeze(-1) + 16.5).floor_().clamp_(0, 31).to(torch.uint8)
+    levels = (blocks * inv.unsqueeze(-1) + (half + 0.5)).floor_().clamp_(0, count - 1).to(torch.uint8)
     d16 = d.half().float()
-    return levels.view(n, k), d16, -16 * d16
+    return levels.view(n, k), d16, -half * d16
 
 
 def _q8_0(rows: torch.Tensor) -> Blocks:
