@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -245,3 +246,28 @@ def test_a_request_past_the_timeout_ends_with_an_error_and_frees_its_slot(defaul
         # and the next request is served
         short = httpx.post(base + "/v1/completions", json={"prompt": "hi", "max_tokens": 4}, timeout=30)
         assert short.status_code == 200
+
+
+def test_one_access_line_per_request_with_its_id_and_no_text(
+    tiny_engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tricklm.access")
+    secret_prompt = "the secret prompt words"
+    with running_server(create_app(tiny_engine)) as base:
+        body = {"prompt": secret_prompt, "max_tokens": 5, "ignore_eos": True}
+        r = httpx.post(base + "/v1/completions", json=body, headers={"X-Request-Id": "client-id-42"})
+        assert r.headers["x-request-id"] == "client-id-42"
+        streamed = httpx.post(
+            base + "/v1/completions", json={**body, "stream": True}, headers={"X-Request-Id": "bad id"}
+        )
+        made = streamed.headers["x-request-id"]
+        assert made != "bad id" and len(made) == 32  # not a sane id: one of ours instead
+        assert httpx.get(base + "/v1/nothing-here").status_code == 404
+    lines = [rec.getMessage() for rec in caplog.records if rec.name == "tricklm.access"]
+    ours = [line for line in lines if line.startswith("client-id-42 ")]
+    assert len(ours) == 1
+    assert "POST /v1/completions 200 prompt_tokens=" in ours[0] and "output_tokens=5 " in ours[0]
+    assert "ttft=" in ours[0] and "ttft=-" not in ours[0]
+    assert any(line.startswith(f"{made} POST /v1/completions 200") and "output_tokens=5 " in line for line in lines)
+    assert any(" GET /v1/nothing-here 404 prompt_tokens=0 output_tokens=0 ttft=- " in line for line in lines)
+    assert not any(secret_prompt in line for line in lines)

@@ -17,6 +17,7 @@ from tricklm.config import DEFAULT_MAX_REQUEST_BYTES
 from tricklm.engine.engine import Engine
 from tricklm.server import generate, openai_routes
 from tricklm.server.access import CORSMiddleware, KeyGuard, SecurityHeaders, cors_options
+from tricklm.server.access_log import AccessLog
 from tricklm.server.body_guard import BodyGuard
 from tricklm.server.errors import (
     APIError,
@@ -70,6 +71,7 @@ def create_app(
     if cors is not None:
         app.add_middleware(CORSMiddleware, **cors)  # type: ignore[arg-type]
     app.add_middleware(SecurityHeaders)
+    app.add_middleware(AccessLog)  # outermost: every request gets its id and its line, refusals too
     _add_error_handlers(app)
     _add_service_routes(app)
     return app

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tricklm.engine.async_llm import RequestStream
 from tricklm.engine.llm import summarize
 from tricklm.engine.sampling_params import SEED_RANGE, SamplingParams
+from tricklm.server.access_log import record_processor
 from tricklm.server.prompts import encode_text
 from tricklm.server.sse import DONE, SSEResponse, sse_event
 from tricklm.server.state import ServerState, engine_errors, get_state
@@ -73,7 +74,9 @@ async def _start(state: ServerState, body: GenerateRequest) -> RequestStream:
             seed=body.seed,
             stop=tuple(stop),
         )
-        return engine.stream(ids, params, prefix="gen")
+        stream = engine.stream(ids, params, prefix="gen")
+        record_processor(stream.processor)
+        return stream
 
 
 async def _sse(stream: RequestStream, state: ServerState) -> AsyncIterator[bytes]:

@@ -17,6 +17,7 @@ from tricklm.engine.engine import Engine
 from tricklm.engine.output import Delta, OutputProcessor
 from tricklm.engine.request import TokenLogprob
 from tricklm.engine.sampling_params import SamplingParams
+from tricklm.server.access_log import record_processor
 from tricklm.server.errors import APIError
 from tricklm.server.generate import until_disconnect
 from tricklm.server.openai_protocol import (
@@ -242,7 +243,9 @@ def _start_job(
                     choice_params = params
                     if params.seed is not None and i:
                         choice_params = _with_seed(params, params.seed + i)  # distinct but reproducible choices
-                    streams.append(engine.stream(ids, choice_params, prefix=kind))
+                    stream = engine.stream(ids, choice_params, prefix=kind)
+                    record_processor(stream.processor)
+                    streams.append(stream)
     except BaseException:
         for s in streams:
             s.close()
