@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
+import socket
 import threading
 from types import FrameType
 
@@ -81,7 +83,16 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.state = state
         self.timeout = timeout
-        self._timer: threading.Timer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        try:
+            await super().serve(sockets)
+        finally:
+            if self._deadline is not None:
+                self._deadline.cancel()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.state.draining:
@@ -89,16 +100,19 @@ class DrainingServer(uvicorn.Server):
             # could still be inside (it ended in SIGABRT)
             logger.warning("second signal, exiting now")
             os._exit(1)
-        else:
-            self.state.draining = True
-            logger.info("shutting down; requests in flight have %.0f s to finish", self.timeout)
-            self._timer = threading.Timer(self.timeout, self._end_requests)
-            self._timer.daemon = True
-            self._timer.start()
+        self.state.draining = True
+        logger.info("shutting down; requests in flight have %.0f s to finish", self.timeout)
+        if self._loop is not None:
+            # Only a wake-up of the event loop here, in the signal handler; the loop sets the deadline
+            self._loop.call_soon_threadsafe(self._set_deadline)
         super().handle_exit(sig, frame)
         # uvicorn raises the signal again once it has stopped, so the process would end "killed by
         # SIGTERM"; a drain that finished is a clean exit
         self._captured_signals.clear()
+
+    def _set_deadline(self) -> None:
+        assert self._loop is not None
+        self._deadline = self._loop.call_later(self.timeout, self._end_requests)
 
     def _end_requests(self) -> None:
         engine = self.state.engine
