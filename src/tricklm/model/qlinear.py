@@ -125,10 +125,6 @@ def quantize_blocks(weight: torch.Tensor, fmt: str) -> QWeight:
     return QWeight.from_blocks(*round_blocks(weight, fmt))
 
 
-def quantize_q4_1(weight: torch.Tensor) -> QWeight:
-    return quantize_blocks(weight, "q4_1")
-
-
 def _interleave(values: torch.Tensor, groups: int, pad: int) -> torch.Tensor:
     """[n, blocks] -> [groups, blocks, 16] float16 (scales and offsets are fp16 in GGUF's blocks already)"""
     return F.pad(values.half(), (0, 0, 0, pad)).view(groups, GROUP, -1).transpose(1, 2).contiguous()

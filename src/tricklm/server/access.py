@@ -17,7 +17,6 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tricklm.server.errors import APIError, error_response
@@ -110,13 +109,19 @@ class SecurityHeaders:
             return
         page = scope["path"] == "/"
 
-        async def with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                extra = [*SECURITY_HEADERS, *([(b"content-security-policy", PAGE_POLICY)] if page else [])]
-                message = {**message, "headers": [*message.get("headers", []), *extra]}
-            await send(message)
+        extra = [*SECURITY_HEADERS, *([(b"content-security-policy", PAGE_POLICY)] if page else [])]
+        await self.app(scope, receive, adding_headers(send, extra))
 
-        await self.app(scope, receive, with_headers)
+
+def adding_headers(send: Send, headers: list[tuple[bytes, bytes]]) -> Send:
+    """`send`, with `headers` appended to the response's start."""
+
+    async def send_with_headers(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), *headers]}
+        await send(message)
+
+    return send_with_headers
 
 
 def cors_options(origins: Sequence[str]) -> dict[str, object] | None:
@@ -131,6 +136,3 @@ def cors_options(origins: Sequence[str]) -> dict[str, object] | None:
         "allow_headers": ["Authorization", "Content-Type", "X-Request-Id"],
         "max_age": 600,
     }
-
-
-__all__ = ["CORSMiddleware", "KeyGuard", "SecurityHeaders", "cors_options", "is_loopback", "read_keys"]

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tricklm.engine.output import OutputProcessor
+from tricklm.server.access import adding_headers
 
 logger = logging.getLogger("tricklm.access")
 
@@ -56,11 +57,6 @@ def record_processor(processor: OutputProcessor) -> None:
         record.processors.append(processor)
 
 
-def current_request_id() -> str | None:
-    record = _current.get()
-    return None if record is None else record.request_id
-
-
 class AccessLog:
     """ASGI middleware: the request id (taken or made, echoed), then one log line when the response ends."""
 
@@ -76,16 +72,16 @@ class AccessLog:
         record = AccessRecord(request_id)
         token = _current.set(record)
         status = 500  # if the app fails before it answers at all
+        send_with_id = adding_headers(send, [(HEADER, request_id.encode())])
 
-        async def send_with_id(message: Message) -> None:
+        async def send_noting_status(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message = {**message, "headers": [*message.get("headers", []), (HEADER, request_id.encode())]}
-            await send(message)
+            await send_with_id(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, receive, send_noting_status)
         finally:
             _current.reset(token)
             if scope["path"] not in QUIET_PATHS:

@@ -11,12 +11,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from tricklm import __version__
 from tricklm.config import DEFAULT_MAX_REQUEST_BYTES
 from tricklm.engine.engine import Engine
 from tricklm.server import generate, openai_routes
-from tricklm.server.access import CORSMiddleware, KeyGuard, SecurityHeaders, cors_options
+from tricklm.server.access import KeyGuard, SecurityHeaders, cors_options
 from tricklm.server.access_log import AccessLog
 from tricklm.server.body_guard import BodyGuard
 from tricklm.server.errors import (
