@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from tricklm.config import QUANTIZATIONS, EngineConfig, ServerConfig, config_from_args
+from tricklm.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
 from tricklm.model.config import ModelLoadError
 from tricklm.model.quant import PREFILL_FORMATS
 from tricklm.server.access import KEY_ENV, read_keys
@@ -83,7 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=_SERVER_DEFAULTS.host)
     serve.add_argument("--port", type=int, default=_SERVER_DEFAULTS.port)
     serve.add_argument("--served-model-name", default=None, help="model id shown by /v1/models")
-    serve.add_argument("--log-level", default=_SERVER_DEFAULTS.log_level)
+    serve.add_argument("--log-level", default=_SERVER_DEFAULTS.log_level, choices=LOG_LEVELS)
+    serve.add_argument(
+        "--log-format", default=_SERVER_DEFAULTS.log_format, choices=LOG_FORMATS, help="json: one object per line"
+    )
+    serve.add_argument(
+        "--log-requests", action="store_true", help="put prompt and output text in the access lines (default: never)"
+    )
+    serve.add_argument(
+        "--stats-interval",
+        type=float,
+        default=_SERVER_DEFAULTS.stats_interval,
+        help="seconds between stats lines (running, waiting, KV usage, tok/s); 0 turns them off (default: 10)",
+    )
     serve.add_argument(
         "--max-request-bytes",
         type=_parse_size,
@@ -129,8 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    configure_logging(getattr(args, "log_format", "text"), getattr(args, "log_level", "info"))
     try:
         if args.command == "serve":
             from tricklm.server.run import serve

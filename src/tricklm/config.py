@@ -91,6 +91,9 @@ class ServerConfig:
     port: int = 8000
     served_model_name: str | None = None
     log_level: str = "info"
+    log_format: str = "text"  # or "json": one object per line, access and stats fields as keys
+    log_requests: bool = False  # prompt and output text in the access lines (users' data: off by default)
+    stats_interval: float = 10.0  # seconds between stats lines; 0: none
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     api_keys: tuple[str, ...] = ()  # empty: no key needed (say so loudly off loopback)
     allowed_origins: tuple[str, ...] = ()  # CORS: empty is same-origin only; "*" allows any, without credentials
@@ -107,6 +110,10 @@ class ServerConfig:
             raise ValueError("max_request_bytes must be at least 1024")
         if self.request_timeout is not None and not 0 < self.request_timeout <= 24 * 3600:
             raise ValueError("request_timeout must be between 0 and 86400 seconds")
+        if self.log_format not in ("text", "json"):
+            raise ValueError("log_format must be text or json")
+        if not 0 <= self.stats_interval <= 24 * 3600:
+            raise ValueError("stats_interval must be between 0 and 86400 seconds")
         if not 0 <= self.shutdown_timeout <= 24 * 3600:
             raise ValueError("shutdown_timeout must be between 0 and 86400 seconds")
 

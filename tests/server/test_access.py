@@ -19,8 +19,11 @@ import openai
 import pytest
 
 from tricklm.engine.engine import Engine
+from tricklm.logs import JsonFormatter
 from tricklm.server.access import is_loopback, read_keys
 from tricklm.server.app import create_app
+from tricklm.server.state import ServerState
+from tricklm.server.stats_log import StatsLogger
 from tricklm.server.testing import free_port, running_server, wait_healthy
 
 KEY, OTHER = "sk-test-0123456789", "sk-second-abcdefgh"
@@ -238,7 +241,8 @@ def test_a_request_past_the_timeout_ends_with_an_error_and_frees_its_slot(defaul
         assert events[-1] == "[DONE]" and len(events) > 3  # it streamed until the deadline
         assert "ran longer than 1 s" in json.loads(events[-2])["error"]["message"]
         whole = httpx.post(base + "/v1/completions", json={"prompt": "hi", "max_tokens": 4000, "ignore_eos": True})
-        assert whole.status_code == 500 and "ran longer than 1 s" in whole.json()["error"]["message"]
+        assert whole.status_code == 504 and "ran longer than 1 s" in whole.json()["error"]["message"]
+        assert whole.headers["x-should-retry"] == "false"  # the openai client would only time out again
         deadline = time.monotonic() + 10
         while default_engine.loop.stats().num_running and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -271,3 +275,56 @@ def test_one_access_line_per_request_with_its_id_and_no_text(
     assert any(line.startswith(f"{made} POST /v1/completions 200") and "output_tokens=5 " in line for line in lines)
     assert any(" GET /v1/nothing-here 404 prompt_tokens=0 output_tokens=0 ttft=- " in line for line in lines)
     assert not any(secret_prompt in line for line in lines)
+
+
+def test_log_requests_puts_the_texts_in_the_line(tiny_engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="tricklm.access")
+    with running_server(create_app(tiny_engine, log_requests=True)) as base:
+        body = {"prompt": "the visible prompt", "max_tokens": 3, "ignore_eos": True}
+        text = httpx.post(base + "/v1/completions", json=body).json()["choices"][0]["text"]
+    (record,) = [r for r in caplog.records if r.name == "tricklm.access" and "/v1/completions" in r.getMessage()]
+    fields = record.fields  # type: ignore[attr-defined]
+    assert fields["prompts"] == ["the visible prompt"] and fields["outputs"] == [text]
+    assert 'prompts=["the visible prompt"]' in record.getMessage()
+
+
+def test_json_logs_carry_the_fields_as_keys() -> None:
+    record = logging.LogRecord("tricklm.access", logging.INFO, __file__, 1, "%s", ("a line",), None)
+    record.fields = {"status": 200, "duration_ms": 12, "request_id": "r1"}
+    entry = json.loads(JsonFormatter().format(record))
+    assert entry["message"] == "a line" and entry["status"] == 200 and entry["request_id"] == "r1"
+    assert entry["level"] == "INFO" and entry["time"].endswith("Z")
+
+
+def test_the_stats_line_reports_throughput_then_goes_quiet(
+    tiny_engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="tricklm.stats")
+    state = ServerState()
+    state.set_engine(tiny_engine)
+    stats = StatsLogger(state, interval=1.0)
+    stats.log_once()  # the baseline: nothing logged yet
+    with running_server(create_app(tiny_engine)) as base:
+        httpx.post(base + "/v1/completions", json={"prompt": "a b c", "max_tokens": 8, "ignore_eos": True})
+    stats.log_once()
+    stats.log_once()
+    stats.log_once()
+    busy, first_idle, idle = [r for r in caplog.records if r.name == "tricklm.stats"]
+    assert busy.levelno == logging.INFO and busy.fields["generation_tokens_per_s"] > 0  # type: ignore[attr-defined]
+    assert "generation throughput" in busy.getMessage() and "KV cache usage" in busy.getMessage()
+    assert first_idle.levelno == logging.INFO and first_idle.fields["generation_tokens_per_s"] == 0  # type: ignore[attr-defined]
+    assert idle.levelno == logging.DEBUG
+
+
+def test_serve_logs_json_lines_with_access_and_stats(tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    with _server("--log-format", "json", "--stats-interval", "0.5", log=log) as (_, base):
+        r = httpx.post(base + "/v1/completions", json={"prompt": "hi", "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200
+        time.sleep(1.5)
+    entries = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    assert entries and len(entries) == len(log.read_text().splitlines())  # nothing but JSON, uvicorn's too
+    access = [e for e in entries if e["logger"] == "tricklm.access"]
+    assert [(e["path"], e["status"]) for e in access] == [("/v1/completions", 200)]
+    assert access[0]["output_tokens"] == 4 and "prompts" not in access[0]
+    assert any(e["logger"] == "tricklm.stats" and e["generation_tokens_per_s"] > 0 for e in entries)

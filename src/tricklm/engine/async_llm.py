@@ -60,7 +60,9 @@ class RequestStream:
     ) -> None:
         self.engine = engine
         self.request_id = request_id
+        self.prompt_token_ids = prompt_token_ids
         self.timeout = timeout
+        self.expired = False  # ended by its timeout, not by the engine
         req = engine.make_request(request_id, prompt_token_ids, params)
         self.processor = OutputProcessor(engine.tokenizer, params, len(prompt_token_ids))
         self._queue: asyncio.Queue[EngineOutput] = asyncio.Queue()
@@ -90,6 +92,7 @@ class RequestStream:
     def _expire(self) -> None:
         """The request ran past its timeout: its slot is freed at the next step, its reader gets the reason."""
         if not self._done:
+            self.expired = True
             self.engine.abort(self.request_id)
             self._queue.put_nowait(
                 EngineOutput(self.request_id, [], error=f"the request ran longer than {self.timeout:g} s")

@@ -1,24 +1,27 @@
-"""One access line per request: its id, status, token counts, time to first token and duration, never text.
+"""One access line per request: its id, status, token counts, time to first token and duration; the
+prompt and output text only when asked for (`log_requests`), since they are the users' data.
 
 The id is the client's `X-Request-Id` if it sent a sane one, else a new one; it is echoed in the response
-headers. The engine requests a route starts register their output processors with the line of the HTTP
-request they serve (`record_processor`, through a context variable that the route's tasks inherit), so
-the line can count tokens without any route having to report them. uvicorn's own access log says less
-(no id, no tokens, nothing for streams beyond the status) and can be turned off.
+headers. The engine requests a route starts are registered with the line of the HTTP request they serve
+(`record_stream`, through a context variable that the route's tasks inherit), so the line can count
+tokens without any route having to report them. uvicorn's own access log says less (no id, no tokens,
+nothing for streams beyond the status), so `serve` turns it off.
 """
 
 from __future__ import annotations
 
 import contextvars
+import json
 import logging
 import re
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tricklm.engine.output import OutputProcessor
+from tricklm.engine.async_llm import RequestStream
 from tricklm.server.access import adding_headers
 
 logger = logging.getLogger("tricklm.access")
@@ -33,35 +36,57 @@ _SANE_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
 class AccessRecord:
     request_id: str
     start: float = field(default_factory=time.monotonic)
-    processors: list[OutputProcessor] = field(default_factory=list)
+    streams: list[RequestStream] = field(default_factory=list)
 
-    def line(self, method: str, path: str, status: int) -> str:
-        prompt = sum(p.num_prompt_tokens for p in self.processors)
-        output = sum(len(p.token_ids) for p in self.processors)
-        firsts = [p.timings.first_token for p in self.processors if p.timings.first_token is not None]
-        ttft = f"{1000 * (min(firsts) - self.start):.0f}ms" if firsts else "-"
-        took = 1000 * (time.monotonic() - self.start)
-        return (
-            f"{self.request_id} {method} {path} {status} prompt_tokens={prompt} output_tokens={output} "
-            f"ttft={ttft} duration={took:.0f}ms"
-        )
+    def fields(self, method: str, path: str, status: int, with_text: bool) -> dict[str, Any]:
+        processors = [s.processor for s in self.streams]
+        firsts = [p.timings.first_token for p in processors if p.timings.first_token is not None]
+        entry: dict[str, Any] = {
+            "request_id": self.request_id,
+            "method": method,
+            "path": path,
+            "status": status,
+            "prompt_tokens": sum(p.num_prompt_tokens for p in processors),
+            "output_tokens": sum(len(p.token_ids) for p in processors),
+            "ttft_ms": round(1000 * (min(firsts) - self.start)) if firsts else None,
+            "duration_ms": round(1000 * (time.monotonic() - self.start)),
+        }
+        if with_text and self.streams:
+            entry["prompts"] = [s.engine.tokenizer.decode(s.prompt_token_ids) for s in self.streams]
+            entry["outputs"] = [p.text for p in processors]
+        return entry
+
+
+def access_line(fields: dict[str, Any]) -> str:
+    """The text form: the fixed fields in order, then the texts (if logged) as JSON strings."""
+    ttft = "-" if fields["ttft_ms"] is None else f"{fields['ttft_ms']}ms"
+    line = (
+        f"{fields['request_id']} {fields['method']} {fields['path']} {fields['status']} "
+        f"prompt_tokens={fields['prompt_tokens']} output_tokens={fields['output_tokens']} "
+        f"ttft={ttft} duration={fields['duration_ms']}ms"
+    )
+    for key in ("prompts", "outputs"):
+        if key in fields:
+            line += f" {key}={json.dumps(fields[key], ensure_ascii=False)}"
+    return line
 
 
 _current: contextvars.ContextVar[AccessRecord | None] = contextvars.ContextVar("tricklm_access", default=None)
 
 
-def record_processor(processor: OutputProcessor) -> None:
-    """Count `processor`'s tokens in the access line of the HTTP request being served, if any."""
+def record_stream(stream: RequestStream) -> None:
+    """Count `stream`'s tokens in the access line of the HTTP request being served, if any."""
     record = _current.get()
     if record is not None:
-        record.processors.append(processor)
+        record.streams.append(stream)
 
 
 class AccessLog:
     """ASGI middleware: the request id (taken or made, echoed), then one log line when the response ends."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, log_requests: bool = False) -> None:
         self.app = app
+        self.log_requests = log_requests
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -85,4 +110,5 @@ class AccessLog:
         finally:
             _current.reset(token)
             if scope["path"] not in QUIET_PATHS:
-                logger.info("%s", record.line(scope["method"], scope["path"], status))
+                fields = record.fields(scope["method"], scope["path"], status, self.log_requests)
+                logger.info("%s", access_line(fields), extra={"fields": fields})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -28,6 +29,7 @@ from tricklm.server.errors import (
     validation_error_to_openai,
 )
 from tricklm.server.state import ServerState, get_state
+from tricklm.server.stats_log import StatsLogger
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +43,16 @@ def create_app(
     allowed_origins: Sequence[str] = (),
     metrics_public: bool = False,
     request_timeout: float | None = None,
+    log_requests: bool = False,
+    stats_interval: float | None = None,
 ) -> FastAPI:
     """Serve `engine`, or build one with `engine_factory` after startup (/health says 503 meanwhile).
 
     An engine passed in is not shut down with the app (the caller owns it); a factory-built one is.
     With `api_keys`, every route but /health and the chat page needs one (`access.py`); CORS is closed
     unless `allowed_origins` names some. A request running longer than `request_timeout` seconds ends with
-    an error (streams: an error event, then [DONE]) and frees its slot.
+    an error (streams: an error event, then [DONE]) and frees its slot. Each request gets an access line
+    (with its prompt and output text if `log_requests`), and every `stats_interval` seconds a stats line.
     """
     state = ServerState(served_model_name, request_timeout)
 
@@ -57,7 +62,12 @@ def create_app(
             state.set_engine(engine)
         elif engine_factory is not None:
             state.load_in_background(engine_factory)
+        stats = None
+        if stats_interval:
+            stats = asyncio.create_task(StatsLogger(state, stats_interval).run(), name="tricklm-stats")
         yield
+        if stats is not None:
+            stats.cancel()
         if engine is None and state.engine is not None:
             state.engine.shutdown()
 
@@ -72,7 +82,8 @@ def create_app(
     if cors is not None:
         app.add_middleware(CORSMiddleware, **cors)  # type: ignore[arg-type]
     app.add_middleware(SecurityHeaders)
-    app.add_middleware(AccessLog)  # outermost: every request gets its id and its line, refusals too
+    # Outermost: every request gets its id and its line, refusals too
+    app.add_middleware(AccessLog, log_requests=log_requests)
     _add_error_handlers(app)
     _add_service_routes(app)
     return app

@@ -8,6 +8,8 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
+from tricklm.engine.async_llm import RequestStream
+
 
 class APIError(Exception):
     """An error with a status code and OpenAI fields; raised anywhere in a handler."""
@@ -54,6 +56,15 @@ def overloaded(message: str) -> APIError:
 
 def unavailable(message: str) -> APIError:
     return APIError(503, message, "service_unavailable", code="engine_unavailable", headers={"Retry-After": "5"})
+
+
+def stream_failure(stream: RequestStream) -> APIError:
+    """Why a request ended without a finish reason: its timeout (504, not worth retrying as it is: the
+    openai client honours `x-should-retry`) or the engine (500)."""
+    message = stream.processor.error or "generation failed in the engine"
+    if stream.expired:
+        return APIError(504, message, "timeout_error", code="request_timeout", headers={"x-should-retry": "false"})
+    return APIError(500, message, "server_error", code="engine_error")
 
 
 def validation_error_to_openai(errors: list[Any]) -> APIError:

@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from tricklm.engine.async_llm import RequestStream
 from tricklm.engine.llm import summarize
 from tricklm.engine.sampling_params import SEED_RANGE, SamplingParams
-from tricklm.server.access_log import record_processor
+from tricklm.server.access_log import record_stream
+from tricklm.server.errors import stream_failure
 from tricklm.server.prompts import encode_text
 from tricklm.server.sse import DONE, SSEResponse, sse_event
 from tricklm.server.state import ServerState, engine_errors, get_state
@@ -57,7 +58,7 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
     if proc is None:
         return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
     if proc.finish_reason is None:
-        return JSONResponse({"detail": proc.error or "generation failed in the engine"}, status_code=500)
+        return stream_failure(stream).detail_response()
     return JSONResponse(summarize(proc))
 
 
@@ -75,7 +76,7 @@ async def _start(state: ServerState, body: GenerateRequest) -> RequestStream:
             stop=tuple(stop),
         )
         stream = engine.stream(ids, params, prefix="gen")
-        record_processor(stream.processor)
+        record_stream(stream)
         return stream
 
 
@@ -83,7 +84,8 @@ async def _sse(stream: RequestStream, state: ServerState) -> AsyncIterator[bytes
     try:
         async for delta in stream:
             if delta.error:
-                yield sse_event({"error": {"message": delta.error, "type": "server_error"}})
+                error = stream_failure(stream)
+                yield sse_event({"error": {"message": error.message, "type": error.type}})
                 break
             for i, token_id in enumerate(delta.token_ids):
                 text = delta.text if i == len(delta.token_ids) - 1 else ""

@@ -17,8 +17,8 @@ from tricklm.engine.engine import Engine
 from tricklm.engine.output import Delta, OutputProcessor
 from tricklm.engine.request import TokenLogprob
 from tricklm.engine.sampling_params import SamplingParams
-from tricklm.server.access_log import record_processor
-from tricklm.server.errors import APIError
+from tricklm.server.access_log import record_stream
+from tricklm.server.errors import APIError, stream_failure
 from tricklm.server.generate import until_disconnect
 from tricklm.server.openai_protocol import (
     ChatCompletionRequest,
@@ -244,7 +244,7 @@ def _start_job(
                     if params.seed is not None and i:
                         choice_params = _with_seed(params, params.seed + i)  # distinct but reproducible choices
                     stream = engine.stream(ids, choice_params, prefix=kind)
-                    record_processor(stream.processor)
+                    record_stream(stream)
                     streams.append(stream)
     except BaseException:
         for s in streams:
@@ -265,10 +265,9 @@ async def _respond(job: Job, body: SamplingFields, request: Request, state: Serv
         state.metrics.observe_finished(stream.processor)
     if done is None:
         return Response(status_code=499)
-    failed = [p for p in done if p.finish_reason is None]
+    failed = [s for s in job.streams if s.processor.finish_reason is None]
     if failed:
-        message = failed[0].error or "generation failed in the engine"
-        raise APIError(500, message, "server_error", code="engine_error")
+        raise stream_failure(failed[0])
     return JSONResponse(_full_response(job, done))
 
 
@@ -323,7 +322,7 @@ async def _stream(job: Job, include_usage: bool, state: ServerState) -> AsyncIte
                 yield chunk(i, {"text": text})
         async for i, delta in _merge(job.streams):
             if delta.error:
-                yield sse_event(APIError(500, delta.error, "server_error", code="engine_error").body())
+                yield sse_event(stream_failure(job.streams[i]).body())
                 break
             for payload in _delta_payloads(job, delta, offsets, i):
                 yield chunk(i, payload)

@@ -53,12 +53,16 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
         allowed_origins=server_config.allowed_origins,
         metrics_public=server_config.metrics_public,
         request_timeout=server_config.request_timeout,
+        log_requests=server_config.log_requests,
+        stats_interval=server_config.stats_interval or None,
     )
     config = uvicorn.Config(
         app,
         host=server_config.host,
         port=server_config.port,
         log_level=server_config.log_level,
+        log_config=None,  # uvicorn's records go to our handler, in our format (text or JSON)
+        access_log=False,  # ours (access_log.py) says more, in the same line
         timeout_keep_alive=30,
         # A client that stopped reading cannot hold the exit: uvicorn cancels what is left this long after
         # the requests were ended

@@ -1,0 +1,57 @@
+"""A periodic stats line, as vLLM prints one: requests running and waiting, KV-cache usage, and prompt and
+generation throughput since the previous line. Idle periods log at DEBUG, so a quiet server stays quiet."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from tricklm.engine.loop import EngineStats
+from tricklm.server.state import ServerState
+
+logger = logging.getLogger("tricklm.stats")
+
+
+class StatsLogger:
+    def __init__(self, state: ServerState, interval: float) -> None:
+        self.state = state
+        self.interval = interval
+        self._last: EngineStats | None = None
+        self._last_time = time.monotonic()
+        self._was_active = False
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            self.log_once()
+
+    def log_once(self) -> None:
+        engine = self.state.engine
+        if engine is None:
+            return
+        stats, now = engine.loop.stats(), time.monotonic()
+        last, elapsed = self._last, max(now - self._last_time, 1e-9)
+        self._last, self._last_time = stats, now
+        if last is None:
+            return
+        fields = {
+            "running": stats.num_running,
+            "waiting": stats.num_waiting,
+            "kv_cache_usage_pct": round(100 * stats.kv_cache_usage, 1),
+            "prompt_tokens_per_s": round((stats.num_prompt_tokens - last.num_prompt_tokens) / elapsed, 1),
+            "generation_tokens_per_s": round((stats.num_generation_tokens - last.num_generation_tokens) / elapsed, 1),
+            "preemptions": stats.num_preemptions,
+            "step_failures": stats.num_step_failures,
+        }
+        active = bool(fields["running"] or fields["waiting"] or fields["prompt_tokens_per_s"])
+        active = active or bool(fields["generation_tokens_per_s"])
+        # The first idle line after activity still shows, so the last figures read zero rather than stale
+        level = logging.INFO if active or self._was_active else logging.DEBUG
+        self._was_active = active
+        text = (
+            f"running: {fields['running']} reqs, waiting: {fields['waiting']} reqs, "
+            f"KV cache usage: {fields['kv_cache_usage_pct']}%, prompt throughput: {fields['prompt_tokens_per_s']} "
+            f"tokens/s, generation throughput: {fields['generation_tokens_per_s']} tokens/s"
+        )
+        logger.log(level, "%s", text, extra={"fields": fields})
