@@ -123,6 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a request may run; longer ones end with an error and free their slot (default: none)",
     )
     serve.add_argument(
+        "--header-timeout",
+        type=float,
+        default=_SERVER_DEFAULTS.header_timeout,
+        help="seconds a request's headers may take to arrive (slow clients get 408; default: 20)",
+    )
+    serve.add_argument(
+        "--body-timeout",
+        type=float,
+        default=_SERVER_DEFAULTS.body_timeout,
+        help="seconds a request's body may take to arrive (slow clients get 408; default: 60)",
+    )
+    serve.add_argument(
         "--shutdown-timeout",
         type=float,
         default=_SERVER_DEFAULTS.shutdown_timeout,

@@ -102,6 +102,9 @@ class ServerConfig:
     # signal exits at once. Under Kubernetes' default 30 s grace period, so the error events get out.
     shutdown_timeout: float = 25.0
     request_timeout: float | None = None  # seconds from submission; None: no limit
+    # Slow clients: a request's headers, then its body, must arrive within these (else 408 and close)
+    header_timeout: float = 20.0
+    body_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -110,6 +113,9 @@ class ServerConfig:
             raise ValueError("max_request_bytes must be at least 1024")
         if self.request_timeout is not None and not 0 < self.request_timeout <= 24 * 3600:
             raise ValueError("request_timeout must be between 0 and 86400 seconds")
+        for name in ("header_timeout", "body_timeout"):
+            if not 0 < getattr(self, name) <= 3600:
+                raise ValueError(f"{name} must be between 0 and 3600 seconds")
         if self.log_format not in ("text", "json"):
             raise ValueError("log_format must be text or json")
         if not 0 <= self.stats_interval <= 24 * 3600:

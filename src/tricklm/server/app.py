@@ -45,13 +45,15 @@ def create_app(
     request_timeout: float | None = None,
     log_requests: bool = False,
     stats_interval: float | None = None,
+    body_timeout: float | None = None,
 ) -> FastAPI:
     """Serve `engine`, or build one with `engine_factory` after startup (/health says 503 meanwhile).
 
     An engine passed in is not shut down with the app (the caller owns it); a factory-built one is.
     With `api_keys`, every route but /health and the chat page needs one (`access.py`); CORS is closed
     unless `allowed_origins` names some. A request running longer than `request_timeout` seconds ends with
-    an error (streams: an error event, then [DONE]) and frees its slot. Each request gets an access line
+    an error (streams: an error event, then [DONE]) and frees its slot; a body that takes longer than
+    `body_timeout` seconds to arrive gets 408. Each request gets an access line
     (with its prompt and output text if `log_requests`), and every `stats_interval` seconds a stats line.
     """
     state = ServerState(served_model_name, request_timeout)
@@ -76,7 +78,7 @@ def create_app(
     app.include_router(generate.router)
     app.include_router(openai_routes.router)
     # Outermost last: headers on everything, CORS preflight before the key check, the key before the body
-    app.add_middleware(BodyGuard, max_bytes=max_request_bytes)
+    app.add_middleware(BodyGuard, max_bytes=max_request_bytes, body_timeout=body_timeout)
     app.add_middleware(KeyGuard, keys=api_keys, metrics_public=metrics_public)
     cors = cors_options(allowed_origins)
     if cors is not None:

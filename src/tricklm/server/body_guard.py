@@ -8,6 +8,7 @@ thousands of digits. Each is refused here with a 400 that names the field, in th
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
@@ -56,15 +57,21 @@ _LONE_SURROGATE = re.compile(
 class BodyGuard:
     """ASGI middleware: reads the body (at most `max_bytes`), checks it, then hands it on unchanged."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, body_timeout: float | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.body_timeout = body_timeout  # a body trickled in slower than this is refused (slowloris)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
             return
-        body, more, gone = await self._read(receive)
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                body, more, gone = await self._read(receive)
+        except TimeoutError:
+            await error_response(scope["path"], _too_slow(self.body_timeout))(scope, receive, send)
+            return
         if gone:
             return  # the client left before sending its body: nobody to answer
         error = _too_large(self.max_bytes) if more else check_body(body)
@@ -92,6 +99,12 @@ class BodyGuard:
 
 def _too_large(max_bytes: int) -> APIError:
     return APIError(413, f"the request body is larger than this server accepts ({max_bytes} bytes)", code="too_large")
+
+
+def _too_slow(seconds: float | None) -> APIError:
+    # The rest of the body is not read: the connection must not be reused
+    message = f"the request body did not arrive within {seconds:g} s"
+    return APIError(408, message, code="timeout", headers={"connection": "close"})
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

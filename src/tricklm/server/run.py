@@ -18,6 +18,7 @@ from tricklm.memory import limit_fragmentation
 from tricklm.model.resolve import resolve_model
 from tricklm.server.access import is_loopback
 from tricklm.server.app import create_app
+from tricklm.server.slow_clients import header_deadline_protocol
 from tricklm.server.state import ServerState
 
 logger = logging.getLogger("tricklm")
@@ -55,6 +56,7 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
         request_timeout=server_config.request_timeout,
         log_requests=server_config.log_requests,
         stats_interval=server_config.stats_interval or None,
+        body_timeout=server_config.body_timeout,
     )
     config = uvicorn.Config(
         app,
@@ -63,6 +65,7 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
         log_level=server_config.log_level,
         log_config=None,  # uvicorn's records go to our handler, in our format (text or JSON)
         access_log=False,  # ours (access_log.py) says more, in the same line
+        http=header_deadline_protocol(server_config.header_timeout),
         timeout_keep_alive=30,
         # A client that stopped reading cannot hold the exit: uvicorn cancels what is left this long after
         # the requests were ended

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import httpx
 import uvicorn
@@ -20,10 +21,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(app: FastAPI, ready_timeout: float = 120.0) -> Iterator[str]:
-    """Yield the base URL once /health answers 200; stop the server on exit."""
+def running_server(app: FastAPI, ready_timeout: float = 120.0, **config: Any) -> Iterator[str]:
+    """Yield the base URL once /health answers 200; stop the server on exit. `config`: more uvicorn settings."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **config))
     thread = threading.Thread(target=server.run, name="tricklm-uvicorn", daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
