@@ -37,6 +37,7 @@ class Case:
     path: str
     body: bytes | None
     status: int
+    content_type: str = "application/json"
 
 
 def _raw(name: str, path: str, body: bytes, status: int, method: str = "POST") -> Case:
@@ -120,6 +121,13 @@ def _completions_cases() -> list[Case]:
         _raw("empty body", p, b"", 400),
         _json("empty stop string", p, {**HELLO, "stop": [""]}, 400),
         _json("17 stop strings", p, {**HELLO, "stop": [str(i) for i in range(17)]}, 400),
+        _json("10,000 stop strings", p, {**HELLO, "stop": [f"s{i}" for i in range(10_000)]}, 400),
+        *[
+            Case(f"sent as {kind or 'no type'}", "POST", p, json.dumps(HELLO).encode(), 415, kind)
+            for kind in ("text/plain", "application/x-www-form-urlencoded", "application/xml", "")
+        ],
+        Case("JSON in latin-1", "POST", p, json.dumps(HELLO).encode(), 415, "application/json; charset=latin-1"),
+        Case("JSON with a +json type", "POST", p, json.dumps(HELLO).encode(), 200, "application/vnd.api+json"),
         _json("stop a number", p, {**HELLO, "stop": 123}, 400),
         _json("suffix", p, {**HELLO, "suffix": "x"}, 400),
         _json("best_of", p, {**HELLO, "best_of": 3}, 400),
@@ -278,7 +286,7 @@ def test_hostile_requests_get_clear_errors_and_harm_no_one(server: str) -> None:
     normal = {"prompt": "The quick brown fox", "max_tokens": 2}
     with httpx.Client(timeout=60) as client, HealthPoller(server) as health:
         for case in CASES:
-            headers = {"content-type": "application/json"} if case.body is not None else {}
+            headers = {"content-type": case.content_type} if case.body is not None and case.content_type else {}
             r = client.request(case.method, f"{server}{case.path}", content=case.body, headers=headers)
             if r.status_code != case.status:
                 wrong.append(f"{case.name}: {r.status_code} (expected {case.status}) {r.text[:200]}")

@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from tricklm.engine.cpu_contention import CpuContention
 from tricklm.engine.kv_cache import KVCache
 from tricklm.engine.request import Request, Sampled
 from tricklm.engine.sampler import sample
@@ -21,18 +22,26 @@ class ThreadPolicy:
 
     Both default to every core, which measured fastest on an otherwise idle 2-core machine (16 streams:
     174 against 100 tok/s with one decode thread). On a machine whose cores are busy with other work,
-    one decode thread avoids stalls: a parallel op waits for its slowest thread, and a thread whose core
-    was taken waits a whole scheduler time slice.
+    one thread avoids stalls: a parallel op waits for its slowest thread, and a thread whose core was
+    taken waits a whole scheduler time slice. So unless the counts were chosen, every step runs on one
+    thread while other processes are busy on our CPUs (`CpuContention`).
     """
 
     MIN_PARALLEL_TOKENS = 64
 
-    def __init__(self, max_threads: int | None, decode_threads: int | None = None) -> None:
+    def __init__(
+        self, max_threads: int | None, decode_threads: int | None = None, contention: CpuContention | None = None
+    ) -> None:
         self.max_threads = max_threads or os.cpu_count() or 1
         self.decode_threads = min(decode_threads or self.max_threads, self.max_threads)
+        self.contention = contention
+        if contention is None and max_threads is None and decode_threads is None and self.max_threads > 1:
+            self.contention = CpuContention()
 
     def apply(self, num_tokens: int) -> None:
         wanted = self.max_threads if num_tokens >= self.MIN_PARALLEL_TOKENS else self.decode_threads
+        if self.contention is not None and self.contention.check():
+            wanted = 1
         if torch.get_num_threads() != wanted:
             torch.set_num_threads(wanted)
 

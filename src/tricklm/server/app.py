@@ -10,7 +10,8 @@ from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
@@ -23,6 +24,7 @@ from tricklm.server.access_log import AccessLog
 from tricklm.server.body_guard import BodyGuard
 from tricklm.server.errors import (
     APIError,
+    documented_errors,
     error_response,
     is_openai_path,
     validation_details,
@@ -119,13 +121,21 @@ def _add_error_handlers(app: FastAPI) -> None:
 _HTTP_ERROR_TYPES = {404: "NotFoundError", 405: "invalid_request_error"}
 
 
+class Health(BaseModel):
+    status: str
+    detail: str | None = None
+
+
+_UNHEALTHY = "Loading, restarting, draining, or stopped (the detail says why)"
+
+
 def _add_service_routes(app: FastAPI) -> None:
-    @app.get("/health")
+    @app.get("/health", responses={200: {"model": Health}, 503: {"model": Health, "description": _UNHEALTHY}})
     async def health(request: Request) -> JSONResponse:
         code, body = get_state(request).health()
         return JSONResponse(body, status_code=code)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=documented_errors())
     async def metrics(request: Request) -> Response:
         return Response(get_state(request).metrics.render(), media_type="text/plain; version=0.0.4")
 

@@ -74,7 +74,7 @@ class BodyGuard:
             return
         if gone:
             return  # the client left before sending its body: nobody to answer
-        error = _too_large(self.max_bytes) if more else check_body(body)
+        error = _too_large(self.max_bytes) if more else check_content_type(scope, body) or check_body(body)
         if error is not None:
             await error_response(scope["path"], error)(scope, receive, send)
             return
@@ -118,6 +118,21 @@ def _replay(body: bytes, receive: Receive) -> Receive:
         return await receive()  # after the body: wait for the disconnect, as the server would
 
     return replay
+
+
+def check_content_type(scope: Scope, body: bytes) -> APIError | None:
+    """A 415 for a body sent as anything but JSON in UTF-8 (a form, text, XML, or no type at all)."""
+    if not body:
+        return None  # nothing to misread; the route says what it misses
+    header = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1")
+    media_type, _, params = header.partition(";")
+    media_type = media_type.strip().lower()
+    charset = next((p.split("=", 1)[1].strip(' "').lower() for p in params.split(";") if "charset=" in p), "utf-8")
+    if (media_type == "application/json" or media_type.endswith("+json")) and charset in ("utf-8", "utf8"):
+        return None
+    sent = header.strip() or "no Content-Type"
+    message = f"send the request body as JSON in UTF-8 with 'Content-Type: application/json' (got {sent})"
+    return APIError(415, message, code="unsupported_media_type")
 
 
 def check_body(body: bytes) -> APIError | None:

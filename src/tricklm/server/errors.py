@@ -7,6 +7,7 @@ import re
 from typing import Any
 
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from tricklm.engine.async_llm import RequestStream
 
@@ -39,6 +40,46 @@ class APIError(Exception):
 
     def detail_response(self) -> JSONResponse:
         return JSONResponse({"detail": self.message}, status_code=self.status_code, headers=self.headers)
+
+
+# ---- what /openapi.json says about errors -------------------------------------------------------
+
+
+class OpenAIErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIError(BaseModel):
+    error: OpenAIErrorBody
+
+
+class DetailError(BaseModel):
+    detail: str | list[dict[str, Any]]
+
+
+_STATUS_MEANINGS = {
+    400: "Invalid request (the message names the parameter)",
+    401: "Missing or wrong API key",
+    404: "No such model or route",
+    408: "The request's body did not arrive in time",
+    413: "Request body over the server's limit",
+    415: "The body is not sent as JSON (Content-Type: application/json)",
+    429: "The queue is full; retry after the Retry-After header",
+    500: "The engine failed this request",
+    503: "The model is loading, the engine stopped, or the server is shutting down",
+    504: "The request ran past the server's --request-timeout",
+}
+# Any route can answer these: the key check and the body guard run before it
+COMMON_ERRORS = (401, 408, 413, 415)
+GENERATION_ERRORS = (400, 404, 429, 500, 503, 504)
+
+
+def documented_errors(*codes: int, model: type[BaseModel] = OpenAIError) -> dict[int | str, dict[str, Any]]:
+    """`responses=` for a route: each status with its meaning and body schema."""
+    return {code: {"model": model, "description": _STATUS_MEANINGS[code]} for code in (*COMMON_ERRORS, *codes)}
 
 
 def is_openai_path(path: str) -> bool:

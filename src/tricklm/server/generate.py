@@ -14,7 +14,7 @@ from tricklm.engine.async_llm import RequestStream
 from tricklm.engine.llm import summarize
 from tricklm.engine.sampling_params import SEED_RANGE, SamplingParams
 from tricklm.server.access_log import record_stream
-from tricklm.server.errors import stream_failure
+from tricklm.server.errors import GENERATION_ERRORS, DetailError, documented_errors, stream_failure
 from tricklm.server.prompts import encode_text
 from tricklm.server.sse import DONE, SSEResponse, sse_event
 from tricklm.server.state import ServerState, engine_errors, get_state
@@ -47,7 +47,14 @@ class GenerateResponse(BaseModel):
     tokens_per_second: float
 
 
-@router.post("/generate", response_model=GenerateResponse, responses={200: {"content": {"text/event-stream": {}}}})
+@router.post(
+    "/generate",
+    response_model=GenerateResponse,
+    responses={
+        200: {"content": {"text/event-stream": {"schema": {"type": "string", "description": "Server-Sent Events"}}}},
+        **documented_errors(*GENERATION_ERRORS, model=DetailError),
+    },
+)
 async def generate(body: GenerateRequest, request: Request) -> Response:
     state = get_state(request)
     stream = await _start(state, body)

@@ -11,6 +11,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 
 from tricklm.engine.async_llm import AsyncEngine, RequestStream
 from tricklm.engine.engine import Engine
@@ -18,15 +19,21 @@ from tricklm.engine.output import Delta, OutputProcessor
 from tricklm.engine.request import TokenLogprob
 from tricklm.engine.sampling_params import SamplingParams
 from tricklm.server.access_log import record_stream
-from tricklm.server.errors import APIError, stream_failure
+from tricklm.server.errors import GENERATION_ERRORS, APIError, documented_errors, stream_failure
 from tricklm.server.generate import until_disconnect
 from tricklm.server.openai_protocol import (
+    ChatCompletion,
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
     DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
     SamplingFields,
+    TextCompletion,
     TokenizeRequest,
+    TokenizeResponse,
     message_dicts,
 )
 from tricklm.server.prompts import encode_chat, encode_text
@@ -61,13 +68,13 @@ class Job:
 # ---- models, tokenize ----------------------------------------------------------------------------
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses={200: {"model": ModelList}, **documented_errors(503)})
 async def list_models(request: Request) -> JSONResponse:
     state = get_state(request)
     return JSONResponse({"object": "list", "data": [_model_card(state)]})
 
 
-@router.get("/v1/models/{model_id:path}")
+@router.get("/v1/models/{model_id:path}", responses={200: {"model": ModelCard}, **documented_errors(404, 503)})
 async def get_model(model_id: str, request: Request) -> JSONResponse:
     state = get_state(request)
     _check_model(state, model_id)
@@ -86,7 +93,7 @@ def _check_model(state: ServerState, model: str | None) -> None:
         raise APIError(404, f"The model `{model}` does not exist.", "NotFoundError", "model", "model_not_found")
 
 
-@router.post("/tokenize")
+@router.post("/tokenize", responses={200: {"model": TokenizeResponse}, **documented_errors(400, 404, 503)})
 async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
     state = get_state(request)
     engine = state.require_engine().engine
@@ -98,7 +105,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
     return JSONResponse({"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids})
 
 
-@router.post("/detokenize")
+@router.post("/detokenize", responses={200: {"model": DetokenizeResponse}, **documented_errors(400, 404, 503)})
 async def detokenize(body: DetokenizeRequest, request: Request) -> JSONResponse:
     state = get_state(request)
     engine = state.require_engine().engine
@@ -126,7 +133,12 @@ def _check_supported(body: SamplingFields) -> None:
 # ---- chat and text completions -------------------------------------------------------------------
 
 
-@router.post("/v1/chat/completions")
+def _generation_responses(body: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    streamed = {"text/event-stream": {"schema": {"type": "string", "description": "Server-Sent Events"}}}
+    return {200: {"model": body, "content": streamed}, **documented_errors(*GENERATION_ERRORS)}
+
+
+@router.post("/v1/chat/completions", responses=_generation_responses(ChatCompletion))
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     state = get_state(request)
     engine = state.require_engine()
@@ -140,7 +152,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     return await _respond(job, body, request, state)
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses=_generation_responses(TextCompletion))
 async def completions(body: CompletionRequest, request: Request) -> Response:
     state = get_state(request)
     engine = state.require_engine()
