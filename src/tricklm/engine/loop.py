@@ -52,6 +52,7 @@ class EngineLoop:
         self._incoming: list[tuple[Request, Sink]] = []
         self._aborts: list[str] = []
         self._end_all: str | None = None  # set by `end_all`: the message every live request is ended with
+        self._closed: str | None = None  # after `end_all`: why new requests are refused
         self._sinks: dict[str, Sink] = {}
         self._stopping = False
         self.restarting = False
@@ -69,6 +70,8 @@ class EngineLoop:
         with self._cond:
             if not self.is_alive:
                 raise EngineDeadError(f"the engine has stopped: {self.error!r}")
+            if self._closed is not None:
+                raise EngineDeadError(self._closed)
             if len(self._incoming) + len(self.core.scheduler.waiting) >= self.max_queue:
                 raise QueueFullError(f"the server is at capacity ({self.max_queue} requests waiting)")
             self._incoming.append((req, sink))
@@ -80,10 +83,11 @@ class EngineLoop:
             self._cond.notify()
 
     def end_all(self, message: str) -> None:
-        """End every request in flight or waiting with `message` as its error, at the next step (a bounded
-        shutdown's last act); the engine keeps serving whatever comes after."""
+        """End every request in flight or waiting with `message` as its error, at the next step, and refuse
+        any submitted later with it (a bounded shutdown's last act: a request that was being tokenized
+        when the time ran out must not start a generation that nobody will wait for)."""
         with self._cond:
-            self._end_all = message
+            self._end_all = self._closed = message
             self._cond.notify()
 
     def stats(self) -> EngineStats:
