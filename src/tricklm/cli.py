@@ -61,13 +61,20 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         "--decode-threads",
         type=int,
         default=d.decode_threads,
-        help="torch threads for decode steps (default: as --num-threads; 1 on a busy machine)",
+        help="torch threads for decode steps (default: as --num-threads; 1 while other processes are busy)",
     )
     p.add_argument(
         "--native-decode",
         action=argparse.BooleanOptionalAction,
         default=d.native_decode,
         help="run decode steps of Llama-family models with compact weights in C++ (compiled on first use; default: on)",
+    )
+    p.add_argument(
+        "--prefix-caching",
+        dest="enable_prefix_caching",
+        action=argparse.BooleanOptionalAction,
+        default=d.enable_prefix_caching,
+        help="reuse the KV cache of a prompt's longest already-computed prefix (default: on)",
     )
 
 

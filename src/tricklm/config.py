@@ -44,6 +44,8 @@ class EngineConfig:
     # Decode steps of a 4-bit Llama-family model in C++ (model/native); off, or where it cannot be
     # built, they run in Python with the same results, more slowly.
     native_decode: bool = True
+    # Requests start after the longest prefix of their tokens already in the KV cache (kv_cache.py)
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

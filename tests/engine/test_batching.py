@@ -102,3 +102,19 @@ def test_mixed_sampling_settings_in_one_batch(default_model: tuple[CausalLM, Tok
         assert o.logprobs is not None
         top5 = {t for t, _ in o.logprobs[0].top}
         assert o.new_token_ids[0] in top5  # top_k=5 never picks outside the five most likely
+
+
+def test_a_second_turn_is_the_same_with_the_prefix_cache_on_and_off(default_model: tuple[CausalLM, Tokenizer]) -> None:
+    model, tok = default_model
+    history = tok.encode(TARGET_PROMPT + " " + " ".join(["and then"] * 60))
+    turns = []
+    for caching in (True, False):
+        core = EngineCore(model, EngineConfig(enable_prefix_caching=caching))
+        reply = [t for o in run(core, {0: [make("t1", history, 16, temperature=0.0)]})["t1"] for t in o.new_token_ids]
+        turn2 = history + reply + tok.encode(" What happened next?")
+        turns.append(run(core, {0: [make("t2", turn2, 16, temperature=0.0)]})["t2"])
+        assert (core.kv_cache.num_hit_tokens > 0) == caching
+    on, off = turns
+    assert [o.new_token_ids for o in on] == [o.new_token_ids for o in off]
+    for a, b in zip(on, off, strict=True):
+        assert a.logprobs and b.logprobs and abs(a.logprobs[0].logprob - b.logprobs[0].logprob) < 1e-3

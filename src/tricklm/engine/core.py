@@ -21,7 +21,9 @@ class EngineCore:
         self.config = config
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.dtype = model_dtypes(model)[1]  # type: ignore[arg-type]  # the KV cache's
-        self.kv_cache = KVCache(cfg, self._num_blocks(model), config.block_size, self.dtype)
+        self.kv_cache = KVCache(
+            cfg, self._num_blocks(model), config.block_size, self.dtype, config.enable_prefix_caching
+        )
         if self.kv_cache.capacity_tokens < self.max_model_len:
             # One request of full length must always fit, or it could wait forever.
             self.max_model_len = self.kv_cache.capacity_tokens

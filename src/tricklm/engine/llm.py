@@ -106,6 +106,7 @@ def summarize(proc: OutputProcessor) -> dict[str, Any]:
         "token_ids": list(proc.token_ids),
         "finish_reason": proc.finish_reason,
         "prompt_tokens": proc.num_prompt_tokens,
+        "cached_tokens": proc.num_cached_tokens,
         "completion_tokens": n,
         "time_to_first_token_ms": round(1000 * ((t.first_token or end) - t.arrival), 3),
         "total_time_ms": round(1000 * total, 3),

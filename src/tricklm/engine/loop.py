@@ -42,6 +42,8 @@ class EngineStats:
     num_generation_tokens: int
     num_preemptions: int
     num_step_failures: int
+    prefix_cache_queries: int = 0  # tokens looked up at admission
+    prefix_cache_hits: int = 0  # of those, found cached
 
 
 class EngineLoop:
@@ -100,6 +102,8 @@ class EngineLoop:
             self.core.num_generation_tokens,
             s.num_preemptions,
             self.num_step_failures,
+            self.core.kv_cache.num_queried_tokens,
+            self.core.kv_cache.num_hit_tokens,
         )
 
     def shutdown(self) -> None:

@@ -40,6 +40,7 @@ class OutputProcessor:
         self._detok = IncrementalDetokenizer(tokenizer)
         self._stop = StopStringMatcher(params.stop)
         self.num_prompt_tokens = num_prompt_tokens
+        self.num_cached_tokens = 0  # of the prompt, found in the prefix cache
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.text = ""
@@ -55,6 +56,7 @@ class OutputProcessor:
             self.timings.last_token = now
             self.timings.token_times.append(now)
         self.token_ids.extend(out.new_token_ids)
+        self.num_cached_tokens = max(self.num_cached_tokens, out.num_cached_tokens)
         if self.logprobs is not None and out.logprobs:
             self.logprobs.extend(out.logprobs)
         if out.error is not None:

@@ -61,6 +61,8 @@ class Request:
     block_table: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     first_scheduled_time: float | None = None
+    block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks: see kv_cache.prefix_hashes
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at its first admission
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:
@@ -73,6 +75,9 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
 
     def token_id(self, position: int) -> int:
         n = len(self.prompt_token_ids)
@@ -98,6 +103,7 @@ class EngineOutput:
     logprobs: list[TokenLogprob] | None = None
     num_prompt_tokens: int = 0
     error: str | None = None
+    num_cached_tokens: int = 0
 
     @classmethod
     def failed(cls, req: Request, message: str) -> EngineOutput:

@@ -4,7 +4,9 @@ Prefill, chunked prefill and decode are one mechanism: a request computes the to
 computed, up to the step's token budget. Running requests go first (decodes are one token each), then
 waiting requests are admitted in arrival order while slots, budget and KV blocks allow. When the
 cache runs out mid-decode, the most recently admitted request is preempted (its blocks freed, to be
-recomputed later), so admission never deadlocks and nothing grows without bound.
+recomputed later), so admission never deadlocks and nothing grows without bound. A request admitted
+with prefix caching starts after the longest prefix of its tokens already in the KV cache (a preempted
+request usually finds its own blocks there).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from tricklm.engine.kv_cache import KVCache
+from tricklm.engine.kv_cache import KVCache, prefix_hashes
 from tricklm.engine.request import EngineOutput, FinishReason, Request, RequestStatus, Sampled
 
 
@@ -120,24 +122,47 @@ class Scheduler:
     def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
+            hits = self.kv.cached_prefix(req)
+            if self._being_computed(req, len(hits)):
+                break  # its next block is in another request's prefill: wait a step and share it
+            self.kv.take(req, hits)
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if not self.kv.can_allocate(req, n):
+                self.kv.free(req)  # the shared blocks go back to the cache; they are found again next time
+                req.num_computed_tokens = 0
                 break
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
+            self.kv.num_queried_tokens += req.num_tokens
+            self.kv.num_hit_tokens += req.num_computed_tokens
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = time.monotonic()
+                req.num_cached_tokens = req.num_computed_tokens
             self.running.append(req)
             self.kv.allocate(req, n)
             batch.requests.append(req)
             batch.num_tokens.append(n)
             budget -= n
 
+    def _being_computed(self, req: Request, num_hits: int) -> bool:
+        """Whether the block after `req`'s cached prefix is being computed by a running request (the
+        choices of one prompt with n > 1, or conversations arriving together with one system prompt)."""
+        if not self.kv.prefix_caching or num_hits >= (req.num_tokens - 1) // self.kv.block_size:
+            return False
+        wanted = prefix_hashes(req, self.kv.block_size)[num_hits]
+        for other in self.running:
+            done = other.num_computed_tokens // self.kv.block_size
+            hashes = prefix_hashes(other, self.kv.block_size)
+            if done < len(hashes) and wanted in hashes[done:]:
+                return True
+        return False
+
     def update(self, batch: ScheduledBatch, sampled: dict[str, Sampled]) -> list[EngineOutput]:
         """Advance every scheduled request; return a delta for each one that produced a token (or failed)."""
         outputs = []
         for req, n in zip(batch.requests, batch.num_tokens, strict=True):
             req.num_computed_tokens += n
+            self.kv.cache_full_blocks(req, req.num_computed_tokens - n)
             draw = sampled.get(req.request_id)
             if draw is None:
                 continue
@@ -150,7 +175,16 @@ class Scheduler:
             if reason is not None:
                 self._finish(req, reason)
             logprobs = [draw.logprob] if draw.logprob is not None else None
-            outputs.append(EngineOutput(req.request_id, [draw.token_id], reason, logprobs, req.num_prompt_tokens))
+            outputs.append(
+                EngineOutput(
+                    req.request_id,
+                    [draw.token_id],
+                    reason,
+                    logprobs,
+                    req.num_prompt_tokens,
+                    num_cached_tokens=req.num_cached_tokens,
+                )
+            )
         return outputs
 
     def abort(self, request_id: str) -> Request | None:

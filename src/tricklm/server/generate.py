@@ -41,6 +41,7 @@ class GenerateResponse(BaseModel):
     token_ids: list[int]
     finish_reason: str | None
     prompt_tokens: int
+    cached_tokens: int = Field(description="Prompt tokens found in the prefix cache")
     completion_tokens: int
     time_to_first_token_ms: float
     total_time_ms: float

@@ -35,6 +35,10 @@ class Metrics:
         self.e2e = Histogram(
             "tricklm:e2e_request_latency_seconds", "Arrival to last token", buckets=_LATENCY_BUCKETS, registry=r
         )
+        # Engine totals, counted as vLLM counts them: tokens looked up at admission, and found cached
+        self.prefix_queries = Counter("tricklm:prefix_cache_queries", "Prefix-cache lookups, in tokens", registry=r)
+        self.prefix_hits = Counter("tricklm:prefix_cache_hits", "Prefix-cache hits, in tokens", registry=r)
+        self._counted = (0, 0)
         self._engine: Engine | None = None
 
     def bind(self, engine: Engine) -> None:
@@ -60,4 +64,8 @@ class Metrics:
             self.waiting.set(stats.num_waiting)
             self.kv_usage.set(stats.kv_cache_usage)
             self.step_failures.set(stats.num_step_failures)
+            queries, hits = self._counted
+            self.prefix_queries.inc(max(0, stats.prefix_cache_queries - queries))
+            self.prefix_hits.inc(max(0, stats.prefix_cache_hits - hits))
+            self._counted = (stats.prefix_cache_queries, stats.prefix_cache_hits)
         return generate_latest(self.registry)

@@ -169,10 +169,15 @@ def _flatten_content(content: str | list[TextPart] | None) -> str:
 # ---- response bodies, as /openapi.json documents them (the routes build plain dicts) ----------------
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class AssistantMessage(BaseModel):

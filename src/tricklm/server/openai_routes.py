@@ -54,6 +54,7 @@ class Job:
     prompt_tokens: int
     tokenizer: Tokenizer
     echo: list[str] = field(default_factory=list)  # per choice, for completions with echo
+    n: int = 1  # choices per prompt: streams[p * n + i] is prompt p's choice i
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -262,7 +263,7 @@ def _start_job(
         for s in streams:
             s.close()
         raise
-    return Job(kind, state.served_model_name, streams, prompt_tokens, engine.engine.tokenizer)
+    return Job(kind, state.served_model_name, streams, prompt_tokens, engine.engine.tokenizer, n=n)
 
 
 def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
@@ -310,12 +311,15 @@ def _full_response(job: Job, done: list[OutputProcessor]) -> dict[str, Any]:
     }
 
 
-def _usage(job: Job, done: list[OutputProcessor]) -> dict[str, int]:
+def _usage(job: Job, done: list[OutputProcessor]) -> dict[str, Any]:
     completion = sum(len(p.token_ids) for p in done)
+    # A prompt counts once, however many choices share it: its first choice's cache hit is the prompt's
+    cached = sum(p.num_cached_tokens for p in done[:: job.n])
     return {
         "prompt_tokens": job.prompt_tokens,
         "completion_tokens": completion,
         "total_tokens": job.prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
     }
 
 

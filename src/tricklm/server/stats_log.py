@@ -41,6 +41,9 @@ class StatsLogger:
             "kv_cache_usage_pct": round(100 * stats.kv_cache_usage, 1),
             "prompt_tokens_per_s": round((stats.num_prompt_tokens - last.num_prompt_tokens) / elapsed, 1),
             "generation_tokens_per_s": round((stats.num_generation_tokens - last.num_generation_tokens) / elapsed, 1),
+            "prefix_cache_hit_rate_pct": _rate(
+                stats.prefix_cache_hits - last.prefix_cache_hits, stats.prefix_cache_queries - last.prefix_cache_queries
+            ),
             "preemptions": stats.num_preemptions,
             "step_failures": stats.num_step_failures,
         }
@@ -52,6 +55,11 @@ class StatsLogger:
         text = (
             f"running: {fields['running']} reqs, waiting: {fields['waiting']} reqs, "
             f"KV cache usage: {fields['kv_cache_usage_pct']}%, prompt throughput: {fields['prompt_tokens_per_s']} "
-            f"tokens/s, generation throughput: {fields['generation_tokens_per_s']} tokens/s"
+            f"tokens/s, generation throughput: {fields['generation_tokens_per_s']} tokens/s, "
+            f"prefix cache hit rate: {fields['prefix_cache_hit_rate_pct']}%"
         )
         logger.log(level, "%s", text, extra={"fields": fields})
+
+
+def _rate(hits: int, queries: int) -> float:
+    return round(100 * hits / queries, 1) if queries else 0.0
