@@ -143,3 +143,25 @@ def test_all_failed_exits_1_and_unreachable_exits_2(tmp_path: Path, capsys: pyte
     code, doc = bench(f"http://127.0.0.1:{free_port()}", tmp_path / "none", "--num-prompts", "1")
     assert code == 2 and doc == {}
     assert "cannot list models" in capsys.readouterr().err
+
+
+def test_multi_turn_conversations_resend_their_history(
+    tiny_server: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--dataset", "multi-turn", "--num-prompts", "3", "--turns", "3", "--max-concurrency", "2"]
+    code, doc = bench(
+        tiny_server, tmp_path, *args, "--input-len", "20", "--output-len", "6", "--system-prompt-len", "50"
+    )
+    assert code == 0
+    (run,) = doc["runs"]
+    assert run["summary"]["completed"] == 9
+    by_conversation = [run["requests"][i : i + 3] for i in range(0, 9, 3)]
+    for turns in by_conversation:
+        assert [r["turn"] for r in turns] == [1, 2, 3]
+        sizes = [r["prompt_tokens"] for r in turns]
+        assert sizes[0] < sizes[1] < sizes[2]  # each turn carries the history and the answers before it
+        assert all(r["cached_tokens"] >= 48 for r in turns[1:])  # the history's full blocks hit
+    # Conversations of one run share the system prompt: the later ones hit it from the first turn
+    assert max(turns[0]["cached_tokens"] for turns in by_conversation) >= 48
+    table = capsys.readouterr().out
+    assert "TTFT p50 by turn (ms)" in table and "reported cached" in table

@@ -37,9 +37,24 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
         help="/v1/completions or /v1/chat/completions (%(default)s)",
     )
     p.add_argument(
-        "--dataset", choices=DATASETS, default=_D.dataset, help="random words, or the shipped prompt set (%(default)s)"
+        "--dataset",
+        choices=DATASETS,
+        default=_D.dataset,
+        help="random words, the shipped prompt set, or chats resending their history (%(default)s)",
     )
-    p.add_argument("--num-prompts", type=int, default=_D.num_prompts, help="measured requests per run (%(default)s)")
+    p.add_argument(
+        "--num-prompts",
+        type=int,
+        default=_D.num_prompts,
+        help="measured requests per run; conversations with --dataset multi-turn (%(default)s)",
+    )
+    p.add_argument("--turns", type=int, default=_D.turns, help="multi-turn: user turns per conversation (%(default)s)")
+    p.add_argument(
+        "--system-prompt-len",
+        type=int,
+        default=_D.system_prompt_len,
+        help="multi-turn: tokens of a system prompt shared by every conversation (%(default)s)",
+    )
     p.add_argument("--input-len", type=int, default=_D.input_len, help="prompt tokens, random dataset (%(default)s)")
     p.add_argument(
         "--input-len-spread", type=float, default=_D.input_len_spread, help="± fraction of --input-len (%(default)s)"

@@ -48,9 +48,15 @@ class Target:
         return self.base_url + ENDPOINT_PATHS[self.endpoint]
 
 
-def request_body(target: Target, prompt: str) -> dict[str, Any]:
+Messages = list[dict[str, str]]
+
+
+def request_body(target: Target, prompt: str | Messages) -> dict[str, Any]:
+    """`prompt` is the text of one user message, or a whole conversation (chat only)."""
     body: dict[str, Any] = {"model": target.model}
-    if target.endpoint == "chat":
+    if isinstance(prompt, list):
+        body["messages"] = prompt
+    elif target.endpoint == "chat":
         body["messages"] = [{"role": "user", "content": prompt}]
     else:
         body["prompt"] = prompt
@@ -64,7 +70,7 @@ def request_body(target: Target, prompt: str) -> dict[str, Any]:
 # ---- one streamed request ------------------------------------------------------------------------
 
 
-async def send_request(client: httpx.AsyncClient, target: Target, prompt: str, index: int) -> RequestRecord:
+async def send_request(client: httpx.AsyncClient, target: Target, prompt: str | Messages, index: int) -> RequestRecord:
     """Send one streaming request and time it; failures of any kind end up in the record."""
     record = RequestRecord(index=index, start=time.perf_counter())
     try:
@@ -81,7 +87,7 @@ async def send_request(client: httpx.AsyncClient, target: Target, prompt: str, i
     return record
 
 
-async def _exchange(client: httpx.AsyncClient, target: Target, prompt: str, record: RequestRecord) -> None:
+async def _exchange(client: httpx.AsyncClient, target: Target, prompt: str | Messages, record: RequestRecord) -> None:
     body = request_body(target, prompt)
     async with client.stream("POST", target.url, json=body, timeout=target.timeout) as response:
         if response.status_code != 200:
@@ -129,9 +135,14 @@ def _apply_chunk(event: dict[str, Any], record: RequestRecord, now: float) -> No
     if isinstance(usage, dict):
         record.usage_output_tokens = _int_or_none(usage.get("completion_tokens"))
         record.prompt_tokens = _int_or_none(usage.get("prompt_tokens"))
+        details = usage.get("prompt_tokens_details")
+        if isinstance(details, dict):
+            record.cached_tokens = _int_or_none(details.get("cached_tokens"))
     for choice in event.get("choices") or []:
-        if _choice_text(choice):
+        text = _choice_text(choice)
+        if text:
             record.chunk_times.append(now)
+            record.text += text
         if isinstance(choice, dict) and choice.get("finish_reason"):
             record.finish_reason = str(choice["finish_reason"])
 

@@ -30,6 +30,9 @@ class RequestRecord:
     chunk_times: list[float] = field(default_factory=list)  # arrivals of chunks with non-empty text
     usage_output_tokens: int | None = None  # `usage.completion_tokens`, when the server sent it
     prompt_tokens: int | None = None  # `usage.prompt_tokens`, when the server sent it
+    cached_tokens: int | None = None  # `usage.prompt_tokens_details.cached_tokens`, when sent
+    text: str = ""  # the answer (multi-turn conversations send it back)
+    turn: int | None = None  # 1, 2, ... in a multi-turn conversation
     finish_reason: str | None = None
     error_kind: str | None = None  # http_status | stream_error | connection | timeout | incomplete | ...
     error: str | None = None

@@ -38,6 +38,9 @@ def format_header(bench: Benchmark) -> str:
     workload = f"random ~{c.input_len} tokens" if c.dataset == "random" else "shipped prompt set"
     if c.dataset == "random" and c.input_len_spread:
         workload += f" ±{c.input_len_spread:.0%}"
+    if c.dataset == "multi-turn":
+        system = f", a shared {c.system_prompt_len}-token system prompt" if c.system_prompt_len else ""
+        workload = f"conversations of {c.turns} turns of ~{c.input_len} tokens{system}"
     eos = "ignore_eos" if c.ignore_eos else "stops at EOS"
     return "\n".join(
         [
@@ -61,7 +64,25 @@ def format_run(run: RunResult, output_len: int) -> str:
     rows = [("TTFT", s.ttft_ms), ("TPOT", s.tpot_ms), ("ITL", s.itl_ms), ("E2EL", s.e2el_ms)]
     lines += [_stats_row(name, st) for name, st in rows]
     lines.append(_health_line(run))
+    lines += _turn_lines(run)
     return "\n".join(lines)
+
+
+def _turn_lines(run: RunResult) -> list[str]:
+    """For conversations: TTFT by turn, and how much of the prompts the server reported as cached."""
+    by_turn: dict[int, list[float]] = {}
+    for r in run.records:
+        if r.turn is not None and r.is_ok and (t := ttft(r)) is not None:
+            by_turn.setdefault(r.turn, []).append(t * 1000)
+    if not by_turn:
+        return []
+    cells = [f"{turn}: {sorted(v)[len(v) // 2]:.0f}" for turn, v in sorted(by_turn.items())]
+    lines = ["", "TTFT p50 by turn (ms)   " + "   ".join(cells)]
+    reported = [r for r in run.records if r.cached_tokens is not None and r.prompt_tokens]
+    if reported:
+        cached = sum(r.cached_tokens or 0 for r in reported) / sum(r.prompt_tokens or 0 for r in reported)
+        lines.append(f"prompt tokens the server reported cached: {cached:.0%}")
+    return lines
 
 
 def _error_breakdown(s: Summary) -> str:
@@ -201,6 +222,8 @@ def request_json(record: RequestRecord, t0: float, target_input_len: int | None)
         "usage_output_tokens": record.usage_output_tokens,
         "content_chunks": len(record.chunk_times),
         "prompt_tokens": record.prompt_tokens,
+        "cached_tokens": record.cached_tokens,
+        "turn": record.turn,
         "target_input_len": target_input_len,
         "finish_reason": record.finish_reason,
     }

@@ -21,13 +21,14 @@ import httpx
 from tqdm import tqdm
 
 from tricklm.bench.client import HealthProbe, Target, count_tokens, first_model_id, normalize_base_url, send_request
+from tricklm.bench.conversation import Conversation, make_conversations, run_conversations
 from tricklm.bench.metrics import HealthSample, RequestRecord, Summary, summarize
 from tricklm.bench.workload import CALIBRATION_WORDS, Prompt, calibration_text, random_prompts, real_prompts
 
 log = logging.getLogger(__name__)
 
 ENDPOINTS = ("completions", "chat")
-DATASETS = ("random", "prompts")
+DATASETS = ("random", "prompts", "multi-turn")
 PROBE_GRACE_S = 5.0  # how long the health probe in flight at the end of a run may take to answer
 
 
@@ -54,11 +55,13 @@ class BenchConfig:
     health_path: str = "/health"  # "" disables the probe
     health_interval: float = 0.1
     calibrate: bool = True
+    turns: int = 4  # multi-turn: user turns per conversation (num_prompts is the number of conversations)
+    system_prompt_len: int = 0  # multi-turn: tokens of the system prompt every conversation shares
 
     def __post_init__(self) -> None:
         if self.endpoint not in ENDPOINTS or self.dataset not in DATASETS:
             raise ValueError(f"endpoint must be one of {ENDPOINTS} and dataset one of {DATASETS}")
-        for name in ("num_prompts", "input_len", "output_len"):
+        for name in ("num_prompts", "input_len", "output_len", "turns"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.warmup < 0 or not 0 <= self.input_len_spread < 1:
@@ -69,6 +72,8 @@ class BenchConfig:
             raise ValueError("give either --sweep or --max-concurrency, not both")
         if not self.request_rate > 0 or not self.timeout > 0 or not self.health_interval > 0:
             raise ValueError("request_rate, timeout and health_interval must be positive")
+        if self.system_prompt_len < 0:
+            raise ValueError("system_prompt_len must be 0 or more")
 
     @property
     def concurrencies(self) -> list[int | None]:
@@ -138,15 +143,24 @@ async def run_load(
     return list(await asyncio.gather(*(one(i, p, t) for i, (p, t) in enumerate(zip(prompts, offsets, strict=True)))))
 
 
+Work = list[Prompt] | list[Conversation]
+
+
 async def measure(
     clients: tuple[httpx.AsyncClient, httpx.AsyncClient],
     config: BenchConfig,
     target: Target,
-    prompts: list[Prompt],
+    work: Work,
     max_concurrency: int | None,
     progress: bool,
 ) -> RunResult:
-    """One measured run with the health probe alongside; `clients` = (requests, health probe)."""
+    """One measured run with the health probe alongside; `clients` = (requests, health probe). `work` is
+    prompts, or conversations (sent turn by turn, `max_concurrency` conversations at a time)."""
+    conversations = [w for w in work if isinstance(w, Conversation)]
+    if conversations:
+        prompts = [Prompt(text, config.input_len) for c in conversations for text in c.user_turns]
+    else:
+        prompts = [w for w in work if isinstance(w, Prompt)]
     offsets = arrival_offsets(len(prompts), config.request_rate, random.Random(config.seed))
     health_url = config.base_url + "/" + config.health_path.lstrip("/")
     probe = HealthProbe(clients[1], health_url, config.health_interval, config.timeout)
@@ -154,7 +168,10 @@ async def measure(
     label = f"concurrency {max_concurrency}" if max_concurrency else f"rate {config.request_rate:g}/s"
     with tqdm(total=len(prompts), desc=label, unit="req", file=sys.stderr, disable=not progress) as bar:
         start = time.perf_counter()
-        records = await run_load(clients[0], target, prompts, max_concurrency, offsets, bar.update)
+        if conversations:
+            records = await run_conversations(clients[0], target, conversations, max_concurrency, bar.update)
+        else:
+            records = await run_load(clients[0], target, prompts, max_concurrency, offsets, bar.update)
         duration = time.perf_counter() - start
     if probe_task is not None:
         # A probe sent just before the load ended gets its answer (within a grace period) rather than
@@ -184,9 +201,12 @@ async def run_benchmark(config: BenchConfig, progress: bool = True) -> Benchmark
         tokens_per_word = await _calibrate(client, config) if config.calibrate else None
         batches = _prompt_batches(config, tokens_per_word or 1.0)
         await _warm_up(client, target, batches[0], config)
+        work: list[Work] = list(batches[1:])
+        if config.dataset == "multi-turn":
+            work = _conversation_batches(config, tokens_per_word or 1.0)
         runs = []
-        for level, prompts in zip(config.concurrencies, batches[1:], strict=True):
-            runs.append(await measure((client, health_client), config, target, prompts, level, progress))
+        for level, load in zip(config.concurrencies, work, strict=True):
+            runs.append(await measure((client, health_client), config, target, load, level, progress))
     return Benchmark(config, tokens_per_word, runs)
 
 
@@ -195,7 +215,7 @@ def _target(config: BenchConfig) -> Target:
     return Target(
         base_url=config.base_url,
         model=config.model,
-        endpoint=config.endpoint,
+        endpoint="chat" if config.dataset == "multi-turn" else config.endpoint,
         output_len=config.output_len,
         ignore_eos=config.ignore_eos,
         temperature=config.temperature,
@@ -205,7 +225,7 @@ def _target(config: BenchConfig) -> Target:
 
 async def _calibrate(client: httpx.AsyncClient, config: BenchConfig) -> float | None:
     """Tokens per word of the random-prompt vocabulary, if the server can tokenize."""
-    if config.dataset != "random":
+    if config.dataset == "prompts":
         return None
     assert config.model is not None
     count = await count_tokens(client, config.base_url, config.model, calibration_text(config.seed))
@@ -216,12 +236,27 @@ def _prompt_batches(config: BenchConfig, tokens_per_word: float) -> list[list[Pr
     """Distinct prompts for the warm-up and for each run (so no run hits another's prefix cache)."""
     sizes = [config.warmup] + [config.num_prompts] * len(config.concurrencies)
     total = sum(sizes)
-    if config.dataset == "random":
-        pool = random_prompts(total, config.input_len, config.input_len_spread, config.seed, tokens_per_word)
-    else:
+    if config.dataset == "prompts":
         pool = real_prompts(total, config.seed)
+    else:  # multi-turn warms up with random prompts; its runs are conversations
+        pool = random_prompts(total, config.input_len, config.input_len_spread, config.seed, tokens_per_word)
     bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
     return [pool[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+def _conversation_batches(config: BenchConfig, tokens_per_word: float) -> list[Work]:
+    """Each run's conversations: one system prompt shared by all of a run's, none shared across runs."""
+    return [
+        make_conversations(
+            config.num_prompts,
+            config.turns,
+            config.input_len,
+            config.system_prompt_len,
+            config.seed + 1000 * (i + 1),
+            tokens_per_word,
+        )
+        for i in range(len(config.concurrencies))
+    ]
 
 
 async def _warm_up(client: httpx.AsyncClient, target: Target, prompts: list[Prompt], config: BenchConfig) -> None:
