@@ -26,23 +26,32 @@ class FakeCounters:
         self.now = CpuTimes(n.at + seconds, n.busy + (others + ours) * seconds, n.ours + ours * seconds)
 
 
-def test_contention_turns_on_and_off_with_hysteresis() -> None:
+def test_threads_follow_the_cores_others_leave_free_with_hysteresis() -> None:
     counters = FakeCounters()
-    monitor = CpuContention(window=0.0, enter=0.5, leave=0.25, sample=counters.sample)
+    monitor = CpuContention(cpus=2, window=0.0, sample=counters.sample)
     readings = []
     for others in (0.1, 0.9, 0.4, 0.3, 0.2, 0.6):
         counters.advance(others)
-        readings.append(monitor.check())
-    # 0.4 and 0.3 are below "enter" but above "leave": once on, it stays on until others drop under 0.25
-    assert readings == [False, True, True, True, False, True]
+        readings.append(monitor.threads())
+    # 0.4 and 0.3 would round to 2 free cores, but going back up needs a quarter core of margin
+    assert readings == [2, 1, 1, 1, 2, 1]
     assert monitor.others == pytest.approx(0.6)
+
+
+def test_a_big_machine_loses_only_the_cores_others_take() -> None:
+    counters = FakeCounters()
+    monitor = CpuContention(cpus=32, window=0.0, sample=counters.sample)
+    counters.advance(0.6)  # a monitoring agent
+    assert monitor.threads() == 31
+    counters.advance(40.0)  # more than the machine: one thread, never zero
+    assert monitor.threads() == 1
 
 
 def test_counters_are_read_at_most_once_a_window() -> None:
     counters = FakeCounters()
-    monitor = CpuContention(window=3600.0, sample=counters.sample)
+    monitor = CpuContention(cpus=2, window=3600.0, sample=counters.sample)
     counters.advance(2.0)
-    assert monitor.check() is False  # the window has not passed on the real clock: no new reading
+    assert monitor.threads() == 2  # the window has not passed on the real clock: no new reading
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="Linux counters")
@@ -60,7 +69,7 @@ def test_the_kernel_counters_read_sensibly() -> None:
 
 def test_the_default_policy_runs_one_thread_while_others_are_busy() -> None:
     counters = FakeCounters()
-    monitor = CpuContention(window=0.0, sample=counters.sample)
+    monitor = CpuContention(cpus=2, window=0.0, sample=counters.sample)
     policy = ThreadPolicy(2, contention=monitor)
     before = torch.get_num_threads()
     try:

@@ -328,3 +328,11 @@ def test_serve_logs_json_lines_with_access_and_stats(tmp_path: Path) -> None:
     assert [(e["path"], e["status"]) for e in access] == [("/v1/completions", 200)]
     assert access[0]["output_tokens"] == 4 and "prompts" not in access[0]
     assert any(e["logger"] == "tricklm.stats" and e["generation_tokens_per_s"] > 0 for e in entries)
+
+
+def test_a_path_cannot_forge_a_log_line(tiny_engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="tricklm.access")
+    with running_server(create_app(tiny_engine)) as base:
+        assert httpx.get(base + "/x%0d%0aINFO tricklm.access: forged").status_code == 404
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "tricklm.access" and "forged" in r.getMessage()]
+    assert "\n" not in line and "\r" not in line and "/x%0D%0AINFO%20tricklm.access:%20forged 404" in line

@@ -63,6 +63,7 @@ class RequestStream:
         self.prompt_token_ids = prompt_token_ids
         self.timeout = timeout
         self.expired = False  # ended by its timeout, not by the engine
+        self._expiry_output: EngineOutput | None = None
         req = engine.make_request(request_id, prompt_token_ids, params)
         self.processor = OutputProcessor(engine.tokenizer, params, len(prompt_token_ids))
         self._queue: asyncio.Queue[EngineOutput] = asyncio.Queue()
@@ -80,6 +81,8 @@ class RequestStream:
         try:
             while not self._done:
                 out = await self._queue.get()
+                # Only if the timeout's own error is what ends it: an engine error queued first still wins
+                self.expired = out is self._expiry_output
                 delta = self.processor.process(out)
                 if delta.finished:
                     self._done = True
@@ -92,11 +95,11 @@ class RequestStream:
     def _expire(self) -> None:
         """The request ran past its timeout: its slot is freed at the next step, its reader gets the reason."""
         if not self._done:
-            self.expired = True
             self.engine.abort(self.request_id)
-            self._queue.put_nowait(
-                EngineOutput(self.request_id, [], error=f"the request ran longer than {self.timeout:g} s")
+            self._expiry_output = EngineOutput(
+                self.request_id, [], error=f"the request ran longer than {self.timeout:g} s"
             )
+            self._queue.put_nowait(self._expiry_output)
 
     async def collect(self) -> OutputProcessor:
         """Run to the end; the processor holds the whole text, tokens and timings."""

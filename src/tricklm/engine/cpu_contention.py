@@ -10,6 +10,7 @@ minus `/proc/self/stat` (our own), sampled at most once per `window` seconds.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -47,43 +48,45 @@ def read_cpu_times(cpus: frozenset[int], tick: float) -> CpuTimes | None:
 
 
 class CpuContention:
-    """Whether other processes are busy on our CPUs: on above `enter` cores, off again below `leave`."""
+    """How many of our CPUs other processes leave free: `threads()` is the thread count that fits in them
+    (at least 1, at most `cpus`). It drops as soon as others take half a core of what we would use, and
+    rises again only once they leave a quarter core more than the next count needs."""
 
     def __init__(
         self,
+        cpus: int | None = None,
         window: float = 1.0,
-        enter: float = 0.5,
-        leave: float = 0.25,
         sample: Callable[[], CpuTimes | None] | None = None,
     ) -> None:
-        self.window, self.enter, self.leave = window, enter, leave
+        allowed = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else frozenset()
+        self.cpus = cpus or len(allowed) or os.cpu_count() or 1
+        self.window = window
         if sample is None:
-            cpus = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else frozenset()
             tick = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
-            self._sample: Callable[[], CpuTimes | None] = lambda: read_cpu_times(cpus, tick)
+            self._sample: Callable[[], CpuTimes | None] = lambda: read_cpu_times(allowed, tick)
         else:
             self._sample = sample
         self._last = self._sample()
         self._due = time.monotonic() + window
-        self.contended = False
         self.others = 0.0  # cores others used over the last window
+        self._threads = self.cpus
 
-    def check(self) -> bool:
-        """Update from the counters if a window has passed; True while others are busy."""
+    def threads(self) -> int:
+        """Update from the counters if a window has passed; the thread count that fits beside the others."""
         if self._last is None or time.monotonic() < self._due:
-            return self.contended
+            return self._threads
         self._due = time.monotonic() + self.window
         now = self._sample()
         if now is None or now.at <= self._last.at:
-            return self.contended
+            return self._threads
         elapsed = now.at - self._last.at
         self.others = max(0.0, (now.busy - self._last.busy) - (now.ours - self._last.ours)) / elapsed
         self._last = now
-        was = self.contended
-        self.contended = self.others >= self.enter if not was else self.others >= self.leave
-        if self.contended != was:
-            if self.contended:
-                logger.info("other processes are using %.1f CPUs: running on one thread while they do", self.others)
-            else:
-                logger.info("the CPUs are free again (others use %.1f): back to every thread", self.others)
-        return self.contended
+        free = self.cpus - self.others
+        fits = max(1, min(self.cpus, math.floor(free + 0.5)))
+        if fits > self._threads:  # up only with a margin, so a load near a boundary does not flap
+            fits = max(self._threads, min(self.cpus, math.floor(free + 0.25)))
+        if fits != self._threads:
+            logger.info("other processes use %.1f of %d CPUs: steps run on %d threads", self.others, self.cpus, fits)
+            self._threads = fits
+        return self._threads

@@ -23,8 +23,8 @@ class ThreadPolicy:
     Both default to every core, which measured fastest on an otherwise idle 2-core machine (16 streams:
     174 against 100 tok/s with one decode thread). On a machine whose cores are busy with other work,
     one thread avoids stalls: a parallel op waits for its slowest thread, and a thread whose core was
-    taken waits a whole scheduler time slice. So unless the counts were chosen, every step runs on one
-    thread while other processes are busy on our CPUs (`CpuContention`).
+    taken waits a whole scheduler time slice. So unless the counts were chosen, a step runs on no more
+    threads than other processes leave cores free (`CpuContention`).
     """
 
     MIN_PARALLEL_TOKENS = 64
@@ -36,12 +36,12 @@ class ThreadPolicy:
         self.decode_threads = min(decode_threads or self.max_threads, self.max_threads)
         self.contention = contention
         if contention is None and max_threads is None and decode_threads is None and self.max_threads > 1:
-            self.contention = CpuContention()
+            self.contention = CpuContention(self.max_threads)
 
     def apply(self, num_tokens: int) -> None:
         wanted = self.max_threads if num_tokens >= self.MIN_PARALLEL_TOKENS else self.decode_threads
-        if self.contention is not None and self.contention.check():
-            wanted = 1
+        if self.contention is not None:
+            wanted = min(wanted, self.contention.threads())
         if torch.get_num_threads() != wanted:
             torch.set_num_threads(wanted)
 

@@ -133,8 +133,9 @@ class Scheduler:
                 break
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
-            self.kv.num_queried_tokens += req.num_tokens
-            self.kv.num_hit_tokens += req.num_computed_tokens
+            if self.kv.prefix_caching:
+                self.kv.num_queried_tokens += req.num_tokens
+                self.kv.num_hit_tokens += req.num_computed_tokens
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = time.monotonic()
                 req.num_cached_tokens = req.num_computed_tokens
@@ -162,8 +163,9 @@ class Scheduler:
         outputs = []
         for req, n in zip(batch.requests, batch.num_tokens, strict=True):
             req.num_computed_tokens += n
-            self.kv.cache_full_blocks(req, req.num_computed_tokens - n)
             draw = sampled.get(req.request_id)
+            if draw is None or draw.error is None:  # KV of a step whose logits failed is not shared
+                self.kv.cache_full_blocks(req, req.num_computed_tokens - n)
             if draw is None:
                 continue
             if draw.error is not None:

@@ -18,6 +18,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -27,6 +28,9 @@ from tricklm.server.access import adding_headers
 logger = logging.getLogger("tricklm.access")
 
 HEADER = b"x-request-id"
+# uvicorn hands over the path percent-decoded: re-encoded for the text line, so that "%0d%0a" in a URL
+# cannot start a forged line of its own
+_PATH_SAFE = "/:@!$&'()*+,;=-._~"
 QUIET_PATHS = frozenset({"/health"})  # probed every few seconds: a line each would drown the rest
 # A client's id is used as is only if it is short and plain: it goes into logs and headers
 _SANE_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
@@ -61,7 +65,7 @@ def access_line(fields: dict[str, Any]) -> str:
     """The text form: the fixed fields in order, then the texts (if logged) as JSON strings."""
     ttft = "-" if fields["ttft_ms"] is None else f"{fields['ttft_ms']}ms"
     line = (
-        f"{fields['request_id']} {fields['method']} {fields['path']} {fields['status']} "
+        f"{fields['request_id']} {fields['method']} {quote(fields['path'], safe=_PATH_SAFE)} {fields['status']} "
         f"prompt_tokens={fields['prompt_tokens']} output_tokens={fields['output_tokens']} "
         f"ttft={ttft} duration={fields['duration_ms']}ms"
     )

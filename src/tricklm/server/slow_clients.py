@@ -56,6 +56,11 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
 
     def _headers_late(self) -> None:
         self._header_deadline = None
+        if self.cycle is not None and not self.cycle.response_complete:
+            # A pipelined request behind a response still being sent: a 408 now would land inside that
+            # response's body. Its deadline starts again instead.
+            self._arm()
+            return
         if not self.transport.is_closing():
             self.transport.write(_TIMEOUT_RESPONSE)
             self.transport.close()
