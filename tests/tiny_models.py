@@ -29,7 +29,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
-ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "GPT2LMHeadModel")
+ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM", "GPT2LMHeadModel")
 
 _TRAINING_TEXT = """\
 The quick brown fox jumps over the lazy dog. A small model can still answer questions about the weather,
@@ -102,6 +102,7 @@ def _config(arch: str, vocab_size: int, overrides: dict[str, Any]) -> Any:
     config_class = {
         "LlamaForCausalLM": transformers.LlamaConfig,
         "Qwen2ForCausalLM": transformers.Qwen2Config,
+        "Qwen3ForCausalLM": transformers.Qwen3Config,
         "MistralForCausalLM": transformers.MistralConfig,
     }[arch]
     return config_class(**{**common, **kwargs, **overrides})

@@ -254,6 +254,34 @@ def test_only_four_bit_llama_family_models_run_natively(tmp_path: Path) -> None:
     assert core_for(gpt2).runner.native is None
 
 
+@needs_compiler
+def test_an_architecture_the_stack_does_not_implement_runs_in_python(tmp_path: Path) -> None:
+    """Qwen3's per-head norms, or any subclass that adds an operation: refused by the native path (never run
+    through C++ that lacks it), and the Python path still gives the reference answer."""
+    llama = four_bit_model(make_tiny_model(tmp_path / "llama", "LlamaForCausalLM", weight_std=0.1))
+    assert core_for(llama).runner.native is not None  # the stack is there for what it implements
+
+    class ScaledLlama(type(llama)):  # type: ignore[misc]
+        def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+            return super().forward(*args, **kwargs) * 0.5  # an operation the C++ stack does not have
+
+    extra = four_bit_model(make_tiny_model(tmp_path / "llama2", "LlamaForCausalLM", weight_std=0.1))
+    extra.__class__ = ScaledLlama
+    assert core_for(extra).runner.native is None
+    qwen3 = four_bit_model(make_tiny_model(tmp_path / "qwen3", "Qwen3ForCausalLM", weight_std=0.1))
+    core = core_for(qwen3)
+    assert core.runner.native is None
+    reference = core_for(qwen3, native_decode=False)
+    req = greedy("q", 12, 10, qwen3.config.vocab_size)
+    twin = greedy("q", 12, 10, qwen3.config.vocab_size)
+    core.add_request(req)
+    reference.add_request(twin)
+    while core.has_work or reference.has_work:
+        core.step()
+        reference.step()
+    assert req.output_token_ids == twin.output_token_ids and len(req.output_token_ids) == 10
+
+
 def test_switched_off_by_config_or_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = four_bit_model(make_tiny_model(tmp_path, "LlamaForCausalLM", weight_std=0.1))
     assert native.supports(model, core_for(model).kv_cache.layers)  # type: ignore[arg-type]

@@ -46,6 +46,7 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "llama-rope-linear": ("LlamaForCausalLM", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
     "llama-rope-llama3": ("LlamaForCausalLM", {"rope_scaling": LLAMA3_ROPE}),
     "qwen2": ("Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3ForCausalLM", {}),
     "mistral": ("MistralForCausalLM", {"sliding_window": WINDOW}),
     "gpt2": ("GPT2LMHeadModel", {}),
 }

@@ -27,6 +27,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None
     attention_bias: bool = False
+    qk_norm: bool = False  # RMSNorm on each query and key head before the rotation (Qwen3)
     sliding_window: int | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -64,6 +65,7 @@ class ModelConfig:
             rope_theta=float(rope.pop("rope_theta", 10000.0)),
             rope_scaling=rope or None,
             attention_bias=arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False)),
+            qk_norm=arch == "Qwen3ForCausalLM",
             sliding_window=window,
             raw=cfg,
         )
@@ -93,7 +95,7 @@ def _sliding_window(arch: str, cfg: dict[str, Any]) -> int | None:
     """One window for every layer, or none; models that slide on some layers only are refused."""
     window = cfg.get("sliding_window")
     layer_types = cfg.get("layer_types")
-    if arch == "Qwen2ForCausalLM" and not layer_types:
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and not layer_types:
         if not cfg.get("use_sliding_window", False):
             return None
         first_sliding = cfg.get("max_window_layers", 0)

@@ -1,4 +1,5 @@
-"""Describe a llama-architecture `.gguf` file as a small Hugging Face folder: config, tokenizer, a link.
+"""Describe a `.gguf` file (architectures `llama`, `qwen2`, `qwen3`) as a small Hugging Face folder: config,
+tokenizer, a link.
 
 The folder holds config.json and generation_config.json (from the file's metadata), tokenizer.json and
 tokenizer_config.json with the chat template (rebuilt once by `transformers`' GGUF reader), and
@@ -23,9 +24,10 @@ def convert_gguf(gguf_path: Path, out_dir: Path, progress: bool = True) -> None:
     reader = open_reader(gguf_path)
     meta = _metadata(reader)
     arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise ModelLoadError(f"{gguf_path}: GGUF architecture {arch!r} is not supported (only 'llama')")
-    config = _hf_config(meta, has_output=any(t.name == "output.weight" for t in reader.tensors))
+    if arch not in GGUF_ARCHITECTURES:
+        supported = ", ".join(repr(a) for a in GGUF_ARCHITECTURES)
+        raise ModelLoadError(f"{gguf_path}: GGUF architecture {arch!r} is not supported (supported: {supported})")
+    config = _hf_config(meta, str(arch), has_output=any(t.name == "output.weight" for t in reader.tensors))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out_dir.parent))
     try:
@@ -56,15 +58,19 @@ def _metadata(reader: Any) -> dict[str, Any]:
     return out
 
 
-def _hf_config(meta: dict[str, Any], has_output: bool) -> dict[str, Any]:
+# GGUF `general.architecture` -> Hugging Face architecture (the hyper-parameters are `<arch>.*` keys)
+GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def _hf_config(meta: dict[str, Any], arch: str, has_output: bool) -> dict[str, Any]:
     def get(key: str, default: Any = None) -> Any:
-        return meta.get(f"llama.{key}", default)
+        return meta.get(f"{arch}.{key}", default)
 
     try:
         heads = int(get("attention.head_count"))
         config: dict[str, Any] = {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+            "architectures": [GGUF_ARCHITECTURES[arch]],
+            "model_type": arch,
             "vocab_size": int(get("vocab_size")),
             "hidden_size": int(get("embedding_length")),
             "intermediate_size": int(get("feed_forward_length")),
@@ -79,7 +85,9 @@ def _hf_config(meta: dict[str, Any], has_output: bool) -> dict[str, Any]:
             "torch_dtype": "float32",
         }
     except TypeError:
-        raise ModelLoadError("GGUF metadata lacks the llama.* hyper-parameters") from None
+        raise ModelLoadError(f"GGUF metadata lacks the {arch}.* hyper-parameters") from None
+    if get("attention.key_length") is not None:  # Qwen3's heads are wider than hidden / heads
+        config["head_dim"] = int(get("attention.key_length"))
     if get("rope.scaling.type") == "linear":
         config["rope_scaling"] = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
     for key in ("bos_token_id", "eos_token_id"):

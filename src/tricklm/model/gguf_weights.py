@@ -34,6 +34,8 @@ _LAYER_NAMES = {
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
     "ffn_gate": "mlp.gate_proj",
@@ -87,7 +89,10 @@ def hf_name(gguf_name: str) -> str:
 
 
 def unpermute_rows(rows: int, cfg: ModelConfig, name: str) -> np.ndarray | None:
-    """The row order that undoes llama.cpp's Q/K permutation (None for other tensors)."""
+    """The row order that undoes llama.cpp's Q/K permutation (None for other tensors, and for other
+    architectures: llama.cpp permutes only `llama`'s, whose Hugging Face checkpoints rotate halves)."""
+    if cfg.architecture != "LlamaForCausalLM":
+        return None
     if name.endswith("q_proj.weight"):
         heads = cfg.num_heads
     elif name.endswith("k_proj.weight"):

@@ -1,4 +1,5 @@
-"""Llama-family decoders: Llama (SmolLM2, TinyLlama), Mistral (sliding window), Qwen2 (q/k/v bias).
+"""Llama-family decoders: Llama (SmolLM2, TinyLlama, Llama 3.x), Mistral (sliding window), Qwen2 (q/k/v
+bias), Qwen3 (RMSNorm on each query and key head).
 
 Q/K/V and gate/up projections are fused into one matmul each; the loader splits checkpoint tensors
 into them.
@@ -25,6 +26,8 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
         self.scale = self.head_dim**-0.5
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
     def shard_offsets(self) -> dict[str, int]:
         return {"q_proj": 0, "k_proj": self.q_size, "v_proj": self.q_size + self.kv_size}
@@ -38,6 +41,10 @@ class LlamaAttention(nn.Module):
     ) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x)
+        if self.q_norm is not None and self.k_norm is not None:
+            q = self.q_norm(qkv[:, : self.q_size].view(t, self.num_heads, self.head_dim))
+            k = self.k_norm(qkv[:, self.q_size : self.q_size + self.kv_size].view(t, self.num_kv_heads, self.head_dim))
+            qkv = torch.cat([q.view(t, -1), k.view(t, -1), qkv[:, self.q_size + self.kv_size :]], dim=1)
         # q and k heads are adjacent in the fused output: one rotation for both, in place
         apply_rotary_(qkv[:, : self.q_size + self.kv_size].view(t, -1, self.head_dim), cos_sin)
         q = qkv[:, : self.q_size].view(t, self.num_heads, self.head_dim)
@@ -159,3 +166,7 @@ class MistralForCausalLM(LlamaForCausalLM):
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
     """Llama with biases on q/k/v (set from config)."""
+
+
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    """Llama with an RMSNorm on every query and key head, before the rotation (set from config)."""

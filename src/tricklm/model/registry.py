@@ -9,7 +9,7 @@ import torch
 from tricklm.model.attention import AttentionMetadata, KVCacheLayer
 from tricklm.model.config import ModelConfig, ModelLoadError
 from tricklm.model.gpt2 import GPT2LMHeadModel
-from tricklm.model.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+from tricklm.model.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 
 
 class CausalLM(Protocol):
@@ -30,6 +30,7 @@ MODEL_REGISTRY: dict[str, type[torch.nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "GPT2LMHeadModel": GPT2LMHeadModel,
 }
 

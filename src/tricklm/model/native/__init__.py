@@ -21,7 +21,7 @@ import torch
 
 from tricklm.model.attention import KVCacheLayer
 from tricklm.model.layers import RMSNorm
-from tricklm.model.llama import LlamaForCausalLM
+from tricklm.model.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 from tricklm.model.native.build import DISABLE_ENV as DISABLE_ENV
 from tricklm.model.native.build import enabled_by_env, load_or_warn
 from tricklm.model.qlinear import QLinear
@@ -72,10 +72,17 @@ def _norm_weights(layer: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
     return norms[0].weight.detach(), norms[1].weight.detach()
 
 
+NATIVE_ARCHITECTURES: tuple[type[torch.nn.Module], ...] = (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)
+
+
 def supports(model: torch.nn.Module, kv_layers: list[KVCacheLayer]) -> bool:
     """True for a Llama-family model whose every decoder projection is compact (int4 or blocks), with an
     fp16 KV cache."""
-    if not isinstance(model, LlamaForCausalLM) or model.config.hidden_act != "silu":
+    # Exact classes, not subclasses: a new architecture may add an operation the C++ stack lacks (Qwen3's
+    # per-head norms), and must run on the Python path until the stack implements it
+    if type(model) not in NATIVE_ARCHITECTURES or not isinstance(model, LlamaForCausalLM):
+        return False
+    if model.config.hidden_act != "silu" or model.config.qk_norm:
         return False
     if any(layer.kv.dtype != KV_DTYPE for layer in kv_layers):
         return False
