@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -285,3 +286,69 @@ def test_a_safetensors_folder_is_rounded_at_load(wide_dir: Path, fmt: str, bits:
     kld = F.kl_div(a.log_softmax(-1), b.log_softmax(-1), log_target=True, reduction="batchmean").item()
     # a random model is touchier than a trained one (q4_k 0.14, q4_1 0.21 nats here): 8 bits is close
     assert kld <= (0.01 if bits == 8 else 0.4), kld
+
+
+def test_a_qwen3_gguf_file_serves_end_to_end(tmp_path: Path) -> None:
+    """A whole `qwen3` file as a user would pass it: metadata -> config, the tokenizer rebuilt from the file
+    (the shipped model's vocabulary), the weights, a generation."""
+    from gguf import GGUFReader, GGUFValueType
+
+    from tricklm.model.gguf_convert import convert_gguf
+    from tricklm.model.resolve import default_gguf_path
+    from tricklm.tokenizer import Tokenizer
+
+    source = GGUFReader(str(default_gguf_path()))
+    vocab, hidden, heads, kv_heads, head_dim, inter = (
+        int(source.fields["llama.vocab_size"].contents()),
+        64,
+        4,
+        2,
+        32,
+        96,
+    )
+    writer = GGUFWriter(str(tmp_path / "tiny-qwen3.gguf"), "qwen3")
+    for key, value in {
+        "block_count": 2, "context_length": 512, "embedding_length": hidden, "feed_forward_length": inter,
+        "attention.head_count": heads, "attention.head_count_kv": kv_heads, "attention.key_length": head_dim,
+        "attention.value_length": head_dim, "vocab_size": vocab,
+    }.items():  # fmt: skip
+        writer.add_uint32(f"qwen3.{key}", value)
+    writer.add_float32("qwen3.attention.layer_norm_rms_epsilon", 1e-6)
+    writer.add_float32("qwen3.rope.freq_base", 1e6)
+    for key, field in source.fields.items():
+        if key.startswith("tokenizer."):
+            sub = field.types[1] if field.types[0] == GGUFValueType.ARRAY else None
+            writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub)
+    rng = np.random.default_rng(0)
+    dense = {
+        "token_embd.weight": (vocab, hidden), "output_norm.weight": (hidden,),
+        **{f"blk.{i}.{n}.weight": s for i in range(2) for n, s in {
+            "attn_norm": (hidden,), "ffn_norm": (hidden,), "attn_q_norm": (head_dim,), "attn_k_norm": (head_dim,),
+            "attn_q": (heads * head_dim, hidden), "attn_k": (kv_heads * head_dim, hidden),
+            "attn_v": (kv_heads * head_dim, hidden), "attn_output": (hidden, heads * head_dim),
+            "ffn_gate": (inter, hidden), "ffn_up": (inter, hidden), "ffn_down": (hidden, inter),
+        }.items()},
+    }  # fmt: skip
+    for name, shape in dense.items():
+        w = rng.normal(0, 0.1, size=shape).astype(np.float32) + (1.0 if len(shape) == 1 else 0.0)
+        if len(shape) == 2 and "token_embd" not in name:
+            writer.add_tensor(name, quantize(w, GGMLQuantizationType.Q8_0), raw_dtype=GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(name, w)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    folder = tmp_path / "converted"
+    convert_gguf(tmp_path / "tiny-qwen3.gguf", folder, progress=False)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3ForCausalLM"] and config["head_dim"] == head_dim
+    tokenizer = Tokenizer(folder)
+    ids = tokenizer.encode("The capital of France is")
+    assert tokenizer.decode(ids) == "The capital of France is"
+    core = EngineCore(load_model(folder, torch.float32, "gguf"), EngineConfig())
+    core.add_request(Request("r", ids, SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True), 5))
+    while core.has_work:
+        core.step()
+    assert isinstance(core.runner.model.model.layers[0].self_attn.qkv_proj, QLinear)  # type: ignore[union-attr]
