@@ -17,7 +17,9 @@ class StatsLogger:
     def __init__(self, state: ServerState, interval: float) -> None:
         self.state = state
         self.interval = interval
-        self._last: EngineStats | None = None
+        # Counting from zero, not from a first reading: tokens made before it (a request that finished
+        # right after the model loaded) show in the first line instead of vanishing into a baseline
+        self._last = EngineStats(0, 0, 0.0, 0, 0, 0, 0)
         self._last_time = time.monotonic()
         self._was_active = False
 
@@ -33,8 +35,6 @@ class StatsLogger:
         stats, now = engine.loop.stats(), time.monotonic()
         last, elapsed = self._last, max(now - self._last_time, 1e-9)
         self._last, self._last_time = stats, now
-        if last is None:
-            return
         fields = {
             "running": stats.num_running,
             "waiting": stats.num_waiting,
