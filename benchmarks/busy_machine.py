@@ -14,7 +14,6 @@ import asyncio
 import os
 import platform
 import shlex
-import signal
 import statistics
 import subprocess
 import sys
@@ -23,8 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import httpx
-
-from tricklm.server.testing import free_port, wait_healthy
+from soak import serving
 
 HOG = "import time\nend = time.monotonic() + {limit}\nwhile time.monotonic() < end: pass\n"
 
@@ -48,20 +46,6 @@ def hogs(count: int, limit: float) -> Iterator[None]:
         for p in procs:
             p.kill()
             p.wait()
-
-
-@contextmanager
-def server(args: list[str]) -> Iterator[str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "tricklm", "serve", "--port", str(port), "--log-level", "warning", *args]
-    proc = subprocess.Popen(cmd, start_new_session=True, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(base, 300, lambda: proc.poll() is None)
-        yield base
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
 
 
 async def chats(base: str, count: int, max_tokens: int, deadline: float) -> list[float | None]:
@@ -108,11 +92,11 @@ def main() -> int:
     print(f"# {cpu_name()}, {os.cpu_count()} CPUs; {args.chats} chats at once, max_tokens {args.max_tokens}")
     for setting in settings:
         name, _, serve_args = setting.partition("=")
-        with server(shlex.split(serve_args)) as base:
-            asyncio.run(chats(base, 4, 4, args.deadline))  # warm-up
-            idle = asyncio.run(chats(base, args.chats, args.max_tokens, args.deadline))
+        with serving(shlex.split(serve_args)) as served:
+            asyncio.run(chats(served.base, 4, 4, args.deadline))  # warm-up
+            idle = asyncio.run(chats(served.base, args.chats, args.max_tokens, args.deadline))
             with hogs(args.hogs, args.deadline + 30):
-                busy = asyncio.run(chats(base, args.chats, args.max_tokens, args.deadline))
+                busy = asyncio.run(chats(served.base, args.chats, args.max_tokens, args.deadline))
         print(f"{name:12s} idle machine: {describe(idle, args.deadline)}")
         print(f"{'':12s} {args.hogs} CPU hogs:  {describe(busy, args.deadline)}", flush=True)
     return 0

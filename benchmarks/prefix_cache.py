@@ -16,7 +16,8 @@ import sys
 import time
 
 import httpx
-from busy_machine import cpu_name, server
+from busy_machine import cpu_name
+from soak import serving
 
 from tricklm.bench.client import Target, count_tokens
 from tricklm.bench.conversation import Conversation, run_conversations
@@ -76,8 +77,8 @@ def main() -> int:
     print(f"# {cpu_name()}; tricklm serve {' '.join(serve_args)} (+ --no-prefix-caching for 'off')")
     results = {}
     for name, extra in (("on", []), ("off", ["--no-prefix-caching"])):
-        with server([*serve_args, *extra]) as base:
-            results[name] = asyncio.run(scenario(base, args.conversations, seed=0))
+        with serving([*serve_args, *extra]) as served:
+            results[name] = asyncio.run(scenario(served.base, args.conversations, seed=0))
         r = results[name]
         print(
             f"caching {name:3s}: turn 1 TTFT p50 {r['turn1_ttft_p50'] * 1000:6.0f} ms, turn 2 TTFT p50 "

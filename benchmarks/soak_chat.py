@@ -10,18 +10,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 import time
 
 import httpx
-from soak import rss_mib
+from soak import rss_mib, serving
 
 from tricklm.bench.client import Target
 from tricklm.bench.conversation import Conversation, make_conversations, run_conversations
-from tricklm.server.testing import free_port, wait_healthy
 
 ROUND = 100
 
@@ -55,23 +50,16 @@ def main() -> int:
     parser.add_argument("--turns", type=int, default=2)
     parser.add_argument("--bound-mib", type=float, default=64.0)
     args, serve_args = parser.parse_known_args()
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "tricklm", "serve", "--port", str(port), "--log-level", "warning", *serve_args]
-    proc = subprocess.Popen(cmd, start_new_session=True, stderr=subprocess.DEVNULL)
-    try:
-        wait_healthy(base, 300, lambda: proc.poll() is None)
-        print(f"command: {' '.join(cmd[1:])}\nidle after load: {rss_mib(proc.pid):.0f} MiB", flush=True)
-        samples = asyncio.run(rounds(base, proc.pid, args.conversations, args.turns))
+    with serving(serve_args) as served:
+        pid = served.proc.pid
+        print(f"command: {' '.join(served.cmd[1:])}\nidle after load: {rss_mib(pid):.0f} MiB", flush=True)
+        samples = asyncio.run(rounds(served.base, pid, args.conversations, args.turns))
         growth = samples[-1] - samples[0]
         print(
             f"rss after the first round {samples[0]:.0f} MiB, after the last {samples[-1]:.0f} MiB, "
             f"growth {growth:+.0f} MiB"
         )
-        return 0 if growth <= args.bound_mib else 1
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
+        return 0 if served.alive and growth <= args.bound_mib else 1
 
 
 if __name__ == "__main__":

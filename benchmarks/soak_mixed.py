@@ -12,19 +12,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import os
 import random
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable
 
 import httpx
-from soak import rss_mib
+from soak import rss_mib, serving
 
 from tricklm.bench.workload import random_words
-from tricklm.server.testing import free_port, wait_healthy
 
 Kind = Callable[[httpx.AsyncClient, random.Random], Awaitable[int]]
 MAX_TOKENS = 16
@@ -137,24 +132,16 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--bound-mib", type=float, default=64.0)
     args, serve_args = parser.parse_known_args()
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "tricklm", "serve", "--port", str(port), "--log-level", "warning", *serve_args]
-    proc = subprocess.Popen(cmd, start_new_session=True, stderr=subprocess.DEVNULL)
-    try:
-        wait_healthy(base, 300, lambda: proc.poll() is None)
-        print(f"command: {' '.join(cmd[1:])}\nidle after load: {rss_mib(proc.pid):.0f} MiB", flush=True)
-        samples = asyncio.run(soak(base, proc.pid, args.requests, args.every, args.concurrency))
-        alive = proc.poll() is None
+    with serving(serve_args) as served:
+        pid = served.proc.pid
+        print(f"command: {' '.join(served.cmd[1:])}\nidle after load: {rss_mib(pid):.0f} MiB", flush=True)
+        samples = asyncio.run(soak(served.base, pid, args.requests, args.every, args.concurrency))
         first, last = samples[0][1], samples[-1][1]
         print(
             f"rss after {samples[0][0]}: {first:.0f} MiB, after {samples[-1][0]}: {last:.0f} MiB, "
-            f"growth {last - first:+.0f} MiB (bound {args.bound_mib:.0f}); server alive: {alive}"
+            f"growth {last - first:+.0f} MiB (bound {args.bound_mib:.0f}); server alive: {served.alive}"
         )
-        return 0 if alive and last - first <= args.bound_mib else 1
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
+        return 0 if served.alive and last - first <= args.bound_mib else 1
 
 
 if __name__ == "__main__":
