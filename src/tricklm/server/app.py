@@ -14,6 +14,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
+from starlette.staticfiles import StaticFiles
 
 from tricklm import __version__
 from tricklm.config import DEFAULT_MAX_REQUEST_BYTES
@@ -142,3 +143,11 @@ def _add_service_routes(app: FastAPI) -> None:
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
         return HTMLResponse(resources.files("tricklm.server").joinpath("static/index.html").read_text("utf-8"))
+
+    # The page's script, styles and vendored libraries: served from the package, so it works offline
+    app.mount("/static", StaticFiles(packages=[("tricklm.server", "static")]), name="static")
+
+    @app.api_route("/favicon.ico", methods=["GET", "HEAD"], include_in_schema=False)
+    async def favicon() -> Response:
+        icon = resources.files("tricklm.server").joinpath("static/favicon.svg").read_bytes()
+        return Response(icon, media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})
