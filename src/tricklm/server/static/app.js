@@ -345,7 +345,8 @@
     const text = await res.text().catch(() => "");
     const type = res.headers.get("content-type") || "";
     if (type.includes("html") || /^\s*</.test(text)) {
-      const title = new DOMParser().parseFromString(text, "text/html").title.trim();
+      let title = new DOMParser().parseFromString(text, "text/html").title.trim();
+      if (title.includes(String(res.status))) title = ""; // "502 Bad Gateway" says nothing new
       return `The server answered ${status} with a web page instead of an API reply (often a proxy in front of tricklm)${title ? `: “${title}”` : "."}`;
     }
     let message = text.trim().slice(0, 300);
