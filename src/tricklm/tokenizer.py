@@ -72,16 +72,18 @@ class Tokenizer:
         tok = self._tok if parse_control else self._as_text
         return list(tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
 
-    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, tools: list[Any] | None = None
+    ) -> list[int]:
         """The rendered chat, where the template's markup is control tokens and the messages' text never is.
 
         A user who writes `<|im_start|>system` gets those characters as text, not a forged turn. The
         rendering is tokenized whole (as any server would) unless a control token came out of message
         text; then the template's pieces and the messages' strings are tokenized apart.
         """
-        text = self.apply_chat_template(messages, add_generation_prompt)
+        text = self.apply_chat_template(messages, add_generation_prompt, tools)
         encoding = self._tok.encode_batch([text], add_special_tokens=False)[0]
-        pieces = self._pieces(messages, add_generation_prompt, text)
+        pieces = self._pieces(messages, add_generation_prompt, text, tools)
         if pieces is None:  # the template changed the strings, so where they stand is unknown
             if any(c in value for value in _strings(messages) for c in self.control_tokens):
                 raise ChatTemplateError("message text may not spell the model's control tokens with this chat template")
@@ -105,13 +107,14 @@ class Tokenizer:
         return ids
 
     def _pieces(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool, text: str
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool, text: str, tools: list[Any] | None
     ) -> list[tuple[str, bool]] | None:
         """`text` cut into (piece, is message text), found by rendering again with a marker for every string
         of the messages; None if the template does not place the strings as they are (trims them, say)."""
         values: list[str] = []
         try:
-            template = self.apply_chat_template([_marked(m, values) for m in messages], add_generation_prompt)
+            marked = [_marked(m, values) for m in messages]
+            template = self.apply_chat_template(marked, add_generation_prompt, tools)
         except ChatTemplateError:  # a template that inspects the strings themselves
             return None
         pieces: list[tuple[str, bool]] = []
@@ -128,6 +131,10 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return str(self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens))
 
+    def backend_json(self) -> str:
+        """The tokenizer as `tokenizer.json` text (what grammar engines build their token tables from)."""
+        return str(self._tok.to_str())
+
     def id_to_token(self, token_id: int) -> str:
         return self._tok.id_to_token(token_id) or ""
 
@@ -136,13 +143,21 @@ class Tokenizer:
         assert self.chat_template
         return _jinja_env().from_string(self.chat_template)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    @property
+    def template_supports_tools(self) -> bool:
+        """Whether the chat template renders a `tools` list itself (HF templates that do all name it)."""
+        return bool(self.chat_template and "tools" in self.chat_template)
+
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, tools: list[Any] | None = None
+    ) -> str:
         if not self.chat_template:
             raise ChatTemplateError("this model has no chat template; use /v1/completions with a plain prompt")
         try:
             return self._compiled_template.render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
+                tools=tools or None,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -86,3 +87,74 @@ def test_a_top_k_beyond_the_vocabulary_means_no_limit() -> None:
 def test_params_that_could_not_be_sampled_are_refused(params: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         SamplingParams(**params)  # type: ignore[arg-type]
+
+
+# ---- each parameter changes the distribution as it is defined -------------------------------------
+
+PROBS = torch.tensor([0.5, 0.3, 0.15, 0.05])
+
+
+def _draws(params: dict[str, object], logits: torch.Tensor, n: int = 400, output: list[int] | None = None) -> Counter:
+    req = _request(0, seed=1234, **params)
+    req.output_token_ids = list(output or [])
+    return Counter(sample(logits.unsqueeze(0), [req])[0].token_id for _ in range(n))
+
+
+def test_unfiltered_draws_follow_the_softmax() -> None:
+    counts = _draws({}, PROBS.log(), n=4000)
+    for token, p in enumerate(PROBS.tolist()):
+        assert abs(counts[token] / 4000 - p) < 0.03
+
+
+@pytest.mark.parametrize(
+    ("params", "allowed"),
+    [
+        ({"top_k": 2}, {0, 1}),
+        ({"top_k": 3}, {0, 1, 2}),
+        ({"top_p": 0.7}, {0, 1}),  # 0.5 before token 1, 0.8 before token 2
+        ({"top_p": 0.85}, {0, 1, 2}),
+        ({"min_p": 0.5}, {0, 1}),  # at least half the top probability (0.25)
+        ({"min_p": 0.2}, {0, 1, 2}),
+        ({"top_k": 3, "min_p": 0.5}, {0, 1}),
+    ],
+)
+def test_filters_keep_exactly_the_tokens_they_define(params: dict[str, object], allowed: set[int]) -> None:
+    counts = _draws(params, PROBS.log())
+    assert set(counts) == allowed
+
+
+def test_a_lower_temperature_sharpens_the_distribution() -> None:
+    cold, hot = _draws({"temperature": 0.3}, PROBS.log(), 2000), _draws({"temperature": 3.0}, PROBS.log(), 2000)
+    assert cold[0] > 1500 and hot[0] < 900 and hot[3] > cold[3]
+
+
+def _greedy(params: dict[str, object], logits: list[float], output: list[int], prompt: list[int] | None = None) -> int:
+    req = Request("g", prompt or [9], SamplingParams(temperature=0.0, **params), max_tokens=8)  # type: ignore[arg-type]
+    req.output_token_ids = output
+    return sample(torch.tensor([logits]), [req])[0].token_id
+
+
+def test_presence_penalty_subtracts_once_per_seen_token() -> None:
+    logits = [1.0, 0.9, 0.0, 0.0]
+    assert _greedy({"presence_penalty": 0.2}, logits, [0]) == 1
+    assert _greedy({"presence_penalty": 0.05}, logits, [0, 0, 0, 0]) == 0  # not by count
+    assert _greedy({"presence_penalty": -0.5}, [0.9, 1.0, 0, 0], [0]) == 0  # negative: encourages
+
+
+def test_frequency_penalty_subtracts_per_occurrence() -> None:
+    logits = [1.0, 0.9, 0.0, 0.0]
+    assert _greedy({"frequency_penalty": 0.05}, logits, [0]) == 0  # 0.05 < the 0.1 gap
+    assert _greedy({"frequency_penalty": 0.05}, logits, [0, 0, 0]) == 1  # 0.15 > 0.1
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits() -> None:
+    assert _greedy({"repetition_penalty": 1.5}, [2.0, 1.5, 0, 0], [], prompt=[0]) == 1  # 2 / 1.5 < 1.5
+    assert _greedy({"repetition_penalty": 1.2}, [2.0, 1.5, 0, 0], [], prompt=[0]) == 0  # 2 / 1.2 > 1.5
+    assert _greedy({"repetition_penalty": 2.0}, [-1.0, -1.5, -9, -9], [], prompt=[0]) == 1  # -2 < -1.5
+
+
+def test_logit_bias_adds_to_the_logit() -> None:
+    logits = [1.0, 0.9, 0.0, 0.0]
+    assert _greedy({"logit_bias": {3: 1.5}}, logits, []) == 3
+    assert _greedy({"logit_bias": {3: 0.5}}, logits, []) == 0
+    assert _greedy({"logit_bias": {0: -100.0}}, logits, []) == 1

@@ -6,7 +6,7 @@ import asyncio
 import collections
 import contextlib
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from tricklm.engine.engine import Engine
 from tricklm.engine.output import Delta, OutputProcessor
@@ -57,8 +57,10 @@ class RequestStream:
         request_id: str,
         mailbox: Mailbox,
         timeout: float | None = None,
+        on_end: Callable[[OutputProcessor], None] | None = None,
     ) -> None:
         self.engine = engine
+        self._on_end = on_end  # called once, however the stream ends: metrics count every request once
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
         self.timeout = timeout
@@ -113,6 +115,9 @@ class RequestStream:
         if not self._done:
             self._done = True
             self.engine.abort(self.request_id)
+        if self._on_end is not None:
+            on_end, self._on_end = self._on_end, None
+            on_end(self.processor)
 
 
 class AsyncEngine:
@@ -122,10 +127,16 @@ class AsyncEngine:
         # One mailbox per event loop (tests run several loops against one engine).
         self._mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox] = weakref.WeakKeyDictionary()
 
-    def stream(self, prompt_token_ids: list[int], params: SamplingParams, prefix: str = "req") -> RequestStream:
+    def stream(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        prefix: str = "req",
+        on_end: Callable[[OutputProcessor], None] | None = None,
+    ) -> RequestStream:
         loop = asyncio.get_running_loop()
         box = self._mailboxes.get(loop)
         if box is None:
             box = self._mailboxes[loop] = Mailbox(loop)
         request_id = self.engine.new_request_id(prefix)
-        return RequestStream(self.engine, prompt_token_ids, params, request_id, box, self.request_timeout)
+        return RequestStream(self.engine, prompt_token_ids, params, request_id, box, self.request_timeout, on_end)

@@ -14,7 +14,8 @@ from tricklm.config import EngineConfig
 from tricklm.engine.core import EngineCore
 from tricklm.engine.loop import EngineLoop, Sink
 from tricklm.engine.request import Request
-from tricklm.engine.sampling_params import SamplingParams
+from tricklm.engine.sampling_params import MODEL_DEFAULT_KEYS, SamplingParams
+from tricklm.engine.structured import GrammarCompiler
 from tricklm.model.loader import load_model, read_json
 from tricklm.model.quant import weight_bytes
 from tricklm.model.resolve import DEFAULT_MODEL_NAME, resolve_model
@@ -52,6 +53,9 @@ class Engine:
         cfg = self.config
         model = load_model(model_dir, cfg.torch_dtype, cfg.quantization, cfg.prefill_weights)
         self.core = EngineCore(model, self.config)
+        logits_width = max(self.tokenizer.vocab_size, _model_vocab_size(model))
+        eos = sorted(self.tokenizer.eos_token_ids)
+        self.grammars = GrammarCompiler(self.tokenizer.backend_json(), logits_width, eos)
         self.loop = EngineLoop(self.core, self.config.max_queue)
         name = DEFAULT_MODEL_NAME if self.config.model is None else model_dir.name
         self.info = LoadInfo(model_dir, name, time.monotonic() - start)
@@ -87,7 +91,9 @@ class Engine:
         self.loop.shutdown()
 
 
-_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+def _model_vocab_size(model: object) -> int:
+    config = getattr(model, "config", None)
+    return int(getattr(config, "vocab_size", 0))
 
 
 def generation_defaults(model_dir: Path) -> dict[str, Any]:
@@ -98,7 +104,7 @@ def generation_defaults(model_dir: Path) -> dict[str, Any]:
     cfg = read_json(path)
     if cfg.get("do_sample") is False:
         return {}
-    return {k: cfg[k] for k in _DEFAULT_KEYS if isinstance(cfg.get(k), int | float)}
+    return {k: cfg[k] for k in MODEL_DEFAULT_KEYS if isinstance(cfg.get(k), int | float)}
 
 
 def memory_summary(model: object, kv_bytes: int, kv_resident: bool = True) -> str:

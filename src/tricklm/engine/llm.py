@@ -11,7 +11,7 @@ from tricklm.config import EngineConfig
 from tricklm.engine.engine import Engine
 from tricklm.engine.output import Delta, OutputProcessor
 from tricklm.engine.request import EngineOutput
-from tricklm.engine.sampling_params import SamplingParams
+from tricklm.engine.sampling_params import SamplingParams, with_model_defaults
 
 
 class GenerationError(RuntimeError):
@@ -22,18 +22,9 @@ class LLM:
     def __init__(self, model: str | None = None, engine: Engine | None = None, **config: Any) -> None:
         self.engine = engine or Engine(EngineConfig(model=model, **config))
 
-    def params(
-        self,
-        max_tokens: int | None = 128,
-        temperature: float = 0.7,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop: Sequence[str] | None = None,
-    ) -> SamplingParams:
-        return SamplingParams(
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=tuple(stop or ())
-        )
+    def params(self, max_tokens: int | None = 128, stop: Sequence[str] | None = None, **values: Any) -> SamplingParams:
+        """Keyword arguments are SamplingParams fields; those not given take the model's defaults."""
+        return with_model_defaults(self.engine.generation_defaults, max_tokens, stop=tuple(stop or ()), **values)
 
     def generate_stream(self, prompt: str, **kwargs: Any) -> Iterator[dict[str, Any]]:
         """One dict per token: the first carries `prefill_time_ms`, later ones `step_ms`."""

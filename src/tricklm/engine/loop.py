@@ -56,6 +56,10 @@ class EngineLoop:
         self._end_all: str | None = None  # set by `end_all`: the message every live request is ended with
         self._closed: str | None = None  # after `end_all`: why new requests are refused
         self._sinks: dict[str, Sink] = {}
+        # The scheduler's queue lengths as the engine thread last saw them: other threads read these (under
+        # the lock), never the scheduler's lists, which the engine thread changes without it
+        self._num_running = 0
+        self._num_waiting = 0
         self._stopping = False
         self.restarting = False
         self.num_step_failures = 0
@@ -74,7 +78,7 @@ class EngineLoop:
                 raise EngineDeadError(f"the engine has stopped: {self.error!r}")
             if self._closed is not None:
                 raise EngineDeadError(self._closed)
-            if len(self._incoming) + len(self.core.scheduler.waiting) >= self.max_queue:
+            if len(self._incoming) + self._num_waiting >= self.max_queue:
                 raise QueueFullError(f"the server is at capacity ({self.max_queue} requests waiting)")
             self._incoming.append((req, sink))
             self._cond.notify()
@@ -93,14 +97,15 @@ class EngineLoop:
             self._cond.notify()
 
     def stats(self) -> EngineStats:
-        s = self.core.scheduler
+        with self._cond:
+            running, waiting = self._num_running, self._num_waiting + len(self._incoming)
         return EngineStats(
-            len(s.running),
-            len(s.waiting) + len(self._incoming),
+            running,
+            waiting,
             self.core.kv_cache.usage,
             self.core.num_prompt_tokens,
             self.core.num_generation_tokens,
-            s.num_preemptions,
+            self.core.scheduler.num_preemptions,
             self.num_step_failures,
             self.core.kv_cache.num_queried_tokens,
             self.core.kv_cache.num_hit_tokens,
@@ -129,6 +134,7 @@ class EngineLoop:
             incoming, self._incoming = self._incoming, []
             aborts, self._aborts = self._aborts, []
             end_all, self._end_all = self._end_all, None
+            self._num_waiting += len(incoming)  # counted as waiting until the step below admits them
         for req, sink in incoming:
             self._sinks[req.request_id] = sink
             self.core.add_request(req)
@@ -139,10 +145,17 @@ class EngineLoop:
         if end_all is not None:
             for ended in self.core.fail_all(end_all):
                 self._deliver(ended)
+            self._count_queues()
             return True
         for out in self._step():
             self._deliver(out)
+        self._count_queues()
         return True
+
+    def _count_queues(self) -> None:
+        scheduler = self.core.scheduler
+        with self._cond:
+            self._num_running, self._num_waiting = len(scheduler.running), len(scheduler.waiting)
 
     def _step(self) -> list[EngineOutput]:
         try:

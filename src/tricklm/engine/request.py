@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -63,10 +64,13 @@ class Request:
     first_scheduled_time: float | None = None
     block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks: see kv_cache.prefix_hashes
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at its first admission
+    matcher: Any = None  # its grammar's state (structured.py), advanced by each sampled token
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:
             self.generator = torch.Generator().manual_seed(self.params.seed)
+        if self.params.grammar is not None:
+            self.matcher = self.params.grammar.matcher()
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -87,6 +91,8 @@ class Request:
         if not self.params.ignore_eos and token_id in self.eos_token_ids:
             return FinishReason.STOP
         if token_id in self.params.stop_token_ids:
+            return FinishReason.STOP
+        if self.matcher is not None and self.matcher.is_stopped():  # the grammar is complete
             return FinishReason.STOP
         if len(self.output_token_ids) >= self.max_tokens:
             return FinishReason.LENGTH

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
+
+from tricklm.engine.structured import Grammar
 
 _MAX_STOP = 16
 _MAX_LOGPROBS = 20
@@ -33,6 +37,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None  # None: none; k >= 0: the sampled token's plus the top k
+    grammar: Grammar | None = None  # constrained decoding: only tokens the grammar allows are drawn
 
     def __post_init__(self) -> None:
         for message in self._problems():
@@ -88,3 +93,18 @@ class SamplingParams:
         return bool(
             self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0 or self.logit_bias
         )
+
+
+# The keys a model's generation_config.json may set (engine.generation_defaults reads the same ones)
+MODEL_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def with_model_defaults(defaults: Mapping[str, Any], max_tokens: int | None, **values: Any) -> SamplingParams:
+    """The one way a request becomes SamplingParams: a value left as None takes the model's
+    generation_config default, else SamplingParams' own (OpenAI's). `max_tokens=None` means the rest of
+    the context window, so it is passed as it is."""
+    given = {k: v for k, v in values.items() if v is not None}
+    for key in MODEL_DEFAULT_KEYS:
+        if key not in given and key in defaults:
+            given[key] = defaults[key]
+    return SamplingParams(max_tokens=max_tokens, **given)

@@ -1,0 +1,67 @@
+"""Grammar masks in the batched sampler: a constrained row draws only what its grammar allows, to the end;
+its neighbours in the batch are untouched."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tricklm.engine.request import FinishReason, Request
+from tricklm.engine.sampler import sample
+from tricklm.engine.sampling_params import SamplingParams
+from tricklm.engine.structured import GrammarCompiler, GrammarError
+from tricklm.model.resolve import resolve_model
+from tricklm.tokenizer import Tokenizer
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"answer": {"enum": ["yes", "no"]}, "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+    "required": ["answer", "n"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return Tokenizer(resolve_model(None, progress=False))
+
+
+@pytest.fixture(scope="module")
+def compiler(tokenizer: Tokenizer) -> GrammarCompiler:
+    return GrammarCompiler(tokenizer.backend_json(), tokenizer.vocab_size, sorted(tokenizer.eos_token_ids))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_logits_under_a_schema_give_valid_json(
+    tokenizer: Tokenizer, compiler: GrammarCompiler, seed: int
+) -> None:
+    grammar = compiler.json_schema(SCHEMA)
+    constrained = Request("c", [1], SamplingParams(grammar=grammar, seed=seed), 64, tokenizer.eos_token_ids)
+    free = Request("f", [1], SamplingParams(temperature=0.0), 64, tokenizer.eos_token_ids)
+    gen = torch.Generator().manual_seed(seed)
+    reason = None
+    while reason is None and len(constrained.output_token_ids) < 64:
+        logits = torch.randn(2, tokenizer.vocab_size, generator=gen) * 3
+        drawn = sample(logits, [constrained, free])
+        assert drawn[1].token_id == int(logits[1].argmax())  # the free row's draw is its own
+        assert drawn[0].error is None
+        constrained.output_token_ids.append(drawn[0].token_id)
+        reason = constrained.finish_reason_for(drawn[0].token_id)
+    assert reason == FinishReason.STOP
+    value = json.loads(tokenizer.decode(constrained.output_token_ids))
+    assert value["answer"] in ("yes", "no") and 0 <= value["n"] <= 99 and set(value) == {"answer", "n"}
+
+
+def test_the_same_schema_compiles_once(compiler: GrammarCompiler) -> None:
+    assert compiler.json_schema(SCHEMA) is compiler.json_schema(json.loads(json.dumps(SCHEMA)))
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [{"type": "nope"}, {"type": "string", "format": "frog"}, {"type": "string", "pattern": "(("}, {"enum": []}],
+)
+def test_a_schema_that_cannot_be_enforced_is_refused(compiler: GrammarCompiler, schema: dict[str, object]) -> None:
+    with pytest.raises(GrammarError):
+        compiler.json_schema(schema)
