@@ -135,12 +135,36 @@ def _completions_cases() -> list[Case]:
         _json("logprobs 21", p, {**HELLO, "logprobs": 21}, 400),
         _json("stream a number", p, {**HELLO, "stream": 5}, 400),
         _json("stream_options without stream", p, {**HELLO, "stream_options": {"include_usage": True}}, 400),
-        _json("response_format json", p, {**HELLO, "response_format": {"type": "json_object"}}, 400),
+        _json("response_format json", p, {**HELLO, "response_format": {"type": "json_object"}}, 200),
+        _json("response_format unknown type", p, {**HELLO, "response_format": {"type": "xml"}}, 400),
+        _json("response_format a string", p, {**HELLO, "response_format": "json"}, 400),
         _json("ignore_eos text", p, {**HELLO, "ignore_eos": "x"}, 400),
     ]
     for field in ("n", "presence_penalty", "frequency_penalty", "stream", "logprobs", "echo", "max_tokens", "seed"):
         cases.append(_json(f"{field} null", p, {**HELLO, field: None}, 200))
     return cases
+
+
+def _tools(parameters: dict[str, Any] | None = None) -> dict[str, Any]:
+    function = {"name": "f", "parameters": parameters or {"type": "object"}}
+    return {"tools": [{"type": "function", "function": function}]}
+
+
+def _named(name: str) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": name}}
+
+
+def _schema(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+
+
+def _pattern(pattern: str) -> dict[str, Any]:
+    return {"type": "object", "properties": {"a": {"type": "string", "pattern": pattern}}, "required": ["a"]}
+
+
+def say_tool_call(arguments: Any) -> dict[str, Any]:
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": arguments}}
+    return {**CHAT, "messages": [{"role": "assistant", "content": None, "tool_calls": [call]}]}
 
 
 def _chat_cases() -> list[Case]:
@@ -159,11 +183,29 @@ def _chat_cases() -> list[Case]:
         _json("image content", p, say([{"type": "image_url", "image_url": {"url": "x"}}]), 400),
         _json("content lone surrogate", p, say("\ud800"), 400),
         _json("name lone surrogate", p, say("hi", name="\udbff"), 400),
-        _json("tools", p, {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400),
-        _json("tool_choice auto", p, {**CHAT, "tool_choice": "auto"}, 400),
+        _json("tools", p, {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 200),
+        _json("tool_choice auto without tools", p, {**CHAT, "tool_choice": "auto"}, 200),
+        _json("tool_choice required without tools", p, {**CHAT, "tool_choice": "required"}, 400),
+        _json("tool_choice names an unknown tool", p, {**CHAT, **_tools(), "tool_choice": _named("g")}, 400),
+        _json("tool_choice an unknown word", p, {**CHAT, **_tools(), "tool_choice": "always"}, 400),
+        _json("tool without a name", p, {**CHAT, "tools": [{"type": "function", "function": {}}]}, 400),
+        _json("tool name with spaces", p, {**CHAT, "tools": [{"type": "function", "function": {"name": "a b"}}]}, 400),
+        _json("tool parameters not a schema", p, {**CHAT, **_tools({"type": "frog"}), "tool_choice": "required"}, 400),
+        _json("tool_calls arguments not text", p, say_tool_call({"x": 1}), 400),
         _json("functions", p, {**CHAT, "functions": [{"name": "f"}]}, 400),
         _json("function_call", p, {**CHAT, "function_call": "auto"}, 400),
         _json("response_format json_schema", p, {**CHAT, "response_format": {"type": "json_schema"}}, 400),
+        _json("json_schema not a schema", p, {**CHAT, "response_format": _schema({"type": 5})}, 400),
+        _json("json_schema unknown keyword value", p, {**CHAT, "response_format": _schema({"format": "frog"})}, 400),
+        _json("json_schema with a bad pattern", p, {**CHAT, "response_format": _schema(_pattern("(("))}, 400),
+        _json("json_schema unsatisfiable", p, {**CHAT, "response_format": _schema({"enum": []})}, 400),
+        _json("json_schema true", p, {**CHAT, "response_format": _schema({})}, 200),
+        _json(
+            "json_schema and forced tool",
+            p,
+            {**CHAT, **_tools(), "tool_choice": "required", "response_format": {"type": "json_object"}},
+            400,
+        ),
         _json("response_format text", p, {**CHAT, "response_format": {"type": "text"}}, 200),
         _json("tools null, tool_choice none", p, {**CHAT, "tools": None, "tool_choice": "none"}, 200),
         _json("top_logprobs without logprobs", p, {**CHAT, "top_logprobs": 2}, 400),

@@ -7,7 +7,9 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 if TYPE_CHECKING:
-    from tricklm.engine.engine import Engine
+    from collections.abc import Callable
+
+    from tricklm.engine.loop import EngineStats
     from tricklm.engine.output import OutputProcessor
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 60.0)
@@ -39,10 +41,11 @@ class Metrics:
         self.prefix_queries = Counter("tricklm:prefix_cache_queries", "Prefix-cache lookups, in tokens", registry=r)
         self.prefix_hits = Counter("tricklm:prefix_cache_hits", "Prefix-cache hits, in tokens", registry=r)
         self._counted = (0, 0)
-        self._engine: Engine | None = None
+        self._stats: Callable[[], EngineStats] | None = None
 
-    def bind(self, engine: Engine) -> None:
-        self._engine = engine
+    def bind(self, stats: Callable[[], EngineStats]) -> None:
+        """Where the engine's gauges and totals are read, at each scrape."""
+        self._stats = stats
 
     def observe_finished(self, proc: OutputProcessor) -> None:
         t = proc.timings
@@ -58,8 +61,8 @@ class Metrics:
             self.e2e.observe(t.last_token - t.arrival)
 
     def render(self) -> bytes:
-        if self._engine is not None:
-            stats = self._engine.loop.stats()
+        if self._stats is not None:
+            stats = self._stats()
             self.running.set(stats.num_running)
             self.waiting.set(stats.num_waiting)
             self.kv_usage.set(stats.kv_cache_usage)

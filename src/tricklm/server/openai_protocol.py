@@ -1,12 +1,13 @@
 """Request bodies of the OpenAI-compatible routes.
 
 Unknown fields are accepted and ignored, as vLLM does, except those that ask for a behaviour this server
-does not have (tools, response formats): those are refused, never silently dropped. `null` means the
+does not have (the legacy `functions`): those are refused, never silently dropped. `null` means the
 field's default, as in OpenAI's API and its clients.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -37,11 +38,65 @@ class TextPart(BaseModel):
     text: str | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs a 'json_schema' object with the schema")
+        return self
+
+
+class FunctionDefinition(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class SamplingFields(OpenAIBody):
@@ -64,8 +119,7 @@ class SamplingFields(OpenAIBody):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     user: str | None = None
-    # Refused until structured outputs exist (see `unsupported`): accepted, they would be ignored
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
 
     # Field validators (not model validators) so that the error names the parameter; `stream` is declared
     # before `stream_options`, so it is already in `info.data`.
@@ -86,9 +140,23 @@ class SamplingFields(OpenAIBody):
 
     def unsupported(self) -> str | None:
         """The first field that asks for what this server cannot do, or None."""
-        if self.response_format is not None and self.response_format.get("type", "text") != "text":
-            return "response_format"
         return None
+
+    def sampling_values(self) -> dict[str, Any]:
+        return {
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "seed": self.seed,
+            "stop": tuple(self.stop_list),
+            "ignore_eos": self.ignore_eos,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "repetition_penalty": self.repetition_penalty,
+            "logit_bias": self.logit_bias,
+        }
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -97,19 +165,36 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    # The deprecated forms of tools: refused with a pointer to `tools` rather than ignored
     functions: list[Any] | None = None
     function_call: Any = None
 
     def unsupported(self) -> str | None:
-        for name in ("tools", "functions"):
-            if getattr(self, name):
-                return name
-        for name in ("tool_choice", "function_call"):
-            if getattr(self, name) not in (None, "none"):
-                return name
+        if self.functions:
+            return "functions"
+        if self.function_call not in (None, "none"):
+            return "function_call"
         return super().unsupported()
+
+    def sampling_values(self) -> dict[str, Any]:
+        return {
+            **super().sampling_values(),
+            "max_tokens": self.max_completion_tokens or self.max_tokens,
+            "logprobs": (self.top_logprobs or 0) if self.logprobs else None,
+        }
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_needs_tools(cls, value: Any, info: ValidationInfo) -> Any:
+        named = isinstance(value, NamedToolChoice)
+        if (named or value == "required") and not info.data.get("tools"):
+            raise ValueError("tool_choice asks for a tool call, but no tools are given")
+        if named and value.function.name not in {t.function.name for t in info.data["tools"]}:
+            raise ValueError(f"tool_choice names {value.function.name!r}, which is not among the tools")
+        return value
 
     @field_validator("top_logprobs")
     @classmethod
@@ -126,6 +211,9 @@ class CompletionRequest(SamplingFields):
     suffix: str | None = None
     logprobs: int | None = Field(None, ge=0, le=20)
     best_of: int | None = Field(None, ge=1)
+
+    def sampling_values(self) -> dict[str, Any]:
+        return {**super().sampling_values(), "logprobs": self.logprobs}
 
 
 class TokenizeRequest(OpenAIBody):
@@ -148,13 +236,23 @@ class DetokenizeRequest(OpenAIBody):
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Messages as the chat template expects them: `content` flattened to one string."""
+    """Messages as chat templates expect them: `content` flattened to one string, and a tool call's
+    arguments as an object (HF templates write them with `tojson`; a JSON string would be quoted twice)."""
     out = []
     for m in messages:
         d = m.model_dump(exclude_none=True)
         d["content"] = _flatten_content(m.content)
+        for call in d.get("tool_calls", []):
+            call["function"]["arguments"] = _json_or_text(call["function"]["arguments"])
         out.append(d)
     return out
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def _flatten_content(content: str | list[TextPart] | None) -> str:
@@ -182,7 +280,8 @@ class Usage(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):

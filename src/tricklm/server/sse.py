@@ -15,6 +15,20 @@ DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+# How /openapi.json documents a streamed response: each event, as an SSE parser yields it (a JSON chunk
+# in `data`, or the final "[DONE]")
+EVENT_STREAM = {
+    "text/event-stream": {
+        "schema": {
+            "type": "object",
+            "description": "One Server-Sent Event: `data` holds a JSON chunk, or [DONE] at the end",
+            "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}},
+            "required": ["data"],
+        }
+    }
+}
+
+
 def sse_event(payload: dict[str, Any]) -> bytes:
     """One `data:` event; compact JSON never contains a raw newline, so one line is always enough."""
     return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(", ", ": ")).encode() + b"\n\n"

@@ -1,4 +1,4 @@
-"""What the routes share: the engine once loaded (or why it is not), the served name, and metrics."""
+"""What the routes share: the engine's facade once loaded (or why it is not), the served name, metrics."""
 
 from __future__ import annotations
 
@@ -8,17 +8,17 @@ from contextlib import contextmanager
 
 from fastapi import Request
 
-from tricklm.engine.async_llm import AsyncEngine
 from tricklm.engine.engine import ContextLengthError, Engine
 from tricklm.engine.loop import EngineDeadError, QueueFullError
+from tricklm.server.engine_client import EngineClient
 from tricklm.server.errors import APIError, overloaded, unavailable
 from tricklm.server.metrics import Metrics
 
 
 class ServerState:
     def __init__(self, served_model_name: str | None = None, request_timeout: float | None = None) -> None:
-        self.engine: Engine | None = None
-        self.async_engine: AsyncEngine | None = None
+        self.engine: Engine | None = None  # for the app's lifecycle (health, drain); routes use `client`
+        self.client: EngineClient | None = None
         self.load_error: str | None = None
         self._served_model_name = served_model_name
         self.request_timeout = request_timeout
@@ -28,8 +28,8 @@ class ServerState:
 
     def set_engine(self, engine: Engine) -> None:
         self.engine = engine
-        self.async_engine = AsyncEngine(engine, self.request_timeout)
-        self.metrics.bind(engine)
+        self.client = EngineClient(engine, self.metrics, self.request_timeout)
+        self.metrics.bind(self.client.stats)
         self._ready.set()
 
     def load_in_background(self, factory: Callable[[], Engine]) -> threading.Thread:
@@ -62,12 +62,12 @@ class ServerState:
             return 503, {"status": "restarting", "detail": "the engine is restarting after a failed step"}
         return 200, {"status": "ok"}
 
-    def require_engine(self) -> AsyncEngine:
+    def require_engine(self) -> EngineClient:
         code, body = self.health()
         # While the engine restarts after a failed step, a new request just waits in its queue
-        if (code != 200 and body["status"] != "restarting") or self.async_engine is None:
+        if (code != 200 and body["status"] != "restarting") or self.client is None:
             raise unavailable(body.get("detail", "the model is still loading"))
-        return self.async_engine
+        return self.client
 
 
 def get_state(request: Request) -> ServerState:

@@ -29,10 +29,10 @@ class StatsLogger:
             self.log_once()
 
     def log_once(self) -> None:
-        engine = self.state.engine
-        if engine is None:
+        client = self.state.client
+        if client is None:
             return
-        stats, now = engine.loop.stats(), time.monotonic()
+        stats, now = client.stats(), time.monotonic()
         last, elapsed = self._last, max(now - self._last_time, 1e-9)
         self._last, self._last_time = stats, now
         fields = {

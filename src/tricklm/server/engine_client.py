@@ -1,0 +1,107 @@
+"""What routes may use of the engine: its tokenizer and limits, prompt encoding, grammars, streams.
+
+Routes go through this facade and never reach into the engine's parts, so that the engine can change
+inside without the routes noticing, and so that what every request needs done (metrics when it ends,
+its line in the access log) is done here, once, instead of in each route.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+
+from tricklm.engine.async_llm import AsyncEngine, RequestStream
+from tricklm.engine.engine import Engine
+from tricklm.engine.loop import EngineStats
+from tricklm.engine.sampling_params import SamplingParams
+from tricklm.engine.structured import Grammar, GrammarError
+from tricklm.server.access_log import record_stream
+from tricklm.server.errors import APIError
+from tricklm.server.metrics import Metrics
+from tricklm.server.prompts import check_length
+from tricklm.tokenizer import ChatTemplateError, Tokenizer
+
+logger = logging.getLogger(__name__)
+
+# A schema that takes longer than this to compile is refused, never left to hang its request (vllm#54003)
+GRAMMAR_TIMEOUT_S = 10.0
+
+
+class EngineClient:
+    def __init__(self, engine: Engine, metrics: Metrics, request_timeout: float | None = None) -> None:
+        self._engine = engine
+        self._async = AsyncEngine(engine, request_timeout)
+        self._metrics = metrics
+        # Its own threads: a slow compile must not hold a thread that tokenizing prompts waits for
+        self._compiler = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tricklm-grammar")
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self._engine.tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self._engine.tokenizer.vocab_size
+
+    @property
+    def max_model_len(self) -> int:
+        return self._engine.max_model_len
+
+    @property
+    def max_queue(self) -> int:
+        return self._engine.config.max_queue
+
+    @property
+    def generation_defaults(self) -> dict[str, Any]:
+        return self._engine.generation_defaults
+
+    def stats(self) -> EngineStats:
+        return self._engine.loop.stats()
+
+    async def encode_text(self, text: str, param: str = "prompt", add_special_tokens: bool = True) -> list[int]:
+        check_length(self._engine, len(text), param)
+        return await run_in_threadpool(self.tokenizer.encode, text, add_special_tokens)
+
+    async def encode_chat(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool, tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        """The chat rendered by the model's template: its markup as control tokens, the messages' text as text."""
+        text_chars = sum(len(v) for m in messages for v in m.values() if isinstance(v, str))
+        check_length(self._engine, text_chars + len(str(tools or "")), "messages")
+        try:
+            return await run_in_threadpool(self.tokenizer.encode_chat, messages, add_generation_prompt, tools)
+        except (ChatTemplateError, ValueError) as e:
+            raise APIError(400, str(e), param="messages", code="chat_template_error") from None
+
+    async def compile(self, build: Callable[[], Grammar], param: str) -> Grammar:
+        """Run a grammar compile off the event loop and the engine thread, within GRAMMAR_TIMEOUT_S."""
+        future = asyncio.get_running_loop().run_in_executor(self._compiler, build)
+        try:
+            return await asyncio.wait_for(future, GRAMMAR_TIMEOUT_S)
+        except TimeoutError:
+            logger.warning("a %s did not compile within %g s; refused", param, GRAMMAR_TIMEOUT_S)
+            raise APIError(
+                400,
+                f"'{param}' did not compile within {GRAMMAR_TIMEOUT_S:g} s; simplify it",
+                param=param,
+                code="grammar_timeout",
+            ) from None
+        except GrammarError as e:
+            raise APIError(400, str(e), param=param, code="unsupported_schema") from None
+
+    async def json_schema_grammar(self, schema: dict[str, Any] | bool, param: str) -> Grammar:
+        return await self.compile(lambda: self._engine.grammars.json_schema(schema), param)
+
+    def stream(self, prompt_token_ids: list[int], params: SamplingParams, prefix: str) -> RequestStream:
+        """Submit one generation; raises the engine's refusals (see state.engine_errors)."""
+        stream = self._async.stream(prompt_token_ids, params, prefix, on_end=self._metrics.observe_finished)
+        record_stream(stream)
+        return stream
+
+    def shutdown(self) -> None:
+        self._compiler.shutdown(wait=False, cancel_futures=True)

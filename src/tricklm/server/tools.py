@@ -1,0 +1,191 @@
+"""Tool calling: tools into the prompt, constraints for forced calls, and calls parsed out of the reply.
+
+`tool_choice` decides the mode:
+- "none": the tools are shown to the model, and its reply is returned as text;
+- "auto": the reply is parsed for calls in the formats models are trained on (Hermes `<tool_call>{...}
+  </tool_call>` as Qwen and SmolLM write it, Mistral's `[TOOL_CALLS][...]`, Llama 3's bare JSON object);
+- "required": the reply is constrained to a JSON array of calls to the given tools, arguments validated
+  against each tool's `parameters`;
+- a named function: the reply is constrained to that function's arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from tricklm.server.openai_protocol import ChatCompletionRequest, NamedToolChoice, Tool
+
+# Where a call begins in each format; text before the first of them is the reply's content
+_MARKERS = ("<tool_call>", "[TOOL_CALLS]", "<|python_tag|>")
+_HERMES = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
+# Calls in one forced reply: a small model asked for "one or more" may otherwise add calls until its
+# token limit cuts the array, and a cut array is no call at all
+MAX_PARALLEL_CALLS = 8
+
+
+@dataclass(frozen=True)
+class ParsedCall:
+    name: str
+    arguments: str  # JSON text
+
+
+def new_call_id() -> str:
+    return "call_" + uuid.uuid4().hex[:24]
+
+
+@dataclass(frozen=True)
+class ToolSetup:
+    tools: list[Tool]
+    mode: str  # "none" | "auto" | "required" | "named"
+    name: str | None = None  # the named function
+    parallel: bool = True
+
+    @classmethod
+    def of(cls, body: ChatCompletionRequest) -> ToolSetup | None:
+        if not body.tools:
+            return None
+        choice = body.tool_choice or "auto"
+        if isinstance(choice, NamedToolChoice):
+            return cls(body.tools, "named", choice.function.name, body.parallel_tool_calls)
+        return cls(body.tools, choice, None, body.parallel_tool_calls)
+
+    @property
+    def names(self) -> set[str]:
+        return {t.function.name for t in self.tools}
+
+    def template_tools(self) -> list[dict[str, Any]]:
+        """The tools as HF chat templates take them (OpenAI's shape)."""
+        return [t.model_dump(exclude_none=True) for t in self.tools]
+
+    def constraint(self) -> dict[str, Any] | None:
+        """The JSON schema a forced call is constrained to, or None when the model may answer freely."""
+        if self.mode == "named":
+            return _parameters(next(t for t in self.tools if t.function.name == self.name))
+        if self.mode != "required":
+            return None
+        one_call = {
+            "anyOf": [
+                {
+                    "type": "object",
+                    "properties": {"name": {"const": t.function.name}, "arguments": _parameters(t)},
+                    "required": ["name", "arguments"],
+                    "additionalProperties": False,
+                }
+                for t in self.tools
+            ]
+        }
+        limit = MAX_PARALLEL_CALLS if self.parallel else 1
+        schema: dict[str, Any] = {"type": "array", "items": one_call, "minItems": 1, "maxItems": limit}
+        return schema
+
+    def parse(self, text: str) -> tuple[str | None, list[ParsedCall]]:
+        """The reply's content and its calls; a reply with no valid call is all content."""
+        if self.mode == "named":
+            assert self.name is not None
+            return None, [ParsedCall(self.name, text)]  # as streamed: the reply is the arguments
+        if self.mode == "required":
+            calls = _calls_from_json(text, self.names)
+            return (None, calls) if calls else (text, [])
+        if self.mode == "none":
+            return text, []
+        start = _first_marker(text)
+        if start == len(text) and text.lstrip().startswith("{"):
+            start = 0  # Llama 3: the whole reply is one call, with no marker before it
+        calls = _auto_calls(text[start:], self.names)
+        if not calls:
+            return text.strip() or None, []
+        return text[:start].strip() or None, calls
+
+    def streamable_content(self, text: str) -> str:
+        """In "auto" mode, how much of the reply so far is surely content: the text before anything that
+        could begin a call (a marker, part of one, or a reply that opens like a JSON object), trimmed as
+        `parse` trims it, so that the streamed content adds up to the non-streamed one."""
+        if text.lstrip().startswith("{"):
+            return ""
+        end = _first_marker(text)
+        for marker in _MARKERS:  # a marker's first characters at the very end may be its start
+            for k in range(len(marker) - 1, 0, -1):
+                if text[:end].endswith(marker[:k]):
+                    end -= k
+                    break
+        return text[:end].strip()
+
+
+def _parameters(tool: Tool) -> dict[str, Any]:
+    return tool.function.parameters or {"type": "object"}
+
+
+def _first_marker(text: str) -> int:
+    found = [i for i in (text.find(m) for m in _MARKERS) if i >= 0]
+    return min(found, default=len(text))
+
+
+def _auto_calls(rest: str, names: set[str]) -> list[ParsedCall]:
+    if rest.startswith("<tool_call>"):
+        calls = [_call(_loads(body), names) for body in _HERMES.findall(rest)]
+        return [c for c in calls if c is not None] if all(calls) else []
+    if rest.startswith("[TOOL_CALLS]"):
+        return _calls_from_json(rest[len("[TOOL_CALLS]") :], names)
+    if rest.startswith("<|python_tag|>"):
+        return _calls_from_json(rest[len("<|python_tag|>") :], names)
+    if rest.lstrip().startswith("{"):
+        return _calls_from_json(rest, names)
+    return []
+
+
+def _calls_from_json(text: str, names: set[str]) -> list[ParsedCall]:
+    value = _loads(text)
+    items = value if isinstance(value, list) else [value]
+    calls = [_call(item, names) for item in items]
+    return [c for c in calls if c is not None] if calls and all(calls) else []
+
+
+def _call(value: Any, names: set[str]) -> ParsedCall | None:
+    if not isinstance(value, dict) or value.get("name") not in names:
+        return None
+    arguments = value.get("arguments", value.get("parameters", {}))
+    if isinstance(arguments, str):  # some models write the arguments as a JSON string already
+        arguments = _loads(arguments)
+    if not isinstance(arguments, dict):
+        return None
+    return ParsedCall(value["name"], json.dumps(arguments, ensure_ascii=False))
+
+
+def _loads(text: str) -> Any:
+    try:
+        return json.loads(text.strip())
+    except ValueError:
+        return None
+
+
+GENERIC_INSTRUCTIONS = (
+    'You can call functions. To call one, reply with a line <tool_call>{"name": NAME, "arguments": '
+    "ARGUMENTS}</tool_call>, ARGUMENTS being a JSON object that follows the function's parameters. "
+    "A function's result comes back in a tool message. The functions:\n"
+)
+
+
+def generic_tool_messages(messages: list[dict[str, Any]], setup: ToolSetup) -> list[dict[str, Any]]:
+    """For a chat template that does not render tools: the tools described in the system message, calls
+    and results written in the Hermes format the instructions ask for."""
+    listing = "\n".join(json.dumps(t.function.model_dump(exclude_none=True), ensure_ascii=False) for t in setup.tools)
+    out = [dict(m) for m in messages]
+    if out and out[0]["role"] == "system":
+        out[0]["content"] = f"{out[0]['content']}\n\n{GENERIC_INSTRUCTIONS}{listing}"
+    else:
+        out.insert(0, {"role": "system", "content": GENERIC_INSTRUCTIONS + listing})
+    for m in out:
+        calls = m.pop("tool_calls", None)
+        if calls:
+            written = "".join(
+                "<tool_call>" + json.dumps(c["function"], ensure_ascii=False) + "</tool_call>" for c in calls
+            )
+            m["content"] = (m.get("content") or "") + written
+        if m["role"] == "tool":
+            m["content"] = f"<tool_response>{m.get('content') or ''}</tool_response>"
+            m.pop("tool_call_id", None)
+    return out

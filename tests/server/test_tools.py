@@ -1,0 +1,165 @@
+"""Tool calls parsed out of replies ("auto"), and streamed exactly as they are returned whole."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tricklm.engine.output import Delta
+from tricklm.model.resolve import resolve_model
+from tricklm.server.chat import ChatRenderer
+from tricklm.server.openai_protocol import ChatCompletionRequest
+from tricklm.server.serving import Job
+from tricklm.server.tools import ToolSetup, generic_tool_messages
+from tricklm.tokenizer import Tokenizer
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
+def _setup(choice: Any = "auto") -> ToolSetup:
+    body = ChatCompletionRequest.model_validate(
+        {"messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER], "tool_choice": choice}
+    )
+    setup = ToolSetup.of(body)
+    assert setup is not None
+    return setup
+
+
+HERMES = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+REPLIES = {
+    "hermes": (HERMES, "Let me check.", [("get_weather", {"city": "Paris"})]),
+    "hermes two calls": (
+        '<tool_call>{"name": "get_weather", "arguments": {"city": "A"}}</tool_call>\n'
+        '<tool_call>{"name": "get_weather", "arguments": {"city": "B"}}</tool_call>',
+        None,
+        [("get_weather", {"city": "A"}), ("get_weather", {"city": "B"})],
+    ),
+    "hermes unterminated": ('<tool_call>{"name": "get_weather", "arguments": {}}', None, [("get_weather", {})]),
+    "mistral": (
+        '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Rome"}}]',
+        None,
+        [("get_weather", {"city": "Rome"})],
+    ),
+    "llama 3 json": (
+        '{"name": "get_weather", "parameters": {"city": "Oslo"}}',
+        None,
+        [("get_weather", {"city": "Oslo"})],
+    ),
+    "llama 3 python tag": ('<|python_tag|>{"name": "get_weather", "parameters": {}}', None, [("get_weather", {})]),
+    "arguments as a string": (
+        '<tool_call>{"name": "get_weather", "arguments": "{\\"city\\": \\"X\\"}"}</tool_call>',
+        None,
+        [("get_weather", {"city": "X"})],
+    ),
+    "plain text": ("  It is sunny in Paris.  ", "It is sunny in Paris.", []),
+    "unknown tool": (
+        '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>',
+        '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>',
+        [],
+    ),
+    "broken json": ("<tool_call>{not json</tool_call>", "<tool_call>{not json</tool_call>", []),
+    "json that is no call": ('{"answer": 4}', '{"answer": 4}', []),
+    "a marker's start in the text": ("a < b and [TOOL is fine", "a < b and [TOOL is fine", []),
+}
+
+
+@pytest.mark.parametrize("name", list(REPLIES))
+def test_auto_parses_the_formats_models_write(name: str) -> None:
+    text, content, calls = REPLIES[name]
+    got_content, got_calls = _setup().parse(text)
+    assert got_content == content
+    assert [(c.name, json.loads(c.arguments)) for c in got_calls] == calls
+
+
+@pytest.mark.parametrize("name", list(REPLIES))
+@pytest.mark.parametrize("seed", range(5))
+def test_streamed_reply_adds_up_to_the_whole_one(name: str, seed: int) -> None:
+    text = REPLIES[name][0]
+    rng = random.Random(seed)
+    cuts = sorted(rng.sample(range(1, len(text)), k=min(6, len(text) - 1)))
+    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+    streamed = _stream(pieces)
+    whole = _whole(text)
+    assert streamed == whole
+
+
+def _renderer() -> ChatRenderer:
+    return ChatRenderer("m", None, False, _setup())  # type: ignore[arg-type]  # no logprobs asked: unused
+
+
+def _stream(pieces: list[str]) -> dict[str, Any]:
+    renderer = _renderer()
+    events: list[dict[str, Any]] = []
+    for i, piece in enumerate(pieces):
+        reason = "stop" if i == len(pieces) - 1 else None
+        raw = renderer.delta(Job([], 0), 0, Delta(piece, [1], finish_reason=reason))
+        events += [json.loads(e[6:]) for e in raw]
+    content = "".join(e["choices"][0]["delta"].get("content") or "" for e in events)
+    calls: dict[int, dict[str, str]] = {}
+    for e in events:
+        for d in e["choices"][0]["delta"].get("tool_calls", []):
+            call = calls.setdefault(d["index"], {"name": "", "arguments": ""})
+            call["name"] += d.get("function", {}).get("name", "")
+            call["arguments"] += d.get("function", {}).get("arguments", "")
+    return {
+        "content": content or None,
+        "calls": [calls[k] for k in sorted(calls)],
+        "finish": events[-1]["choices"][0]["finish_reason"],
+    }
+
+
+def _whole(text: str) -> dict[str, Any]:
+    class Done:
+        def __init__(self) -> None:
+            self.text, self.finish_reason, self.logprobs = text, "stop", None
+
+    choice = _renderer().choice(0, Done())  # type: ignore[arg-type]
+    message = choice["message"]
+    calls = [
+        {"name": c["function"]["name"], "arguments": c["function"]["arguments"]} for c in message.get("tool_calls", [])
+    ]
+    return {"content": message["content"], "calls": calls, "finish": choice["finish_reason"]}
+
+
+def test_the_first_call_delta_has_openai_shape() -> None:
+    renderer = _renderer()
+    raw = renderer.delta(Job([], 0), 0, Delta(HERMES, [1], finish_reason="stop"))
+    deltas = [json.loads(e[6:])["choices"][0]["delta"] for e in raw]
+    header = next(d["tool_calls"][0] for d in deltas if "tool_calls" in d)
+    assert header["id"].startswith("call_") and header["type"] == "function"
+    assert header["function"] == {"name": "get_weather", "arguments": ""} and header["index"] == 0
+
+
+def test_a_template_without_tools_gets_them_in_its_system_message(tmp_path: Path) -> None:
+    messages = [
+        {"role": "user", "content": "weather?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "P"}}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    ]
+    out = generic_tool_messages(messages, _setup())
+    assert out[0]["role"] == "system" and '"name": "get_weather"' in out[0]["content"]
+    assert '<tool_call>{"name": "get_weather", "arguments": {"city": "P"}}</tool_call>' in out[2]["content"]
+    assert out[3]["content"] == "<tool_response>sunny</tool_response>"
+
+
+def test_a_template_that_renders_tools_is_given_them() -> None:
+    default_tokenizer = Tokenizer(resolve_model(None, progress=False))
+    template = (
+        "{% if tools %}<|im_start|>system\nTOOLS:{{ tools | tojson }}<|im_end|>\n{% endif %}"
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    )
+    default_tokenizer.chat_template = template
+    default_tokenizer.__dict__.pop("_compiled_template", None)
+    assert default_tokenizer.template_supports_tools
+    text = default_tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], False, [WEATHER])
+    assert text.startswith('<|im_start|>system\nTOOLS:[{"type": "function"')
