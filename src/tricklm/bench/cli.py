@@ -76,6 +76,13 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--temperature", type=float, default=_D.temperature, help="sampling temperature (%(default)s)")
     p.add_argument("--no-ignore-eos", action="store_true", help="do not send ignore_eos (servers that reject it)")
+    p.add_argument(
+        "--response-format",
+        default=_D.response_format,
+        choices=["text", "json_object"],
+        help="structured outputs: every request asks for a JSON object (%(default)s)",
+    )
+    p.add_argument("--json-schema", type=Path, default=None, help="every request asks for JSON valid against FILE")
     p.add_argument("--no-calibrate", action="store_true", help="do not ask POST /tokenize for tokens per word")
     p.add_argument(
         "--health-path", default=_D.health_path, help="probed every 100 ms during runs (%(default)s); '' disables"

@@ -42,6 +42,7 @@ class Target:
     ignore_eos: bool = True
     temperature: float = 0.0
     timeout: float = 300.0
+    response_format: dict[str, Any] | None = None  # sent as it is: structured outputs
 
     @property
     def url(self) -> str:
@@ -64,6 +65,8 @@ def request_body(target: Target, prompt: str | Messages) -> dict[str, Any]:
     body["stream_options"] = {"include_usage": True}
     if target.ignore_eos:
         body["ignore_eos"] = True
+    if target.response_format is not None:
+        body["response_format"] = target.response_format
     return body
 
 

@@ -182,6 +182,7 @@ def benchmark_json(bench: Benchmark) -> dict[str, Any]:
     config = dataclasses.asdict(bench.config)
     config["request_rate"] = _finite(bench.config.request_rate)
     config["sweep"] = list(bench.config.sweep)
+    config["json_schema"] = None if bench.config.json_schema is None else str(bench.config.json_schema)
     return {
         "tool": "tricklm bench",
         "version": __version__,

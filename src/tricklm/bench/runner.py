@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import math
 import random
@@ -16,11 +17,21 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
 
 import httpx
 from tqdm import tqdm
 
-from tricklm.bench.client import HealthProbe, Target, count_tokens, first_model_id, normalize_base_url, send_request
+from tricklm.bench.client import (
+    BenchError,
+    HealthProbe,
+    Target,
+    count_tokens,
+    first_model_id,
+    normalize_base_url,
+    send_request,
+)
 from tricklm.bench.conversation import Conversation, make_conversations, run_conversations
 from tricklm.bench.metrics import HealthSample, RequestRecord, Summary, summarize
 from tricklm.bench.workload import CALIBRATION_WORDS, Prompt, calibration_text, random_prompts, real_prompts
@@ -57,6 +68,8 @@ class BenchConfig:
     calibrate: bool = True
     turns: int = 4  # multi-turn: user turns per conversation (num_prompts is the number of conversations)
     system_prompt_len: int = 0  # multi-turn: tokens of the system prompt every conversation shares
+    response_format: str = "text"  # "json_object": every request asks for JSON
+    json_schema: Path | None = None  # every request asks for JSON valid against this schema file
 
     def __post_init__(self) -> None:
         if self.endpoint not in ENDPOINTS or self.dataset not in DATASETS:
@@ -220,7 +233,23 @@ def _target(config: BenchConfig) -> Target:
         ignore_eos=config.ignore_eos,
         temperature=config.temperature,
         timeout=config.timeout,
+        response_format=response_format(config),
     )
+
+
+def response_format(config: BenchConfig) -> dict[str, Any] | None:
+    if config.json_schema is not None:
+        try:
+            schema = json.loads(config.json_schema.read_text())
+        except (OSError, ValueError) as e:
+            raise BenchError(f"cannot read the JSON schema {config.json_schema}: {e}") from None
+        return {
+            "type": "json_schema",
+            "json_schema": {"name": config.json_schema.stem[:64] or "schema", "schema": schema},
+        }
+    if config.response_format == "json_object":
+        return {"type": "json_object"}
+    return None
 
 
 async def _calibrate(client: httpx.AsyncClient, config: BenchConfig) -> float | None:
