@@ -85,7 +85,7 @@ class Tokenizer:
         encoding = self._tok.encode_batch([text], add_special_tokens=False)[0]
         pieces = self._pieces(messages, add_generation_prompt, text, tools)
         if pieces is None:  # the template changed the strings, so where they stand is unknown
-            if any(c in value for value in _strings(messages) for c in self.control_tokens):
+            if any(c in value for value in [*_strings(messages), *_strings(tools)] for c in self.control_tokens):
                 raise ChatTemplateError("message text may not spell the model's control tokens with this chat template")
             return list(encoding.ids)
         spans, pos = [], 0
@@ -114,7 +114,8 @@ class Tokenizer:
         values: list[str] = []
         try:
             marked = [_marked(m, values) for m in messages]
-            template = self.apply_chat_template(marked, add_generation_prompt, tools)
+            # A tool's name, description and schema are the client's text too, never the template's markup
+            template = self.apply_chat_template(marked, add_generation_prompt, _marked(tools, values))
         except ChatTemplateError:  # a template that inspects the strings themselves
             return None
         pieces: list[tuple[str, bool]] = []

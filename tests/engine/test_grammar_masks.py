@@ -47,6 +47,7 @@ def test_random_logits_under_a_schema_give_valid_json(
         drawn = sample(logits, [constrained, free])
         assert drawn[1].token_id == int(logits[1].argmax())  # the free row's draw is its own
         assert drawn[0].error is None
+        assert constrained.matcher.consume_token(drawn[0].token_id)  # as Scheduler.update does
         constrained.output_token_ids.append(drawn[0].token_id)
         reason = constrained.finish_reason_for(drawn[0].token_id)
     assert reason == FinishReason.STOP
@@ -65,3 +66,11 @@ def test_the_same_schema_compiles_once(compiler: GrammarCompiler) -> None:
 def test_a_schema_that_cannot_be_enforced_is_refused(compiler: GrammarCompiler, schema: dict[str, object]) -> None:
     with pytest.raises(GrammarError):
         compiler.json_schema(schema)
+
+
+def test_a_grammar_over_a_wider_table_than_the_logits_masks_what_exists(tokenizer: Tokenizer) -> None:
+    """A tokenizer with added tokens beyond the model's embedding (32001 against 32000, say)."""
+    wide = GrammarCompiler(tokenizer.backend_json(), tokenizer.vocab_size + 40, sorted(tokenizer.eos_token_ids))
+    req = Request("w", [1], SamplingParams(grammar=wide.json_schema(SCHEMA), temperature=0.0), 8)
+    out = sample(torch.randn(1, tokenizer.vocab_size), [req])
+    assert out[0].error is None and tokenizer.decode([out[0].token_id]).startswith("{")

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import random
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -243,10 +244,8 @@ def response_format(config: BenchConfig) -> dict[str, Any] | None:
             schema = json.loads(config.json_schema.read_text())
         except (OSError, ValueError) as e:
             raise BenchError(f"cannot read the JSON schema {config.json_schema}: {e}") from None
-        return {
-            "type": "json_schema",
-            "json_schema": {"name": config.json_schema.stem[:64] or "schema", "schema": schema},
-        }
+        name = re.sub(r"[^A-Za-z0-9_-]", "_", config.json_schema.stem)[:64] or "schema"  # the API's name rule
+        return {"type": "json_schema", "json_schema": {"name": name, "schema": schema}}
     if config.response_format == "json_object":
         return {"type": "json_object"}
     return None

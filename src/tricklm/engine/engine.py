@@ -15,7 +15,7 @@ from tricklm.engine.core import EngineCore
 from tricklm.engine.loop import EngineLoop, Sink
 from tricklm.engine.request import Request
 from tricklm.engine.sampling_params import MODEL_DEFAULT_KEYS, SamplingParams
-from tricklm.engine.structured import GrammarCompiler
+from tricklm.engine.structured import GrammarCompiler, GrammarUnavailable
 from tricklm.model.loader import load_model, read_json
 from tricklm.model.quant import weight_bytes
 from tricklm.model.resolve import DEFAULT_MODEL_NAME, resolve_model
@@ -56,6 +56,10 @@ class Engine:
         logits_width = max(self.tokenizer.vocab_size, _model_vocab_size(model))
         eos = sorted(self.tokenizer.eos_token_ids)
         self.grammars = GrammarCompiler(self.tokenizer.backend_json(), logits_width, eos)
+        try:
+            self.grammars.tokenizer()
+        except GrammarUnavailable as e:  # the model still serves; constrained requests are refused
+            logger.warning("%s", e)
         self.loop = EngineLoop(self.core, self.config.max_queue)
         name = DEFAULT_MODEL_NAME if self.config.model is None else model_dir.name
         self.info = LoadInfo(model_dir, name, time.monotonic() - start)

@@ -2,9 +2,9 @@
 
 Greedy rows take an argmax; the rest get penalties, temperature, top-k/top-p/min-p filters and a draw
 from their own generator (seeded requests draw the same tokens alone or batched). A row with a grammar
-(structured outputs) first loses every token its grammar does not allow, and its matcher then takes the
-drawn token. A row that cannot be sampled (non-finite logits, a failed draw) fails its own request and
-no other.
+(structured outputs) first loses every token its grammar does not allow; the scheduler advances its
+matcher with the drawn token as it commits it. A row that cannot be sampled (non-finite logits, a failed
+draw, a failed grammar) fails its own request and no other.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ NON_FINITE = "the model produced non-finite logits for this request"
 
 def sample(logits: torch.Tensor, requests: list[Request]) -> list[Sampled]:
     logits = logits.float()
-    constrained = [(i, r.matcher) for i, r in enumerate(requests) if r.matcher is not None]
+    constrained = [(i, r) for i, r in enumerate(requests) if r.matcher is not None]
     if constrained or any(r.params.needs_penalties for r in requests):
         logits = logits.clone()
         for i, req in enumerate(requests):
@@ -27,7 +27,7 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> list[Sampled]:
                 _apply_penalties(logits[i], req)
     errors = dict.fromkeys(_bad_rows(logits), NON_FINITE)
     if constrained:  # after the finiteness check: a masked row is all -inf but where the grammar allows
-        mask_logits(logits, constrained)
+        errors |= mask_logits(logits, constrained)
     token_ids: list[int] = logits.argmax(dim=-1).tolist()
     random_rows = [i for i, r in enumerate(requests) if not r.params.is_greedy and i not in errors]
     if random_rows:
@@ -36,9 +36,6 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> list[Sampled]:
                 errors[i] = drawn
             else:
                 token_ids[i] = drawn
-    for i, matcher in constrained:
-        if i not in errors and not matcher.consume_token(token_ids[i]):
-            errors[i] = f"the grammar could not follow: {matcher.get_error() or 'it allows no token here'}"
     return [
         Sampled(-1, error=errors[i]) if i in errors else Sampled(tid, _logprob(logits[i], tid, req))
         for i, (tid, req) in enumerate(zip(token_ids, requests, strict=True))

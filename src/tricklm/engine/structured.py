@@ -26,15 +26,21 @@ import torch
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
 
+    from tricklm.engine.request import Request
+
 # Whitespace is where unconstrained JSON goes wrong (ollama#4370): none is allowed but one space after each
 # separator, as `json.dumps` writes it, so a model that likes newlines cannot spin on them. Keywords the
 # compiler does not implement are errors (not `lenient`): a schema is enforced whole or refused.
-_JSON_OPTIONS: JsonCompileOptions = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+JSON_OPTIONS: JsonCompileOptions = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 _CACHE_SIZE = 256
 
 
 class GrammarError(ValueError):
     """The constraint cannot be compiled or enforced; the message names why (a 400 for the client)."""
+
+
+class GrammarUnavailable(GrammarError):
+    """This model's tokenizer cannot be read by the grammar engine: no constraint can be enforced."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,7 @@ class Grammar:
 
     description: str
     prototype: Any = field(compare=False, repr=False)
+    vocab_size: int = 0  # of the matcher's token table: the width of its masks
 
     def matcher(self) -> Any:
         return self.prototype.deep_copy()
@@ -56,13 +63,14 @@ class GrammarCompiler:
         self._vocab_size = vocab_size
         self._eos = sorted(eos_token_ids)
         self._tokenizer: Any = None
+        self._unavailable: str | None = None  # why the token table could not be built, once known
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, Grammar] = OrderedDict()
 
     def json_schema(self, schema: dict[str, Any] | bool) -> Grammar:
         try:
             text = json.dumps(schema)  # key order kept: properties are generated in the schema's order
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(text, defaults=_JSON_OPTIONS)
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(text, defaults=JSON_OPTIONS)
         except (TypeError, ValueError) as e:
             raise GrammarError(f"the JSON schema cannot be compiled: {e}") from None
         return self._compiled(grammar, "json_schema")
@@ -76,38 +84,53 @@ class GrammarCompiler:
             if cached is not None:
                 self._cache.move_to_end(grammar)
                 return cached
-        tokenizer = self._llg_tokenizer()
-        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
-        if is_error:
-            raise GrammarError(f"the {description} cannot be enforced: {messages[0]}")
-        if messages:  # a keyword llguidance would ignore: refused, never silently unenforced (vllm#57726)
-            raise GrammarError(f"the {description} uses what cannot be enforced: {'; '.join(messages)}")
-        prototype = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        prototype = llguidance.LLMatcher(self.tokenizer(), grammar, log_level=0)
         if prototype.is_error():
             raise GrammarError(f"the {description} cannot be enforced: {prototype.get_error()}")
-        compiled = Grammar(description, prototype)
+        warnings = prototype.get_grammar_warnings()
+        if warnings:  # a keyword llguidance would ignore: refused, never silently unenforced (vllm#57726)
+            raise GrammarError(f"the {description} uses what cannot be enforced: {'; '.join(warnings)}")
+        compiled = Grammar(description, prototype, self._vocab_size)
         with self._lock:
             self._cache[grammar] = compiled
             while len(self._cache) > _CACHE_SIZE:
                 self._cache.popitem(last=False)
         return compiled
 
-    def _llg_tokenizer(self) -> Any:
-        with self._lock:  # built once (~0.4 s for a 49k vocabulary), on the first constrained request
+    def tokenizer(self) -> Any:
+        """llguidance's token table, built once (~0.4 s for a 49k vocabulary, holding the GIL: the engine
+        builds it while loading, not on a first constrained request with other requests running)."""
+        with self._lock:
+            if self._unavailable is not None:
+                raise GrammarUnavailable(self._unavailable)
             if self._tokenizer is None:
-                self._tokenizer = llguidance.LLTokenizer(
-                    self._tokenizer_json, n_vocab=self._vocab_size, eos_token=self._eos or None
-                )
+                try:
+                    self._tokenizer = llguidance.LLTokenizer(
+                        self._tokenizer_json, n_vocab=self._vocab_size, eos_token=self._eos or None
+                    )
+                except (ValueError, RuntimeError, TypeError) as e:
+                    self._unavailable = f"structured outputs are unavailable for this model's tokenizer: {e}"
+                    raise GrammarUnavailable(self._unavailable) from None
             return self._tokenizer
 
 
-def mask_logits(logits: torch.Tensor, matchers: list[tuple[int, Any]]) -> None:
-    """Set to -inf, in place, every token the row's matcher does not allow next."""
+def mask_logits(logits: torch.Tensor, rows: list[tuple[int, Request]]) -> dict[int, str]:
+    """Set to -inf, in place, every token each row's grammar does not allow next; return the rows whose
+    grammar failed (those rows alone end, with that message)."""
     vocab = logits.shape[-1]
-    words = (vocab + 31) // 32
-    bits = np.zeros((len(matchers), words), dtype=np.int32)
-    for j, (_, matcher) in enumerate(matchers):
-        matcher.unsafe_compute_mask_ptr(bits[j].ctypes.data, bits[j].nbytes)
-    allowed = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, :vocab].astype(bool)
-    rows = [i for i, _ in matchers]
-    logits[rows] = logits[rows].masked_fill(~torch.from_numpy(allowed), float("-inf"))
+    failed: dict[int, str] = {}
+    for i, req in rows:
+        grammar = req.params.grammar
+        assert grammar is not None  # rows are the requests with a matcher
+        width = grammar.vocab_size  # the matcher's table, which may differ from the logits'
+        bits = np.zeros((width + 31) // 32, dtype=np.int32)
+        try:
+            req.matcher.unsafe_compute_mask_ptr(bits.ctypes.data, bits.nbytes)
+        except (ValueError, RuntimeError) as e:
+            failed[i] = f"the grammar failed: {e}"
+            continue
+        allowed = np.zeros(vocab, dtype=bool)
+        unpacked = np.unpackbits(bits.view(np.uint8), bitorder="little")[: min(width, vocab)]
+        allowed[: len(unpacked)] = unpacked.astype(bool)
+        logits[i].masked_fill_(~torch.from_numpy(allowed), float("-inf"))
+    return failed

@@ -73,6 +73,8 @@ def create_app(
         yield
         if stats is not None:
             stats.cancel()
+        if state.client is not None:
+            state.client.shutdown()
         if engine is None and state.engine is not None:
             state.engine.shutdown()
 

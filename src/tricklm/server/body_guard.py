@@ -18,9 +18,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tricklm.server.errors import APIError, error_response
 
-# No request of ours nests deeper than ~6. Deeper bodies are refused where a walk is needed anyway, and
-# at any depth where json.loads itself runs out of stack.
-MAX_DEPTH = 32
+# Messages nest ~6 deep; a JSON schema in response_format or a tool's parameters nests deeper (each
+# object level is two: "properties", then the property). Deeper bodies are refused where a walk is needed
+# anyway, and at any depth where json.loads itself runs out of stack.
+MAX_DEPTH = 64
 
 
 class _NonFinite:

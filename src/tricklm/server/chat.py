@@ -56,9 +56,18 @@ async def _encode(client: EngineClient, body: ChatCompletionRequest, tools: Tool
 
 
 async def _grammar(client: EngineClient, body: ChatCompletionRequest, tools: ToolSetup | None) -> Grammar | None:
-    constraint = tools.constraint() if tools is not None else None
-    if constraint is None:
+    if tools is None or tools.mode == "none":
         return await response_grammar(client, body.response_format)
+    constraint = tools.constraint()
+    if constraint is None:  # "auto": free text, and each call constrained once it has begun
+        if body.response_format is not None and body.response_format.type != "text":
+            return await response_grammar(client, body.response_format)  # the format asked for wins
+        tokenizer = client.tokenizer
+        hermes = not tokenizer.template_supports_tools or "<tool_call>" in (tokenizer.chat_template or "")
+        if not hermes:  # Llama 3 or Mistral formats: parsed, not constrained
+            return None
+        source = tools.call_grammar(special_trigger="<tool_call>" in tokenizer.control_tokens)
+        return await client.lark_grammar(source, "tools")
     if body.response_format is not None and body.response_format.type != "text":
         raise APIError(
             400, "a forced tool call and a response_format cannot both constrain one reply", param="response_format"
@@ -95,12 +104,14 @@ class ChatRenderer(OpenAIRenderer):
             return self._text_delta(index, delta)
         state = self._choices.setdefault(index, _ChoiceState())
         state.text += delta.text
+        # The tokens' logprobs as they come (the text they make may be held back, or become a call)
+        out = [self.chunk(index, {"delta": {}, "logprobs": chat_logprobs(self.tokenizer, delta.logprobs)})]
+        out = out if delta.logprobs else []
         if self.tools.mode == "named":
-            out = self._named_delta(index, state, delta.text)
+            out += self._named_delta(index, state, delta.text)
         elif self.tools.mode == "auto":
-            out = self._content_so_far(index, state, self.tools.streamable_content(state.text))
-        else:
-            out = []  # "required": a JSON array of calls, sent whole once it has ended
+            out += self._content_so_far(index, state, self.tools.streamable_content(state.text))
+        # "required": a JSON array of calls, sent whole once it has ended
         if delta.finish_reason is not None:
             out += self._finish(index, state, delta.finish_reason)
         return out

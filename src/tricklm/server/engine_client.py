@@ -8,6 +8,7 @@ its line in the access log) is done here, once, instead of in each route.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +20,7 @@ from tricklm.engine.async_llm import AsyncEngine, RequestStream
 from tricklm.engine.engine import Engine
 from tricklm.engine.loop import EngineStats
 from tricklm.engine.sampling_params import SamplingParams
-from tricklm.engine.structured import Grammar, GrammarError
+from tricklm.engine.structured import Grammar, GrammarError, GrammarUnavailable
 from tricklm.server.access_log import record_stream
 from tricklm.server.errors import APIError
 from tricklm.server.metrics import Metrics
@@ -30,6 +31,12 @@ logger = logging.getLogger(__name__)
 
 # A schema that takes longer than this to compile is refused, never left to hang its request (vllm#54003)
 GRAMMAR_TIMEOUT_S = 10.0
+_MAX_REMEMBERED = 1024  # grammars remembered as too slow to compile
+
+
+def _compile_timeout(param: str) -> APIError:
+    message = f"'{param}' did not compile within {GRAMMAR_TIMEOUT_S:g} s; simplify it"
+    return APIError(400, message, param=param, code="grammar_timeout")
 
 
 class EngineClient:
@@ -39,6 +46,7 @@ class EngineClient:
         self._metrics = metrics
         # Its own threads: a slow compile must not hold a thread that tokenizing prompts waits for
         self._compiler = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tricklm-grammar")
+        self._timed_out: set[str] = set()
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -78,24 +86,34 @@ class EngineClient:
         except (ChatTemplateError, ValueError) as e:
             raise APIError(400, str(e), param="messages", code="chat_template_error") from None
 
-    async def compile(self, build: Callable[[], Grammar], param: str) -> Grammar:
-        """Run a grammar compile off the event loop and the engine thread, within GRAMMAR_TIMEOUT_S."""
+    async def compile(self, build: Callable[[], Grammar], param: str, key: str) -> Grammar:
+        """Run a grammar compile off the event loop and the engine thread, within GRAMMAR_TIMEOUT_S.
+
+        A compile that timed out keeps its worker thread until it ends (threads cannot be stopped), so
+        the same grammar (`key`) is refused at once afterwards instead of tying up the workers again."""
+        if key in self._timed_out:
+            raise _compile_timeout(param)
         future = asyncio.get_running_loop().run_in_executor(self._compiler, build)
         try:
             return await asyncio.wait_for(future, GRAMMAR_TIMEOUT_S)
         except TimeoutError:
-            logger.warning("a %s did not compile within %g s; refused", param, GRAMMAR_TIMEOUT_S)
-            raise APIError(
-                400,
-                f"'{param}' did not compile within {GRAMMAR_TIMEOUT_S:g} s; simplify it",
-                param=param,
-                code="grammar_timeout",
-            ) from None
+            logger.warning(
+                "a %s did not compile within %g s; refused, and so will it be again", param, GRAMMAR_TIMEOUT_S
+            )
+            if len(self._timed_out) < _MAX_REMEMBERED:
+                self._timed_out.add(key)
+            raise _compile_timeout(param) from None
+        except GrammarUnavailable as e:
+            raise APIError(501, str(e), "server_error", param=param, code="structured_outputs_unavailable") from None
         except GrammarError as e:
             raise APIError(400, str(e), param=param, code="unsupported_schema") from None
 
     async def json_schema_grammar(self, schema: dict[str, Any] | bool, param: str) -> Grammar:
-        return await self.compile(lambda: self._engine.grammars.json_schema(schema), param)
+        key = json.dumps(schema, sort_keys=True)
+        return await self.compile(lambda: self._engine.grammars.json_schema(schema), param, key)
+
+    async def lark_grammar(self, source: str, param: str) -> Grammar:
+        return await self.compile(lambda: self._engine.grammars.lark(source, param), param, source)
 
     def stream(self, prompt_token_ids: list[int], params: SamplingParams, prefix: str) -> RequestStream:
         """Submit one generation; raises the engine's refusals (see state.engine_errors)."""

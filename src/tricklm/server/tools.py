@@ -4,6 +4,8 @@
 - "none": the tools are shown to the model, and its reply is returned as text;
 - "auto": the reply is parsed for calls in the formats models are trained on (Hermes `<tool_call>{...}
   </tool_call>` as Qwen and SmolLM write it, Mistral's `[TOOL_CALLS][...]`, Llama 3's bare JSON object);
+  in Hermes form a call is constrained from its `<tool_call>` on (a name among the tools, arguments
+  valid for it), the text before it is free;
 - "required": the reply is constrained to a JSON array of calls to the given tools, arguments validated
   against each tool's `parameters`;
 - a named function: the reply is constrained to that function's arguments.
@@ -17,6 +19,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from llguidance import StructTag
+
+from tricklm.engine.structured import JSON_OPTIONS
 from tricklm.server.openai_protocol import ChatCompletionRequest, NamedToolChoice, Tool
 
 # Where a call begins in each format; text before the first of them is the reply's content
@@ -67,20 +72,37 @@ class ToolSetup:
             return _parameters(next(t for t in self.tools if t.function.name == self.name))
         if self.mode != "required":
             return None
-        one_call = {
-            "anyOf": [
+        defs: dict[str, Any] = {}
+        calls = []
+        for k, t in enumerate(self.tools):
+            arguments = _hoist_defs(_parameters(t), f"tool{k}_", defs)
+            calls.append(
                 {
                     "type": "object",
-                    "properties": {"name": {"const": t.function.name}, "arguments": _parameters(t)},
+                    "properties": {"name": {"const": t.function.name}, "arguments": arguments},
                     "required": ["name", "arguments"],
                     "additionalProperties": False,
                 }
-                for t in self.tools
-            ]
-        }
+            )
         limit = MAX_PARALLEL_CALLS if self.parallel else 1
-        schema: dict[str, Any] = {"type": "array", "items": one_call, "minItems": 1, "maxItems": limit}
+        schema: dict[str, Any] = {"type": "array", "items": {"anyOf": calls}, "minItems": 1, "maxItems": limit}
+        if defs:
+            schema["$defs"] = defs
         return schema
+
+    def call_grammar(self, special_trigger: bool) -> str:
+        """"auto" in Hermes form: any text, but from `<tool_call>` on, a call to one of the tools with
+        arguments valid for it (an llguidance structural tag: the trigger switches the grammar on)."""
+        tags = [
+            StructTag(
+                trigger="<tool_call>",
+                begin='<tool_call>\n{"name": ' + json.dumps(t.function.name) + ', "arguments": ',
+                grammar={**_parameters(t), "x-guidance": JSON_OPTIONS},
+                end="}\n</tool_call>",
+            )
+            for t in self.tools
+        ]
+        return StructTag.to_grammar(tags, assume_special=special_trigger)
 
     def parse(self, text: str) -> tuple[str | None, list[ParsedCall]]:
         """The reply's content and its calls; a reply with no valid call is all content."""
@@ -93,8 +115,9 @@ class ToolSetup:
         if self.mode == "none":
             return text, []
         start = _first_marker(text)
-        if start == len(text) and text.lstrip().startswith("{"):
-            start = 0  # Llama 3: the whole reply is one call, with no marker before it
+        if start == len(text) and text.lstrip()[:1] in ("{", "["):
+            # Llama 3's bare object; Mistral's array once its [TOOL_CALLS] token was dropped as special
+            start = 0
         calls = _auto_calls(text[start:], self.names)
         if not calls:
             return text.strip() or None, []
@@ -102,9 +125,10 @@ class ToolSetup:
 
     def streamable_content(self, text: str) -> str:
         """In "auto" mode, how much of the reply so far is surely content: the text before anything that
-        could begin a call (a marker, part of one, or a reply that opens like a JSON object), trimmed as
-        `parse` trims it, so that the streamed content adds up to the non-streamed one."""
-        if text.lstrip().startswith("{"):
+                could begin a call (a marker, part of one, or a reply that opens like a JSON object), trimmed as
+                `parse` trims it, so that the streamed content adds up to the non-streamed one. A reply that opens
+        like JSON is held whole: it may be a call."""
+        if text.lstrip()[:1] in ("{", "["):
             return ""
         end = _first_marker(text)
         for marker in _MARKERS:  # a marker's first characters at the very end may be its start
@@ -117,6 +141,35 @@ class ToolSetup:
 
 def _parameters(tool: Tool) -> dict[str, Any]:
     return tool.function.parameters or {"type": "object"}
+
+
+def _hoist_defs(schema: dict[str, Any], prefix: str, defs: dict[str, Any]) -> dict[str, Any]:
+    """`schema` without its `$defs`/`definitions`, which move into `defs` under prefixed names, its
+    references rewritten to match: nested inside the array of calls, `#/$defs/X` would point nowhere."""
+    renames: dict[str, str] = {}
+    for key in ("$defs", "definitions"):
+        for name in schema.get(key) or {}:
+            renames[f"#/{key}/{name}"] = f"#/$defs/{prefix}{name}"
+    body = {k: v for k, v in schema.items() if k not in ("$defs", "definitions")}
+    for key in ("$defs", "definitions"):
+        for name, sub in (schema.get(key) or {}).items():
+            defs[prefix + name] = _rewrite_refs(sub, renames)
+    rewritten: dict[str, Any] = _rewrite_refs(body, renames)
+    return rewritten
+
+
+def _rewrite_refs(value: Any, renames: dict[str, str]) -> Any:
+    if isinstance(value, dict):
+        out = {k: _rewrite_refs(v, renames) for k, v in value.items()}
+        ref = value.get("$ref")
+        if isinstance(ref, str):
+            for old, new in renames.items():
+                if ref == old or ref.startswith(old + "/"):
+                    out["$ref"] = new + ref[len(old) :]
+        return out
+    if isinstance(value, list):
+        return [_rewrite_refs(v, renames) for v in value]
+    return value
 
 
 def _first_marker(text: str) -> int:
@@ -132,7 +185,7 @@ def _auto_calls(rest: str, names: set[str]) -> list[ParsedCall]:
         return _calls_from_json(rest[len("[TOOL_CALLS]") :], names)
     if rest.startswith("<|python_tag|>"):
         return _calls_from_json(rest[len("<|python_tag|>") :], names)
-    if rest.lstrip().startswith("{"):
+    if rest.lstrip()[:1] in ("{", "["):
         return _calls_from_json(rest, names)
     return []
 
@@ -163,9 +216,8 @@ def _loads(text: str) -> Any:
 
 
 GENERIC_INSTRUCTIONS = (
-    'You can call functions. To call one, reply with a line <tool_call>{"name": NAME, "arguments": '
-    "ARGUMENTS}</tool_call>, ARGUMENTS being a JSON object that follows the function's parameters. "
-    "A function's result comes back in a tool message. The functions:\n"
+    'To call a function, write <tool_call>, a new line, {"name": NAME, "arguments": ARGUMENTS} (a JSON '
+    "object per its parameters), a new line and </tool_call>. Results come in tool messages. Functions:\n"
 )
 
 
@@ -181,8 +233,8 @@ def generic_tool_messages(messages: list[dict[str, Any]], setup: ToolSetup) -> l
     for m in out:
         calls = m.pop("tool_calls", None)
         if calls:
-            written = "".join(
-                "<tool_call>" + json.dumps(c["function"], ensure_ascii=False) + "</tool_call>" for c in calls
+            written = "".join(  # as the "auto" grammar writes a call
+                "<tool_call>\n" + json.dumps(c["function"], ensure_ascii=False) + "\n</tool_call>" for c in calls
             )
             m["content"] = (m.get("content") or "") + written
         if m["role"] == "tool":
