@@ -158,3 +158,23 @@ def test_logit_bias_adds_to_the_logit() -> None:
     assert _greedy({"logit_bias": {3: 1.5}}, logits, []) == 3
     assert _greedy({"logit_bias": {3: 0.5}}, logits, []) == 0
     assert _greedy({"logit_bias": {0: -100.0}}, logits, []) == 1
+
+
+def test_draws_across_block_edges_follow_the_distribution() -> None:
+    """The lookup works in blocks of 256 tokens: mass on each side of a block edge and in a last, partial
+    block is drawn in proportion, and a token of probability 0 never is."""
+    logits = torch.full((1000,), float("-inf"))
+    wanted = {255: 0.4, 256: 0.3, 511: 0.2, 999: 0.1}
+    for token, p in wanted.items():
+        logits[token] = math.log(p)
+    counts = _draws({}, logits, n=4000)
+    assert set(counts) == set(wanted)
+    for token, p in wanted.items():
+        assert abs(counts[token] / 4000 - p) < 0.03
+
+
+def test_seeded_draws_are_the_same_alone_and_batched() -> None:
+    logits = _logits(4) / 3
+    alone = [sample(logits[i : i + 1], [_request(i, seed=100 + i)])[0].token_id for i in range(4)]
+    batched = [o.token_id for o in sample(logits, [_request(i, seed=100 + i) for i in range(4)])]
+    assert alone == batched
