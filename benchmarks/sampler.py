@@ -42,8 +42,8 @@ def main() -> None:
     for rows in (1, 4, 16):
         logits = torch.randn(rows, VOCAB, generator=torch.Generator().manual_seed(rows)) * 4
         requests = [Request(f"r{i}", [1], SamplingParams(temperature=0.8, seed=i), 8) for i in range(rows)]
-        ours = median_ms(lambda: sample(logits, requests))  # noqa: B023 - used within the iteration
-        before = median_ms(lambda: multinomial_rows(logits, requests))  # noqa: B023
+        ours = median_ms(lambda: sample(logits, requests), 200)  # noqa: B023 - used within the iteration
+        before = median_ms(lambda: multinomial_rows(logits, requests), 200)  # noqa: B023
         print(f"{rows:>2} rows: sample() {ours:6.2f} ms, per-row multinomial {before:6.2f} ms ({before / ours:.1f}x)")
 
 
