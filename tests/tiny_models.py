@@ -29,7 +29,53 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
-ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM", "GPT2LMHeadModel")
+ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "MistralForCausalLM",
+    "GPT2LMHeadModel",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
+    "Phi3ForCausalLM",
+)
+
+# Every feature of the family switched on, at sizes where each one changes the logits: a sliding layer
+# (window 8, prompts of 24) then a global one, a query scale and RoPE bases of their own, soft-capping
+# that bites, partial rotary with LongRoPE factors (all positions inside the original context).
+_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "MistralForCausalLM": {"sliding_window": 8},
+    "Gemma2ForCausalLM": {
+        "head_dim": 16,
+        "sliding_window": 8,
+        "query_pre_attn_scalar": 24,
+        "attn_logit_softcapping": 2.0,
+        "final_logit_softcapping": 8.0,
+        "pad_token_id": 0,
+    },
+    "Gemma3ForCausalLM": {
+        "head_dim": 16,
+        "sliding_window": 8,
+        "sliding_window_pattern": 2,
+        "query_pre_attn_scalar": 24,
+        "rope_theta": 10000.0,
+        "rope_local_base_freq": 100.0,
+        "tie_word_embeddings": True,
+        "rope_scaling": {"rope_type": "linear", "factor": 2.0},
+        "final_logit_softcapping": 8.0,
+        "pad_token_id": 0,
+    },
+    "Phi3ForCausalLM": {
+        "partial_rotary_factor": 0.5,
+        "original_max_position_embeddings": 64,
+        "rope_scaling": {
+            "rope_type": "longrope",
+            "short_factor": [1.0, 1.5, 2.0, 4.0],
+            "long_factor": [2.0, 3.0, 5.0, 9.0],
+        },
+        "pad_token_id": 0,
+    },
+}
 
 _TRAINING_TEXT = """\
 The quick brown fox jumps over the lazy dog. A small model can still answer questions about the weather,
@@ -97,25 +143,27 @@ def _config(arch: str, vocab_size: int, overrides: dict[str, Any]) -> Any:
         "max_position_embeddings": 256,
         "tie_word_embeddings": False,
     }
-    if arch == "MistralForCausalLM":
-        kwargs["sliding_window"] = 8
+    kwargs.update(_FAMILY_DEFAULTS.get(arch, {}))
     config_class = {
         "LlamaForCausalLM": transformers.LlamaConfig,
         "Qwen2ForCausalLM": transformers.Qwen2Config,
         "Qwen3ForCausalLM": transformers.Qwen3Config,
         "MistralForCausalLM": transformers.MistralConfig,
+        "Gemma2ForCausalLM": transformers.Gemma2Config,
+        "Gemma3ForCausalLM": transformers.Gemma3TextConfig,
+        "Phi3ForCausalLM": transformers.Phi3Config,
     }[arch]
     return config_class(**{**common, **kwargs, **overrides})
 
 
-def _randomize(model: torch.nn.Module, std: float) -> None:
-    """Normal(0, std) everywhere, except norm scales which become 1 + Normal(0, std)."""
+def _randomize(model: torch.nn.Module, std: float, norm_offset: float) -> None:
+    """Normal(0, std) everywhere, except norm scales which become `norm_offset` + Normal(0, std)."""
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in sorted(model.named_parameters()):
             noise = torch.randn(param.shape, generator=gen, dtype=torch.float32) * std
             is_norm_scale = param.dim() == 1 and name.endswith("weight")
-            param.copy_(noise + 1.0 if is_norm_scale else noise)
+            param.copy_(noise + norm_offset if is_norm_scale else noise)
 
 
 def make_tiny_model(path: Path, arch: str, *, weight_std: float = 0.2, **overrides: Any) -> Path:
@@ -134,7 +182,8 @@ def make_tiny_model(path: Path, arch: str, *, weight_std: float = 0.2, **overrid
     config = _config(arch, vocab_size, copy.deepcopy(overrides))  # transformers edits dicts in place
     torch.manual_seed(0)
     model = getattr(transformers, arch)(config).to(torch.float32).eval()
-    _randomize(model, weight_std)
+    # Gemma's norms scale by (1 + weight): centred on 0, the scale is near 1 as in the other families
+    _randomize(model, weight_std, norm_offset=0.0 if arch.startswith("Gemma") else 1.0)
     if config.tie_word_embeddings:
         model.tie_weights()
     model.save_pretrained(path, safe_serialization=True)

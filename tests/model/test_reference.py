@@ -49,6 +49,10 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen3": ("Qwen3ForCausalLM", {}),
     "mistral": ("MistralForCausalLM", {"sliding_window": WINDOW}),
     "gpt2": ("GPT2LMHeadModel", {}),
+    # tiny_models switches every feature of these families on (soft-capping, local RoPE, longrope, ...)
+    "gemma2": ("Gemma2ForCausalLM", {}),
+    "gemma3": ("Gemma3ForCausalLM", {}),
+    "phi3": ("Phi3ForCausalLM", {}),
 }
 
 
@@ -196,8 +200,14 @@ def test_tiny_model_is_what_we_meant(case: Case) -> None:
         assert cfg.num_kv_heads == 2  # GQA
     if case.name == "mistral":
         assert cfg.sliding_window == WINDOW
+    elif case.name.startswith("gemma"):  # a sliding layer, then a global one
+        assert cfg.layer_windows == (WINDOW, None)
     else:
         assert cfg.sliding_window is None
+    if case.name == "gemma3":
+        assert cfg.local_rope_theta == 100.0 and cfg.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    if case.name == "phi3":
+        assert cfg.rotary_dim == cfg.head_dim // 2 and cfg.rope_scaling and cfg.rope_scaling["rope_type"] == "longrope"
     if case.name == "qwen2":
         assert cfg.attention_bias
         assert all(case.hf.model.layers[0].self_attn.q_proj.bias.abs() > 0)
@@ -323,10 +333,20 @@ def test_rope_scaling_matters(tmp_path: Path) -> None:
         assert (scaled[1:] - reference[1:]).abs().amax(dim=-1).min() > 1e-3, name
 
 
-def test_qwen2_sliding_window_on_some_layers_is_refused(tmp_path: Path) -> None:
-    """Per-layer windows are not implemented: loading must say so, not silently compute other logits."""
+def test_qwen2_sliding_window_on_some_layers(tmp_path: Path) -> None:
+    """Per-layer windows from `max_window_layers`: chunked prefill and decode steps against HF."""
     window = {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1}
     path = make_tiny_model(tmp_path / "q", "Qwen2ForCausalLM", **window)
-    assert load_hf(path).config.layer_types == ["full_attention", "sliding_attention"]
-    with pytest.raises(ModelLoadError, match="some layers only"):
+    hf = load_hf(path)
+    assert hf.config.layer_types == ["full_attention", "sliding_attention"]
+    ours = load_model(path)
+    assert ours.config.layer_windows == (None, WINDOW)
+    sequences, logits = drive_logits(engine(ours, max_num_batched_tokens=7), batch_prompts(ours.config.vocab_size), 8)
+    for rid, seq in sequences.items():
+        assert_close(logits[rid], hf_logits(hf, seq[:-1]))
+
+
+def test_unknown_rope_scaling_is_refused(tmp_path: Path) -> None:
+    path = make_tiny_model(tmp_path / "l", "LlamaForCausalLM", rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    with pytest.raises(ModelLoadError, match="unsupported rope scaling type 'dynamic'"):
         load_model(path)

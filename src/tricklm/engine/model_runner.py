@@ -57,7 +57,7 @@ class ModelRunner:
         self.native = None
         if native:
             self.native = NativeDecoder.build(model, kv_cache.layers, kv_cache.block_size)  # type: ignore[arg-type]
-        self.window = model.config.sliding_window
+        self.windows = model.config.windows  # masks are built once per step for each distinct window
         self.num_kv_heads = model.config.num_kv_heads
         self.dtype = model_dtypes(model)[0]  # type: ignore[arg-type]  # the activations'; masks match it
 
@@ -132,26 +132,31 @@ class ModelRunner:
 
     def _metadata(self, order: list[tuple[Request, int]], slots: torch.Tensor) -> AttentionMetadata:
         decodes = [req for req, n in order if n == 1]
-        meta = AttentionMetadata(slots, len(decodes), None, None, [])
+        meta = AttentionMetadata(slots, len(decodes), None, {}, [])
         if decodes:
             lens = [r.num_computed_tokens + 1 for r in decodes]
             meta.decode_context_index = self._context_index(decodes, max(lens), lens)
-            meta.decode_mask = decode_mask(lens, self.window, self.dtype, self.num_kv_heads)
+            meta.decode_masks = {w: decode_mask(lens, w, self.dtype, self.num_kv_heads) for w in self.windows}
         offset = len(decodes)
         for req, n in order[len(decodes) :]:
             start = req.num_computed_tokens
-            needs_mask = start > 0 or (self.window is not None and start + n > self.window)
             meta.prefills.append(
                 PrefillSegment(
                     offset,
                     offset + n,
                     start,
                     self._context_index([req], start + n)[0] if start > 0 else None,
-                    chunk_mask(start, n, self.window, self.dtype) if needs_mask else None,
+                    {w: self._chunk_mask(start, n, w) for w in self.windows},
                 )
             )
             offset += n
         return meta
+
+    def _chunk_mask(self, start: int, n: int, window: int | None) -> torch.Tensor | None:
+        """The chunk's mask, or None where plain causal attention is the same."""
+        if start == 0 and (window is None or n <= window):
+            return None
+        return chunk_mask(start, n, window, self.dtype)
 
     def _context_index(self, reqs: list[Request], length: int, lens: list[int] | None = None) -> torch.Tensor:
         """[len(reqs), length] cache slots of positions 0..length-1; past a row's own length (`lens`): slot 0."""

@@ -21,7 +21,9 @@ class PrefillSegment:
     token_end: int
     start_pos: int  # position of the chunk's first token in its sequence
     context_index: torch.Tensor | None  # cache slots of positions [0, start_pos + n); None if start_pos == 0
-    mask: torch.Tensor | None  # additive mask when the chunk cannot use is_causal
+    # per attention window of the model's layers (None: whole context): additive mask, None where
+    # plain is_causal does
+    masks: dict[int | None, torch.Tensor | None]
 
 
 @dataclass
@@ -29,7 +31,8 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot that each token's K/V is written to
     num_decode_tokens: int
     decode_context_index: torch.Tensor | None  # [B, Lmax] cache slots, padded
-    decode_mask: torch.Tensor | None  # [Hkv * B, 1, Lmax] additive, -inf on padding (see `decode_mask`)
+    # per attention window: [Hkv * B, 1, Lmax] additive, -inf on padding (see `decode_mask`)
+    decode_masks: dict[int | None, torch.Tensor]
     prefills: list[PrefillSegment]
 
 
@@ -51,14 +54,20 @@ def paged_attention(
     cache: KVCacheLayer,
     meta: AttentionMetadata,
     scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """q: [T, Hq, D], kv: [T, 2 * Hkv, D] (K heads, then V heads) -> [T, Hq, D]."""
+    """q: [T, Hq, D], kv: [T, 2 * Hkv, D] (K heads, then V heads) -> [T, Hq, D].
+
+    `window`: the layer's sliding window (its masks must be in `meta`); `softcap`: scores become
+    `softcap * tanh(score / softcap)` before the mask (Gemma 2).
+    """
     cache.kv.index_copy_(1, meta.slot_mapping, kv.transpose(0, 1).to(cache.kv.dtype))
     nd = meta.num_decode_tokens
     decoded = None
     if nd:
-        assert meta.decode_context_index is not None and meta.decode_mask is not None
-        decoded = _decode_attention(q[:nd], cache, meta.decode_context_index, meta.decode_mask, scale)
+        assert meta.decode_context_index is not None
+        decoded = _decode_attention(q[:nd], cache, meta.decode_context_index, meta.decode_masks[window], scale, softcap)
         if not meta.prefills:
             return decoded  # the common step: decode only, no copy into a shared output
     out = torch.empty_like(q)
@@ -69,12 +78,17 @@ def paged_attention(
         s, e = seg.token_start, seg.token_end
         idx = seg.context_index
         ctx = kv[s:e].transpose(0, 1) if idx is None else cache.kv.index_select(1, idx)
-        out[s:e] = _attend(q[s:e], ctx[:h_kv], ctx[h_kv:], seg.mask, scale, causal=seg.mask is None)
+        mask = seg.masks[window]
+        if softcap is not None:
+            full = mask if mask is not None else chunk_mask(0, e - s, None, q.dtype)
+            out[s:e] = _attend_softcapped(q[s:e], ctx[:h_kv], ctx[h_kv:], full, scale, softcap)
+        else:
+            out[s:e] = _attend(q[s:e], ctx[:h_kv], ctx[h_kv:], mask, scale, causal=mask is None)
     return out
 
 
 def _decode_attention(
-    q: torch.Tensor, cache: KVCacheLayer, index: torch.Tensor, mask: torch.Tensor, scale: float
+    q: torch.Tensor, cache: KVCacheLayer, index: torch.Tensor, mask: torch.Tensor, scale: float, softcap: float | None
 ) -> torch.Tensor:
     """One query per sequence over its gathered context: q [B, Hq, D] -> [B, Hq, D].
 
@@ -86,7 +100,10 @@ def _decode_attention(
     # index_select, not advanced indexing: the latter is far slower on CPU
     ctx = cache.kv.index_select(1, index.view(-1)).to(q.dtype).view(2, h_kv * b, length, d)
     qg = q.view(b, h_kv, -1, d).transpose(0, 1).reshape(h_kv * b, -1, d)  # query heads under their KV head
-    scores = torch.baddbmm(mask, qg, ctx[0].transpose(1, 2), alpha=scale)
+    if softcap is None:
+        scores = torch.baddbmm(mask, qg, ctx[0].transpose(1, 2), alpha=scale)
+    else:
+        scores = _capped(torch.bmm(qg, ctx[0].transpose(1, 2)), scale, softcap) + mask
     probs = torch.softmax(scores, dim=-1)
     return torch.bmm(probs, ctx[1]).view(h_kv, b, -1, d).transpose(0, 1).reshape(b, -1, d)
 
@@ -105,6 +122,23 @@ def _attend(
         enable_gqa=True,
     )
     return o.squeeze(0).transpose(0, 1)
+
+
+def _attend_softcapped(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, softcap: float
+) -> torch.Tensor:
+    """`_attend` with capped scores, in plain matmuls (SDPA cannot cap): q [n, Hq, D], k/v [Hkv, L, D]."""
+    n, h_q, d = q.shape
+    h_kv = k.shape[0]
+    qg = q.transpose(0, 1).reshape(h_kv, -1, d)  # query heads grouped under their KV head
+    scores = _capped(torch.bmm(qg, k.to(q.dtype).transpose(1, 2)), scale, softcap)
+    scores = scores.view(h_kv, h_q // h_kv, n, -1) + mask
+    probs = torch.softmax(scores, dim=-1).view(h_kv, h_q // h_kv * n, -1)
+    return torch.bmm(probs, v.to(q.dtype)).view(h_q, n, d).transpose(0, 1)
+
+
+def _capped(scores: torch.Tensor, scale: float, softcap: float) -> torch.Tensor:
+    return torch.tanh(scores * (scale / softcap)) * softcap
 
 
 def chunk_mask(start_pos: int, num_tokens: int, sliding_window: int | None, dtype: torch.dtype) -> torch.Tensor:

@@ -27,9 +27,41 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None
     attention_bias: bool = False
-    qk_norm: bool = False  # RMSNorm on each query and key head before the rotation (Qwen3)
-    sliding_window: int | None = None
+    qk_norm: bool = False  # RMSNorm on each query and key head before the rotation (Qwen3, Gemma 3)
+    # Per layer: its attention window, None where the layer attends to its whole context; () for none at all
+    layer_windows: tuple[int | None, ...] = ()
+    # RoPE of the sliding layers when it differs from the global layers' (Gemma 3): base, no scaling
+    local_rope_theta: float | None = None
+    partial_rotary_factor: float = 1.0  # the leading fraction of each head that is rotated (Phi-3)
+    query_pre_attn_scalar: float | None = None  # attention scale is its -1/2 power; None: head_dim's
+    attn_logit_softcapping: float | None = None  # cap * tanh(score / cap) before the mask (Gemma 2)
+    final_logit_softcapping: float | None = None  # the same on the output logits (Gemma 2)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def window(self, layer: int) -> int | None:
+        """The attention window of one layer (None: the whole context)."""
+        return self.layer_windows[layer] if self.layer_windows else None
+
+    @property
+    def windows(self) -> frozenset[int | None]:
+        """Every distinct window among the layers."""
+        return frozenset(self.layer_windows or (None,))
+
+    @property
+    def sliding_window(self) -> int | None:
+        """The window every layer shares; None when no layer slides. Raises for mixed layers."""
+        if len(self.windows) > 1:
+            raise ValueError(f"{self.architecture} slides on some layers only: use window(layer)")
+        return next(iter(self.windows))
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def attention_scale(self) -> float:
+        scalar = self.query_pre_attn_scalar or self.head_dim
+        return float(scalar**-0.5)
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
@@ -47,8 +79,9 @@ class ModelConfig:
     @classmethod
     def _llama_like(cls, arch: str, cfg: dict[str, Any]) -> ModelConfig:
         num_heads = cfg["num_attention_heads"]
-        rope = _rope_parameters(cfg)
-        window = _sliding_window(arch, cfg)
+        theta, scaling, partial = _rope_parameters(cfg, "full_attention")
+        local_theta = _local_rope_theta(arch, cfg)
+        is_gemma = arch in GEMMA_ARCHITECTURES
         return cls(
             architecture=arch,
             vocab_size=cfg["vocab_size"],
@@ -60,13 +93,19 @@ class ModelConfig:
             intermediate_size=cfg["intermediate_size"],
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            hidden_act=cfg.get("hidden_act", "silu"),
-            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-            rope_theta=float(rope.pop("rope_theta", 10000.0)),
-            rope_scaling=rope or None,
+            hidden_act=cfg.get("hidden_activation") or cfg.get("hidden_act", "silu"),
+            # Gemma ties unless told otherwise; the others untie unless told otherwise
+            tie_word_embeddings=cfg.get("tie_word_embeddings", is_gemma),
+            rope_theta=theta,
+            rope_scaling=scaling,
             attention_bias=arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False)),
-            qk_norm=arch == "Qwen3ForCausalLM",
-            sliding_window=window,
+            qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM"),
+            layer_windows=_layer_windows(arch, cfg),
+            local_rope_theta=local_theta,
+            partial_rotary_factor=partial,
+            query_pre_attn_scalar=cfg.get("query_pre_attn_scalar") if is_gemma else None,
+            attn_logit_softcapping=cfg.get("attn_logit_softcapping") if is_gemma else None,
+            final_logit_softcapping=cfg.get("final_logit_softcapping") if is_gemma else None,
             raw=cfg,
         )
 
@@ -91,35 +130,77 @@ class ModelConfig:
         )
 
 
-def _sliding_window(arch: str, cfg: dict[str, Any]) -> int | None:
-    """One window for every layer, or none; models that slide on some layers only are refused."""
-    window = cfg.get("sliding_window")
-    layer_types = cfg.get("layer_types")
-    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and not layer_types:
+GEMMA_ARCHITECTURES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
+# Gemma configs without `layer_types`: every n-th layer global, the others sliding (transformers' defaults)
+_GEMMA_PATTERN = {"Gemma2ForCausalLM": 2, "Gemma3ForCausalLM": 6}
+
+
+def _layer_types(arch: str, cfg: dict[str, Any]) -> list[str]:
+    """`layer_types` as transformers derives it when a config.json predates the field."""
+    n = cfg["num_hidden_layers"]
+    if cfg.get("layer_types"):
+        return list(cfg["layer_types"])
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
         if not cfg.get("use_sliding_window", False):
-            return None
+            return ["full_attention"] * n
         first_sliding = cfg.get("max_window_layers", 0)
-        layer_types = [
-            "full_attention" if i < first_sliding else "sliding_attention" for i in range(cfg["num_hidden_layers"])
-        ]
-    if layer_types:
-        kinds = set(layer_types)
-        if kinds == {"full_attention"}:
-            return None
-        if kinds != {"sliding_attention"}:
-            raise ModelLoadError(f"{arch} with sliding attention on some layers only is not supported")
-    return int(window) if window else None
+        return ["full_attention" if i < first_sliding else "sliding_attention" for i in range(n)]
+    if arch in _GEMMA_PATTERN:
+        every = cfg.get("sliding_window_pattern") or _GEMMA_PATTERN[arch]
+        return ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n)]
+    return ["sliding_attention"] * n  # Mistral, Phi-3: one window for all, if the config sets one
 
 
-def _rope_parameters(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Merge transformers v4 (`rope_theta` + `rope_scaling`) and v5 (`rope_parameters`) spellings."""
-    params: dict[str, Any] = {"rope_theta": cfg.get("rope_theta", 10000.0)}
+def _layer_windows(arch: str, cfg: dict[str, Any]) -> tuple[int | None, ...]:
+    window = cfg.get("sliding_window")
+    kinds = _layer_types(arch, cfg)
+    unknown = set(kinds) - {"full_attention", "sliding_attention"}
+    if unknown:
+        raise ModelLoadError(f"{arch}: unsupported attention layer types {sorted(unknown)}")
+    if len(kinds) != cfg["num_hidden_layers"]:
+        raise ModelLoadError(f"{arch}: layer_types has {len(kinds)} entries for {cfg['num_hidden_layers']} layers")
+    if not window:
+        return ()
+    return tuple(int(window) if kind == "sliding_attention" else None for kind in kinds)
+
+
+def _local_rope_theta(arch: str, cfg: dict[str, Any]) -> float | None:
+    """Gemma 3's sliding layers rotate with their own base (and never scaled)."""
+    if arch != "Gemma3ForCausalLM":
+        return None
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and isinstance(params.get("sliding_attention"), dict):
+        local = params["sliding_attention"]
+        if (local.get("rope_type") or "default") != "default":
+            raise ModelLoadError(f"{arch}: rope scaling on the sliding layers is not supported")
+        return float(local.get("rope_theta", 10000.0))
+    return float(cfg.get("rope_local_base_freq", 10000.0))
+
+
+# Defaults of `rope_theta` where a config may leave it out
+_DEFAULT_THETA = {"Gemma3ForCausalLM": 1_000_000.0}
+
+
+def _rope_parameters(cfg: dict[str, Any], layer_type: str) -> tuple[float, dict[str, Any] | None, float]:
+    """(base, scaling parameters or None, rotated fraction of a head) of the global layers.
+
+    Merges transformers v4 (`rope_theta` + `rope_scaling`) and v5 (`rope_parameters`, possibly one dict
+    per layer type) spellings.
+    """
+    arch = (cfg.get("architectures") or [""])[0]
+    params: dict[str, Any] = {"rope_theta": cfg.get("rope_theta", _DEFAULT_THETA.get(arch, 10000.0))}
     for key in ("rope_scaling", "rope_parameters"):
         extra = cfg.get(key)
-        if isinstance(extra, dict):
+        if isinstance(extra, dict) and isinstance(extra.get(layer_type), dict):
+            extra = extra[layer_type]
+        if isinstance(extra, dict) and not any(isinstance(v, dict) for v in extra.values()):
             params.update(extra)
+    theta = float(params.pop("rope_theta"))
+    partial = float(params.pop("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)))
     kind = params.pop("rope_type", None) or params.pop("type", None) or "default"
     params.pop("type", None)
-    if kind != "default":
-        params["rope_type"] = kind
-    return params
+    if kind == "default":
+        return theta, None, partial
+    if "original_max_position_embeddings" in cfg:
+        params.setdefault("original_max_position_embeddings", cfg["original_max_position_embeddings"])
+    return theta, {"rope_type": kind, **params}, partial

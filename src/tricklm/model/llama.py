@@ -14,18 +14,28 @@ from torch import nn
 
 from tricklm.model.attention import AttentionMetadata, KVCacheLayer, paged_attention
 from tricklm.model.config import ModelConfig
-from tricklm.model.layers import RMSNorm, RotaryEmbedding, activation, apply_rotary_, load_shard, output_logits
+from tricklm.model.layers import (
+    RMSNorm,
+    RopeSpec,
+    RotaryEmbedding,
+    activation,
+    apply_rotary_,
+    load_shard,
+    output_logits,
+)
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
-        self.scale = self.head_dim**-0.5
+        self.scale = cfg.attention_scale
+        self.window = cfg.window(layer)
+        self.softcap = cfg.attn_logit_softcapping
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
@@ -49,7 +59,7 @@ class LlamaAttention(nn.Module):
         apply_rotary_(qkv[:, : self.q_size + self.kv_size].view(t, -1, self.head_dim), cos_sin)
         q = qkv[:, : self.q_size].view(t, self.num_heads, self.head_dim)
         kv = qkv[:, self.q_size :].view(t, 2 * self.num_kv_heads, self.head_dim)
-        o = paged_attention(q, kv, cache, meta, self.scale)
+        o = paged_attention(q, kv, cache, meta, self.scale, self.window, self.softcap)
         return self.o_proj(o.reshape(t, self.q_size))  # type: ignore[no-any-return]
 
 
@@ -70,9 +80,9 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg)
+        self.self_attn = LlamaAttention(cfg, layer)
         self.mlp = LlamaMLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
@@ -89,21 +99,44 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaBody(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer_class: type[nn.Module]) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(layer_class(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.rotary_emb = RotaryEmbedding(cfg)
+        self.rotary_emb = RotaryEmbedding(RopeSpec.of(cfg))
+        # Gemma 3's sliding layers rotate with a base of their own
+        self.rotary_emb_local = RotaryEmbedding(RopeSpec.of(cfg, local=True)) if cfg.local_rope_theta else None
+        self.uses_local_rope = [
+            self.rotary_emb_local is not None and cfg.window(i) is not None for i in range(cfg.num_layers)
+        ]
+
+    def rotary_tables(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
+        """The step's cos/sin of the global layers, and of the sliding layers where they differ."""
+        local = self.rotary_emb_local.lookup(positions, dtype) if self.rotary_emb_local is not None else None
+        return self.rotary_emb.lookup(positions, dtype), local
+
+    def run_layers(
+        self, x: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCacheLayer], meta: AttentionMetadata
+    ) -> torch.Tensor:
+        global_rope, local_rope = self.rotary_tables(positions, x.dtype)
+        for i, (layer, cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+            cos_sin = local_rope if local_rope is not None and self.uses_local_rope[i] else global_rope
+            x = layer(x, cos_sin, cache, meta)
+        return self.norm(x)  # type: ignore[no-any-return]
 
 
 class LlamaForCausalLM(nn.Module):
     """Tokens in (flattened across the batch), hidden states out; `compute_logits` on chosen rows."""
 
+    layer_class: type[nn.Module] = LlamaDecoderLayer
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.model = LlamaBody(cfg)
+        self.model = LlamaBody(cfg, self.layer_class)
         self.lm_head: nn.Module | None = None
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -115,12 +148,7 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[KVCacheLayer],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        m = self.model
-        x = m.embed_tokens(input_ids)
-        cos_sin = m.rotary_emb.lookup(positions, x.dtype)
-        for layer, cache in zip(m.layers, kv_caches, strict=True):
-            x = layer(x, cos_sin, cache, meta)
-        return m.norm(x)  # type: ignore[no-any-return]
+        return self.model.run_layers(self.model.embed_tokens(input_ids), positions, kv_caches, meta)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
@@ -130,7 +158,7 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         params = dict(self.named_parameters())
-        shards_seen: dict[str, int] = {}
+        rows_seen: dict[str, int] = {}
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name or (self.lm_head is None and name == "lm_head.weight"):
                 continue
@@ -138,9 +166,9 @@ class LlamaForCausalLM(nn.Module):
             if target not in params:
                 continue
             load_shard(params[target], tensor, offset, exact=offset is None)
-            shards_seen[target] = shards_seen.get(target, 0) + 1
-        # a fused parameter counts as loaded only once every one of its shards arrived
-        return {n for n, seen in shards_seen.items() if seen >= _num_shards(n)}
+            rows_seen[target] = rows_seen.get(target, 0) + (tensor.shape[0] if tensor.dim() else 1)
+        # a fused parameter counts as loaded only once all its rows arrived (from its parts, or whole: Phi-3)
+        return {n for n, rows in rows_seen.items() if rows >= params[n].shape[0]}
 
     def _map_name(self, name: str) -> tuple[str, int | None]:
         """Checkpoint name -> (our parameter name, row offset inside a fused parameter)."""
@@ -154,12 +182,6 @@ class LlamaForCausalLM(nn.Module):
         return name, None
 
 
-def _num_shards(name: str) -> int:
-    if ".qkv_proj." in name:
-        return 3
-    return 2 if ".gate_up_proj." in name else 1
-
-
 class MistralForCausalLM(LlamaForCausalLM):
     """Llama with a sliding attention window (read from config)."""
 
@@ -170,3 +192,8 @@ class Qwen2ForCausalLM(LlamaForCausalLM):
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
     """Llama with an RMSNorm on every query and key head, before the rotation (set from config)."""
+
+
+class Phi3ForCausalLM(LlamaForCausalLM):
+    """Llama with q/k/v and gate/up already fused in the checkpoint, and rotary on part of each head (from
+    config)."""

@@ -172,8 +172,7 @@ def _reset_buffers(model: torch.nn.Module) -> None:
     """Recompute non-persistent buffers (RoPE tables) that `to_empty` left uninitialised."""
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
-            fresh = RotaryEmbedding(model.config)  # type: ignore[arg-type]
-            module.cos, module.sin = fresh.cos, fresh.sin
+            module.reset()
 
 
 def _iter_safetensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:

@@ -8,8 +8,15 @@ import torch
 
 from tricklm.model.attention import AttentionMetadata, KVCacheLayer
 from tricklm.model.config import ModelConfig, ModelLoadError
+from tricklm.model.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
 from tricklm.model.gpt2 import GPT2LMHeadModel
-from tricklm.model.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+from tricklm.model.llama import (
+    LlamaForCausalLM,
+    MistralForCausalLM,
+    Phi3ForCausalLM,
+    Qwen2ForCausalLM,
+    Qwen3ForCausalLM,
+)
 
 
 class CausalLM(Protocol):
@@ -31,6 +38,9 @@ MODEL_REGISTRY: dict[str, type[torch.nn.Module]] = {
     "MistralForCausalLM": MistralForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Gemma2ForCausalLM": Gemma2ForCausalLM,
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
     "GPT2LMHeadModel": GPT2LMHeadModel,
 }
 

@@ -82,7 +82,10 @@ def supports(model: torch.nn.Module, kv_layers: list[KVCacheLayer]) -> bool:
     # per-head norms), and must run on the Python path until the stack implements it
     if type(model) not in NATIVE_ARCHITECTURES or not isinstance(model, LlamaForCausalLM):
         return False
-    if model.config.hidden_act != "silu" or model.config.qk_norm:
+    cfg = model.config
+    if cfg.hidden_act != "silu" or cfg.qk_norm or len(cfg.windows) > 1 or cfg.rotary_dim != cfg.head_dim:
+        return False
+    if cfg.attn_logit_softcapping is not None or cfg.attention_scale != cfg.head_dim**-0.5:
         return False
     if any(layer.kv.dtype != KV_DTYPE for layer in kv_layers):
         return False
