@@ -177,6 +177,8 @@ def _local_rope_theta(arch: str, cfg: dict[str, Any]) -> float | None:
     return float(cfg.get("rope_local_base_freq", 10000.0))
 
 
+ROPE_SCALING_TYPES = ("linear", "llama3", "yarn", "longrope")  # as transformers computes them (layers.py)
+
 # Defaults of `rope_theta` where a config may leave it out
 _DEFAULT_THETA = {"Gemma3ForCausalLM": 1_000_000.0}
 
@@ -201,6 +203,9 @@ def _rope_parameters(cfg: dict[str, Any], layer_type: str) -> tuple[float, dict[
     params.pop("type", None)
     if kind == "default":
         return theta, None, partial
+    if kind not in ROPE_SCALING_TYPES:
+        supported = ", ".join(ROPE_SCALING_TYPES)
+        raise ModelLoadError(f"unsupported rope scaling type {kind!r} (supported: {supported})")
     if "original_max_position_embeddings" in cfg:
         params.setdefault("original_max_position_embeddings", cfg["original_max_position_embeddings"])
     return theta, {"rope_type": kind, **params}, partial
