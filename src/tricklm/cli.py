@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -148,6 +149,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGTERM, seconds requests in flight may take to finish before they end with an error "
         "(a second signal exits at once; default: 25)",
     )
+    serve.add_argument(
+        "--replicas",
+        type=int,
+        default=0,
+        help="run N engine replicas on Ray Serve behind one endpoint (needs tricklm[ray]; default: one engine, no Ray)",
+    )
+    serve.add_argument(
+        "--ray-address", default=None, help="with --replicas: join this Ray cluster (default: start a local Ray)"
+    )
+    serve.add_argument(
+        "--cpus-per-replica",
+        type=int,
+        default=None,
+        help="with --replicas: CPUs each replica reserves and runs its engine on (default: --num-threads, or "
+        "this machine's cores / N)",
+    )
     demo = sub.add_parser("demo", help="stream a prompt to the terminal and compare streaming with non-streaming")
     _add_engine_args(demo)
     demo.add_argument("--prompt", default="Once upon a time, in a small village by the sea,")
@@ -162,6 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(getattr(args, "log_format", "text"), getattr(args, "log_level", "info"))
     try:
+        if args.command == "serve" and args.replicas:
+            return _serve_replicas(args)
         if args.command == "serve":
             from tricklm.server.run import serve
 
@@ -184,3 +203,17 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
     keys = read_keys(args.api_key, args.api_key_file)
     origins = tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip())
     return config_from_args(ServerConfig, args, api_keys=keys, allowed_origins=origins)
+
+
+def _serve_replicas(args: argparse.Namespace) -> int:
+    if args.replicas < 1:
+        raise ValueError("--replicas must be at least 1")
+    try:
+        from tricklm.server.replicas import ReplicaPlan, serve_replicas
+    except ImportError as e:
+        raise ValueError(f"--replicas needs Ray Serve ({e}): pip install 'tricklm[ray]'") from None
+    cpus = args.cpus_per_replica or args.num_threads or max(1, (os.cpu_count() or 1) // args.replicas)
+    if cpus < 1:
+        raise ValueError("--cpus-per-replica must be at least 1")
+    plan = ReplicaPlan(args.replicas, cpus, args.ray_address)
+    return serve_replicas(engine_config(args), _server_config(args), plan)

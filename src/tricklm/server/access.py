@@ -77,19 +77,25 @@ class KeyGuard:
         self.open = OPEN_PATHS | ({"/metrics"} if metrics_public else set())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        is_open = path in self.open or path.startswith(OPEN_PREFIX)
-        if scope["type"] != "http" or not self.keys or is_open or self._authorized(scope):
+        if scope["type"] != "http" or self.allows(scope):
             await self.app(scope, receive, send)
             return
-        error = APIError(
+        await error_response(scope["path"], self.refusal())(scope, receive, send)
+
+    def allows(self, scope: Scope) -> bool:
+        path = scope.get("path", "")
+        is_open = path in self.open or path.startswith(OPEN_PREFIX)
+        return not self.keys or is_open or self._authorized(scope)
+
+    @staticmethod
+    def refusal() -> APIError:
+        return APIError(
             401,
             "a valid API key is required: send it as 'Authorization: Bearer KEY'",
             "invalid_request_error",
             code="invalid_api_key",
             headers={"WWW-Authenticate": "Bearer"},
         )
-        await error_response(scope["path"], error)(scope, receive, send)
 
     def _authorized(self, scope: Scope) -> bool:
         header = dict(scope["headers"]).get(b"authorization", b"")
