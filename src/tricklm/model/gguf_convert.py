@@ -1,5 +1,5 @@
-"""Describe a `.gguf` file (architectures `llama`, `qwen2`, `qwen3`) as a small Hugging Face folder: config,
-tokenizer, a link.
+"""Describe a `.gguf` file (architectures `llama`, `qwen2`, `qwen3`, `gemma2`, `gemma3`, `phi3`) as a small
+Hugging Face folder: config, tokenizer, a link.
 
 The folder holds config.json and generation_config.json (from the file's metadata), tokenizer.json and
 tokenizer_config.json with the chat template (rebuilt once by `transformers`' GGUF reader), and
@@ -12,11 +12,14 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tricklm.model.config import ModelLoadError
-from tricklm.model.gguf_weights import GGUF_LINK, open_reader
+from tricklm.model.gguf_weights import GGUF_LINK, ROPE_FACTOR_TENSORS, open_reader
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path, progress: bool = True) -> None:
@@ -27,7 +30,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path, progress: bool = True) -> None:
     if arch not in GGUF_ARCHITECTURES:
         supported = ", ".join(repr(a) for a in GGUF_ARCHITECTURES)
         raise ModelLoadError(f"{gguf_path}: GGUF architecture {arch!r} is not supported (supported: {supported})")
-    config = _hf_config(meta, str(arch), has_output=any(t.name == "output.weight" for t in reader.tensors))
+    has_output = any(t.name == "output.weight" for t in reader.tensors)
+    config = _hf_config(meta, str(arch), has_output, rope_factors(reader))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out_dir.parent))
     try:
@@ -59,10 +63,28 @@ def _metadata(reader: Any) -> dict[str, Any]:
 
 
 # GGUF `general.architecture` -> Hugging Face architecture (the hyper-parameters are `<arch>.*` keys)
-GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+GGUF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+}
 
 
-def _hf_config(meta: dict[str, Any], arch: str, has_output: bool) -> dict[str, Any]:
+def rope_factors(reader: Any) -> dict[str, list[float]]:
+    """LongRoPE's per-frequency factors, which llama.cpp stores as tensors (`rope_factors_short/long`)."""
+    out = {}
+    for t in reader.tensors:
+        if t.name in ROPE_FACTOR_TENSORS:
+            out[ROPE_FACTOR_TENSORS[t.name]] = [float(x) for x in np.asarray(t.data, dtype=np.float32).reshape(-1)]
+    return out
+
+
+def _hf_config(
+    meta: dict[str, Any], arch: str, has_output: bool, factors: dict[str, list[float]] | None = None
+) -> dict[str, Any]:
     def get(key: str, default: Any = None) -> Any:
         return meta.get(f"{arch}.{key}", default)
 
@@ -86,15 +108,63 @@ def _hf_config(meta: dict[str, Any], arch: str, has_output: bool) -> dict[str, A
         }
     except TypeError:
         raise ModelLoadError(f"GGUF metadata lacks the {arch}.* hyper-parameters") from None
-    if get("attention.key_length") is not None:  # Qwen3's heads are wider than hidden / heads
+    if get("attention.key_length") is not None:  # Qwen3's and Gemma's heads are wider than hidden / heads
         config["head_dim"] = int(get("attention.key_length"))
     if get("rope.scaling.type") == "linear":
         config["rope_scaling"] = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+    if arch in _FAMILY_CONFIG:
+        config.update(_FAMILY_CONFIG[arch](get, config, factors or {}))
     for key in ("bos_token_id", "eos_token_id"):
         value = meta.get(f"tokenizer.ggml.{key}")
         if value is not None:
             config[key] = int(value)
     return config
+
+
+Getter = Callable[..., Any]
+
+
+def _gemma_config(get: Getter, config: dict[str, Any], factors: dict[str, list[float]]) -> dict[str, Any]:
+    """What llama.cpp's Gemma 2/3 graphs assume besides the file's keys."""
+    heads, hidden, head_dim = config["num_attention_heads"], config["hidden_size"], config.get("head_dim")
+    # llama.cpp scales queries by head_dim, except in the 27B models (46 or 62 layers): hidden / heads
+    is_27b = config["num_hidden_layers"] in (46, 62)
+    extra: dict[str, Any] = {
+        "hidden_activation": "gelu_pytorch_tanh",
+        "query_pre_attn_scalar": hidden // heads if is_27b else head_dim or hidden // heads,
+        "sliding_window": get("attention.sliding_window"),
+        "attn_logit_softcapping": get("attn_logit_softcapping"),
+        "final_logit_softcapping": get("final_logit_softcapping"),
+    }
+    pattern = get("attention.sliding_window_pattern")
+    if isinstance(pattern, list):  # one flag a layer: True where it slides
+        extra["layer_types"] = ["sliding_attention" if f else "full_attention" for f in pattern]
+    elif pattern is not None:
+        extra["sliding_window_pattern"] = int(pattern)
+    if get("rope.freq_base_swa") is not None:
+        extra["rope_local_base_freq"] = float(get("rope.freq_base_swa"))
+    return {k: v for k, v in extra.items() if v is not None}
+
+
+def _phi3_config(get: Getter, config: dict[str, Any], factors: dict[str, list[float]]) -> dict[str, Any]:
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    extra: dict[str, Any] = {
+        "partial_rotary_factor": int(get("rope.dimension_count", head_dim)) / head_dim,
+        "sliding_window": get("attention.sliding_window"),
+    }
+    if factors:
+        original = int(get("rope.scaling.original_context_length", config["max_position_embeddings"]))
+        extra["rope_scaling"] = {"rope_type": "longrope", **factors, "original_max_position_embeddings": original}
+        if get("rope.scaling.attn_factor") is not None:
+            extra["rope_scaling"]["attention_factor"] = float(get("rope.scaling.attn_factor"))
+    return {k: v for k, v in extra.items() if v is not None}
+
+
+_FAMILY_CONFIG: dict[str, Callable[[Getter, dict[str, Any], dict[str, list[float]]], dict[str, Any]]] = {
+    "gemma2": _gemma_config,
+    "gemma3": _gemma_config,
+    "phi3": _phi3_config,
+}
 
 
 def _generation_config(meta: dict[str, Any]) -> dict[str, Any]:

@@ -42,7 +42,21 @@ _LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Where a family's llama.cpp names mean other modules than Llama's
+_FAMILY_LAYER_NAMES: dict[str, dict[str, str]] = {
+    "Gemma2ForCausalLM": {
+        "post_attention_norm": "post_attention_layernorm",
+        "ffn_norm": "pre_feedforward_layernorm",
+        "post_ffw_norm": "post_feedforward_layernorm",
+    },
+    "Phi3ForCausalLM": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},  # fused, as in HF
+}
+_FAMILY_LAYER_NAMES["Gemma3ForCausalLM"] = _FAMILY_LAYER_NAMES["Gemma2ForCausalLM"]
+# llama.cpp's converter stores Gemma's norm weights w as the scales (1 + w)
+NORMS_PLUS_ONE = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+# LongRoPE factors (Phi-3): read into the config when the file is converted, not weights
+ROPE_FACTOR_TENSORS = {"rope_factors_short.weight": "short_factor", "rope_factors_long.weight": "long_factor"}
 DEQUANTIZE_ROWS = 4096  # rows of a matrix dequantized at a time: tens of MB of float32 at most
 
 
@@ -78,11 +92,13 @@ def release(reader: Any, tensor: Any) -> None:
         mapped.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
-def hf_name(gguf_name: str) -> str:
+def hf_name(gguf_name: str, architecture: str = "LlamaForCausalLM") -> str:
+    """The Hugging Face name of a file's tensor, for a model of `architecture` (ModelConfig's)."""
     base, _, suffix = gguf_name.rpartition(".")
     parts = base.split(".")
-    if parts[0] == "blk" and len(parts) == 3 and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{suffix}"
+    names = {**_LAYER_NAMES, **_FAMILY_LAYER_NAMES.get(architecture, {})}
+    if parts[0] == "blk" and len(parts) == 3 and parts[2] in names:
+        return f"model.layers.{parts[1]}.{names[parts[2]]}.{suffix}"
     if base in _TOP_NAMES:
         return f"{_TOP_NAMES[base]}.{suffix}"
     raise ModelLoadError(f"unexpected tensor {gguf_name!r} in GGUF file")
@@ -117,13 +133,17 @@ def dense_tensors(
     embedding table) never exists in float32 whole.
     """
     for t in reader.tensors:
-        name = hf_name(t.name)
+        if t.name in ROPE_FACTOR_TENSORS:
+            continue
+        name = hf_name(t.name, cfg.architecture)
         if skip and name in skip:
             continue
         shape = tuple(int(d) for d in reversed(t.shape))
         dtype = matrix_dtype if len(shape) == 2 else torch.float32
         tensor = _dequantized(t, shape, dtype)
         release(reader, t)
+        if cfg.architecture in NORMS_PLUS_ONE and name.endswith("norm.weight"):
+            tensor -= 1.0  # back to Hugging Face's w (the model adds the 1 at load, whatever the source)
         order = unpermute_rows(shape[0], cfg, name)
         yield name, tensor if order is None else tensor[torch.from_numpy(order)]
 
@@ -150,7 +170,9 @@ def projection_blocks(reader: Any, cfg: ModelConfig, names: set[str], fmt: str) 
     would.
     """
     for t in reader.tensors:
-        name = hf_name(t.name)
+        if t.name in ROPE_FACTOR_TENSORS:
+            continue
+        name = hf_name(t.name, cfg.architecture)
         if name not in names:
             continue
         qtype, rows = tensor_type(t), int(t.shape[-1])

@@ -14,7 +14,15 @@ from safetensors import SafetensorError, safe_open
 from tricklm.memory import release_freed_memory
 from tricklm.model.block_formats import BLOCK, FLOAT_TYPES, Blocks
 from tricklm.model.config import ModelConfig, ModelLoadError
-from tricklm.model.gguf_weights import GGUF_LINK, dense_tensors, hf_name, projection_blocks, tensor_type, weights_reader
+from tricklm.model.gguf_weights import (
+    GGUF_LINK,
+    ROPE_FACTOR_TENSORS,
+    dense_tensors,
+    hf_name,
+    projection_blocks,
+    tensor_type,
+    weights_reader,
+)
 from tricklm.model.layers import RotaryEmbedding
 from tricklm.model.qlinear import QEmbedding, QLinear, QWeight
 from tricklm.model.quant import BLOCK_MODES, DENSE_DTYPE, QUANT_MODES, block_rounding, quantize, resolve_mode
@@ -92,12 +100,14 @@ def _block_projections_from_gguf(model: torch.nn.Module, reader: Any, cfg: Model
     slots = {f"{name}.weight": module for name, module in model.named_modules() if _is_block_slot(name, module)}
     sources: dict[str, list[Any]] = {}
     for t in reader.tensors:
-        target = _map_name(model, hf_name(t.name))[0]
+        if t.name in ROPE_FACTOR_TENSORS:
+            continue
+        target = _map_name(model, hf_name(t.name, cfg.architecture))[0]
         if target in slots:
             sources.setdefault(target, []).append(t)
     if mode == "gguf":  # a fused projection with any float part stays float whole
         sources = {k: ts for k, ts in sources.items() if not any(tensor_type(t) in FLOAT_TYPES for t in ts)}
-    names = {hf_name(t.name) for ts in sources.values() for t in ts}
+    names = {hf_name(t.name, cfg.architecture) for ts in sources.values() for t in ts}
     tables = {n for n in names if _is_table(n, slots[_map_name(model, n)[0]])}
     # The table first: its repacking buffers are the load's largest, best spent before the rest is held
     found = chain(

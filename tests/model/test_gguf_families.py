@@ -1,0 +1,215 @@
+"""Gemma 2, Gemma 3 and Phi-3 from GGUF files written here as llama.cpp's converter writes them (names,
+metadata, Gemma's (1 + w) norms, Phi-3's fused tensors and LongRoPE factor tensors): the config comes from
+the file's metadata, the weights from its tensors, and the model matches transformers on the same weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, GGUFWriter
+from gguf.quants import dequantize, quantize
+from safetensors.torch import load_file
+
+from tiny_models import make_tiny_model
+from tricklm.config import EngineConfig
+from tricklm.engine.core import EngineCore
+from tricklm.engine.request import Request
+from tricklm.engine.sampling_params import SamplingParams
+from tricklm.model.gguf_convert import _hf_config, rope_factors
+from tricklm.model.gguf_weights import GGUF_LINK, open_reader
+from tricklm.model.loader import load_model
+from tricklm.model.qlinear import QLinear
+from tricklm.model.registry import CausalLM
+
+transformers = pytest.importorskip("transformers")
+
+# HF module -> llama.cpp name, per family (what convert_hf_to_gguf.py writes)
+_COMMON = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "input_layernorm": "attn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+_GEMMA = {
+    **_COMMON,
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+}
+_PHI3 = {
+    **_COMMON,
+    "self_attn.qkv_proj": "attn_qkv",
+    "mlp.gate_up_proj": "ffn_up",
+    "post_attention_layernorm": "ffn_norm",
+}
+FAMILIES = {
+    "gemma2": ("Gemma2ForCausalLM", _GEMMA),
+    "gemma3": ("Gemma3ForCausalLM", _GEMMA),
+    "phi3": ("Phi3ForCausalLM", _PHI3),
+}
+PROMPT = list(range(3, 27))
+NUM_NEW_TOKENS = 8
+
+
+def gguf_name(hf: str, names: dict[str, str]) -> str:
+    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    if hf in top or hf == "lm_head.weight":
+        return top.get(hf, "output.weight")
+    parts = hf.split(".")  # model.layers.N.<module>.<param>
+    return f"blk.{parts[2]}.{names['.'.join(parts[3:-1])]}.{parts[-1]}"
+
+
+def write_metadata(writer: GGUFWriter, arch: str, config: Any) -> None:
+    """The hyper-parameters convert_hf_to_gguf.py writes for the family."""
+    c = config
+    for key, value in {
+        "block_count": c.num_hidden_layers, "context_length": c.max_position_embeddings,
+        "embedding_length": c.hidden_size, "feed_forward_length": c.intermediate_size,
+        "attention.head_count": c.num_attention_heads, "attention.head_count_kv": c.num_key_value_heads,
+        "vocab_size": c.vocab_size,
+    }.items():  # fmt: skip
+        writer.add_uint32(f"{arch}.{key}", value)
+    writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", c.rms_norm_eps)
+    if arch.startswith("gemma"):
+        writer.add_uint32(f"{arch}.attention.key_length", c.head_dim)
+        writer.add_uint32(f"{arch}.attention.value_length", c.head_dim)
+        writer.add_uint32(f"{arch}.attention.sliding_window", c.sliding_window)
+        rope = c.rope_parameters["full_attention"] if arch == "gemma3" else c.rope_parameters
+        writer.add_float32(f"{arch}.rope.freq_base", rope["rope_theta"])
+    if arch == "gemma2":
+        writer.add_float32(f"{arch}.attn_logit_softcapping", c.attn_logit_softcapping)
+        writer.add_float32(f"{arch}.final_logit_softcapping", c.final_logit_softcapping)
+    if arch == "gemma3":  # the tiny model's own pattern, its local base, its linear scaling
+        writer.add_uint32(f"{arch}.attention.sliding_window_pattern", 2)
+        writer.add_float32(f"{arch}.rope.freq_base_swa", c.rope_parameters["sliding_attention"]["rope_theta"])
+        writer.add_string(f"{arch}.rope.scaling.type", "linear")
+        writer.add_float32(f"{arch}.rope.scaling.factor", c.rope_parameters["full_attention"]["factor"])
+        writer.add_float32(f"{arch}.final_logit_softcapping", c.final_logit_softcapping)
+    if arch == "phi3":
+        rope = c.rope_parameters
+        writer.add_float32(f"{arch}.rope.freq_base", rope["rope_theta"])
+        writer.add_uint32(
+            f"{arch}.rope.dimension_count", int(c.hidden_size // c.num_attention_heads * rope["partial_rotary_factor"])
+        )
+        writer.add_uint32(f"{arch}.rope.scaling.original_context_length", rope["original_max_position_embeddings"])
+        writer.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], dtype=np.float32))
+        writer.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))
+
+
+def write_gguf(hf_dir: Path, out: Path, arch: str, qtype: str) -> dict[str, torch.Tensor]:
+    """The folder's model as a GGUF file: matrices in `qtype` (the token table F16), vectors F32, Gemma's
+    norms as (1 + w). Returns the Hugging Face state dict the file holds (matrices as they dequantize)."""
+    names = FAMILIES[arch][1]
+    config = transformers.AutoConfig.from_pretrained(hf_dir)
+    writer = GGUFWriter(str(out), arch)
+    write_metadata(writer, arch, config)
+    kind = GGMLQuantizationType[qtype]
+    held = {}
+    for name, tensor in sorted(load_file(str(hf_dir / "model.safetensors")).items()):
+        w = tensor.float().numpy()
+        if w.ndim == 2:
+            table = "embed_tokens" in name
+            stored = w.astype(np.float16) if table or qtype == "F16" else quantize(w, kind)
+            writer.add_tensor(gguf_name(name, names), stored, raw_dtype=None if table or qtype == "F16" else kind)
+            back = stored.astype(np.float32) if table or qtype == "F16" else dequantize(stored, kind)
+        else:
+            is_plus_one = arch.startswith("gemma") and name.endswith("norm.weight")
+            writer.add_tensor(gguf_name(name, names), w + 1.0 if is_plus_one else w)
+            back = w
+        held[name] = torch.from_numpy(np.asarray(back, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return held
+
+
+def gguf_folder(hf_dir: Path, tmp: Path, arch: str, qtype: str) -> tuple[Path, dict[str, torch.Tensor]]:
+    """What `convert_gguf` writes, but the tokenizer copied from the HF folder (the file has none)."""
+    file = tmp / f"{arch}-{qtype}.gguf"
+    held = write_gguf(hf_dir, file, arch, qtype)
+    reader = open_reader(file)
+    meta = {k: f.contents() for k, f in reader.fields.items()}
+
+    has_output = any(t.name == "output.weight" for t in reader.tensors)
+    folder = tmp / f"{arch}-{qtype}"
+    shutil.copytree(hf_dir, folder, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    config = _hf_config(meta, arch, has_output, rope_factors(reader))
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / GGUF_LINK).symlink_to(file)
+    return folder, held
+
+
+def hf_with(hf_dir: Path, weights: dict[str, torch.Tensor]) -> Any:
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
+    hf.load_state_dict(weights, strict=False)
+    if hf.config.tie_word_embeddings:
+        hf.tie_weights()
+    hf.generation_config.eos_token_id = None
+    return hf.eval()
+
+
+def greedy(model: CausalLM, quantization: str) -> tuple[list[int], torch.Tensor]:
+    core = EngineCore(model, EngineConfig(quantization=quantization, native_decode=False))
+    core.add_request(
+        Request(
+            "r", PROMPT, SamplingParams(max_tokens=NUM_NEW_TOKENS, temperature=0.0, ignore_eos=True), NUM_NEW_TOKENS
+        )
+    )
+    first = core.runner.forward_logits(core.scheduler.schedule())
+    core = EngineCore(model, EngineConfig(quantization=quantization, native_decode=False))
+    core.add_request(
+        Request(
+            "r", PROMPT, SamplingParams(max_tokens=NUM_NEW_TOKENS, temperature=0.0, ignore_eos=True), NUM_NEW_TOKENS
+        )
+    )
+    tokens: list[int] = []
+    while core.has_work:
+        tokens += [t for out in core.step() for t in out.new_token_ids]
+    return tokens, first
+
+
+@torch.inference_mode()
+def hf_greedy(hf: Any) -> tuple[list[int], torch.Tensor]:
+    ids = torch.tensor([PROMPT])
+    out = hf.generate(
+        ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=NUM_NEW_TOKENS, pad_token_id=0
+    )
+    return out[0, len(PROMPT) :].tolist(), hf(ids).logits[0]
+
+
+@pytest.mark.parametrize("arch", list(FAMILIES))
+@pytest.mark.parametrize("qtype", ["F16", "Q8_0"])
+def test_gguf_file_gives_the_hugging_face_model(tmp_path: Path, arch: str, qtype: str) -> None:
+    # llama.cpp scales Gemma's queries by head_dim, as every released Gemma but the 27B ones does
+    overrides = {"query_pre_attn_scalar": 16} if arch.startswith("gemma") else {}
+    hf_dir = make_tiny_model(tmp_path / "hf", FAMILIES[arch][0], **overrides)
+    folder, held = gguf_folder(hf_dir, tmp_path, arch, qtype)
+    ours = load_model(folder, torch.float32, "none")
+    reference = load_model(hf_dir).config
+    # metadata -> config: every field the model reads (the file keeps eps in float32)
+    assert ours.config == dataclasses.replace(reference, norm_eps=ours.config.norm_eps)
+    assert ours.config.norm_eps == pytest.approx(reference.norm_eps)
+    hf = hf_with(hf_dir, held)
+    tokens, logits = greedy(ours, "none")
+    hf_tokens, hf_logits = hf_greedy(hf)
+    assert (logits - hf_logits).abs().max().item() <= 1e-4
+    assert tokens == hf_tokens
+    if qtype == "Q8_0":  # the file's own blocks, on the block path: the same next tokens, nearly always
+        blocks = load_model(folder, torch.float32, "gguf")
+        assert isinstance(blocks.model.layers[0].self_attn.o_proj, QLinear)  # type: ignore[attr-defined]
+        agree = greedy(blocks, "gguf")[1].argmax(-1) == logits.argmax(-1)
+        assert agree.float().mean() >= 0.8
