@@ -282,6 +282,26 @@ def test_an_architecture_the_stack_does_not_implement_runs_in_python(tmp_path: P
     assert req.output_token_ids == twin.output_token_ids and len(req.output_token_ids) == 10
 
 
+@pytest.mark.parametrize(
+    ("arch", "overrides", "lacking"),
+    [
+        ("LlamaForCausalLM", {}, []),
+        ("MistralForCausalLM", {}, []),  # one window, shared by every layer
+        ("Qwen3ForCausalLM", {}, ["the Qwen3ForCausalLM class", "per-head q/k norms"]),
+        ("Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1},
+         ["windows that differ between layers"]),
+        ("Gemma3ForCausalLM", {}, ["the Gemma3ForCausalLM class"]),
+        ("Phi3ForCausalLM", {}, ["the Phi3ForCausalLM class", "partial rotary"]),
+    ],
+)  # fmt: skip
+def test_the_native_path_names_what_it_does_not_implement(
+    tmp_path: Path, arch: str, overrides: dict[str, Any], lacking: list[str]
+) -> None:
+    model = load_model(make_tiny_model(tmp_path, arch, **overrides))
+    missing = native.missing_operations(model)
+    assert all(item in missing for item in lacking) and bool(missing) == bool(lacking), missing
+
+
 def test_switched_off_by_config_or_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = four_bit_model(make_tiny_model(tmp_path, "LlamaForCausalLM", weight_std=0.1))
     assert native.supports(model, core_for(model).kv_cache.layers)  # type: ignore[arg-type]

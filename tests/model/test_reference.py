@@ -343,3 +343,10 @@ def test_qwen2_sliding_window_on_some_layers(tmp_path: Path) -> None:
     sequences, logits = drive_logits(engine(ours, max_num_batched_tokens=7), batch_prompts(ours.config.vocab_size), 8)
     for rid, seq in sequences.items():
         assert_close(logits[rid], hf_logits(hf, seq[:-1]))
+
+
+def test_a_multimodal_gemma3_checkpoint_is_refused_with_what_to_use_instead() -> None:
+    from tricklm.model.config import ModelConfig, ModelLoadError
+
+    with pytest.raises(ModelLoadError, match=r"multimodal.*GGUF file"):
+        ModelConfig.from_dict({"architectures": ["Gemma3ForConditionalGeneration"], "text_config": {}})

@@ -20,7 +20,7 @@ class EngineCore:
         cfg = model.config
         self.config = config
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        self.dtype = model_dtypes(model)[1]  # type: ignore[arg-type]  # the KV cache's
+        self.dtype = model_dtypes(model)[1]  # the KV cache's
         self.kv_cache = KVCache(
             cfg, self._num_blocks(model), config.block_size, self.dtype, config.enable_prefix_caching
         )

@@ -18,6 +18,7 @@ from tricklm.engine.sampling_params import MODEL_DEFAULT_KEYS, SamplingParams
 from tricklm.engine.structured import GrammarCompiler, GrammarUnavailable
 from tricklm.model.loader import load_model, read_json
 from tricklm.model.quant import weight_bytes
+from tricklm.model.registry import CausalLM
 from tricklm.model.resolve import DEFAULT_MODEL_NAME, resolve_model
 from tricklm.tokenizer import Tokenizer
 
@@ -111,9 +112,9 @@ def generation_defaults(model_dir: Path) -> dict[str, Any]:
     return {k: cfg[k] for k in MODEL_DEFAULT_KEYS if isinstance(cfg.get(k), int | float)}
 
 
-def memory_summary(model: object, kv_bytes: int, kv_resident: bool = True) -> str:
+def memory_summary(model: CausalLM, kv_bytes: int, kv_resident: bool = True) -> str:
     """One line for the log: weights by format, the KV cache's budget, and the process's resident size."""
-    weights = weight_bytes(model)  # type: ignore[arg-type]
+    weights = weight_bytes(model)
     by_format = ", ".join(f"{kind} {n / 2**20:.0f}" for kind, n in sorted(weights.items(), key=lambda kv: -kv[1]))
     line = f"weights {sum(weights.values()) / 2**20:.0f} MiB ({by_format}); KV cache budget {kv_bytes / 2**20:.0f} MiB"
     try:

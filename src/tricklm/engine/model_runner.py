@@ -56,10 +56,10 @@ class ModelRunner:
         # Decode-only steps of up to MAX_PACKED_ROWS sequences (where the 4-bit weights are read) run in C++
         self.native = None
         if native:
-            self.native = NativeDecoder.build(model, kv_cache.layers, kv_cache.block_size)  # type: ignore[arg-type]
+            self.native = NativeDecoder.build(model, kv_cache.layers, kv_cache.block_size)
         self.windows = model.config.windows  # masks are built once per step for each distinct window
         self.num_kv_heads = model.config.num_kv_heads
-        self.dtype = model_dtypes(model)[0]  # type: ignore[arg-type]  # the activations'; masks match it
+        self.dtype = model_dtypes(model)[0]  # the activations'; masks match it
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> dict[str, Sampled]:

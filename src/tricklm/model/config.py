@@ -69,6 +69,8 @@ class ModelConfig:
         if not archs:
             raise ModelLoadError("config.json has no 'architectures' entry")
         arch = archs[0]
+        if arch in MULTIMODAL:
+            raise ModelLoadError(f"{arch} is multimodal, which is not supported: {MULTIMODAL[arch]}")
         try:
             if arch == "GPT2LMHeadModel":
                 return cls._gpt2(arch, cfg)
@@ -130,6 +132,11 @@ class ModelConfig:
         )
 
 
+# Checkpoints whose text model we run, but not packaged with a vision tower
+MULTIMODAL = {
+    "Gemma3ForConditionalGeneration": "serve its GGUF file (the text model: llama.cpp keeps the vision tower "
+    "in a separate mmproj file) or a text-only Gemma3ForCausalLM checkpoint",
+}
 GEMMA_ARCHITECTURES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
 # Gemma configs without `layer_types`: every n-th layer global, the others sliding (transformers' defaults)
 _GEMMA_PATTERN = {"Gemma2ForCausalLM": 2, "Gemma3ForCausalLM": 6}

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from tricklm.model.attention import AttentionMetadata, KVCacheLayer, paged_attention
+from tricklm.model.base import CausalLM
 from tricklm.model.config import ModelConfig
 from tricklm.model.layers import activation, load_shard, output_logits
 
@@ -63,10 +64,9 @@ class GPT2Body(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
 
 
-class GPT2LMHeadModel(nn.Module):
+class GPT2LMHeadModel(CausalLM):
     def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.config = cfg
+        super().__init__(cfg)
         self.transformer = GPT2Body(cfg)
         self.lm_head: nn.Module | None = None  # tied to wte unless quantisation gives it its own copy
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from tricklm.model.attention import AttentionMetadata, KVCacheLayer, paged_attention
+from tricklm.model.base import CausalLM
 from tricklm.model.config import ModelConfig
 from tricklm.model.layers import (
     RMSNorm,
@@ -128,14 +129,13 @@ class LlamaBody(nn.Module):
         return self.norm(x)  # type: ignore[no-any-return]
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     """Tokens in (flattened across the batch), hidden states out; `compute_logits` on chosen rows."""
 
     layer_class: type[nn.Module] = LlamaDecoderLayer
 
     def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.config = cfg
+        super().__init__(cfg)
         self.model = LlamaBody(cfg, self.layer_class)
         self.lm_head: nn.Module | None = None
         if not cfg.tie_word_embeddings:
@@ -162,7 +162,7 @@ class LlamaForCausalLM(nn.Module):
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name or (self.lm_head is None and name == "lm_head.weight"):
                 continue
-            target, offset = self._map_name(name)
+            target, offset = self.map_name(name)
             if target not in params:
                 continue
             load_shard(params[target], tensor, offset, exact=offset is None)
@@ -170,15 +170,15 @@ class LlamaForCausalLM(nn.Module):
         # a fused parameter counts as loaded only once all its rows arrived (from its parts, or whole: Phi-3)
         return {n for n, rows in rows_seen.items() if rows >= params[n].shape[0]}
 
-    def _map_name(self, name: str) -> tuple[str, int | None]:
-        """Checkpoint name -> (our parameter name, row offset inside a fused parameter)."""
+    def map_name(self, name: str) -> tuple[str, int | None]:
+        """q/k/v and gate/up parts go to rows of our fused qkv_proj and gate_up_proj."""
         parts = name.split(".")
         for i, part in enumerate(parts):
             if part in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
                 fused = "qkv_proj" if part.endswith(("q_proj", "k_proj", "v_proj")) else "gate_up_proj"
                 owner = self.get_submodule(".".join(parts[:i]))
-                offset: int = owner.shard_offsets()[part]  # type: ignore[operator]
-                return ".".join([*parts[:i], fused, *parts[i + 1 :]]), offset
+                assert isinstance(owner, LlamaAttention | LlamaMLP)
+                return ".".join([*parts[:i], fused, *parts[i + 1 :]]), owner.shard_offsets()[part]
         return name, None
 
 

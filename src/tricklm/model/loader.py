@@ -72,7 +72,7 @@ def load_model(
         weights = dense_tensors(gguf, cfg, skip=direct, matrix_dtype=staging)
     else:
         weights = _iter_safetensors(model_dir)
-    loaded = model.load_weights(weights)  # type: ignore[operator]
+    loaded = model.load_weights(weights)
     missing = sorted(set(dict(model.named_parameters())) - loaded)
     if missing:
         shown = ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else "")
@@ -81,13 +81,13 @@ def load_model(
     if quantization in QUANT_MODES:
         model = quantize(model, quantization, prefill_weights)
     release_freed_memory()  # the loader's staging buffers
-    return model  # type: ignore[return-value]
+    return model
 
 
 TRIM_EVERY = 4  # projections built between two heap trims: one decoder layer's
 
 
-def _block_projections_from_gguf(model: torch.nn.Module, reader: Any, cfg: ModelConfig, mode: str) -> set[str]:
+def _block_projections_from_gguf(model: CausalLM, reader: Any, cfg: ModelConfig, mode: str) -> set[str]:
     """Every decoder projection, the token table and the output head of a model still on the meta
     device, built from the file's blocks (see `projection_blocks`) as QLinear / QEmbedding modules: no
     float copy of them ever exists. The table and head are rounded to no fewer than 8 bits, whatever the
@@ -102,13 +102,13 @@ def _block_projections_from_gguf(model: torch.nn.Module, reader: Any, cfg: Model
     for t in reader.tensors:
         if t.name in ROPE_FACTOR_TENSORS:
             continue
-        target = _map_name(model, hf_name(t.name, cfg.architecture))[0]
+        target = model.map_name(hf_name(t.name, cfg.architecture))[0]
         if target in slots:
             sources.setdefault(target, []).append(t)
     if mode == "gguf":  # a fused projection with any float part stays float whole
         sources = {k: ts for k, ts in sources.items() if not any(tensor_type(t) in FLOAT_TYPES for t in ts)}
     names = {hf_name(t.name, cfg.architecture) for ts in sources.values() for t in ts}
-    tables = {n for n in names if _is_table(n, slots[_map_name(model, n)[0]])}
+    tables = {n for n in names if _is_table(n, slots[model.map_name(n)[0]])}
     # The table first: its repacking buffers are the load's largest, best spent before the rest is held
     found = chain(
         projection_blocks(reader, cfg, tables, "q8_0"),
@@ -117,7 +117,7 @@ def _block_projections_from_gguf(model: torch.nn.Module, reader: Any, cfg: Model
     parts: dict[str, list[tuple[int, Blocks]]] = {}
     built = 0
     for name, blocks in found:
-        target, offset = _map_name(model, name)
+        target, offset = model.map_name(name)
         parts.setdefault(target, []).append((offset or 0, blocks))
         slot = slots[target]
         wanted = _slot_shape(slot)
@@ -157,12 +157,7 @@ def _slot_shape(slot: torch.nn.Module) -> tuple[int, int]:
     return slot.out_features, slot.in_features
 
 
-def _map_name(model: torch.nn.Module, name: str) -> tuple[str, int | None]:
-    mapper = getattr(model, "_map_name", None)
-    return mapper(name) if mapper is not None else (name, None)  # type: ignore[no-any-return]
-
-
-def _storage_dtypes(model: torch.nn.Module, dtype: torch.dtype, quantization: str) -> torch.nn.Module:
+def _storage_dtypes(model: CausalLM, dtype: torch.dtype, quantization: str) -> CausalLM:
     """Quantized modes stage projections in float16 (what they are packed from), embedding tables in
     bfloat16 (what they are kept in: no second table exists while quantizing), norms in float32."""
     if quantization not in QUANT_MODES:

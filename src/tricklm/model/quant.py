@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tricklm.memory import release_freed_memory
+from tricklm.model.base import CausalLM
 from tricklm.model.block_formats import BLOCK
 from tricklm.model.qlinear import QEmbedding, QLinear, quantize_blocks
 
@@ -280,7 +281,7 @@ class HalfEmbedding(nn.Module):
         return F.embedding(ids, self.weight).to(ACT_DTYPE)
 
 
-def quantize(model: nn.Module, mode: str = "int4", prefill: str = "auto") -> nn.Module:
+def quantize(model: CausalLM, mode: str = "int4", prefill: str = "auto") -> CausalLM:
     """Swap every Linear for a HalfLinear and every Embedding for a HalfEmbedding, in place.
 
     Expects a float32 model: what is left (norms, RoPE tables) stays float32, like the activations.
@@ -295,7 +296,7 @@ def quantize(model: nn.Module, mode: str = "int4", prefill: str = "auto") -> nn.
     dense, int4 = mode not in ONE_COPY_MODES, mode == "int4"
     if prefill == "auto":
         prefill = large_step_format() if dense else "bf16"
-    tied = getattr(model, "lm_head", None) is None
+    tied = model.lm_head is None
     # Slots, not modules: holding no reference to the old children lets each float16 staging weight be
     # freed as soon as it is replaced, so loading peaks near the final size rather than staging + final.
     slots = [
@@ -307,7 +308,7 @@ def quantize(model: nn.Module, mode: str = "int4", prefill: str = "auto") -> nn.
     for parent, name in slots:
         setattr(parent, name, _half(getattr(parent, name), mode, prefill))
         release_freed_memory()  # glibc keeps freed heap pages resident until asked
-    head = model.get_input_embeddings() if tied else model.lm_head  # type: ignore[operator]
+    head = model.get_input_embeddings() if tied else model.lm_head
     if isinstance(head, QEmbedding):  # one copy of the table in blocks serves the head too
         model.lm_head = QLinear(head.qweight, None, precise=True)
         return model

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
-
-import torch
-
-from tricklm.model.attention import AttentionMetadata, KVCacheLayer
+from tricklm.model.base import CausalLM as CausalLM
 from tricklm.model.config import ModelConfig, ModelLoadError
 from tricklm.model.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
 from tricklm.model.gpt2 import GPT2LMHeadModel
@@ -18,22 +14,7 @@ from tricklm.model.llama import (
     Qwen3ForCausalLM,
 )
 
-
-class CausalLM(Protocol):
-    config: ModelConfig
-
-    def __call__(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        kv_caches: list[KVCacheLayer],
-        meta: AttentionMetadata,
-    ) -> torch.Tensor: ...
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
-
-
-MODEL_REGISTRY: dict[str, type[torch.nn.Module]] = {
+MODEL_REGISTRY: dict[str, type[CausalLM]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
@@ -45,7 +26,7 @@ MODEL_REGISTRY: dict[str, type[torch.nn.Module]] = {
 }
 
 
-def model_class(cfg: ModelConfig) -> type[torch.nn.Module]:
+def model_class(cfg: ModelConfig) -> type[CausalLM]:
     cls = MODEL_REGISTRY.get(cfg.architecture)
     if cls is None:
         supported = ", ".join(sorted(MODEL_REGISTRY))

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from tricklm.model.attention import KVCacheLayer
+from tricklm.model.base import CausalLM
 from tricklm.model.layers import RMSNorm
 from tricklm.model.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 from tricklm.model.native.build import DISABLE_ENV as DISABLE_ENV
@@ -72,21 +73,39 @@ def _norm_weights(layer: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
     return norms[0].weight.detach(), norms[1].weight.detach()
 
 
-NATIVE_ARCHITECTURES: tuple[type[torch.nn.Module], ...] = (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)
+# What the C++ stack implements, per layer: RMSNorm -> fused qkv (a bias allowed) -> half-rotation RoPE over
+# the whole head -> GQA attention scaled by 1/sqrt(head_dim), over the whole context or one window that every
+# layer shares -> o_proj -> residual; RMSNorm -> SwiGLU -> residual. These exact classes (not subclasses: a
+# new class may add an operation) run nothing else, as long as their config asks for nothing else:
+NATIVE_ARCHITECTURES: tuple[type[CausalLM], ...] = (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)
+
+
+def missing_operations(model: torch.nn.Module) -> list[str]:
+    """What `model` computes that the C++ stack does not (empty: the stack can run it)."""
+    missing = [] if type(model) in NATIVE_ARCHITECTURES else [f"the {type(model).__name__} class"]
+    if not isinstance(model, CausalLM):
+        return missing
+    cfg = model.config
+    checks = {
+        f"the {cfg.hidden_act} activation": cfg.hidden_act != "silu",
+        "per-head q/k norms": cfg.qk_norm,
+        "windows that differ between layers": len(cfg.windows) > 1,
+        "partial rotary": cfg.rotary_dim != cfg.head_dim,
+        "RoPE bases per layer type": cfg.local_rope_theta is not None,
+        "attention soft-capping": cfg.attn_logit_softcapping is not None,
+        "a query scale other than 1/sqrt(head_dim)": cfg.attention_scale != cfg.head_dim**-0.5,
+    }
+    return missing + [name for name, lacks in checks.items() if lacks]
 
 
 def supports(model: torch.nn.Module, kv_layers: list[KVCacheLayer]) -> bool:
-    """True for a Llama-family model whose every decoder projection is compact (int4 or blocks), with an
-    fp16 KV cache."""
-    # Exact classes, not subclasses: a new architecture may add an operation the C++ stack lacks (Qwen3's
-    # per-head norms), and must run on the Python path until the stack implements it
-    if type(model) not in NATIVE_ARCHITECTURES or not isinstance(model, LlamaForCausalLM):
+    """True for a model with no operation the stack lacks, whose every decoder projection is compact (int4
+    or blocks), with an fp16 KV cache."""
+    missing = missing_operations(model)
+    if missing:
+        log.debug("native decode step not used: it does not implement %s", ", ".join(missing))
         return False
-    cfg = model.config
-    if cfg.hidden_act != "silu" or cfg.qk_norm or len(cfg.windows) > 1 or cfg.rotary_dim != cfg.head_dim:
-        return False
-    if cfg.attn_logit_softcapping is not None or cfg.attention_scale != cfg.head_dim**-0.5:
-        return False
+    assert isinstance(model, LlamaForCausalLM)
     if any(layer.kv.dtype != KV_DTYPE for layer in kv_layers):
         return False
     return all(_projections(layer) is not None and _norm_weights(layer) is not None for layer in model.model.layers)
