@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from tricklm.config import QUANTIZATIONS, EngineConfig, ServerConfig, config_from_args
+from tricklm.config import QUANTIZATIONS, EngineConfig, ReplicaPlan, ServerConfig, config_from_args
 from tricklm.logs import LOG_FORMATS, LOG_LEVELS, configure_logging
 from tricklm.model.config import ModelLoadError
 from tricklm.model.quant import PREFILL_FORMATS
@@ -206,14 +206,22 @@ def _server_config(args: argparse.Namespace) -> ServerConfig:
 
 
 def _serve_replicas(args: argparse.Namespace) -> int:
-    if args.replicas < 1:
-        raise ValueError("--replicas must be at least 1")
     try:
-        from tricklm.server.replicas import ReplicaPlan, serve_replicas
+        from tricklm.server.replicas import serve_replicas
     except ImportError as e:
         raise ValueError(f"--replicas needs Ray Serve ({e}): pip install 'tricklm[ray]'") from None
+    return serve_replicas(*_replica_setup(args))
+
+
+def replica_setup(argv: Sequence[str]) -> tuple[EngineConfig, ServerConfig, ReplicaPlan]:
+    """`tricklm serve` options (`--replicas N ...`) as the configs of a replicated deployment."""
+    return _replica_setup(build_parser().parse_args(["serve", *argv]))
+
+
+def _replica_setup(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig, ReplicaPlan]:
+    if args.replicas < 1:
+        raise ValueError("--replicas must be at least 1")
     cpus = args.cpus_per_replica or args.num_threads or max(1, (os.cpu_count() or 1) // args.replicas)
     if cpus < 1:
         raise ValueError("--cpus-per-replica must be at least 1")
-    plan = ReplicaPlan(args.replicas, cpus, args.ray_address)
-    return serve_replicas(engine_config(args), _server_config(args), plan)
+    return engine_config(args), _server_config(args), ReplicaPlan(args.replicas, cpus, args.ray_address)

@@ -126,6 +126,15 @@ class ServerConfig:
             raise ValueError("shutdown_timeout must be between 0 and 86400 seconds")
 
 
+@dataclass(frozen=True)
+class ReplicaPlan:
+    """`tricklm serve --replicas`: how many engine replicas, each reserving (and using) this many CPUs."""
+
+    replicas: int
+    cpus_per_replica: int
+    ray_address: str | None = None  # None: start a local Ray instance
+
+
 def config_from_args(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T:
     """Build a config dataclass from the parsed options named like its fields (the rest keep their defaults)."""
     values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}  # type: ignore[arg-type]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
@@ -25,12 +26,12 @@ class PrefixAffinityRouter(RequestRouter):  # type: ignore[misc]  # ray is untyp
     ) -> list[list[RunningReplica]]:
         prefix = _prefix(pending_request)
         if not prefix:
-            return [candidate_replicas]  # the router takes the least loaded of them
+            return [_shuffled(candidate_replicas)]  # the router takes the least loaded of them
         by_name = {r.replica_id.unique_id: r for r in candidate_replicas}
         depth = self.index.matches(prefix, by_name)
         cache = self.replica_queue_len_cache
         load = {name: cache.get(r.replica_id) for name, r in by_name.items()}
-        return [[by_name[name] for name in rank] for rank in rank_replicas(depth, load, self.busy_at)]
+        return [_shuffled([by_name[name] for name in rank]) for rank in rank_replicas(depth, load, self.busy_at)]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         prefix = _prefix(pending_request)
@@ -40,6 +41,12 @@ class PrefixAffinityRouter(RequestRouter):  # type: ignore[misc]  # ray is untyp
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         self.index.forget(replica_id.unique_id)
         super().on_replica_actor_died(replica_id)
+
+
+def _shuffled(replicas: list[RunningReplica]) -> list[RunningReplica]:
+    """In random order: the router takes the first of equally loaded replicas, and a burst of requests
+    sees them all equally loaded (its own requests have not landed yet)."""
+    return random.sample(replicas, len(replicas))
 
 
 def _prefix(pending_request: PendingRequest | None) -> list[int]:

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
 import signal
 import threading
 import time
@@ -33,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Message
 
-from tricklm.config import EngineConfig, ServerConfig
+from tricklm.config import EngineConfig, ReplicaPlan, ServerConfig
 from tricklm.engine.engine import Engine
 from tricklm.model.resolve import resolve_model
 from tricklm.server.access import KeyGuard
@@ -99,12 +100,20 @@ class _Board:
 ReplicaBoard: Any = ray.remote(num_cpus=0)(_Board)
 
 
+def _board() -> Any:
+    """The board, created by whichever deployment starts first. Detached: a gateway or replica that dies
+    must not take the others' board with it (entries of replicas gone expire by age)."""
+    return ReplicaBoard.options(
+        name="tricklm-board", namespace="tricklm", get_if_exists=True, lifetime="detached"
+    ).remote()
+
+
 class EngineReplica:
     """One engine and the tricklm app around it, fed requests by the gateway."""
 
     # Ray awaits an async constructor: the replica takes no request until the engine is loaded
     async def __init__(  # type: ignore[misc]
-        self, engine_config: EngineConfig, server_config: ServerConfig, board: Any
+        self, engine_config: EngineConfig, server_config: ServerConfig
     ) -> None:
         from tricklm.logs import configure_logging
 
@@ -126,7 +135,7 @@ class EngineReplica:
         self._lifespan = AsyncExitStack()
         await self._lifespan.enter_async_context(self.app.router.lifespan_context(self.app))
         self.name = serve.get_replica_context().replica_id.unique_id
-        self.board = board
+        self.board = _board()
         self._apps: set[asyncio.Task[None]] = set()
         self._poster = asyncio.create_task(self._post_forever(), name="tricklm-board")
 
@@ -209,9 +218,9 @@ def _receiver(body: bytes, left: asyncio.Event) -> Any:
 class Gateway:
     """What Ray's HTTP proxy calls: relays each request to a replica, answers /health and /metrics itself."""
 
-    def __init__(self, engines: Any, board: Any, server_config: ServerConfig) -> None:
+    def __init__(self, engines: Any, server_config: ServerConfig) -> None:
         self.engines = engines
-        self.board = board
+        self.board = _board()
         self.max_request_bytes = server_config.max_request_bytes
         self.guard = KeyGuard(_refuse, server_config.api_keys, server_config.metrics_public)
 
@@ -319,32 +328,35 @@ def _overloaded() -> APIError:
     )
 
 
-@dataclass(frozen=True)
-class ReplicaPlan:
-    replicas: int
-    cpus_per_replica: int
-    ray_address: str | None = None
-
-
 def build_application(engine_config: EngineConfig, server_config: ServerConfig, plan: ReplicaPlan) -> Any:
     """The Serve application: the gateway bound to `plan.replicas` engines of `plan.cpus_per_replica` CPUs."""
     engine_config = dataclasses.replace(engine_config, num_threads=plan.cpus_per_replica)
-    board = ReplicaBoard.options(name="tricklm-board", get_if_exists=True).remote()
     engines = _deployment(
         name="EngineReplica",
         num_replicas=plan.replicas,
         ray_actor_options={"num_cpus": plan.cpus_per_replica},
-        # Ray's default (5) would cap a replica's batch; ours queues and answers 429 past this itself
-        max_ongoing_requests=engine_config.max_num_seqs + engine_config.max_queue,
-        max_queued_requests=max(1, engine_config.max_queue),
+        # Ray's default (5) would cap a replica's batch. Past its batch and queue a replica answers 429
+        # itself (with Retry-After), as one server does; the slack lets it see those requests to refuse them
+        max_ongoing_requests=2 * engine_config.max_num_seqs + engine_config.max_queue,
+        # A burst waits here while the router picks replicas; Ray answers 429 past this bound
+        max_queued_requests=plan.replicas * (engine_config.max_num_seqs + engine_config.max_queue),
         request_router_config={
             "request_router_class": f"{PrefixAffinityRouter.__module__}.{PrefixAffinityRouter.__name__}",
             "request_router_kwargs": {"busy_at": engine_config.max_num_seqs},
         },
         health_check_period_s=2.0,
-    )(EngineReplica).bind(engine_config, server_config, board)
+    )(EngineReplica).bind(engine_config, server_config)
     gateway = _deployment(name="Gateway", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=100_000)
-    return gateway(Gateway).bind(engines, board, server_config)
+    return gateway(Gateway).bind(engines, server_config)
+
+
+def from_args(args: dict[str, str]) -> Any:
+    """Ray Serve application builder, for `serve run` and KubeRay's `serveConfigV2`: `args["argv"]` holds
+    `tricklm serve`'s options (--replicas, --cpus-per-replica, --model, ...) as one string."""
+    from tricklm.cli import replica_setup
+
+    engine_config, server_config, plan = replica_setup(shlex.split(args.get("argv", "")))
+    return build_application(engine_config, server_config, plan)
 
 
 def serve_replicas(engine_config: EngineConfig, server_config: ServerConfig, plan: ReplicaPlan) -> int:
