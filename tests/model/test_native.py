@@ -20,6 +20,7 @@ from tricklm.engine.request import Request, Sampled
 from tricklm.engine.sampling_params import SamplingParams
 from tricklm.engine.scheduler import ScheduledBatch
 from tricklm.model import native
+from tricklm.model.layers import RMSNorm
 from tricklm.model.loader import load_model
 from tricklm.model.native import build as native_build
 from tricklm.model.quant import INT4_GROUP, MAX_PACKED_ROWS, quantize
@@ -28,11 +29,14 @@ from tricklm.model.registry import CausalLM
 HAS_COMPILER = shutil.which("c++") is not None or shutil.which("g++") is not None
 needs_compiler = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler to build the extension")
 
-# head_dim 16 (the vector loops only) and 12 (their scalar tail too); Qwen2's q/k/v biases; Mistral's window
+# head_dim 16 (the vector loops only) and 12 (their scalar tail too); Qwen2's q/k/v biases; Mistral's window;
+# Qwen3's per-head q/k norms (random scales, so a q/k mix-up shows), at its config's head_dim 128 and at 12
 CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "llama": ("LlamaForCausalLM", {}),
     "llama-head-dim-12": ("LlamaForCausalLM", {"hidden_size": 96, "num_attention_heads": 8}),
     "qwen2": ("Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3ForCausalLM", {}),
+    "qwen3-head-dim-12": ("Qwen3ForCausalLM", {"hidden_size": 96, "num_attention_heads": 8, "head_dim": 12}),
     "mistral": ("MistralForCausalLM", {"sliding_window": 8}),
     # head_dim 32 (two 16-wide chunks), a window that starts past 0 with more than 16 positions left
     "mistral-window-20": (
@@ -151,7 +155,7 @@ def test_decode_logits_and_cache_writes_match_the_python_path(tiny: CausalLM) ->
 
 @needs_compiler
 @pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
-@pytest.mark.parametrize("case", ["llama", "llama-head-dim-12", "qwen2", "mistral-window-20"])
+@pytest.mark.parametrize("case", ["llama", "llama-head-dim-12", "qwen2", "qwen3", "mistral-window-20"])
 def test_one_copy_block_decode_matches_the_python_path(case: str, fmt: str, tmp_path: Path) -> None:
     arch, overrides = CASES[case]
     model = quantize(load_model(make_tiny_model(tmp_path, arch, weight_std=0.1, **overrides)), fmt)
@@ -256,8 +260,8 @@ def test_only_four_bit_llama_family_models_run_natively(tmp_path: Path) -> None:
 
 @needs_compiler
 def test_an_architecture_the_stack_does_not_implement_runs_in_python(tmp_path: Path) -> None:
-    """Qwen3's per-head norms, or any subclass that adds an operation: refused by the native path (never run
-    through C++ that lacks it), and the Python path still gives the reference answer."""
+    """Gemma 3's soft-capping and sliding layers, or any subclass that adds an operation: refused by the native
+    path (never run through C++ that lacks it), and the Python path still gives the reference answer."""
     llama = four_bit_model(make_tiny_model(tmp_path / "llama", "LlamaForCausalLM", weight_std=0.1))
     assert core_for(llama).runner.native is not None  # the stack is there for what it implements
 
@@ -268,12 +272,12 @@ def test_an_architecture_the_stack_does_not_implement_runs_in_python(tmp_path: P
     extra = four_bit_model(make_tiny_model(tmp_path / "llama2", "LlamaForCausalLM", weight_std=0.1))
     extra.__class__ = ScaledLlama
     assert core_for(extra).runner.native is None
-    qwen3 = four_bit_model(make_tiny_model(tmp_path / "qwen3", "Qwen3ForCausalLM", weight_std=0.1))
-    core = core_for(qwen3)
+    gemma3 = four_bit_model(make_tiny_model(tmp_path / "gemma3", "Gemma3ForCausalLM", weight_std=0.1))
+    core = core_for(gemma3)
     assert core.runner.native is None
-    reference = core_for(qwen3, native_decode=False)
-    req = greedy("q", 12, 10, qwen3.config.vocab_size)
-    twin = greedy("q", 12, 10, qwen3.config.vocab_size)
+    reference = core_for(gemma3, native_decode=False)
+    req = greedy("q", 12, 10, gemma3.config.vocab_size)
+    twin = greedy("q", 12, 10, gemma3.config.vocab_size)
     core.add_request(req)
     reference.add_request(twin)
     while core.has_work or reference.has_work:
@@ -282,15 +286,31 @@ def test_an_architecture_the_stack_does_not_implement_runs_in_python(tmp_path: P
     assert req.output_token_ids == twin.output_token_ids and len(req.output_token_ids) == 10
 
 
+def test_head_norms_of_another_kind_are_refused(tmp_path: Path) -> None:
+    """The stack's q/k norms are plain RMSNorms: a layer whose norm is anything else runs in Python."""
+    qwen3 = four_bit_model(make_tiny_model(tmp_path, "Qwen3ForCausalLM", weight_std=0.1))
+    kv_layers = core_for(qwen3).kv_cache.layers
+    assert native.supports(qwen3, kv_layers)  # type: ignore[arg-type]
+
+    class OffsetNorm(RMSNorm):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) + 1.0
+
+    attn = qwen3.model.layers[1].self_attn  # type: ignore[attr-defined,index]
+    attn.k_norm.__class__ = OffsetNorm
+    assert not native.supports(qwen3, kv_layers)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(
     ("arch", "overrides", "lacking"),
     [
         ("LlamaForCausalLM", {}, []),
         ("MistralForCausalLM", {}, []),  # one window, shared by every layer
-        ("Qwen3ForCausalLM", {}, ["the Qwen3ForCausalLM class", "per-head q/k norms"]),
+        ("Qwen3ForCausalLM", {}, []),  # its per-head q/k norms are in the stack
         ("Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1},
          ["windows that differ between layers"]),
-        ("Gemma3ForCausalLM", {}, ["the Gemma3ForCausalLM class"]),
+        ("Gemma3ForCausalLM", {}, ["the Gemma3ForCausalLM class", "windows that differ between layers",
+                                   "RoPE bases per layer type"]),
         ("Phi3ForCausalLM", {}, ["the Phi3ForCausalLM class", "partial rotary"]),
     ],
 )  # fmt: skip

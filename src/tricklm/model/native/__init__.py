@@ -22,7 +22,7 @@ import torch
 from tricklm.model.attention import KVCacheLayer
 from tricklm.model.base import CausalLM
 from tricklm.model.layers import RMSNorm
-from tricklm.model.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+from tricklm.model.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 from tricklm.model.native.build import DISABLE_ENV as DISABLE_ENV
 from tricklm.model.native.build import enabled_by_env, load_or_warn
 from tricklm.model.qlinear import QLinear
@@ -65,19 +65,35 @@ def _projections(layer: Any) -> Projections | None:
     return found
 
 
-def _norm_weights(layer: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The layer's two RMSNorm scales, if both are float32 (the extension reads them as such)."""
-    norms = (layer.input_layernorm, layer.post_attention_layernorm)
-    if not all(isinstance(n, RMSNorm) and n.weight.dtype == torch.float32 for n in norms):
+# input, post-attention, and the per-head q and k norms (None where the layer has none)
+NormWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+
+
+def _norm_weights(layer: Any) -> NormWeights | None:
+    """The layer's RMSNorm scales, if all are float32 (the extension reads them as such) and every norm is
+    exactly `RMSNorm` (a subclass may compute something else)."""
+    attn = layer.self_attn
+    norms = [layer.input_layernorm, layer.post_attention_layernorm]
+    if attn.q_norm is not None or attn.k_norm is not None:
+        norms += [attn.q_norm, attn.k_norm]
+    if not all(type(n) is RMSNorm and n.weight.dtype == torch.float32 for n in norms):
         return None
-    return norms[0].weight.detach(), norms[1].weight.detach()
+    weights = [n.weight.detach() for n in norms]
+    q, k = (weights[2], weights[3]) if len(weights) == 4 else (None, None)
+    return weights[0], weights[1], q, k
 
 
-# What the C++ stack implements, per layer: RMSNorm -> fused qkv (a bias allowed) -> half-rotation RoPE over
-# the whole head -> GQA attention scaled by 1/sqrt(head_dim), over the whole context or one window that every
-# layer shares -> o_proj -> residual; RMSNorm -> SwiGLU -> residual. These exact classes (not subclasses: a
-# new class may add an operation) run nothing else, as long as their config asks for nothing else:
-NATIVE_ARCHITECTURES: tuple[type[CausalLM], ...] = (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)
+# What the C++ stack implements, per layer: RMSNorm -> fused qkv (a bias allowed) -> an RMSNorm on each q and
+# k head where the config asks for it (Qwen3) -> half-rotation RoPE over the whole head -> GQA attention
+# scaled by 1/sqrt(head_dim), over the whole context or one window that every layer shares -> o_proj ->
+# residual; RMSNorm -> SwiGLU -> residual. These exact classes (not subclasses: a new class may add an
+# operation) run nothing else, as long as their config asks for nothing else:
+NATIVE_ARCHITECTURES: tuple[type[CausalLM], ...] = (
+    LlamaForCausalLM,
+    MistralForCausalLM,
+    Qwen2ForCausalLM,
+    Qwen3ForCausalLM,
+)
 
 
 def missing_operations(model: torch.nn.Module) -> list[str]:
@@ -88,7 +104,6 @@ def missing_operations(model: torch.nn.Module) -> list[str]:
     cfg = model.config
     checks = {
         f"the {cfg.hidden_act} activation": cfg.hidden_act != "silu",
-        "per-head q/k norms": cfg.qk_norm,
         "windows that differ between layers": len(cfg.windows) > 1,
         "partial rotary": cfg.rotary_dim != cfg.head_dim,
         "RoPE bases per layer type": cfg.local_rope_theta is not None,

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
@@ -234,6 +235,14 @@ void rms_norm_to(const at::Tensor& x, const at::Tensor& w, double eps, at::Tenso
   }
 }
 
+// x = rms_norm(x) * w over one head of d values, in place (Qwen3's per-head q/k norms).
+inline void rms_norm_head_(float* x, const float* w, int64_t d, float eps) {
+  float ss = 0.f;
+  for (int64_t i = 0; i < d; ++i) ss += x[i] * x[i];
+  const float inv = 1.f / std::sqrt(ss / static_cast<float>(d) + eps);
+  for (int64_t i = 0; i < d; ++i) x[i] = x[i] * inv * w[i];
+}
+
 // x += float(y): a projection's output (bfloat16 or float32) added to the float32 residual stream.
 template <typename T>
 void add_(at::Tensor& x, const at::Tensor& y) {
@@ -289,6 +298,7 @@ struct Projection {
 
 struct Layer {
   at::Tensor input_norm, post_norm, kv_cache, qkv_bias;  // qkv_bias may be undefined
+  at::Tensor q_norm, k_norm;  // per-head norms before the rotation: both [head_dim], or both undefined
   Projection qkv, o, gate_up, down;
 };
 
@@ -326,7 +336,8 @@ class DecoderStack {
     final_norm_ = final_norm_.contiguous();
   }
 
-  void add_layer(at::Tensor input_norm, at::Tensor post_norm, at::Tensor kv_cache, at::Tensor qkv_packed,
+  void add_layer(at::Tensor input_norm, at::Tensor post_norm, c10::optional<at::Tensor> q_norm,
+                 c10::optional<at::Tensor> k_norm, at::Tensor kv_cache, at::Tensor qkv_packed,
                  at::Tensor qkv_sz, c10::optional<at::Tensor> qkv_bias, at::Tensor o_packed, at::Tensor o_sz,
                  at::Tensor gate_up_packed, at::Tensor gate_up_sz, at::Tensor down_packed, at::Tensor down_sz) {
     TORCH_CHECK(!blocks_, "a stack's layers must all use one weight layout");
@@ -335,16 +346,17 @@ class DecoderStack {
     check_projection("o", o_packed, o_sz, hq_ * d_, hidden);
     check_projection("gate_up", gate_up_packed, gate_up_sz, hidden, 2 * inter_);
     check_projection("down", down_packed, down_sz, inter_, hidden);
-    add(std::move(input_norm), std::move(post_norm), std::move(kv_cache), qkv_bias,
+    add(std::move(input_norm), std::move(post_norm), head_norms(q_norm, k_norm), std::move(kv_cache), qkv_bias,
         Projection{std::move(qkv_packed), std::move(qkv_sz)}, Projection{std::move(o_packed), std::move(o_sz)},
         Projection{std::move(gate_up_packed), std::move(gate_up_sz)},
         Projection{std::move(down_packed), std::move(down_sz)});
   }
 
   // The same with projections in qmatmul.h's blocks (levels, d, m each, as `QWeight` holds them).
-  void add_layer_blocks(at::Tensor input_norm, at::Tensor post_norm, at::Tensor kv_cache, std::vector<at::Tensor> qkv,
-                    c10::optional<at::Tensor> qkv_bias, std::vector<at::Tensor> o, std::vector<at::Tensor> gate_up,
-                    std::vector<at::Tensor> down) {
+  void add_layer_blocks(at::Tensor input_norm, at::Tensor post_norm, c10::optional<at::Tensor> q_norm,
+                        c10::optional<at::Tensor> k_norm, at::Tensor kv_cache, std::vector<at::Tensor> qkv,
+                        c10::optional<at::Tensor> qkv_bias, std::vector<at::Tensor> o,
+                        std::vector<at::Tensor> gate_up, std::vector<at::Tensor> down) {
     const int64_t hidden = final_norm_.numel();
     TORCH_CHECK(layers_.empty() || blocks_, "a stack's layers must all use one weight layout");
     blocks_ = true;
@@ -352,8 +364,8 @@ class DecoderStack {
     auto o_p = block_projection("o", o, hq_ * d_, hidden);
     auto gate_up_p = block_projection("gate_up", gate_up, hidden, 2 * inter_);
     auto down_p = block_projection("down", down, inter_, hidden);
-    add(std::move(input_norm), std::move(post_norm), std::move(kv_cache), qkv_bias, std::move(qkv_p),
-        std::move(o_p), std::move(gate_up_p), std::move(down_p));
+    add(std::move(input_norm), std::move(post_norm), head_norms(q_norm, k_norm), std::move(kv_cache), qkv_bias,
+        std::move(qkv_p), std::move(o_p), std::move(gate_up_p), std::move(down_p));
   }
 
   // x [B, H] float32, one row per sequence -> final-normed hidden states [B, H] float32.
@@ -414,8 +426,21 @@ class DecoderStack {
     return at::rms_norm(x, {hidden}, final_norm_, eps_);
   }
 
-  void add(at::Tensor input_norm, at::Tensor post_norm, at::Tensor kv_cache, const c10::optional<at::Tensor>& qkv_bias,
-           Projection qkv, Projection o, Projection gate_up, Projection down) {
+  // The q and k norm scales, checked: both float32 vectors of head_dim, or neither.
+  std::pair<at::Tensor, at::Tensor> head_norms(const c10::optional<at::Tensor>& q_norm,
+                                               const c10::optional<at::Tensor>& k_norm) const {
+    TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "q and k norms go together");
+    if (!q_norm) return {};
+    for (const auto* norm : {&*q_norm, &*k_norm}) {
+      TORCH_CHECK(norm->device().is_cpu() && norm->scalar_type() == at::kFloat && norm->numel() == d_,
+                  "q/k norm weights must be float32 vectors of head_dim");
+    }
+    return {q_norm->contiguous(), k_norm->contiguous()};
+  }
+
+  void add(at::Tensor input_norm, at::Tensor post_norm, std::pair<at::Tensor, at::Tensor> qk_norms, at::Tensor kv_cache,
+           const c10::optional<at::Tensor>& qkv_bias, Projection qkv, Projection o, Projection gate_up,
+           Projection down) {
     TORCH_CHECK(kv_cache.scalar_type() == at::kHalf && kv_cache.is_contiguous() && kv_cache.dim() == 3 &&
                     kv_cache.size(0) == 2 * hkv_ && kv_cache.size(2) == d_,
                 "kv_cache must be contiguous fp16 [2 * num_kv_heads, slots, head_dim]");
@@ -433,7 +458,8 @@ class DecoderStack {
       bias = qkv_bias->to(at::kFloat).contiguous();
     }
     layers_.push_back(Layer{input_norm.contiguous(), post_norm.contiguous(), std::move(kv_cache), bias,
-                            std::move(qkv), std::move(o), std::move(gate_up), std::move(down)});
+                            std::move(qk_norms.first), std::move(qk_norms.second), std::move(qkv), std::move(o),
+                            std::move(gate_up), std::move(down)});
   }
 
   Projection block_projection(const char* name, const std::vector<at::Tensor>& parts, int64_t in, int64_t out) const {
@@ -486,13 +512,17 @@ class DecoderStack {
     }
   }
 
-  // q heads (rotated) into `q`; K heads (rotated) and V heads into the cache at each row's slot.
+  // q heads (normed where the layer has q/k norms, then rotated) into `q`; K heads (the same) and V heads
+  // into the cache at each row's slot.
   template <typename T>
   void rotate_and_store(const Layer& layer, const at::Tensor& qkv, const Step& step, at::Tensor& q) const {
     const int64_t b = qkv.size(0), width = qkv.size(1), half_d = d_ / 2;
     const int64_t num_slots = layer.kv_cache.size(1);
     const T* src = qkv.data_ptr<T>();
     const float* bias = layer.qkv_bias.defined() ? layer.qkv_bias.data_ptr<float>() : nullptr;
+    const float* q_norm = layer.q_norm.defined() ? layer.q_norm.data_ptr<float>() : nullptr;
+    const float* k_norm = layer.k_norm.defined() ? layer.k_norm.data_ptr<float>() : nullptr;
+    const float eps = static_cast<float>(eps_);
     float* qp = q.data_ptr<float>();
     half* cache = layer.kv_cache.data_ptr<half>();
     std::vector<float> head(d_), rotated(d_);
@@ -505,6 +535,7 @@ class DecoderStack {
         for (int64_t i = 0; i < d_; ++i) {
           head[i] = static_cast<float>(src[r * width + col + i]) + (bias ? bias[col + i] : 0.f);
         }
+        if (q_norm != nullptr && hd < hq_ + hkv_) rms_norm_head_(head.data(), hd < hq_ ? q_norm : k_norm, d_, eps);
         if (hd < hq_ + hkv_) {  // q and k heads; V heads are not rotated
           for (int64_t i = 0; i < d_; ++i) {
             rotated[i] = head[i] * cos[i] + head[i < half_d ? i + half_d : i - half_d] * sin[i];
