@@ -176,7 +176,11 @@ def _generation_config(meta: dict[str, Any]) -> dict[str, Any]:
 def _save_tokenizer(gguf_path: Path, out_dir: Path, meta: dict[str, Any]) -> None:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    except ValueError as e:  # a vocabulary type transformers cannot build: its message names the type
+        reason = next(iter(str(e).splitlines()), type(e).__name__)
+        raise ModelLoadError(f"{gguf_path}: its tokenizer cannot be built: {reason}") from None
     tok.save_pretrained(str(out_dir))
     # Keep the template inside tokenizer_config.json too, where older readers look for it.
     template = meta.get("tokenizer.chat_template")
