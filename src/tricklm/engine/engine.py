@@ -16,6 +16,7 @@ from tricklm.engine.loop import EngineLoop, Sink
 from tricklm.engine.request import Request
 from tricklm.engine.sampling_params import MODEL_DEFAULT_KEYS, SamplingParams
 from tricklm.engine.structured import GrammarCompiler, GrammarUnavailable
+from tricklm.memory import release_freed_memory
 from tricklm.model.loader import load_model, read_json
 from tricklm.model.quant import weight_bytes
 from tricklm.model.registry import CausalLM
@@ -61,6 +62,8 @@ class Engine:
             self.grammars.tokenizer()
         except GrammarUnavailable as e:  # the model still serves; constrained requests are refused
             logger.warning("%s", e)
+        # Building llguidance's token table leaves ~40 MiB of freed heap that glibc keeps (1.7B vocabulary)
+        release_freed_memory()
         self.loop = EngineLoop(self.core, self.config.max_queue)
         name = DEFAULT_MODEL_NAME if self.config.model is None else model_dir.name
         self.info = LoadInfo(model_dir, name, time.monotonic() - start)
