@@ -27,6 +27,9 @@ pytest.importorskip("ray.serve", reason="the replica tests need the ray extra (m
 
 REPLICA_PROCESS = "ServeReplica:tricklm:EngineReplica"
 MODEL = "SmolLM2-135M-Instruct"
+KEY = "replica-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+ORIGIN = "https://app.example"
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +38,7 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     log = tmp_path_factory.mktemp("ray") / "serve.log"
     # Small limits, so that the overload test can reach them: per replica 8 running + 8 waiting
-    limits = ["--max-num-seqs", "8", "--max-queue", "8"]
+    limits = ["--max-num-seqs", "8", "--max-queue", "8", "--api-key", KEY, "--allowed-origins", ORIGIN]
     cmd = [sys.executable, "-m", "tricklm", "serve", "--replicas", "2", "--cpus-per-replica", "1", *limits]
     out = open(log, "wb")  # noqa: SIM115 - closed below, after the process
     proc = subprocess.Popen([*cmd, "--port", str(port), "--stats-interval", "0"], stdout=out, stderr=subprocess.STDOUT)
@@ -75,7 +78,7 @@ def _live_replicas(base: str) -> int:
 
 
 def _client(base: str) -> OpenAI:
-    return OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=120)
 
 
 def _chat() -> dict[str, Any]:
@@ -109,7 +112,7 @@ def test_answers_match_a_single_server_streamed_or_not(replicas: str, one_server
 def test_streams_token_by_token_through_the_proxy(replicas: str) -> None:
     body = {"prompt": "Once upon a time", "max_tokens": 40, "ignore_eos": True, "stream": True}
     arrivals: list[float] = []
-    with httpx.stream("POST", replicas + "/v1/completions", json=body, timeout=120) as r:
+    with httpx.stream("POST", replicas + "/v1/completions", json=body, headers=AUTH, timeout=120) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
             if line.startswith("data: {"):
@@ -159,7 +162,7 @@ def test_both_replicas_take_traffic_and_conversations_stay_on_theirs(replicas: s
 def _series(base: str, name: str) -> dict[str, float]:
     """replica -> value of an unlabelled series in the endpoint's /metrics."""
     values: dict[str, float] = {}
-    for line in httpx.get(base + "/metrics", timeout=10).text.splitlines():
+    for line in httpx.get(base + "/metrics", headers=AUTH, timeout=10).text.splitlines():
         if line.startswith(name + "{replica="):
             replica = line.split('"')[1]
             values[replica] = values.get(replica, 0.0) + float(line.rsplit(" ", 1)[1])
@@ -176,7 +179,7 @@ def test_metrics_show_every_replica_labelled(replicas: str) -> None:
 
 def test_a_client_that_leaves_cancels_its_request_in_the_replica(replicas: str) -> None:
     body = {"prompt": "Once upon a time", "max_tokens": 4000, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", replicas + "/v1/completions", json=body, timeout=120) as r:
+    with httpx.stream("POST", replicas + "/v1/completions", json=body, headers=AUTH, timeout=120) as r:
         for i, _ in enumerate(r.iter_lines()):
             if i > 6:
                 break
@@ -186,20 +189,20 @@ def test_a_client_that_leaves_cancels_its_request_in_the_replica(replicas: str) 
 
 
 def _aborted(base: str) -> float:
-    lines = httpx.get(base + "/metrics", timeout=10).text.splitlines()
+    lines = httpx.get(base + "/metrics", headers=AUTH, timeout=10).text.splitlines()
     return sum(float(line.rsplit(" ", 1)[1]) for line in lines if 'finished_reason="abort"' in line)
 
 
 def test_a_bad_request_gets_its_error_through_the_proxy(replicas: str) -> None:
-    r = httpx.post(replicas + "/v1/chat/completions", json={"messages": "nope"}, timeout=30)
+    r = httpx.post(replicas + "/v1/chat/completions", json={"messages": "nope"}, headers=AUTH, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
-    r = httpx.post(replicas + "/v1/completions", content=b"x" * (3 << 20), timeout=30)
+    r = httpx.post(replicas + "/v1/completions", content=b"x" * (3 << 20), headers=AUTH, timeout=30)
     assert r.status_code == 413
 
 
 def _status_of_long_stream(base: str, statuses: list[tuple[int, str | None, str]]) -> None:
     body = {"prompt": "Tell me a story.", "max_tokens": 150, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", base + "/v1/completions", json=body, timeout=180) as r:
+    with httpx.stream("POST", base + "/v1/completions", json=body, headers=AUTH, timeout=180) as r:
         last = [line for line in r.iter_lines() if line.strip()][-1]
         statuses.append((r.status_code, r.headers.get("retry-after"), last))
 
@@ -239,7 +242,7 @@ def _replica_pids() -> list[int]:
 def _stream_result(base: str, results: list[str]) -> None:
     body = {"prompt": "Tell me a story.", "max_tokens": 60, "ignore_eos": True, "stream": True}
     try:
-        with httpx.stream("POST", base + "/v1/completions", json=body, timeout=120) as r:
+        with httpx.stream("POST", base + "/v1/completions", json=body, headers=AUTH, timeout=120) as r:
             events = [line for line in r.iter_lines() if line.startswith("data: ")]
         if events[-1] != "data: [DONE]":
             results.append("cut")
@@ -275,8 +278,22 @@ def test_killing_a_replica_loses_nothing_that_had_not_started(replicas: str) -> 
 
 
 def test_the_endpoint_serves_every_route(replicas: str) -> None:
-    assert httpx.get(replicas + "/", timeout=10).status_code == 200
-    assert httpx.get(replicas + "/static/app.js", timeout=10).status_code == 200
-    assert httpx.get(replicas + "/v1/models", timeout=10).json()["data"][0]["id"]
-    r = httpx.post(replicas + "/generate", json={"prompt": "Hello", "max_tokens": 3}, timeout=60)
+    assert httpx.get(replicas + "/", headers=AUTH, timeout=10).status_code == 200
+    assert httpx.get(replicas + "/static/app.js", headers=AUTH, timeout=10).status_code == 200
+    assert httpx.get(replicas + "/v1/models", headers=AUTH, timeout=10).json()["data"][0]["id"]
+    r = httpx.post(replicas + "/generate", json={"prompt": "Hello", "max_tokens": 3}, headers=AUTH, timeout=60)
     assert r.status_code == 200 and r.json()["text"] is not None
+
+
+def test_keys_and_cors_hold_through_the_gateway(replicas: str) -> None:
+    r = httpx.get(replicas + "/v1/models", timeout=10)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(replicas + "/metrics", timeout=10).status_code == 401
+    assert httpx.get(replicas + "/health", timeout=10).status_code == 200
+    preflight = {
+        "Origin": ORIGIN,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization",
+    }
+    r = httpx.options(replicas + "/v1/chat/completions", headers=preflight, timeout=10)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
