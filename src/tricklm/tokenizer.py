@@ -9,12 +9,15 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.ext
+import jinja2.nodes
+import jinja2.parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -152,18 +155,46 @@ class Tokenizer:
     def apply_chat_template(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, tools: list[Any] | None = None
     ) -> str:
+        """The chat rendered by the model's template.
+
+        A template that refuses a system role (Gemma 2's raises "System role not supported") gets the system
+        prompt folded into the first user turn, followed by a blank line, as Gemma 3's own template does.
+        """
         if not self.chat_template:
             raise ChatTemplateError("this model has no chat template; use /v1/completions with a plain prompt")
         try:
-            return self._compiled_template.render(
-                messages=messages,
-                add_generation_prompt=add_generation_prompt,
-                tools=tools or None,
-                bos_token=self.bos_token or "",
-                eos_token=self.eos_token or "",
-            )
+            return self._render(messages, add_generation_prompt, tools)
         except jinja2.TemplateError as e:
-            raise ChatTemplateError(f"chat template failed: {e}") from None
+            error = e
+        folded = _system_folded(messages) if "system" in str(error).lower() else None
+        if folded is not None:
+            try:
+                return self._render(folded, add_generation_prompt, tools)
+            except jinja2.TemplateError as e:
+                error = e
+        raise ChatTemplateError(f"chat template failed: {error}") from None
+
+    def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool, tools: list[Any] | None) -> str:
+        return self._compiled_template.render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            tools=tools or None,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+        )
+
+
+def _system_folded(messages: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """`messages` with a leading system message's text put before the first user turn's text; None when
+    there is no such pair of plain-text messages."""
+    if len(messages) < 2:
+        return None
+    system, user = messages[0], messages[1]
+    if system.get("role") != "system" or user.get("role") != "user":
+        return None
+    if not isinstance(system.get("content"), str) or not isinstance(user.get("content"), str):
+        return None
+    return [{**user, "content": f"{system['content']}\n\n{user['content']}"}, *messages[2:]]
 
 
 _MARKER = re.compile("\ue000(\\d+)\ue001")
@@ -191,12 +222,39 @@ def _strings(value: Any, key: str = "") -> list[str]:
     return []
 
 
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` (transformers marks assistant text for training masks with
+    it; LFM2.5's and Laguna's templates use it): renders its body unchanged."""
+
+    tags = {"generation"}  # noqa: RUF012 (Jinja declares it as a plain set attribute)
+
+    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller: Callable[[], str]) -> str:
+        return caller()
+
+
 def _jinja_env() -> jinja2.Environment:
     def raise_exception(message: str) -> None:
         raise jinja2.TemplateError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
+    def tojson(
+        value: Any,
+        ensure_ascii: bool = False,
+        indent: int | str | None = None,
+        separators: tuple[str, str] | None = None,
+        sort_keys: bool = False,
+    ) -> str:
+        # As transformers' filter: no HTML escaping (Jinja's own tojson escapes <, > and &), same options
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols", _GenerationTag]
+    )
+    env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env
