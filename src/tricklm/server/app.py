@@ -17,7 +17,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.staticfiles import StaticFiles
 
 from tricklm import __version__
-from tricklm.config import DEFAULT_MAX_REQUEST_BYTES
+from tricklm.config import DEFAULT_MAX_REQUEST_BYTES, ServerConfig
 from tricklm.engine.engine import Engine
 from tricklm.server import generate, openai_routes
 from tricklm.server.access import KeyGuard, SecurityHeaders, cors_options
@@ -94,6 +94,25 @@ def create_app(
     _add_error_handlers(app)
     _add_service_routes(app)
     return app
+
+
+def create_server_app(
+    config: ServerConfig, engine: Engine | None = None, engine_factory: Callable[[], Engine] | None = None
+) -> FastAPI:
+    """`create_app` with the settings `tricklm serve`'s options gave (one server, or each replica's)."""
+    return create_app(
+        engine=engine,
+        engine_factory=engine_factory,
+        served_model_name=config.served_model_name,
+        max_request_bytes=config.max_request_bytes,
+        api_keys=config.api_keys,
+        allowed_origins=config.allowed_origins,
+        metrics_public=config.metrics_public,
+        request_timeout=config.request_timeout,
+        log_requests=config.log_requests,
+        stats_interval=config.stats_interval or None,
+        body_timeout=config.body_timeout,
+    )
 
 
 def _add_error_handlers(app: FastAPI) -> None:

@@ -38,7 +38,7 @@ from tricklm.config import EngineConfig, ReplicaPlan, ServerConfig
 from tricklm.engine.engine import Engine
 from tricklm.model.resolve import resolve_model
 from tricklm.server.access import KeyGuard
-from tricklm.server.app import create_app
+from tricklm.server.app import create_server_app
 from tricklm.server.errors import APIError, error_response
 from tricklm.server.metrics_merge import merge_expositions
 from tricklm.server.ray_router import PrefixAffinityRouter
@@ -120,18 +120,7 @@ class EngineReplica:
         configure_logging(server_config.log_format, server_config.log_level)
         engine = await asyncio.to_thread(Engine, engine_config, False)
         self.engine = engine
-        self.app = create_app(
-            engine=engine,
-            served_model_name=server_config.served_model_name,
-            max_request_bytes=server_config.max_request_bytes,
-            api_keys=server_config.api_keys,
-            allowed_origins=server_config.allowed_origins,
-            metrics_public=server_config.metrics_public,
-            request_timeout=server_config.request_timeout,
-            log_requests=server_config.log_requests,
-            stats_interval=server_config.stats_interval or None,
-            body_timeout=server_config.body_timeout,
-        )
+        self.app = create_server_app(server_config, engine=engine)
         self._lifespan = AsyncExitStack()
         await self._lifespan.enter_async_context(self.app.router.lifespan_context(self.app))
         self.name = serve.get_replica_context().replica_id.unique_id

@@ -17,7 +17,7 @@ from tricklm.engine.engine import Engine
 from tricklm.memory import limit_fragmentation
 from tricklm.model.resolve import resolve_model
 from tricklm.server.access import is_loopback
-from tricklm.server.app import create_app
+from tricklm.server.app import create_server_app
 from tricklm.server.slow_clients import header_deadline_protocol
 from tricklm.server.state import ServerState
 
@@ -46,18 +46,7 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
                 server.should_exit = True
             raise
 
-    app = create_app(
-        engine_factory=factory,
-        served_model_name=server_config.served_model_name,
-        max_request_bytes=server_config.max_request_bytes,
-        api_keys=server_config.api_keys,
-        allowed_origins=server_config.allowed_origins,
-        metrics_public=server_config.metrics_public,
-        request_timeout=server_config.request_timeout,
-        log_requests=server_config.log_requests,
-        stats_interval=server_config.stats_interval or None,
-        body_timeout=server_config.body_timeout,
-    )
+    app = create_server_app(server_config, engine_factory=factory)
     config = uvicorn.Config(
         app,
         host=server_config.host,
