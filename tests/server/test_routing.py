@@ -8,7 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tricklm.server.metrics import Metrics
 from tricklm.server.metrics_merge import merge_expositions
-from tricklm.server.routing import CHUNK_CHARS, PrefixIndex, chunk_hashes, rank_replicas, routing_text
+from tricklm.server.routing import CHUNK_CHARS, MAX_KEY_CHARS, PrefixIndex, chunk_hashes, rank_replicas, routing_text
 
 
 def _chat(*contents: str) -> bytes:
@@ -34,6 +34,8 @@ def test_prompts_are_read_from_each_route_and_anything_else_routes_freely() -> N
     for path, body in [("/v1/completions", b"{not json"), ("/v1/completions", b"[1]"), ("/v1/models", b"{}")]:
         assert routing_text(path, body) == ""
     assert chunk_hashes("short") == []
+    long_chat = _chat("You are terse. " * 10, "Summarise this. " + "word " * 40_000)
+    assert len(long_chat) > 100_000 and len(routing_text("/v1/chat/completions", long_chat)) == MAX_KEY_CHARS
 
 
 def test_the_replica_that_saw_the_prefix_ranks_first_unless_busy() -> None:

@@ -26,7 +26,9 @@ def routing_text(path: str, body: bytes) -> str:
     if not body or path not in _PROMPT_FIELDS:
         return ""
     try:
-        payload = json.loads(body[: 4 * MAX_KEY_CHARS] if len(body) > 4 * MAX_KEY_CHARS else body)
+        # The whole body (bounded by --max-request-bytes): a cut one would not parse, and long
+        # conversations are the ones whose cache is worth finding
+        payload = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         return ""  # the replica answers the parse error; any replica will do
     if not isinstance(payload, dict):
