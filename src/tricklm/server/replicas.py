@@ -76,7 +76,6 @@ class ResponseStart:
 @dataclass(frozen=True)
 class ReplicaPost:
     replica: str
-    pid: int
     healthy: bool
     metrics: str
     at: float
@@ -162,7 +161,7 @@ class EngineReplica:
         while True:
             code, _ = state.health()
             text = state.metrics.render().decode()
-            self.board.post.remote(ReplicaPost(self.name, os.getpid(), code == 200, text, time.time()))
+            self.board.post.remote(ReplicaPost(self.name, code == 200, text, time.time()))
             await asyncio.sleep(POST_INTERVAL)
 
     async def __del__(self) -> None:
@@ -245,6 +244,9 @@ class Gateway:
                 start = await stream.__anext__()
             except BackPressureError:
                 return error_response(request.path, _overloaded())
+            except StopAsyncIteration:  # the app ended without a response: a bug there, answered as one
+                error = APIError(502, "the replica ended without a response", "server_error", code="no_response")
+                return error_response(request.path, error)
             except RayActorError as e:
                 # Died before it answered: nothing was generated for this client, so another replica may
                 logger.warning("replica lost before answering (attempt %d): %s", attempt + 1, type(e).__name__)
