@@ -79,7 +79,7 @@ class BodyGuard:
         if error is not None:
             await error_response(scope["path"], error)(scope, receive, send)
             return
-        await self.app(scope, _replay(body, receive), send)
+        await self.app(scope, replay_body(body, receive), send)
 
     async def _read(self, receive: Receive) -> tuple[bytes, bool, bool]:
         """The body, whether it went on past the limit (the rest is not read), whether the client left."""
@@ -108,7 +108,8 @@ def _too_slow(seconds: float | None) -> APIError:
     return APIError(408, message, code="timeout", headers={"connection": "close"})
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
+def replay_body(body: bytes, receive: Receive) -> Receive:
+    """A `receive` that hands over `body` whole, then defers to `receive` (which reports the disconnect)."""
     sent = False
 
     async def replay() -> Message:

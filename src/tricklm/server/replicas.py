@@ -32,13 +32,14 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.types import Message
+from starlette.types import Message, Receive
 
 from tricklm.config import EngineConfig, ReplicaPlan, ServerConfig
 from tricklm.engine.engine import Engine
 from tricklm.model.resolve import resolve_model
 from tricklm.server.access import KeyGuard
 from tricklm.server.app import create_server_app
+from tricklm.server.body_guard import replay_body
 from tricklm.server.errors import APIError, error_response
 from tricklm.server.metrics_merge import merge_expositions
 from tricklm.server.ray_router import PrefixAffinityRouter
@@ -189,18 +190,12 @@ def _scope(request: Forwarded) -> dict[str, Any]:
     }
 
 
-def _receiver(body: bytes, left: asyncio.Event) -> Any:
-    sent = False
-
-    async def receive() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
+def _receiver(body: bytes, left: asyncio.Event) -> Receive:
+    async def disconnect() -> Message:
         await left.wait()
         return {"type": "http.disconnect"}
 
-    return receive
+    return replay_body(body, disconnect)
 
 
 class Gateway:
