@@ -30,7 +30,9 @@ HAS_COMPILER = shutil.which("c++") is not None or shutil.which("g++") is not Non
 needs_compiler = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler to build the extension")
 
 # head_dim 16 (the vector loops only) and 12 (their scalar tail too); Qwen2's q/k/v biases; Mistral's window;
-# Qwen3's per-head q/k norms (random scales, so a q/k mix-up shows), at its config's head_dim 128 and at 12
+# Qwen3's per-head q/k norms (random scales, so a q/k mix-up shows), at its config's head_dim 128 and at 12;
+# Gemma 2 and 3 and Phi-3 with every feature of their family on (see tiny_models): windows on some layers,
+# a local RoPE base, a query scale, soft-capping, four norms a layer, GeGLU, partial rotary
 CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "llama": ("LlamaForCausalLM", {}),
     "llama-head-dim-12": ("LlamaForCausalLM", {"hidden_size": 96, "num_attention_heads": 8}),
@@ -43,6 +45,9 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
         "MistralForCausalLM",
         {"sliding_window": 20, "num_attention_heads": 2, "num_key_value_heads": 1},
     ),
+    "gemma2": ("Gemma2ForCausalLM", {}),
+    "gemma3": ("Gemma3ForCausalLM", {}),
+    "phi3": ("Phi3ForCausalLM", {}),
 }
 BLOCK_SIZE = 4  # small blocks: requests growing side by side get scattered block tables
 
@@ -155,7 +160,9 @@ def test_decode_logits_and_cache_writes_match_the_python_path(tiny: CausalLM) ->
 
 @needs_compiler
 @pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
-@pytest.mark.parametrize("case", ["llama", "llama-head-dim-12", "qwen2", "qwen3", "mistral-window-20"])
+@pytest.mark.parametrize(
+    "case", ["llama", "llama-head-dim-12", "qwen2", "qwen3", "mistral-window-20", "gemma2", "gemma3", "phi3"]
+)
 def test_one_copy_block_decode_matches_the_python_path(case: str, fmt: str, tmp_path: Path) -> None:
     arch, overrides = CASES[case]
     model = quantize(load_model(make_tiny_model(tmp_path, arch, weight_std=0.1, **overrides)), fmt)
@@ -260,8 +267,8 @@ def test_only_four_bit_llama_family_models_run_natively(tmp_path: Path) -> None:
 
 @needs_compiler
 def test_an_architecture_the_stack_does_not_implement_runs_in_python(tmp_path: Path) -> None:
-    """Gemma 3's soft-capping and sliding layers, or any subclass that adds an operation: refused by the native
-    path (never run through C++ that lacks it), and the Python path still gives the reference answer."""
+    """An activation the stack lacks, or any subclass that adds an operation: refused by the native path (never
+    run through C++ that lacks it), and the Python path still gives the reference answer."""
     llama = four_bit_model(make_tiny_model(tmp_path / "llama", "LlamaForCausalLM", weight_std=0.1))
     assert core_for(llama).runner.native is not None  # the stack is there for what it implements
 
@@ -272,12 +279,12 @@ def test_an_architecture_the_stack_does_not_implement_runs_in_python(tmp_path: P
     extra = four_bit_model(make_tiny_model(tmp_path / "llama2", "LlamaForCausalLM", weight_std=0.1))
     extra.__class__ = ScaledLlama
     assert core_for(extra).runner.native is None
-    gemma3 = four_bit_model(make_tiny_model(tmp_path / "gemma3", "Gemma3ForCausalLM", weight_std=0.1))
-    core = core_for(gemma3)
+    relu = four_bit_model(make_tiny_model(tmp_path / "relu", "LlamaForCausalLM", weight_std=0.1, hidden_act="relu"))
+    core = core_for(relu)
     assert core.runner.native is None
-    reference = core_for(gemma3, native_decode=False)
-    req = greedy("q", 12, 10, gemma3.config.vocab_size)
-    twin = greedy("q", 12, 10, gemma3.config.vocab_size)
+    reference = core_for(relu, native_decode=False)
+    req = greedy("q", 12, 10, relu.config.vocab_size)
+    twin = greedy("q", 12, 10, relu.config.vocab_size)
     core.add_request(req)
     reference.add_request(twin)
     while core.has_work or reference.has_work:
@@ -307,11 +314,12 @@ def test_head_norms_of_another_kind_are_refused(tmp_path: Path) -> None:
         ("LlamaForCausalLM", {}, []),
         ("MistralForCausalLM", {}, []),  # one window, shared by every layer
         ("Qwen3ForCausalLM", {}, []),  # its per-head q/k norms are in the stack
-        ("Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1},
-         ["windows that differ between layers"]),
-        ("Gemma3ForCausalLM", {}, ["the Gemma3ForCausalLM class", "windows that differ between layers",
-                                   "RoPE bases per layer type"]),
-        ("Phi3ForCausalLM", {}, ["the Phi3ForCausalLM class", "partial rotary"]),
+        ("Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}, []),
+        ("Gemma2ForCausalLM", {}, []),  # windows on some layers, soft-capping, GeGLU, four norms a layer
+        ("Gemma3ForCausalLM", {}, []),  # and RoPE bases per layer type
+        ("Phi3ForCausalLM", {}, []),  # partial rotary
+        ("LlamaForCausalLM", {"hidden_act": "relu"}, ["the relu activation"]),
+        ("GPT2LMHeadModel", {}, ["the GPT2LMHeadModel class"]),
     ],
 )  # fmt: skip
 def test_the_native_path_names_what_it_does_not_implement(

@@ -148,7 +148,11 @@ class LlamaForCausalLM(CausalLM):
         kv_caches: list[KVCacheLayer],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        return self.model.run_layers(self.model.embed_tokens(input_ids), positions, kv_caches, meta)
+        return self.model.run_layers(self.embed(input_ids), positions, kv_caches, meta)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The tokens' input vectors (the native decode step starts from these too)."""
+        return self.model.embed_tokens(input_ids)  # type: ignore[no-any-return]
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens

@@ -1,4 +1,5 @@
-"""Decode steps of Llama-family models with compact projections in C++ (`decode.cpp`), with the Python path as fallback.
+"""Decode steps of Llama-family models (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3) with compact projections in
+C++ (`decode.cpp`), with the Python path as fallback.
 
 At one row, a decode step of the Python path spent more time dispatching its ~45 small torch ops per
 layer than in the 4-bit projections. The extension runs the same step without the interpreter, and
@@ -21,8 +22,16 @@ import torch
 
 from tricklm.model.attention import KVCacheLayer
 from tricklm.model.base import CausalLM
+from tricklm.model.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM, GemmaDecoderLayer
 from tricklm.model.layers import RMSNorm
-from tricklm.model.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+from tricklm.model.llama import (
+    LlamaDecoderLayer,
+    LlamaForCausalLM,
+    MistralForCausalLM,
+    Phi3ForCausalLM,
+    Qwen2ForCausalLM,
+    Qwen3ForCausalLM,
+)
 from tricklm.model.native.build import DISABLE_ENV as DISABLE_ENV
 from tricklm.model.native.build import enabled_by_env, load_or_warn
 from tricklm.model.qlinear import QLinear
@@ -65,35 +74,51 @@ def _projections(layer: Any) -> Projections | None:
     return found
 
 
-# input, post-attention, and the per-head q and k norms (None where the layer has none)
-NormWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+def _layer_norms(layer: Any) -> dict[str, Any]:
+    """The layer's norms by the stack's names for their places, or {} for a layer class it does not know."""
+    attn = layer.self_attn
+    heads = {"q": attn.q_norm, "k": attn.k_norm} if attn.q_norm is not None or attn.k_norm is not None else {}
+    if type(layer) is LlamaDecoderLayer:
+        return {"input": layer.input_layernorm, "mlp": layer.post_attention_layernorm, **heads}
+    if type(layer) is GemmaDecoderLayer:
+        return {
+            "input": layer.input_layernorm,
+            "attn_out": layer.post_attention_layernorm,
+            "mlp": layer.pre_feedforward_layernorm,
+            "mlp_out": layer.post_feedforward_layernorm,
+            **heads,
+        }
+    return {}
 
 
-def _norm_weights(layer: Any) -> NormWeights | None:
+def _norm_weights(layer: Any) -> dict[str, torch.Tensor] | None:
     """The layer's RMSNorm scales, if all are float32 (the extension reads them as such) and every norm is
     exactly `RMSNorm` (a subclass may compute something else)."""
-    attn = layer.self_attn
-    norms = [layer.input_layernorm, layer.post_attention_layernorm]
-    if attn.q_norm is not None or attn.k_norm is not None:
-        norms += [attn.q_norm, attn.k_norm]
-    if not all(type(n) is RMSNorm and n.weight.dtype == torch.float32 for n in norms):
+    norms = _layer_norms(layer)
+    if not norms or not all(type(n) is RMSNorm and n.weight.dtype == torch.float32 for n in norms.values()):
         return None
-    weights = [n.weight.detach() for n in norms]
-    q, k = (weights[2], weights[3]) if len(weights) == 4 else (None, None)
-    return weights[0], weights[1], q, k
+    return {name: norm.weight.detach() for name, norm in norms.items()}
 
 
 # What the C++ stack implements, per layer: RMSNorm -> fused qkv (a bias allowed) -> an RMSNorm on each q and
-# k head where the config asks for it (Qwen3) -> half-rotation RoPE over the whole head -> GQA attention
-# scaled by 1/sqrt(head_dim), over the whole context or one window that every layer shares -> o_proj ->
-# residual; RMSNorm -> SwiGLU -> residual. These exact classes (not subclasses: a new class may add an
-# operation) run nothing else, as long as their config asks for nothing else:
+# k head where the config asks for it (Qwen3, Gemma 3) -> half-rotation RoPE over the head's leading
+# rotary_dim, from the global table or (Gemma 3's sliding layers) a local one -> GQA attention with the
+# config's query scale and soft cap, over the whole context or the layer's window -> o_proj -> an RMSNorm
+# on the output where the layer has one (Gemma) -> residual; RMSNorm -> SiLU- or tanh-GELU-gated MLP ->
+# the same optional norm -> residual. The embedding (and Gemma's scaling of it) and the logits stay in
+# Python. These exact classes (not subclasses: a new class may add an operation) run nothing else, as long
+# as their config asks for nothing else:
 NATIVE_ARCHITECTURES: tuple[type[CausalLM], ...] = (
     LlamaForCausalLM,
     MistralForCausalLM,
     Qwen2ForCausalLM,
     Qwen3ForCausalLM,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Phi3ForCausalLM,
 )
+# config.hidden_act -> the stack's gate activation
+GATES = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 
 
 def missing_operations(model: torch.nn.Module) -> list[str]:
@@ -103,12 +128,8 @@ def missing_operations(model: torch.nn.Module) -> list[str]:
         return missing
     cfg = model.config
     checks = {
-        f"the {cfg.hidden_act} activation": cfg.hidden_act != "silu",
-        "windows that differ between layers": len(cfg.windows) > 1,
-        "partial rotary": cfg.rotary_dim != cfg.head_dim,
-        "RoPE bases per layer type": cfg.local_rope_theta is not None,
-        "attention soft-capping": cfg.attn_logit_softcapping is not None,
-        "a query scale other than 1/sqrt(head_dim)": cfg.attention_scale != cfg.head_dim**-0.5,
+        f"the {cfg.hidden_act} activation": cfg.hidden_act not in GATES,
+        "an odd number of rotated dimensions": cfg.rotary_dim % 2 != 0,
     }
     return missing + [name for name, lacks in checks.items() if lacks]
 
@@ -131,29 +152,35 @@ class NativeDecoder:
 
     def __init__(self, model: LlamaForCausalLM, kv_layers: list[KVCacheLayer], block_size: int, ext: Any) -> None:
         cfg, body = model.config, model.model
-        self.body = body
-        window = cfg.sliding_window if cfg.sliding_window is not None else -1
+        self.model, self.body = model, body
         self.stack = ext.DecoderStack(
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-            cfg.intermediate_size,
-            cfg.norm_eps,
-            block_size,
-            window,
-            body.norm.weight.detach(),
+            num_heads=cfg.num_heads,
+            num_kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim,
+            rotary_dim=cfg.rotary_dim,
+            intermediate_size=cfg.intermediate_size,
+            eps=cfg.norm_eps,
+            block_size=block_size,
+            attention_scale=cfg.attention_scale,
+            attn_softcap=cfg.attn_logit_softcapping or 0.0,
+            gate=GATES[cfg.hidden_act],
+            final_norm=body.norm.weight.detach(),
         )
-        for layer, cache in zip(body.layers, kv_layers, strict=True):
+        for i, (layer, cache) in enumerate(zip(body.layers, kv_layers, strict=True)):
             projections, norms = _projections(layer), _norm_weights(layer)
             assert projections is not None and norms is not None  # checked by `supports`
             qkv, o, gate_up, down = projections
+            window = cfg.window(i) or -1
+            local_rope = body.uses_local_rope[i]
             if isinstance(qkv, QLinear):
                 parts = [[m.qweight.levels, m.qweight.d, m.qweight.m] for m in projections]  # type: ignore[union-attr]
-                self.stack.add_layer_blocks(*norms, cache.kv, parts[0], qkv.bias, *parts[1:])
+                self.stack.add_layer_blocks(norms, cache.kv, window, local_rope, parts[0], qkv.bias, *parts[1:])
                 continue
             self.stack.add_layer(
-                *norms,
+                norms,
                 cache.kv,
+                window,
+                local_rope,
                 qkv.packed,
                 qkv.scales_and_zeros,
                 qkv.bias,
@@ -189,9 +216,12 @@ class NativeDecoder:
         block_tables [B, n]: each sequence's cache blocks (padded); context_lens [B]: its length with the
         new token, whose K/V go to `slots`.
         """
-        x = self.body.embed_tokens(input_ids)
-        cos, sin = self.body.rotary_emb.lookup(positions, x.dtype)
-        return self.stack.forward(x, cos, sin, slots, block_tables, context_lens)  # type: ignore[no-any-return]
+        x = self.model.embed(input_ids)
+        (cos, sin), local = self.body.rotary_tables(positions, x.dtype)
+        cos_local, sin_local = local if local is not None else (None, None)
+        return self.stack.forward(  # type: ignore[no-any-return]
+            x, cos, sin, slots, block_tables, context_lens, cos_local=cos_local, sin_local=sin_local
+        )
 
 
 def main() -> int:

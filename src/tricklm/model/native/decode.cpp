@@ -1,5 +1,9 @@
 // Decode steps of a Llama-family decoder stack with compact projections, in C++: torch's 4-bit kernel
 // (--quantization int4), or the one-copy 4- and 8-bit blocks of `qmatmul.h` (gguf, q4_1, q8_0, ...).
+// The family's variants are options of the stack or of a layer: Qwen3's and Gemma 3's per-head q/k norms,
+// Gemma's norms around the attention and MLP outputs, GeGLU, a window and RoPE table per layer, a query
+// scale, attention soft-capping (Gemma 2), partial rotary (Phi-3). What is not here runs in Python
+// (`missing_operations` in __init__.py names it).
 //
 // A decode step does little arithmetic per op. At one row the Python path spent more time dispatching
 // ~45 small torch ops per layer than computing them. Here the projections still go through torch's
@@ -15,6 +19,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <map>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -125,6 +131,14 @@ void softmax_(float* s, int64_t n) {
   for (int64_t j = 0; j < n; ++j) s[j] *= inv;
 }
 
+// Gemma 2's soft-capped scores (softcap * tanh(score / softcap); 0 for none), then the softmax.
+void cap_and_softmax_(float* s, int64_t n, float softcap) {
+  if (softcap > 0.f) {
+    for (int64_t i = 0; i < n; ++i) s[i] = softcap * std::tanh(s[i] / softcap);
+  }
+  softmax_(s, n);
+}
+
 inline float dot_half(const float* q, const half* k, int64_t d) {
   int64_t i = 0;
   float sum = 0.f;
@@ -164,7 +178,7 @@ constexpr int64_t kMaxChunks = 16;  // head_dim up to 256 in 16-wide vectors
 template <typename Out>
 TRICKLM_AVX512 void attend_group_avx512(const float* qg, int64_t group, int64_t d, const half* keys,
                                         const half* values, const int64_t* slots, int64_t n, float scale,
-                                        float* scores, float* partial, Out* dst) {
+                                        float softcap, float* scores, float* partial, Out* dst) {
   const int64_t chunks = d / 16;
   for (int64_t p0 = 0; p0 < n; p0 += 16) {
     const int64_t count = std::min<int64_t>(16, n - p0);
@@ -191,7 +205,7 @@ TRICKLM_AVX512 void attend_group_avx512(const float* qg, int64_t group, int64_t 
       _mm512_mask_storeu_ps(scores + j * n + p0, valid, _mm512_mul_ps(sum_lanes16(lanes), _mm512_set1_ps(scale)));
     }
   }
-  for (int64_t j = 0; j < group; ++j) softmax_(scores + j * n, n);
+  for (int64_t j = 0; j < group; ++j) cap_and_softmax_(scores + j * n, n, softcap);
   for (int64_t j = 0; j < group; ++j) {
     __m512 acc[kMaxChunks];
     for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_setzero_ps();
@@ -256,9 +270,51 @@ void add_(at::Tensor& x, const at::Tensor& y) {
   for (; i < n; ++i) xp[i] += static_cast<float>(yp[i]);
 }
 
-// out = silu(gate) * up, from the fused gate/up projection's output, all in T (bf16 or float).
+// x += rms_norm(y) * w, row by row: a projection's output normed before the residual (Gemma's
+// post-attention and post-feedforward norms).
 template <typename T>
-void silu_mul_to(const at::Tensor& gate_up, int64_t inter, at::Tensor& out) {
+void add_normed_(at::Tensor& x, const at::Tensor& y, const at::Tensor& w, double eps) {
+  const int64_t rows = x.size(0), h = x.size(1);
+  float* xp = x.data_ptr<float>();
+  const T* yp = y.data_ptr<T>();
+  const float* wp = w.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* yr = yp + r * h;
+    float* xr = xp + r * h;
+    float ss = 0.f;
+    for (int64_t i = 0; i < h; ++i) ss += static_cast<float>(yr[i]) * static_cast<float>(yr[i]);
+    const float inv = 1.f / std::sqrt(ss / static_cast<float>(h) + static_cast<float>(eps));
+    for (int64_t i = 0; i < h; ++i) xr[i] += static_cast<float>(yr[i]) * inv * wp[i];
+  }
+}
+
+// The MLP's gate activation: SiLU (Llama, Qwen, Phi) or GELU with the tanh approximation (Gemma's GeGLU).
+enum class Gate { kSilu, kGeluTanh };
+
+// Both are a / (1 + exp(-k(a))): SiLU with k(a) = a, and tanh-GELU with k(a) = 2 sqrt(2 / pi) (a + 0.044715 a^3),
+// since 0.5 (1 + tanh(u)) = sigmoid(2u).
+constexpr float kGeluC = 1.5957691216057308f;  // 2 sqrt(2 / pi)
+constexpr float kGeluA = 0.044715f;
+
+#ifdef TRICKLM_AVX2
+inline __m256 gate8(__m256 a, Gate gate) {
+  __m256 k = a;
+  if (gate == Gate::kGeluTanh) {
+    const __m256 a3 = _mm256_mul_ps(_mm256_mul_ps(a, a), a);
+    k = _mm256_mul_ps(_mm256_set1_ps(kGeluC), _mm256_fmadd_ps(_mm256_set1_ps(kGeluA), a3, a));
+  }
+  return _mm256_div_ps(a, _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), k))));
+}
+#endif
+
+inline float gate1(float a, Gate gate) {
+  const float k = gate == Gate::kGeluTanh ? kGeluC * (a + kGeluA * a * a * a) : a;
+  return a / (1.f + std::exp(-k));
+}
+
+// out = act(gate) * up, from the fused gate/up projection's output, all in T (bf16 or float).
+template <typename T>
+void gated_to(const at::Tensor& gate_up, int64_t inter, Gate gate, at::Tensor& out) {
   const int64_t rows = gate_up.size(0);
   const T* gp = gate_up.data_ptr<T>();
   T* op = out.data_ptr<T>();
@@ -267,17 +323,9 @@ void silu_mul_to(const at::Tensor& gate_up, int64_t inter, at::Tensor& out) {
     T* o = op + r * inter;
     int64_t i = 0;
 #ifdef TRICKLM_AVX2
-    const __m256 one = _mm256_set1_ps(1.f);
-    for (; i + 8 <= inter; i += 8) {
-      const __m256 a = load8(g + i);
-      const __m256 silu = _mm256_div_ps(a, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), a))));
-      store8(o + i, _mm256_mul_ps(silu, load8(g + inter + i)));
-    }
+    for (; i + 8 <= inter; i += 8) store8(o + i, _mm256_mul_ps(gate8(load8(g + i), gate), load8(g + inter + i)));
 #endif
-    for (; i < inter; ++i) {
-      const float a = static_cast<float>(g[i]);
-      o[i] = T(a / (1.f + std::exp(-a)) * static_cast<float>(g[inter + i]));
-    }
+    for (; i < inter; ++i) o[i] = T(gate1(static_cast<float>(g[i]), gate) * static_cast<float>(g[inter + i]));
   }
 }
 
@@ -296,15 +344,26 @@ struct Projection {
   }
 };
 
+// Every norm but `input` and `mlp` may be undefined (the layer has none there).
+struct Norms {
+  at::Tensor input, mlp;          // before the attention and before the MLP
+  at::Tensor q, k;                // per head, before the rotation: both [head_dim], or neither
+  at::Tensor attn_out, mlp_out;   // on the attention's and the MLP's outputs, before each residual (Gemma)
+};
+
 struct Layer {
-  at::Tensor input_norm, post_norm, kv_cache, qkv_bias;  // qkv_bias may be undefined
-  at::Tensor q_norm, k_norm;  // per-head norms before the rotation: both [head_dim], or both undefined
+  Norms norms;
+  at::Tensor kv_cache, qkv_bias;  // qkv_bias may be undefined
+  int64_t window;                 // positions attended, counting the new one; -1: the whole context
+  bool local_rope;                // rotated by the step's second table (Gemma 3's sliding layers)
   Projection qkv, o, gate_up, down;
 };
 
 struct Step {
-  const float* cos;  // [B, D], sin with its first half negated (see RotaryEmbedding)
+  const float* cos;  // [B, rotary_dim], sin with its first half negated (see RotaryEmbedding)
   const float* sin;
+  const float* cos_local;  // the same for layers with `local_rope` (null when none has it)
+  const float* sin_local;
   const int64_t* slots;   // [B] where each row's new K/V go
   const int64_t* tables;  // [B, blocks_per_row] block tables
   int64_t blocks_per_row;
@@ -314,49 +373,56 @@ struct Step {
 
 class DecoderStack {
  public:
-  DecoderStack(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t intermediate, double eps,
-               int64_t block_size, int64_t sliding_window, at::Tensor final_norm)
+  // rotary_dim: the leading dimensions of each head that are rotated; attention_scale: on q.k;
+  // attn_softcap: 0 for none; gate: "silu" or "gelu_tanh".
+  DecoderStack(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t rotary_dim, int64_t intermediate,
+               double eps, int64_t block_size, double attention_scale, double attn_softcap, const std::string& gate,
+               at::Tensor final_norm)
       : hq_(num_heads),
         hkv_(num_kv_heads),
         d_(head_dim),
+        rot_(rotary_dim),
         inter_(intermediate),
         eps_(eps),
         block_size_(block_size),
-        window_(sliding_window),
-        scale_(1.f / std::sqrt(static_cast<float>(head_dim))),
+        scale_(static_cast<float>(attention_scale)),
+        softcap_(static_cast<float>(attn_softcap)),
+        gate_(gate == "gelu_tanh" ? Gate::kGeluTanh : Gate::kSilu),
         final_norm_(std::move(final_norm)) {
 #ifdef TRICKLM_AVX512
     avx512_ = cpu_has_avx512() && head_dim % 16 == 0 && head_dim <= 16 * kMaxChunks;
 #endif
     TORCH_CHECK(hq_ > 0 && hkv_ > 0 && d_ > 0 && inter_ > 0 && block_size_ > 0, "sizes must be positive");
     TORCH_CHECK(hq_ % hkv_ == 0, "query heads must be a multiple of KV heads");
-    TORCH_CHECK(d_ % 2 == 0, "head_dim must be even");
+    TORCH_CHECK(rot_ > 0 && rot_ <= d_ && rot_ % 2 == 0, "rotary_dim must be even and at most head_dim");
+    TORCH_CHECK(scale_ > 0.f && softcap_ >= 0.f, "the attention scale must be positive, the soft cap not negative");
+    TORCH_CHECK(gate == "silu" || gate == "gelu_tanh", "the gate activation must be silu or gelu_tanh, not ", gate);
     TORCH_CHECK(final_norm_.device().is_cpu() && final_norm_.scalar_type() == at::kFloat && final_norm_.dim() == 1,
                 "the final norm weight must be a float32 vector");
     final_norm_ = final_norm_.contiguous();
   }
 
-  void add_layer(at::Tensor input_norm, at::Tensor post_norm, c10::optional<at::Tensor> q_norm,
-                 c10::optional<at::Tensor> k_norm, at::Tensor kv_cache, at::Tensor qkv_packed,
-                 at::Tensor qkv_sz, c10::optional<at::Tensor> qkv_bias, at::Tensor o_packed, at::Tensor o_sz,
-                 at::Tensor gate_up_packed, at::Tensor gate_up_sz, at::Tensor down_packed, at::Tensor down_sz) {
+  // norms: "input" and "mlp", and "q" with "k", "attn_out", "mlp_out" where the layer has them.
+  void add_layer(const std::map<std::string, at::Tensor>& norms, at::Tensor kv_cache, int64_t window,
+                 bool local_rope, at::Tensor qkv_packed, at::Tensor qkv_sz, c10::optional<at::Tensor> qkv_bias,
+                 at::Tensor o_packed, at::Tensor o_sz, at::Tensor gate_up_packed, at::Tensor gate_up_sz,
+                 at::Tensor down_packed, at::Tensor down_sz) {
     TORCH_CHECK(!blocks_, "a stack's layers must all use one weight layout");
     const int64_t hidden = final_norm_.numel();
     check_projection("qkv", qkv_packed, qkv_sz, hidden, (hq_ + 2 * hkv_) * d_);
     check_projection("o", o_packed, o_sz, hq_ * d_, hidden);
     check_projection("gate_up", gate_up_packed, gate_up_sz, hidden, 2 * inter_);
     check_projection("down", down_packed, down_sz, inter_, hidden);
-    add(std::move(input_norm), std::move(post_norm), head_norms(q_norm, k_norm), std::move(kv_cache), qkv_bias,
+    add(layer_norms(norms), std::move(kv_cache), window, local_rope, qkv_bias,
         Projection{std::move(qkv_packed), std::move(qkv_sz)}, Projection{std::move(o_packed), std::move(o_sz)},
         Projection{std::move(gate_up_packed), std::move(gate_up_sz)},
         Projection{std::move(down_packed), std::move(down_sz)});
   }
 
   // The same with projections in qmatmul.h's blocks (levels, d, m each, as `QWeight` holds them).
-  void add_layer_blocks(at::Tensor input_norm, at::Tensor post_norm, c10::optional<at::Tensor> q_norm,
-                        c10::optional<at::Tensor> k_norm, at::Tensor kv_cache, std::vector<at::Tensor> qkv,
-                        c10::optional<at::Tensor> qkv_bias, std::vector<at::Tensor> o,
-                        std::vector<at::Tensor> gate_up, std::vector<at::Tensor> down) {
+  void add_layer_blocks(const std::map<std::string, at::Tensor>& norms, at::Tensor kv_cache, int64_t window,
+                        bool local_rope, std::vector<at::Tensor> qkv, c10::optional<at::Tensor> qkv_bias,
+                        std::vector<at::Tensor> o, std::vector<at::Tensor> gate_up, std::vector<at::Tensor> down) {
     const int64_t hidden = final_norm_.numel();
     TORCH_CHECK(layers_.empty() || blocks_, "a stack's layers must all use one weight layout");
     blocks_ = true;
@@ -364,13 +430,15 @@ class DecoderStack {
     auto o_p = block_projection("o", o, hq_ * d_, hidden);
     auto gate_up_p = block_projection("gate_up", gate_up, hidden, 2 * inter_);
     auto down_p = block_projection("down", down, inter_, hidden);
-    add(std::move(input_norm), std::move(post_norm), head_norms(q_norm, k_norm), std::move(kv_cache), qkv_bias,
-        std::move(qkv_p), std::move(o_p), std::move(gate_up_p), std::move(down_p));
+    add(layer_norms(norms), std::move(kv_cache), window, local_rope, qkv_bias, std::move(qkv_p), std::move(o_p),
+        std::move(gate_up_p), std::move(down_p));
   }
 
-  // x [B, H] float32, one row per sequence -> final-normed hidden states [B, H] float32.
+  // x [B, H] float32, one row per sequence -> final-normed hidden states [B, H] float32. cos/sin [B, rotary_dim];
+  // cos_local/sin_local the same for layers added with `local_rope` (required if there are any).
   at::Tensor forward(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slots,
-                     const at::Tensor& block_tables, const at::Tensor& context_lens) const {
+                     const at::Tensor& block_tables, const at::Tensor& context_lens,
+                     const c10::optional<at::Tensor>& cos_local, const c10::optional<at::Tensor>& sin_local) const {
     c10::InferenceMode guard;
     TORCH_CHECK(!layers_.empty(), "no layers");
     const std::initializer_list<const at::Tensor*> inputs{&x, &cos, &sin, &slots, &block_tables, &context_lens};
@@ -379,23 +447,32 @@ class DecoderStack {
     }
     TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(1) == final_norm_.numel(),
                 "x must be [sequences, hidden size]");
-    const int64_t b = x.size(0), hidden = x.size(1);
-    TORCH_CHECK(x.scalar_type() == at::kFloat && cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat,
-                "activations and RoPE tables must be float32");
-    TORCH_CHECK(cos.numel() == b * d_ && sin.numel() == b * d_, "cos/sin must hold one row per sequence");
+    const int64_t b = x.size(0);
+    const auto cos_c = rope_table(cos, b), sin_c = rope_table(sin, b);
+    at::Tensor cos_l, sin_l;
+    TORCH_CHECK(cos_local.has_value() == sin_local.has_value(), "local cos and sin go together");
+    TORCH_CHECK(cos_local.has_value() || !any_local_rope_, "this stack's sliding layers need local cos/sin tables");
+    if (cos_local) cos_l = rope_table(*cos_local, b), sin_l = rope_table(*sin_local, b);
+    TORCH_CHECK(x.scalar_type() == at::kFloat, "activations must be float32");
     TORCH_CHECK(slots.numel() == b && context_lens.numel() == b && block_tables.dim() == 2 &&
                     block_tables.size(0) == b,
                 "slots, block tables and context lengths must hold one row per sequence");
     x = x.contiguous().clone();
-    const auto cos_c = cos.contiguous(), sin_c = sin.contiguous();
     const auto slots_c = slots.to(at::kLong).contiguous(), tables = block_tables.to(at::kLong).contiguous();
     const auto lens = context_lens.to(at::kLong).contiguous();
     const int64_t* lp = lens.data_ptr<int64_t>();
     check_tables(tables, lp, b);
     check_slots(slots_c);
     const int64_t max_len = *std::max_element(lp, lp + b);
-    const Step step{cos_c.data_ptr<float>(),  sin_c.data_ptr<float>(), slots_c.data_ptr<int64_t>(),
-                    tables.data_ptr<int64_t>(), tables.size(1),         lp, max_len};
+    const Step step{cos_c.data_ptr<float>(),
+                    sin_c.data_ptr<float>(),
+                    cos_l.defined() ? cos_l.data_ptr<float>() : nullptr,
+                    sin_l.defined() ? sin_l.data_ptr<float>() : nullptr,
+                    slots_c.data_ptr<int64_t>(),
+                    tables.data_ptr<int64_t>(),
+                    tables.size(1),
+                    lp,
+                    max_len};
 
     if (blocks_) return run_layers<float>(x, step);
     return run_layers<bf16>(x, step);
@@ -415,30 +492,55 @@ class DecoderStack {
     auto act = at::empty({b, inter_}, in);
     auto q = at::empty({b, hq_ * d_}, x.options());
     for (const auto& layer : layers_) {
-      rms_norm_to<In>(x, layer.input_norm, eps_, h);
+      rms_norm_to<In>(x, layer.norms.input, eps_, h);
       rotate_and_store<In>(layer, layer.qkv(h), step, q);
       attend<In>(layer, q, step, attn);
-      add_<In>(x, layer.o(attn));
-      rms_norm_to<In>(x, layer.post_norm, eps_, h);
-      silu_mul_to<In>(layer.gate_up(h), inter_, act);
-      add_<In>(x, layer.down(act));
+      add_residual<In>(x, layer.o(attn), layer.norms.attn_out);
+      rms_norm_to<In>(x, layer.norms.mlp, eps_, h);
+      gated_to<In>(layer.gate_up(h), inter_, gate_, act);
+      add_residual<In>(x, layer.down(act), layer.norms.mlp_out);
     }
     return at::rms_norm(x, {hidden}, final_norm_, eps_);
   }
 
-  // The q and k norm scales, checked: both float32 vectors of head_dim, or neither.
-  std::pair<at::Tensor, at::Tensor> head_norms(const c10::optional<at::Tensor>& q_norm,
-                                               const c10::optional<at::Tensor>& k_norm) const {
-    TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "q and k norms go together");
-    if (!q_norm) return {};
-    for (const auto* norm : {&*q_norm, &*k_norm}) {
-      TORCH_CHECK(norm->device().is_cpu() && norm->scalar_type() == at::kFloat && norm->numel() == d_,
-                  "q/k norm weights must be float32 vectors of head_dim");
+  template <typename In>
+  void add_residual(at::Tensor& x, const at::Tensor& y, const at::Tensor& norm) const {
+    if (norm.defined()) {
+      add_normed_<In>(x, y, norm, eps_);
+    } else {
+      add_<In>(x, y);
     }
-    return {q_norm->contiguous(), k_norm->contiguous()};
   }
 
-  void add(at::Tensor input_norm, at::Tensor post_norm, std::pair<at::Tensor, at::Tensor> qk_norms, at::Tensor kv_cache,
+  at::Tensor rope_table(const at::Tensor& t, int64_t b) const {
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.numel() == b * rot_,
+                "cos/sin must be float32 with one row of rotary_dim per sequence");
+    return t.contiguous();
+  }
+
+  // The layer's norm scales, checked: float32 vectors of the hidden size (input, mlp, attn_out, mlp_out) or
+  // of head_dim (q, k); q and k both or neither.
+  Norms layer_norms(const std::map<std::string, at::Tensor>& given) const {
+    const int64_t hidden = final_norm_.numel();
+    const std::map<std::string, int64_t> sizes{{"input", hidden}, {"mlp", hidden},       {"q", d_},
+                                               {"k", d_},         {"attn_out", hidden}, {"mlp_out", hidden}};
+    for (const auto& [name, norm] : given) {
+      const auto size = sizes.find(name);
+      TORCH_CHECK(size != sizes.end(), "unknown norm '", name, "'");
+      TORCH_CHECK(norm.device().is_cpu() && norm.scalar_type() == at::kFloat && norm.numel() == size->second,
+                  "the ", name, " norm's weight must be a float32 vector of ", size->second);
+    }
+    const auto get = [&](const char* name) {
+      const auto it = given.find(name);
+      return it == given.end() ? at::Tensor() : it->second.contiguous();
+    };
+    Norms norms{get("input"), get("mlp"), get("q"), get("k"), get("attn_out"), get("mlp_out")};
+    TORCH_CHECK(norms.input.defined() && norms.mlp.defined(), "a layer needs its input and mlp norms");
+    TORCH_CHECK(norms.q.defined() == norms.k.defined(), "q and k norms go together");
+    return norms;
+  }
+
+  void add(Norms norms, at::Tensor kv_cache, int64_t window, bool local_rope,
            const c10::optional<at::Tensor>& qkv_bias, Projection qkv, Projection o, Projection gate_up,
            Projection down) {
     TORCH_CHECK(kv_cache.scalar_type() == at::kHalf && kv_cache.is_contiguous() && kv_cache.dim() == 3 &&
@@ -446,20 +548,16 @@ class DecoderStack {
                 "kv_cache must be contiguous fp16 [2 * num_kv_heads, slots, head_dim]");
     TORCH_CHECK(layers_.empty() || kv_cache.size(1) == layers_.front().kv_cache.size(1),
                 "every layer's cache must have the same number of slots");
-    const int64_t hidden = final_norm_.numel();
-    for (const auto* norm : {&input_norm, &post_norm}) {
-      TORCH_CHECK(norm->device().is_cpu() && norm->scalar_type() == at::kFloat && norm->numel() == hidden,
-                  "norm weights must be float32 vectors of the hidden size");
-    }
+    TORCH_CHECK(window == -1 || window >= 1, "a window must be positive, or -1 for none");
     at::Tensor bias;
     if (qkv_bias) {
       TORCH_CHECK(qkv_bias->device().is_cpu() && qkv_bias->numel() == (hq_ + 2 * hkv_) * d_,
                   "the qkv bias must have one value per output");
       bias = qkv_bias->to(at::kFloat).contiguous();
     }
-    layers_.push_back(Layer{input_norm.contiguous(), post_norm.contiguous(), std::move(kv_cache), bias,
-                            std::move(qk_norms.first), std::move(qk_norms.second), std::move(qkv), std::move(o),
-                            std::move(gate_up), std::move(down)});
+    any_local_rope_ = any_local_rope_ || local_rope;
+    layers_.push_back(Layer{std::move(norms), std::move(kv_cache), bias, window, local_rope, std::move(qkv),
+                            std::move(o), std::move(gate_up), std::move(down)});
   }
 
   Projection block_projection(const char* name, const std::vector<at::Tensor>& parts, int64_t in, int64_t out) const {
@@ -513,23 +611,25 @@ class DecoderStack {
   }
 
   // q heads (normed where the layer has q/k norms, then rotated) into `q`; K heads (the same) and V heads
-  // into the cache at each row's slot.
+  // into the cache at each row's slot. Only the leading rotary_dim values of a head are rotated.
   template <typename T>
   void rotate_and_store(const Layer& layer, const at::Tensor& qkv, const Step& step, at::Tensor& q) const {
-    const int64_t b = qkv.size(0), width = qkv.size(1), half_d = d_ / 2;
+    const int64_t b = qkv.size(0), width = qkv.size(1), half_rot = rot_ / 2;
     const int64_t num_slots = layer.kv_cache.size(1);
     const T* src = qkv.data_ptr<T>();
     const float* bias = layer.qkv_bias.defined() ? layer.qkv_bias.data_ptr<float>() : nullptr;
-    const float* q_norm = layer.q_norm.defined() ? layer.q_norm.data_ptr<float>() : nullptr;
-    const float* k_norm = layer.k_norm.defined() ? layer.k_norm.data_ptr<float>() : nullptr;
+    const float* q_norm = layer.norms.q.defined() ? layer.norms.q.data_ptr<float>() : nullptr;
+    const float* k_norm = layer.norms.k.defined() ? layer.norms.k.data_ptr<float>() : nullptr;
+    const float* cos_table = layer.local_rope ? step.cos_local : step.cos;
+    const float* sin_table = layer.local_rope ? step.sin_local : step.sin;
     const float eps = static_cast<float>(eps_);
     float* qp = q.data_ptr<float>();
     half* cache = layer.kv_cache.data_ptr<half>();
     std::vector<float> head(d_), rotated(d_);
     for (int64_t r = 0; r < b; ++r) {
       const int64_t slot = step.slots[r];  // checked against the cache in forward
-      const float* cos = step.cos + r * d_;
-      const float* sin = step.sin + r * d_;
+      const float* cos = cos_table + r * rot_;
+      const float* sin = sin_table + r * rot_;
       for (int64_t hd = 0; hd < hq_ + 2 * hkv_; ++hd) {
         const int64_t col = hd * d_;
         for (int64_t i = 0; i < d_; ++i) {
@@ -537,9 +637,10 @@ class DecoderStack {
         }
         if (q_norm != nullptr && hd < hq_ + hkv_) rms_norm_head_(head.data(), hd < hq_ ? q_norm : k_norm, d_, eps);
         if (hd < hq_ + hkv_) {  // q and k heads; V heads are not rotated
-          for (int64_t i = 0; i < d_; ++i) {
-            rotated[i] = head[i] * cos[i] + head[i < half_d ? i + half_d : i - half_d] * sin[i];
+          for (int64_t i = 0; i < rot_; ++i) {
+            rotated[i] = head[i] * cos[i] + head[i < half_rot ? i + half_rot : i - half_rot] * sin[i];
           }
+          std::copy(head.begin() + rot_, head.end(), rotated.begin() + rot_);
         } else {
           rotated.swap(head);
         }
@@ -566,7 +667,7 @@ class DecoderStack {
       for (int64_t w = begin; w < end; ++w) {
         const int64_t r = w / hkv_, g = w % hkv_;
         const int64_t len = step.lens[r];
-        const int64_t start = window_ > 0 ? std::max<int64_t>(0, len - window_) : 0;
+        const int64_t start = layer.window > 0 ? std::max<int64_t>(0, len - layer.window) : 0;
         const int64_t n = len - start;
         const half* keys = cache + g * num_slots * d_;
         const half* values = cache + (hkv_ + g) * num_slots * d_;
@@ -580,7 +681,8 @@ class DecoderStack {
         }
 #ifdef TRICKLM_AVX512
         if (avx512_) {
-          attend_group_avx512(qg, group, d_, keys, values, slots.data(), n, scale_, scores.data(), partial.data(), dst);
+          attend_group_avx512(qg, group, d_, keys, values, slots.data(), n, scale_, softcap_, scores.data(),
+                              partial.data(), dst);
           continue;
         }
 #endif
@@ -588,7 +690,7 @@ class DecoderStack {
           const half* k = keys + slots[p] * d_;
           for (int64_t j = 0; j < group; ++j) scores[j * n + p] = dot_half(qg + j * d_, k, d_) * scale_;
         }
-        for (int64_t j = 0; j < group; ++j) softmax_(scores.data() + j * n, n);
+        for (int64_t j = 0; j < group; ++j) cap_and_softmax_(scores.data() + j * n, n, softcap_);
         std::fill(acc.begin(), acc.end(), 0.f);
         for (int64_t p = 0; p < n; ++p) {
           const half* v = values + slots[p] * d_;
@@ -599,24 +701,33 @@ class DecoderStack {
     });
   }
 
-  int64_t hq_, hkv_, d_, inter_;
+  int64_t hq_, hkv_, d_, rot_, inter_;
   double eps_;
-  int64_t block_size_, window_;
-  float scale_;
+  int64_t block_size_;
+  float scale_, softcap_;
+  Gate gate_;
   at::Tensor final_norm_;
   std::vector<Layer> layers_;
-  bool avx512_ = false;  // attention 16 wide (`attend_group_avx512`)
-  bool blocks_ = false;  // the layers' projections are qmatmul.h's blocks (all or none of them)
+  bool any_local_rope_ = false;  // some layer rotates by the local table, which `forward` then needs
+  bool avx512_ = false;          // attention 16 wide (`attend_group_avx512`)
+  bool blocks_ = false;          // the layers' projections are qmatmul.h's blocks (all or none of them)
 };
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  pybind11::class_<DecoderStack>(m, "DecoderStack")
-      .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, double, int64_t, int64_t, at::Tensor>())
+  namespace py = pybind11;
+  py::class_<DecoderStack>(m, "DecoderStack")
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, double, int64_t, double, double, const std::string&,
+                    at::Tensor>(),
+           py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("rotary_dim"),
+           py::arg("intermediate_size"), py::arg("eps"), py::arg("block_size"), py::arg("attention_scale"),
+           py::arg("attn_softcap"), py::arg("gate"), py::arg("final_norm"))
       .def("add_layer", &DecoderStack::add_layer)
       .def("add_layer_blocks", &DecoderStack::add_layer_blocks)
-      .def("forward", &DecoderStack::forward, pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("forward", &DecoderStack::forward, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("slots"),
+           py::arg("block_tables"), py::arg("context_lens"), py::arg("cos_local") = py::none(),
+           py::arg("sin_local") = py::none(), py::call_guard<py::gil_scoped_release>())
       .def("num_layers", &DecoderStack::num_layers)
       .def_property_readonly("avx512_attention", &DecoderStack::avx512_attention);
 }
