@@ -49,6 +49,18 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "gemma3": ("Gemma3ForCausalLM", {}),
     "phi3": ("Phi3ForCausalLM", {}),
 }
+# The head sizes attention is compiled for (64, 96, 256), with groups of 3 and 5 query heads a KV head: run
+# with the block weights' float32 activations (at these widths the int4 path's bfloat16 roundings alone move
+# a logit by more than the tolerance above, before and after the attention was compiled per head size)
+HEAD_SIZE_CASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama-head-dim-64-group-3": ("LlamaForCausalLM", {"hidden_size": 384, "num_attention_heads": 6}),
+    "llama-head-dim-64-group-5": (
+        "LlamaForCausalLM",
+        {"hidden_size": 320, "num_attention_heads": 5, "num_key_value_heads": 1},
+    ),
+    "phi3-head-dim-96": ("Phi3ForCausalLM", {"hidden_size": 192, "num_attention_heads": 2, "rope_scaling": None}),
+    "gemma3-head-dim-256": ("Gemma3ForCausalLM", {"head_dim": 256, "num_key_value_heads": 1}),
+}
 BLOCK_SIZE = 4  # small blocks: requests growing side by side get scattered block tables
 
 
@@ -137,20 +149,27 @@ def written_kv(core: EngineCore, batch: ScheduledBatch) -> torch.Tensor:
     return torch.stack([layer.kv[:, slots].float() for layer in core.kv_cache.layers])
 
 
-def check_decode_steps(model: CausalLM, atol: float, same_argmax: bool = True) -> None:
+def check_decode_steps(model: CausalLM, atol: float, same_argmax: bool = True, outlier_atol: float = 0.0) -> None:
+    """Every decode step's logits and cache writes, native against Python, within `atol`. With `outlier_atol`,
+    up to a tenth of the rows may be off by up to that much instead (one activation's int8 rounding moved
+    by a step: the wider the model, the more often it happens); a mistake in the step moves every row."""
     core = core_for(model)
     assert core.runner.native is not None
-    checked = 0
+    checked, rows, outliers = 0, 0, 0
     for batch in run(core, arrivals(model.config.vocab_size)):
         # both write the step's K/V to the same slots: the native write is compared with the Python one
         python = core.runner.forward_logits(batch)
         python_kv = written_kv(core, batch)
         ours = core.runner.forward_logits(batch, native=True)
-        assert torch.allclose(ours, python, atol=atol, rtol=0), (ours - python).abs().max()
+        errors = (ours - python).abs().amax(-1)
+        assert float(errors.max()) <= max(atol, outlier_atol), errors
+        rows, outliers = rows + len(errors), outliers + int((errors > atol).sum())
         assert not same_argmax or torch.equal(ours.argmax(-1), python.argmax(-1))
-        assert torch.allclose(written_kv(core, batch), python_kv, atol=atol, rtol=1e-2)
+        kv_atol = atol if outlier_atol == 0 else outlier_atol
+        assert torch.allclose(written_kv(core, batch), python_kv, atol=kv_atol, rtol=1e-2)
         checked += 1
     assert checked > 20
+    assert outliers <= rows // 10, f"{outliers} of {rows} rows off by more than {atol}"
 
 
 @needs_compiler
@@ -161,10 +180,11 @@ def test_decode_logits_and_cache_writes_match_the_python_path(tiny: CausalLM) ->
 @needs_compiler
 @pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
 @pytest.mark.parametrize(
-    "case", ["llama", "llama-head-dim-12", "qwen2", "qwen3", "mistral-window-20", "gemma2", "gemma3", "phi3"]
+    "case",
+    ["llama", "llama-head-dim-12", "qwen2", "qwen3", "mistral-window-20", "gemma2", "gemma3", "phi3", *HEAD_SIZE_CASES],
 )
 def test_one_copy_block_decode_matches_the_python_path(case: str, fmt: str, tmp_path: Path) -> None:
-    arch, overrides = CASES[case]
+    arch, overrides = {**CASES, **HEAD_SIZE_CASES}[case]
     model = quantize(load_model(make_tiny_model(tmp_path, arch, weight_std=0.1, **overrides)), fmt)
     assert native.supports(model, core_for(model).kv_cache.layers)  # type: ignore[arg-type]
     # Both paths hand the block kernel float32 activations, which it rounds to int8 per block of 32; any
@@ -172,7 +192,8 @@ def test_one_copy_block_decode_matches_the_python_path(case: str, fmt: str, tmp_
     # These random tiny models have near-ties everywhere, so greedy choices are compared on the real
     # model (below), and here the logits alone.
     # (One such step, in one row of one case, moved a logit by 0.027: hence the tolerance.)
-    check_decode_steps(model, atol=4e-2, same_argmax=False)  # type: ignore[arg-type]
+    wide = case in HEAD_SIZE_CASES
+    check_decode_steps(model, atol=4e-2, same_argmax=False, outlier_atol=0.25 if wide else 0.0)  # type: ignore[arg-type]
 
 
 @needs_compiler

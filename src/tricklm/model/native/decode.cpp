@@ -21,6 +21,7 @@
 #include <limits>
 #include <map>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -172,14 +173,44 @@ inline void axpy_half(float* out, float p, const half* v, int64_t d) {
 #ifdef TRICKLM_AVX512
 constexpr int64_t kMaxChunks = 16;  // head_dim up to 256 in 16-wide vectors
 
+// ROWS query heads' attention-weighted sums of the values: `weights` [ROWS, n] (row stride n) over the
+// values at `slots` -> `dst` [ROWS, d].
+template <typename Out, int CHUNKS, int ROWS>
+TRICKLM_AVX512 void weigh_values(const float* weights, int64_t n, int64_t d, const half* values,
+                                 const int64_t* slots, Out* dst) {
+  const int64_t chunks = CHUNKS > 0 ? CHUNKS : d / 16;
+  __m512 acc[ROWS][kMaxChunks];
+  for (int r = 0; r < ROWS; ++r) {
+    for (int64_t c = 0; c < chunks; ++c) acc[r][c] = _mm512_setzero_ps();
+  }
+  for (int64_t p = 0; p < n; ++p) {
+    const half* v = values + slots[p] * d;
+    __m512 vf[kMaxChunks];
+    for (int64_t c = 0; c < chunks; ++c) {
+      vf[c] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 16 * c)));
+    }
+    for (int r = 0; r < ROWS; ++r) {
+      const __m512 weight = _mm512_set1_ps(weights[r * n + p]);
+      for (int64_t c = 0; c < chunks; ++c) acc[r][c] = _mm512_fmadd_ps(weight, vf[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    for (int64_t c = 0; c < chunks; ++c) {
+      store8(dst + r * d + 16 * c, _mm512_castps512_ps256(acc[r][c]));
+      store8(dst + r * d + 16 * c + 8, _mm512_extractf32x8_ps(acc[r][c], 1));
+    }
+  }
+}
+
 // One (sequence, KV head) of attention, as `DecoderStack::attend` does it 8 wide: the group's query
 // heads `qg` [group, d] over n cached positions (`slots`) -> `dst` [group, d]. Scores go 16 keys at a
-// time through `sum_lanes16`; `scores` holds group x n floats, `partial` group x 256.
-template <typename Out>
+// time through `sum_lanes16`; `scores` holds group x n floats, `partial` group x 256. CHUNKS is d / 16
+// where a head size is compiled for (the vectors of a key or value then stay in registers), else 0.
+template <typename Out, int CHUNKS>
 TRICKLM_AVX512 void attend_group_avx512(const float* qg, int64_t group, int64_t d, const half* keys,
                                         const half* values, const int64_t* slots, int64_t n, float scale,
                                         float softcap, float* scores, float* partial, Out* dst) {
-  const int64_t chunks = d / 16;
+  const int64_t chunks = CHUNKS > 0 ? CHUNKS : d / 16;
   for (int64_t p0 = 0; p0 < n; p0 += 16) {
     const int64_t count = std::min<int64_t>(16, n - p0);
     for (int64_t i = 0; i < 16; ++i) {
@@ -206,22 +237,20 @@ TRICKLM_AVX512 void attend_group_avx512(const float* qg, int64_t group, int64_t 
     }
   }
   for (int64_t j = 0; j < group; ++j) cap_and_softmax_(scores + j * n, n, softcap);
-  for (int64_t j = 0; j < group; ++j) {
-    __m512 acc[kMaxChunks];
-    for (int64_t c = 0; c < chunks; ++c) acc[c] = _mm512_setzero_ps();
-    for (int64_t p = 0; p < n; ++p) {
-      const __m512 weight = _mm512_set1_ps(scores[j * n + p]);
-      const half* v = values + slots[p] * d;
-      for (int64_t c = 0; c < chunks; ++c) {
-        const __m512 vf = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 16 * c)));
-        acc[c] = _mm512_fmadd_ps(weight, vf, acc[c]);
-      }
-    }
-    for (int64_t c = 0; c < chunks; ++c) {
-      store8(dst + j * d + 16 * c, _mm512_castps512_ps256(acc[c]));
-      store8(dst + j * d + 16 * c + 8, _mm512_extractf32x8_ps(acc[c], 1));
+  // Weighted values: each value vector is loaded and widened once for as many query heads as registers
+  // allow (at most 16 accumulators), not once per head.
+  int64_t j = 0;
+  if constexpr (CHUNKS > 0 && CHUNKS <= 4) {
+    for (; j + 4 <= group; j += 4) weigh_values<Out, CHUNKS, 4>(scores + j * n, n, d, values, slots, dst + j * d);
+    if (group - j == 3) {
+      weigh_values<Out, CHUNKS, 3>(scores + j * n, n, d, values, slots, dst + j * d);
+      return;
     }
   }
+  if constexpr (CHUNKS > 0 && CHUNKS <= 8) {
+    for (; j + 2 <= group; j += 2) weigh_values<Out, CHUNKS, 2>(scores + j * n, n, d, values, slots, dst + j * d);
+  }
+  for (; j < group; ++j) weigh_values<Out, CHUNKS, 1>(scores + j * n, n, d, values, slots, dst + j * d);
 }
 #endif
 
@@ -654,6 +683,25 @@ class DecoderStack {
     }
   }
 
+#ifdef TRICKLM_AVX512
+  // `attend_group_avx512` compiled for the head sizes of the families we run (64, 96, 128, 256), else generic.
+  template <typename Out>
+  void attend_avx512(const float* qg, int64_t group, const half* keys, const half* values, const int64_t* slots,
+                     int64_t n, float* scores, float* partial, Out* dst) const {
+    const auto run = [&](auto chunks) {
+      attend_group_avx512<Out, decltype(chunks)::value>(qg, group, d_, keys, values, slots, n, scale_, softcap_,
+                                                        scores, partial, dst);
+    };
+    switch (d_ / 16) {
+      case 4: run(std::integral_constant<int, 4>()); break;
+      case 6: run(std::integral_constant<int, 6>()); break;
+      case 8: run(std::integral_constant<int, 8>()); break;
+      case 16: run(std::integral_constant<int, 16>()); break;
+      default: run(std::integral_constant<int, 0>()); break;
+    }
+  }
+#endif
+
   // One query per sequence over its cached context (K/V read straight from the cache's blocks).
   template <typename Out>
   void attend(const Layer& layer, const at::Tensor& q, const Step& step, at::Tensor& out) const {
@@ -681,8 +729,7 @@ class DecoderStack {
         }
 #ifdef TRICKLM_AVX512
         if (avx512_) {
-          attend_group_avx512(qg, group, d_, keys, values, slots.data(), n, scale_, softcap_, scores.data(),
-                              partial.data(), dst);
+          attend_avx512(qg, group, keys, values, slots.data(), n, scores.data(), partial.data(), dst);
           continue;
         }
 #endif
