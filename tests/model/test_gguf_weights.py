@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -204,6 +206,18 @@ def _logits(model: torch.nn.Module, quantization: str) -> torch.Tensor:
     core = EngineCore(model, EngineConfig(quantization=quantization, native_decode=False))  # type: ignore[arg-type]
     core.add_request(Request("r", list(range(3, 40)), SamplingParams(max_tokens=1), 1))
     return core.runner.forward_logits(core.scheduler.schedule())
+
+
+def test_loading_imports_no_compiler_stack(hf_dir: Path, tmp_path: Path) -> None:
+    """Building the model on the meta device imported torch._dynamo and sympy (68 MiB resident for good)."""
+    folder, _ = _gguf_folder(hf_dir, tmp_path, "Q4_1")
+    code = (
+        "import sys, torch; from pathlib import Path; from tricklm.model.loader import load_model; "
+        f"load_model(Path({str(folder)!r}), torch.float32, 'auto'); "
+        "print(sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_default_model_serves_from_one_copy_of_its_own_blocks() -> None:

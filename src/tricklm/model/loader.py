@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
+from torch.overrides import TorchFunctionMode
 
 from tricklm.memory import release_freed_memory
 from tricklm.model.block_formats import BLOCK, FLOAT_TYPES, Blocks
@@ -50,7 +51,7 @@ def load_model(
 ) -> CausalLM:
     cfg = load_config(model_dir)
     cls = model_class(cfg)
-    with torch.device("meta"):
+    with _MetaParameters():
         model = cls(cfg)
     link = model_dir / GGUF_LINK
     if link.is_symlink() and not link.exists():
@@ -65,7 +66,7 @@ def load_model(
         direct = _block_projections_from_gguf(model, gguf, cfg, quantization)
     # Allocated uninitialised and already in the final dtype, so the float32 checkpoint is converted tensor
     # by tensor and never held whole; every parameter is then overwritten (checked below).
-    model = _storage_dtypes(model, dtype, quantization).to_empty(device="cpu")
+    model = _materialized(_storage_dtypes(model, dtype, quantization))
     _reset_buffers(model)
     staging = torch.float16 if quantization in QUANT_MODES else dtype  # see _storage_dtypes
     if gguf is not None:
@@ -82,6 +83,31 @@ def load_model(
         model = quantize(model, quantization, prefill_weights)
     release_freed_memory()  # the loader's staging buffers
     return model
+
+
+class _MetaParameters(TorchFunctionMode):
+    """Builds a model with its parameters on the meta device (no memory), and nothing computed on meta.
+
+    Under `torch.device("meta")` torch computes some ops on meta tensors (`normal_`, nn.Embedding's
+    initialiser; RoPE tables) through reference implementations that import torch._dynamo, and with it
+    sympy: 68 MiB resident for the server's whole life, for values a meta tensor does not keep. Here
+    only `torch.empty`, which the modules' parameters are made by, lands on meta; their initialisers are
+    skipped; the small buffers (RoPE tables) are computed on the CPU, and again by `_reset_buffers`
+    once the model is real.
+    """
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.empty and kwargs.get("device") is None:
+            return func(*args, **{**kwargs, "device": "meta"})
+        # torch.nn.init passes its tensor by keyword
+        first, name = args[0] if args else kwargs.get("tensor"), getattr(func, "__name__", "")
+        in_place = name.endswith("_") and not name.startswith("__")  # normal_, not a property's __get__
+        if in_place and isinstance(first, torch.Tensor) and first.is_meta:
+            return first
+        return func(*args, **kwargs)
 
 
 TRIM_EVERY = 4  # projections built between two heap trims: one decoder layer's
@@ -170,6 +196,13 @@ def _storage_dtypes(model: CausalLM, dtype: torch.dtype, quantization: str) -> C
             module.to(dtype=torch.float16)
         elif isinstance(module, torch.nn.Embedding):
             module.to(dtype=table_dtype)
+    return model
+
+
+def _materialized(model: CausalLM) -> CausalLM:
+    """`model.to_empty(device="cpu")`, but by `torch.empty`: `empty_like` of a meta tensor goes through
+    torch's symbolic shapes, which import sympy (see `_MetaParameters`)."""
+    model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype))
     return model
 
 
