@@ -22,7 +22,8 @@ from tricklm.config import EngineConfig
 from tricklm.engine.core import EngineCore
 from tricklm.engine.request import Request
 from tricklm.engine.sampling_params import SamplingParams
-from tricklm.model.gguf_convert import _hf_config, rope_factors
+from tricklm.model.config import ModelLoadError
+from tricklm.model.gguf_convert import gguf_hf_config
 from tricklm.model.gguf_weights import GGUF_LINK, open_reader
 from tricklm.model.loader import load_model
 from tricklm.model.qlinear import QLinear
@@ -73,15 +74,17 @@ def gguf_name(hf: str, names: dict[str, str]) -> str:
 
 
 def write_metadata(writer: GGUFWriter, arch: str, config: Any) -> None:
-    """The hyper-parameters convert_hf_to_gguf.py writes for the family."""
+    """The hyper-parameters convert_hf_to_gguf.py writes for the family (`vocab_size` for llama only: a real
+    Gemma 3 file from llama.cpp has none, and the loader once refused it for that)."""
     c = config
     for key, value in {
         "block_count": c.num_hidden_layers, "context_length": c.max_position_embeddings,
         "embedding_length": c.hidden_size, "feed_forward_length": c.intermediate_size,
         "attention.head_count": c.num_attention_heads, "attention.head_count_kv": c.num_key_value_heads,
-        "vocab_size": c.vocab_size,
     }.items():  # fmt: skip
         writer.add_uint32(f"{arch}.{key}", value)
+    if arch == "llama":
+        writer.add_uint32(f"{arch}.vocab_size", c.vocab_size)
     writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", c.rms_norm_eps)
     if arch.startswith("gemma"):
         writer.add_uint32(f"{arch}.attention.key_length", c.head_dim)
@@ -143,11 +146,9 @@ def gguf_folder(hf_dir: Path, tmp: Path, arch: str, qtype: str) -> tuple[Path, d
     held = write_gguf(hf_dir, file, arch, qtype)
     reader = open_reader(file)
     meta = {k: f.contents() for k, f in reader.fields.items()}
-
-    has_output = any(t.name == "output.weight" for t in reader.tensors)
     folder = tmp / f"{arch}-{qtype}"
     shutil.copytree(hf_dir, folder, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
-    config = _hf_config(meta, arch, has_output, rope_factors(reader))
+    config = gguf_hf_config(reader, meta, file)
     (folder / "config.json").write_text(json.dumps(config))
     (folder / GGUF_LINK).symlink_to(file)
     return folder, held
@@ -213,3 +214,17 @@ def test_gguf_file_gives_the_hugging_face_model(tmp_path: Path, arch: str, qtype
         assert isinstance(blocks.model.layers[0].self_attn.o_proj, QLinear)  # type: ignore[attr-defined]
         agree = greedy(blocks, "gguf")[1].argmax(-1) == logits.argmax(-1)
         assert agree.float().mean() >= 0.8
+
+
+def test_a_missing_hyper_parameter_is_named(tmp_path: Path) -> None:
+    hf_dir = make_tiny_model(tmp_path / "hf", "Gemma3ForCausalLM")
+    file = tmp_path / "gemma3.gguf"
+    write_gguf(hf_dir, file, "gemma3", "F16")
+    reader = open_reader(file)
+    meta = {k: f.contents() for k, f in reader.fields.items()}
+    assert "gemma3.vocab_size" not in meta  # as llama.cpp writes a Gemma 3 file: taken from the token table
+    vocab_size = transformers.AutoConfig.from_pretrained(hf_dir).vocab_size
+    assert gguf_hf_config(reader, meta, file)["vocab_size"] == vocab_size
+    del meta["gemma3.feed_forward_length"]
+    with pytest.raises(ModelLoadError, match=r"GGUF metadata lacks gemma3\.feed_forward_length$"):
+        gguf_hf_config(reader, meta, file)

@@ -26,12 +26,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, progress: bool = True) -> None:
     """Write `out_dir` atomically: a crash mid-way leaves no half-written folder behind."""
     reader = open_reader(gguf_path)
     meta = _metadata(reader)
-    arch = meta.get("general.architecture")
-    if arch not in GGUF_ARCHITECTURES:
-        supported = ", ".join(repr(a) for a in GGUF_ARCHITECTURES)
-        raise ModelLoadError(f"{gguf_path}: GGUF architecture {arch!r} is not supported (supported: {supported})")
-    has_output = any(t.name == "output.weight" for t in reader.tensors)
-    config = _hf_config(meta, str(arch), has_output, rope_factors(reader))
+    config = gguf_hf_config(reader, meta, gguf_path)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out_dir.parent))
     try:
@@ -48,6 +43,27 @@ def convert_gguf(gguf_path: Path, out_dir: Path, progress: bool = True) -> None:
                 raise  # not merely another process that finished the same folder first
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def gguf_hf_config(reader: Any, meta: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The Hugging Face config.json of a GGUF file, from its metadata `meta` and its tensors."""
+    arch = meta.get("general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        supported = ", ".join(repr(a) for a in GGUF_ARCHITECTURES)
+        raise ModelLoadError(f"{path}: GGUF architecture {arch!r} is not supported (supported: {supported})")
+    has_output = any(t.name == "output.weight" for t in reader.tensors)
+    # llama.cpp's converter writes <arch>.vocab_size for llama files only; the others have it in their tables
+    meta = {f"{arch}.vocab_size": _vocab_size(reader), **meta}
+    return _hf_config(meta, str(arch), has_output, rope_factors(reader))
+
+
+def _vocab_size(reader: Any) -> int | None:
+    """Rows of the token table (GGUF lists a tensor's dimensions innermost first), else the vocabulary's length."""
+    for t in reader.tensors:
+        if t.name == "token_embd.weight":
+            return int(t.shape[-1])
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    return len(tokens.data) if tokens is not None else None
 
 
 def _metadata(reader: Any) -> dict[str, Any]:
@@ -88,6 +104,10 @@ def _hf_config(
     def get(key: str, default: Any = None) -> Any:
         return meta.get(f"{arch}.{key}", default)
 
+    required = ("vocab_size", "embedding_length", "feed_forward_length", "block_count", "attention.head_count")
+    missing = [f"{arch}.{key}" for key in required if get(key) is None]
+    if missing:
+        raise ModelLoadError(f"GGUF metadata lacks {', '.join(missing)}")
     try:
         heads = int(get("attention.head_count"))
         config: dict[str, Any] = {
@@ -107,7 +127,7 @@ def _hf_config(
             "torch_dtype": "float32",
         }
     except TypeError:
-        raise ModelLoadError(f"GGUF metadata lacks the {arch}.* hyper-parameters") from None
+        raise ModelLoadError(f"GGUF metadata has {arch}.* hyper-parameters of the wrong type") from None
     if get("attention.key_length") is not None:  # Qwen3's and Gemma's heads are wider than hidden / heads
         config["head_dim"] = int(get("attention.key_length"))
     if get("rope.scaling.type") == "linear":
