@@ -196,6 +196,56 @@ def test_one_copy_block_decode_matches_the_python_path(case: str, fmt: str, tmp_
     check_decode_steps(model, atol=4e-2, same_argmax=False, outlier_atol=0.25 if wide else 0.0)  # type: ignore[arg-type]
 
 
+def run_all(core: EngineCore, incoming: dict[int, list[Request]]) -> Iterator[ScheduledBatch]:
+    """Step the core to the end, yielding every batch before it runs (prefill, mixed and decode)."""
+    for step in range(500):
+        for req in incoming.get(step, []):
+            core.add_request(req)
+        if not core.has_work and step > max(incoming):
+            return
+        batch = core.scheduler.schedule()
+        if batch:
+            yield batch
+            core.scheduler.update(batch, core.runner.run(batch))
+    raise AssertionError("did not finish")
+
+
+@needs_compiler
+@pytest.mark.parametrize("case", ["llama", "qwen3", "mistral-window-20", "gemma2", "gemma3", "phi3"])
+def test_prefill_and_mixed_steps_run_natively_with_one_copy_blocks(case: str, tmp_path: Path) -> None:
+    """With block weights the native stack runs prefill chunks too (a row per token, each over its own
+    context): every step's logits match the Python path, prompts split over several chunks included."""
+    arch, overrides = CASES[case]
+    model = quantize(load_model(make_tiny_model(tmp_path, arch, weight_std=0.1, **overrides)), "q4_1")
+    core = EngineCore(model, EngineConfig(block_size=BLOCK_SIZE, max_num_batched_tokens=16))
+    assert core.runner.native is not None and core.runner.native.runs_any_step
+    kinds: set[str] = set()
+    for batch in run_all(core, arrivals(model.config.vocab_size)):
+        python = core.runner.forward_logits(batch)
+        ours = core.runner.forward_logits(batch, native=True)
+        errors = (ours - python).abs().amax(-1)
+        assert float(errors.max()) <= 4e-2, errors
+        prefill = [n for n in batch.num_tokens if n > 1]
+        chunked = any(r.num_computed_tokens > 0 for r, n in zip(batch.requests, batch.num_tokens, strict=True) if n > 1)
+        kinds.add("decode" if not prefill else "mixed" if len(prefill) < len(batch.num_tokens) else "prefill")
+        kinds |= {"later chunk"} if chunked else set()
+    assert kinds == {"decode", "mixed", "prefill", "later chunk"}, kinds
+
+
+def test_long_contexts_prefill_in_python(tmp_path: Path) -> None:
+    """Past NATIVE_MAX_MEAN_CONTEXT positions per token, a prefill chunk goes to torch's attention."""
+    from tricklm.engine import model_runner
+
+    model = quantize(load_model(make_tiny_model(tmp_path, "LlamaForCausalLM", weight_std=0.1)), "q4_1")
+    runner = core_for(model).runner
+    if runner.native is None:
+        pytest.skip("no native stack here")
+    req = greedy("long", 8, 1, model.config.vocab_size)
+    assert runner._runs_native([(req, 8)])
+    req.num_computed_tokens = model_runner.NATIVE_MAX_MEAN_CONTEXT
+    assert not runner._runs_native([(req, 8)])
+
+
 @needs_compiler
 def test_activations_beyond_exp_range_match_the_python_path(tmp_path: Path) -> None:
     model = scaled_norms(four_bit_model(make_tiny_model(tmp_path, "LlamaForCausalLM", weight_std=0.1)), 300.0)
@@ -260,7 +310,7 @@ def test_bad_step_inputs_raise_and_the_decoder_keeps_working(tiny: CausalLM) -> 
         ("longer than its block table", {"context_lens": torch.tensor([0])}),
         ("block table entry out of range", {"block_tables": torch.tensor([[num_blocks]])}),
         ("block table entry out of range", {"block_tables": torch.tensor([[-1]])}),
-        ("one row per sequence", {"context_lens": torch.tensor([3, 3])}),
+        ("one row per token", {"context_lens": torch.tensor([3, 3])}),
     ]
     for message, change in bad:
         with pytest.raises(RuntimeError, match=message):

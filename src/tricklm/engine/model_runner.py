@@ -16,6 +16,8 @@ from tricklm.model.native import NativeDecoder
 from tricklm.model.quant import MAX_PACKED_ROWS, model_dtypes
 from tricklm.model.registry import CausalLM
 
+NATIVE_MAX_MEAN_CONTEXT = 512  # see `ModelRunner._native_attention_fits`
+
 
 class ThreadPolicy:
     """How many torch threads a step gets: `max_threads` for large steps, `decode_threads` for small ones.
@@ -100,7 +102,19 @@ class ModelRunner:
         return self.model(input_ids, positions, self.kv.layers, self._metadata(order, slots))
 
     def _runs_native(self, order: list[tuple[Request, int]]) -> bool:
-        return self.native is not None and len(order) <= MAX_PACKED_ROWS and all(n == 1 for _, n in order)
+        if self.native is None:
+            return False
+        if len(order) <= MAX_PACKED_ROWS and all(n == 1 for _, n in order):
+            return True
+        return self.native.runs_any_step and self._native_attention_fits(order)
+
+    def _native_attention_fits(self, order: list[tuple[Request, int]]) -> bool:
+        """The native step attends one token at a time (each over its own context); past this many context
+        positions per token on average, torch's prefill attention, which shares each key among a chunk's
+        tokens, is faster."""
+        tokens = sum(n for _, n in order)
+        positions = sum(n * (req.num_computed_tokens + (n + 1) / 2) for req, n in order)
+        return positions <= NATIVE_MAX_MEAN_CONTEXT * tokens
 
     def _native_forward(
         self, order: list[tuple[Request, int]], input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor
@@ -109,6 +123,8 @@ class ModelRunner:
         num_blocks = max(len(req.block_table) for req, _ in order)
         # padded with block 0: the extension reads a row's table only up to its own context length
         tables = torch.tensor([req.block_table + [0] * (num_blocks - len(req.block_table)) for req, _ in order])
+        if len(order) < len(input_ids):  # a prefill chunk: a row per token, each with its sequence's table
+            tables = tables.repeat_interleave(torch.tensor([n for _, n in order]), dim=0)
         return self.native.forward(input_ids, positions, slots, tables, positions + 1)
 
     @staticmethod

@@ -77,7 +77,10 @@ def paged_attention(
     for seg in meta.prefills:
         s, e = seg.token_start, seg.token_end
         idx = seg.context_index
-        ctx = kv[s:e].transpose(0, 1) if idx is None else cache.kv.index_select(1, idx)
+        # A first chunk attends over its K/V as the cache holds them, as later chunks, decode steps and prefix
+        # cache hits do: a prompt's logits do not depend on how it was split or what was cached before
+        fresh = kv[s:e].transpose(0, 1)
+        ctx = fresh.to(cache.kv.dtype).to(q.dtype) if idx is None else cache.kv.index_select(1, idx)
         mask = seg.masks[window]
         if softcap is not None:
             full = mask if mask is not None else chunk_mask(0, e - s, None, q.dtype)

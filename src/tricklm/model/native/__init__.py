@@ -139,7 +139,7 @@ def supports(model: torch.nn.Module, kv_layers: list[KVCacheLayer]) -> bool:
     or blocks), with an fp16 KV cache."""
     missing = missing_operations(model)
     if missing:
-        log.debug("native decode step not used: it does not implement %s", ", ".join(missing))
+        log.info("native decode step not used: it does not implement %s", ", ".join(missing))
         return False
     assert isinstance(model, LlamaForCausalLM)
     if any(layer.kv.dtype != KV_DTYPE for layer in kv_layers):
@@ -153,6 +153,10 @@ class NativeDecoder:
     def __init__(self, model: LlamaForCausalLM, kv_layers: list[KVCacheLayer], block_size: int, ext: Any) -> None:
         cfg, body = model.config, model.model
         self.model, self.body = model, body
+        # With one-copy blocks the stack runs any step: a prefill chunk is a row per token, each attending
+        # over its own context (the cache holds the chunk's earlier tokens by then). Torch's 4-bit kernel
+        # is for decode rows only (prefill reads a bfloat16 copy in Python).
+        self.runs_any_step = False
         self.stack = ext.DecoderStack(
             num_heads=cfg.num_heads,
             num_kv_heads=cfg.num_kv_heads,
@@ -173,6 +177,7 @@ class NativeDecoder:
             window = cfg.window(i) or -1
             local_rope = body.uses_local_rope[i]
             if isinstance(qkv, QLinear):
+                self.runs_any_step = True
                 parts = [[m.qweight.levels, m.qweight.d, m.qweight.m] for m in projections]  # type: ignore[union-attr]
                 self.stack.add_layer_blocks(norms, cache.kv, window, local_rope, parts[0], qkv.bias, *parts[1:])
                 continue
@@ -201,7 +206,10 @@ class NativeDecoder:
         if ext is None:
             return None
         assert isinstance(model, LlamaForCausalLM)
-        return cls(model, kv_layers, block_size, ext)
+        decoder = cls(model, kv_layers, block_size, ext)
+        steps = "every step (prefill chunks as well)" if decoder.runs_any_step else "decode steps"
+        log.info("native %s model step: %s run in C++", type(model).__name__, steps)
+        return decoder
 
     def forward(
         self,
@@ -211,10 +219,11 @@ class NativeDecoder:
         block_tables: torch.Tensor,
         context_lens: torch.Tensor,
     ) -> torch.Tensor:
-        """Final-normed hidden states [B, H] for one new token per sequence.
+        """Final-normed hidden states [B, H] of B tokens: one new token per sequence, or (`runs_any_step`) any
+        tokens, each attending causally over its context.
 
-        block_tables [B, n]: each sequence's cache blocks (padded); context_lens [B]: its length with the
-        new token, whose K/V go to `slots`.
+        block_tables [B, n]: each token's sequence's cache blocks (padded); context_lens [B]: its context
+        length including itself, whose K/V go to `slots`.
         """
         x = self.model.embed(input_ids)
         (cos, sin), local = self.body.rotary_tables(positions, x.dtype)

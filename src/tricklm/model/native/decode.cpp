@@ -463,7 +463,7 @@ class DecoderStack {
         std::move(gate_up_p), std::move(down_p));
   }
 
-  // x [B, H] float32, one row per sequence -> final-normed hidden states [B, H] float32. cos/sin [B, rotary_dim];
+  // x [B, H] float32, one row per token -> final-normed hidden states [B, H] float32. cos/sin [B, rotary_dim];
   // cos_local/sin_local the same for layers added with `local_rope` (required if there are any).
   at::Tensor forward(at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& slots,
                      const at::Tensor& block_tables, const at::Tensor& context_lens,
@@ -485,7 +485,7 @@ class DecoderStack {
     TORCH_CHECK(x.scalar_type() == at::kFloat, "activations must be float32");
     TORCH_CHECK(slots.numel() == b && context_lens.numel() == b && block_tables.dim() == 2 &&
                     block_tables.size(0) == b,
-                "slots, block tables and context lengths must hold one row per sequence");
+                "slots, block tables and context lengths must hold one row per token");
     x = x.contiguous().clone();
     const auto slots_c = slots.to(at::kLong).contiguous(), tables = block_tables.to(at::kLong).contiguous();
     const auto lens = context_lens.to(at::kLong).contiguous();
