@@ -111,6 +111,8 @@ class GrammarCompiler:
                 except (ValueError, RuntimeError, TypeError) as e:
                     self._unavailable = f"structured outputs are unavailable for this model's tokenizer: {e}"
                     raise GrammarUnavailable(self._unavailable) from None
+                finally:
+                    self._tokenizer_json = ""  # read once: megabytes of text not worth keeping
             return self._tokenizer
 
 
