@@ -12,6 +12,7 @@ and `--prefill-weights` values to see what the weight formats buy.
     .venv/bin/python benchmarks/engine_steps.py --no-native-decode   # decode steps in Python
     .venv/bin/python benchmarks/engine_steps.py --prefill-weights bf16 --batch-sizes 16   # prefill copy format
     .venv/bin/python benchmarks/engine_steps.py --model big.gguf --quantization q4_1 --kv-cache-memory-mib 1024
+    .venv/bin/python benchmarks/engine_steps.py --prompt-len 2000 --batch-sizes 1 --prefill-in-python  # A/B
 """
 
 from __future__ import annotations
@@ -21,21 +22,23 @@ import statistics
 import time
 
 from tricklm.config import EngineConfig
+from tricklm.engine import model_runner
 from tricklm.engine.engine import Engine
 from tricklm.engine.sampling_params import SamplingParams
 from tricklm.memory import limit_fragmentation
 from tricklm.model.quant import PREFILL_FORMATS
 
 PROMPT = "The history of the city of Paris begins with a small settlement on an island in the river. " * 8
-PROMPT_LEN = 100
+PROMPT_LEN = 100  # tokens, unless --prompt-len
 WINDOW = 15
 WINDOWS = 6
 
 
-def step_ms(engine: Engine, batch_size: int) -> tuple[float, list[float]]:
+def step_ms(engine: Engine, batch_size: int, prompt_len: int = PROMPT_LEN) -> tuple[float, list[float]]:
     """(ms to prefill every prompt, ms per decode step in each window)."""
     core = engine.core
-    base = engine.tokenizer.encode(PROMPT)[:PROMPT_LEN]
+    text = PROMPT * (1 + prompt_len // PROMPT_LEN)
+    base = engine.tokenizer.encode(text)[:prompt_len]
     params = SamplingParams(max_tokens=WINDOW * (WINDOWS + 2), temperature=0.0, ignore_eos=True)
     for i in range(batch_size):
         ids = [base[0] + i, *base[1:]]  # distinct prompts: no two requests alike
@@ -65,7 +68,13 @@ def main() -> None:
     p.add_argument("--native-decode", action=argparse.BooleanOptionalAction, default=EngineConfig.native_decode)
     p.add_argument("--prefill-weights", default=EngineConfig.prefill_weights, choices=PREFILL_FORMATS)
     p.add_argument("--kv-cache-memory-mib", type=int, default=None, help="KV budget (a large model needs more)")
+    p.add_argument("--prompt-len", type=int, default=PROMPT_LEN, help="tokens per prompt")
+    p.add_argument(
+        "--prefill-in-python", action="store_true", help="prefill chunks in torch even where the native step runs them"
+    )
     args = p.parse_args()
+    if args.prefill_in_python:
+        model_runner.NATIVE_MAX_MEAN_CONTEXT = 0
     limit_fragmentation()  # the server's malloc settings, so the step costs match
     config = EngineConfig(
         model=args.model,
@@ -80,10 +89,11 @@ def main() -> None:
         native = engine.core.runner.native is not None
         print(
             f"# engine step, quantization={args.quantization}, native decode {'on' if native else 'off'}, "
-            f"prefill weights {args.prefill_weights}, {PROMPT_LEN}-token prompts; decode only, after prefilling all"
+            f"prefill weights {args.prefill_weights}, prefill in {'torch' if args.prefill_in_python else 'auto'}, "
+            f"{args.prompt_len}-token prompts; decode only, after prefilling all"
         )
         for b in (int(x) for x in args.batch_sizes.split(",")):
-            prefill, ms = step_ms(engine, b)
+            prefill, ms = step_ms(engine, b, args.prompt_len)
             best, median = min(ms), statistics.median(ms)
             print(
                 f"{b:>3} sequences: prefill {prefill:.0f} ms; step best {best:.1f} ms, median {median:.1f} ms "

@@ -50,26 +50,52 @@ struct QuantizedRows {
   std::vector<float> scaled_sum;
 };
 
-inline QuantizedRows quantize_rows(const float* x, int64_t rows, int64_t k) {
+// One block of 32 values: int8 levels into `dst`, and (scale, scale * sum of levels). The vector version
+// rounds as std::nearbyint does (to nearest even, the default rounding mode) and gives the same levels.
+inline void quantize_block_scalar(const float* src, int8_t* dst, float* scale, float* scaled_sum) {
+  float amax = 0.0f;
+  for (int64_t j = 0; j < kBlock; ++j) amax = std::max(amax, std::fabs(src[j]));
+  const float s = amax / 127.0f;
+  const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+  int sum = 0;
+  for (int64_t j = 0; j < kBlock; ++j) {
+    dst[j] = static_cast<int8_t>(std::nearbyint(src[j] * inv));
+    sum += dst[j];
+  }
+  *scale = s;
+  *scaled_sum = s * static_cast<float>(sum);
+}
+
+__attribute__((target("avx512f,avx512bw"))) inline void quantize_block_avx512(const float* src, int8_t* dst,
+                                                                               float* scale, float* scaled_sum) {
+  const __m512 lo = _mm512_loadu_ps(src), hi = _mm512_loadu_ps(src + 16);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+  const float s = amax / 127.0f;
+  const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+  const __m512i qlo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inv)), qhi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inv));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtepi32_epi8(qlo));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), _mm512_cvtepi32_epi8(qhi));
+  *scale = s;
+  *scaled_sum = s * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi)));
+}
+
+// wide: 16 floats at a time (where the CPU has AVX-512BW; the kernels' choice decides, so the tests that
+// force the AVX2 or scalar kernel check the scalar quantizer too).
+inline QuantizedRows quantize_rows(const float* x, int64_t rows, int64_t k, bool wide) {
   const int64_t blocks = k / kBlock;
   QuantizedRows out{std::vector<int8_t>(rows * k), std::vector<float>(rows * blocks),
                     std::vector<float>(rows * blocks)};
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t at = r * blocks + b;
         const float* src = x + r * k + b * kBlock;
-        float amax = 0.0f;
-        for (int64_t j = 0; j < kBlock; ++j) amax = std::max(amax, std::fabs(src[j]));
-        const float s = amax / 127.0f;
-        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
         int8_t* dst = out.q.data() + r * k + b * kBlock;
-        int sum = 0;
-        for (int64_t j = 0; j < kBlock; ++j) {
-          dst[j] = static_cast<int8_t>(std::nearbyint(src[j] * inv));
-          sum += dst[j];
+        if (wide) {
+          quantize_block_avx512(src, dst, &out.scale[at], &out.scaled_sum[at]);
+        } else {
+          quantize_block_scalar(src, dst, &out.scale[at], &out.scaled_sum[at]);
         }
-        out.scale[r * blocks + b] = s;
-        out.scaled_sum[r * blocks + b] = s * static_cast<float>(sum);
       }
     }
   });
@@ -322,7 +348,7 @@ inline torch::Tensor qmatmul(const torch::Tensor& x, const torch::Tensor& levels
               "this CPU cannot run the ", chosen, " kernel");
   auto out = torch::empty({rows, n}, x.options());
   if (rows == 0) return out;
-  const QuantizedRows quantized = quantize_rows(x.data_ptr<float>(), rows, k);
+  const QuantizedRows quantized = quantize_rows(x.data_ptr<float>(), rows, k, chosen == "avx512vnni");
   const Problem problem{&quantized, levels.data_ptr<uint8_t>(), d.data_ptr<at::Half>(), m.data_ptr<at::Half>(),
                         out.data_ptr<float>(), rows, n, k, levels.size(2)};
   const Kernel kernel = pick(chosen, problem.bits);
