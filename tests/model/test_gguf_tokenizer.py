@@ -104,3 +104,39 @@ def test_an_unknown_tokenizer_model_fails_with_one_line(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match=r"rwkv\.gguf: .*tokenizer.*'rwkv'") as e:
         convert_gguf(file, tmp_path / "out", progress=False)
     assert "\n" not in str(e.value)
+
+
+def write_bpe_gguf(path: Path, pre: str) -> Path:
+    """A byte-level BPE vocabulary (`gpt2`, as Llama 3 and Qwen files carry one) where "hello" is a token that
+    its merges alone never reach (h+e, l+l, then no merge joins he, ll and o)."""
+    letters = sorted(set("helowrd"))
+    tokens = ["<|begin_of_text|>", "<|end_of_text|>", *letters, "he", "ll", "hello"]
+    writer = GGUFWriter(str(path), "llama")
+    for key, value in {
+        "block_count": 1, "context_length": 64, "embedding_length": 32, "feed_forward_length": 64,
+        "attention.head_count": 2, "attention.head_count_kv": 1,
+    }.items():  # fmt: skip
+        writer.add_uint32(f"llama.{key}", value)
+    writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-6)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types([TokenType.CONTROL] * 2 + [TokenType.NORMAL] * (len(tokens) - 2))
+    writer.add_token_merges(["h e", "l l"])
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(1)
+    writer.add_tensor("token_embd.weight", np.zeros((len(tokens), 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize(("pre", "pieces"), [("llama-bpe", ["hello"]), ("qwen2", ["he", "ll", "o"])])
+def test_llama3_files_take_whole_words_from_the_vocabulary(tmp_path: Path, pre: str, pieces: list[str]) -> None:
+    """Llama 3's tokenizer takes a word that is in its vocabulary whole, merges or not (`ignore_merges`), as
+    llama.cpp does for `llama-bpe` files; other byte-level vocabularies merge as usual."""
+    convert_gguf(write_bpe_gguf(tmp_path / f"{pre}.gguf", pre), tmp_path / pre, progress=False)
+    tok = Tokenizer(tmp_path / pre)
+    assert [tok.id_to_token(i) for i in tok.encode("hello", add_special_tokens=False)] == pieces

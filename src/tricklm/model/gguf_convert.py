@@ -202,6 +202,8 @@ def _save_tokenizer(gguf_path: Path, out_dir: Path, meta: dict[str, Any]) -> Non
         reason = next(iter(str(e).splitlines()), type(e).__name__)
         raise ModelLoadError(f"{gguf_path}: its tokenizer cannot be built: {reason}") from None
     tok.save_pretrained(str(out_dir))
+    if meta.get("tokenizer.ggml.pre") in IGNORE_MERGES_PRE:
+        _ignore_merges(out_dir / "tokenizer.json")
     # Keep the template inside tokenizer_config.json too, where older readers look for it.
     template = meta.get("tokenizer.chat_template")
     cfg_path = out_dir / "tokenizer_config.json"
@@ -209,6 +211,19 @@ def _save_tokenizer(gguf_path: Path, out_dir: Path, meta: dict[str, Any]) -> Non
     if template and "chat_template" not in cfg:
         cfg["chat_template"] = template
         _write_json(cfg_path, cfg)
+
+
+# Pre-tokenizers whose BPE takes a word that is in the vocabulary whole, before any merge (Llama 3's
+# tokenizer.json says "ignore_merges": true; transformers' GGUF converter leaves it out, so words such as
+# "Việt" came out in three pieces where llama.cpp and the original tokenizer give one token)
+IGNORE_MERGES_PRE = ("llama-bpe",)
+
+
+def _ignore_merges(path: Path) -> None:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if data.get("model", {}).get("type") == "BPE":
+        data["model"]["ignore_merges"] = True
+        _write_json(path, data)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

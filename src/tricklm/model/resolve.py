@@ -55,11 +55,17 @@ def resolve_model(spec: str | None, progress: bool = True) -> Path:
     raise ModelLoadError(f"{spec}: no such model folder or file (models are loaded from local paths only)")
 
 
+# What `convert_gguf` writes, by version: a change to it (2: Llama 3's tokenizer takes whole words) gets
+# new folders rather than serving an old one
+CONVERTED_LAYOUT = 2
+
+
 def _file_key(path: Path) -> str:
-    """One folder per file (where it is, its size and time): a folder is never shared by two files, nor
-    rewritten while another process reads it."""
+    """One folder per file (where it is, its size and time) and converter version: a folder is never shared
+    by two files, nor rewritten while another process reads it."""
     stat = path.stat()
-    return hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    key = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{CONVERTED_LAYOUT}"
+    return hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
 def _converted(gguf_path: Path, out_dir: Path, progress: bool) -> Path:
