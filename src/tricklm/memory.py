@@ -3,10 +3,17 @@
 Two threads allocate here (the event loop and the engine). glibc gives each thread its own arena by
 default, and every arena keeps its own freed pages resident, so we cap them at two.
 
-The mmap threshold is left to glibc on purpose. A fixed low threshold (we tried 256 KiB) sends every
-step-sized tensor to a fresh mmap, and the page faults on first touch doubled a 16-sequence decode
-step (147 against 73 ms median, `benchmarks/engine_steps.py`). glibc's dynamic threshold keeps those buffers
-on the heap, where the next step reuses them.
+Blocks of 4 MiB or more get their own mapping, handed back to the OS when freed. Left to glibc, the
+threshold climbs to 32 MiB, and a prefill chunk's activations (8-16 MiB a tensor for a 1.7B model) land
+in freed holes all over the heap, which stay resident: serving 16 streams of the 1.7B shape peaked
+120 MB higher than with this setting (`benchmarks/serve_memory.py`, 2.20 against 2.08 GB), for the
+same live tensors. A much lower threshold is slow: at 256 KiB every decode step's tensors were fresh
+mappings, and their page faults doubled a 16-sequence step (147 against 73 ms median,
+`benchmarks/engine_steps.py`). At 4 MiB, decode steps' tensors (16 rows) stay on the heap, and a
+tensor big enough to be mapped belongs to a step that computes for far longer than its page faults take.
+Fixing the threshold turns off glibc's own adjustment of the trim threshold too, so that one is set
+to what glibc would pair with it: without it, the heap's top would be handed back and faulted in
+again at every step.
 """
 
 from __future__ import annotations
@@ -14,8 +21,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 ARENA_MAX = 2
+MMAP_THRESHOLD = 4 * 2**20
+TRIM_THRESHOLD = 2 * MMAP_THRESHOLD  # glibc's dynamic pairing: twice the mmap threshold
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -30,6 +41,8 @@ def limit_fragmentation() -> None:
     libc = _libc()
     if libc is not None and hasattr(libc, "mallopt"):
         libc.mallopt(_M_ARENA_MAX, ARENA_MAX)
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+        libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
 
 
 def release_freed_memory() -> None:
