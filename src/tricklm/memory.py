@@ -6,7 +6,7 @@ default, and every arena keeps its own freed pages resident, so we cap them at t
 Blocks of 4 MiB or more get their own mapping, handed back to the OS when freed. Left to glibc, the
 threshold climbs to 32 MiB, and a prefill chunk's activations (8-16 MiB a tensor for a 1.7B model) land
 in freed holes all over the heap, which stay resident: serving 16 streams of the 1.7B shape peaked
-120 MB higher than with this setting (`benchmarks/serve_memory.py`, 2.20 against 2.08 GB), for the
+100 MB higher than with this setting (`benchmarks/serve_memory.py`, 2.20 against 2.09-2.10 GB), for the
 same live tensors. A much lower threshold is slow: at 256 KiB every decode step's tensors were fresh
 mappings, and their page faults doubled a 16-sequence step (147 against 73 ms median,
 `benchmarks/engine_steps.py`). At 4 MiB, decode steps' tensors (16 rows) stay on the heap, and a
