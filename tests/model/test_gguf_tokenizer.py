@@ -19,8 +19,7 @@ WORDS = ["the", "capital", "of", "france", "is", "paris", "hello", "world"]
 SPECIALS = [("<unk>", TokenType.UNKNOWN), ("<s>", TokenType.CONTROL), ("</s>", TokenType.CONTROL)]
 BOS_ID, EOS_ID = 1, 2
 # Uppercase letters, an accent and an emoji are not in the vocabulary: they go through the byte tokens.
-# No text starts with a space: transformers' builder for `llama` files (Metaspace, prefix on the first
-# segment only if it has none) decodes " two" as "two", where llama.cpp keeps the space.
+# (Texts that start with a space: `test_llama_files_keep_a_leading_space`.)
 TEXTS = ["hello world", "The capital of France is Paris.", "Hé, 😀 world!\nthe end", "two  spaces"]
 
 
@@ -91,6 +90,17 @@ def test_words_become_the_vocabulary_pieces(tmp_path: Path, arch: str, pieces: l
     """Llama's files prefix the text with a space, Gemma's do not: the words come out as those pieces."""
     tok = tokenizer_of(tmp_path, arch, add_bos=False)
     assert [tok.id_to_token(i) for i in tok.encode("hello world")] == pieces
+
+
+def test_llama_files_keep_a_leading_space(tmp_path: Path) -> None:
+    """SentencePiece's dummy prefix goes before every text, one that starts with a space too, as llama.cpp
+    and Llama 2's own tokenizer do (transformers' GGUF converter added none there, and " two" decoded as
+    "two")."""
+    tok = tokenizer_of(tmp_path, "llama", add_bos=False)
+    assert [tok.id_to_token(i) for i in tok.encode(" hello")] == [SPACE, SPACE + "hello"]
+    assert [tok.id_to_token(i) for i in tok.encode("hello")] == [SPACE + "hello"]
+    for text in (" hello", "  two spaces", " ", "hello world "):
+        assert tok.decode(tok.encode(text)) == text
 
 
 def test_bytes_outside_the_vocabulary_use_byte_tokens(tmp_path: Path) -> None:

@@ -204,6 +204,8 @@ def _save_tokenizer(gguf_path: Path, out_dir: Path, meta: dict[str, Any]) -> Non
     tok.save_pretrained(str(out_dir))
     if meta.get("tokenizer.ggml.pre") in IGNORE_MERGES_PRE:
         _ignore_merges(out_dir / "tokenizer.json")
+    if meta.get("general.architecture") == "llama" and meta.get("tokenizer.ggml.model") == "llama":
+        _sentencepiece_prefix(out_dir / "tokenizer.json")
     # Keep the template inside tokenizer_config.json too, where older readers look for it.
     template = meta.get("tokenizer.chat_template")
     cfg_path = out_dir / "tokenizer_config.json"
@@ -224,6 +226,27 @@ def _ignore_merges(path: Path) -> None:
     if data.get("model", {}).get("type") == "BPE":
         data["model"]["ignore_merges"] = True
         _write_json(path, data)
+
+
+def _sentencepiece_prefix(path: Path) -> None:
+    """Llama 2-style SentencePiece files: a space before the text always, as SentencePiece's dummy prefix and
+    llama.cpp add it, and Llama 2's own tokenizer.json does (a Prepend normalizer). transformers' GGUF
+    converter uses Metaspace, which adds none to a text that starts with a space, so " " and " two" lost a
+    space each way."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    pre = data.get("pre_tokenizer") or {}
+    if pre.get("type") != "Metaspace" or pre.get("prepend_scheme") != "first":
+        return
+    space = pre.get("replacement", "\u2581")
+    data["pre_tokenizer"] = None
+    data["normalizer"] = {
+        "type": "Sequence",
+        "normalizers": [
+            {"type": "Prepend", "prepend": space},
+            {"type": "Replace", "pattern": {"String": " "}, "content": space},
+        ],
+    }
+    _write_json(path, data)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

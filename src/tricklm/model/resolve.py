@@ -55,7 +55,7 @@ def resolve_model(spec: str | None, progress: bool = True) -> Path:
     raise ModelLoadError(f"{spec}: no such model folder or file (models are loaded from local paths only)")
 
 
-# What `convert_gguf` writes, by version: a change to it (2: Llama 3's tokenizer takes whole words) gets
+# What `convert_gguf` writes, by version: a change to it (2: Llama 3's whole words, Llama 2's leading space) gets
 # new folders rather than serving an old one
 CONVERTED_LAYOUT = 2
 
