@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from tricklm.engine.sampling_params import SamplingParams
 from tricklm.model.config import ModelLoadError
 from tricklm.model.gguf_convert import gguf_hf_config
 from tricklm.model.gguf_weights import GGUF_LINK, open_reader
+from tricklm.model.layers import RopeSpec, RotaryEmbedding
 from tricklm.model.loader import load_model
 from tricklm.model.qlinear import QLinear
 from tricklm.model.registry import CausalLM
@@ -57,11 +59,18 @@ _PHI3 = {
     "post_attention_layernorm": "ffn_norm",
 }
 FAMILIES = {
+    "llama": ("LlamaForCausalLM", {**_COMMON, "post_attention_layernorm": "ffn_norm"}),
     "gemma2": ("Gemma2ForCausalLM", _GEMMA),
     "gemma3": ("Gemma3ForCausalLM", _GEMMA),
     "phi3": ("Phi3ForCausalLM", _PHI3),
 }
 PROMPT = list(range(3, 27))
+# Llama 3.2's rope_scaling, with an original context (64) that puts each of a 16-wide head's frequencies in
+# one of the three bands (unscaled, smoothed, divided by the factor)
+LLAMA3_SCALING = {
+    "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}  # fmt: skip
 NUM_NEW_TOKENS = 8
 
 
@@ -101,6 +110,9 @@ def write_metadata(writer: GGUFWriter, arch: str, config: Any) -> None:
         writer.add_string(f"{arch}.rope.scaling.type", "linear")
         writer.add_float32(f"{arch}.rope.scaling.factor", c.rope_parameters["full_attention"]["factor"])
         writer.add_float32(f"{arch}.final_logit_softcapping", c.final_logit_softcapping)
+    if arch == "llama":  # Llama 3.1+: the scaling as llama.cpp's converter computes it, a tensor of divisors
+        writer.add_float32(f"{arch}.rope.freq_base", c.rope_parameters["rope_theta"])
+        writer.add_tensor("rope_freqs.weight", llama3_rope_freqs(c.rope_parameters, c.head_dim))
     if arch == "phi3":
         rope = c.rope_parameters
         writer.add_float32(f"{arch}.rope.freq_base", rope["rope_theta"])
@@ -110,6 +122,28 @@ def write_metadata(writer: GGUFWriter, arch: str, config: Any) -> None:
         writer.add_uint32(f"{arch}.rope.scaling.original_context_length", rope["original_max_position_embeddings"])
         writer.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], dtype=np.float32))
         writer.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))
+
+
+def llama3_rope_freqs(rope: dict[str, Any], head_dim: int) -> np.ndarray:
+    """`rope_freqs.weight` as llama.cpp's converter (conversion/llama.py) writes it for a llama3 scaling."""
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old_len = rope["original_max_position_embeddings"]
+    out = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi / (1.0 / rope["rope_theta"] ** (i / head_dim))
+        if wavelen < old_len / high:
+            out.append(1.0)
+        elif wavelen > old_len / low:
+            out.append(factor)
+        else:
+            smooth = (old_len / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def llama_cpp_permuted(w: np.ndarray, heads: int) -> np.ndarray:
+    """Q or K rows in the order llama.cpp's converter writes a `llama` file (interleaved halves)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def write_gguf(hf_dir: Path, out: Path, arch: str, qtype: str) -> dict[str, torch.Tensor]:
@@ -126,8 +160,11 @@ def write_gguf(hf_dir: Path, out: Path, arch: str, qtype: str) -> dict[str, torc
         if w.ndim == 2:
             table = "embed_tokens" in name
             stored = w.astype(np.float16) if table or qtype == "F16" else quantize(w, kind)
-            writer.add_tensor(gguf_name(name, names), stored, raw_dtype=None if table or qtype == "F16" else kind)
             back = stored.astype(np.float32) if table or qtype == "F16" else dequantize(stored, kind)
+            if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):  # rows are blocks apart
+                heads = config.num_attention_heads if "q_proj" in name else config.num_key_value_heads
+                stored = llama_cpp_permuted(stored, heads)
+            writer.add_tensor(gguf_name(name, names), stored, raw_dtype=None if table or qtype == "F16" else kind)
         else:
             is_plus_one = arch.startswith("gemma") and name.endswith("norm.weight")
             writer.add_tensor(gguf_name(name, names), w + 1.0 if is_plus_one else w)
@@ -196,13 +233,22 @@ def hf_greedy(hf: Any) -> tuple[list[int], torch.Tensor]:
 @pytest.mark.parametrize("qtype", ["F16", "Q8_0"])
 def test_gguf_file_gives_the_hugging_face_model(tmp_path: Path, arch: str, qtype: str) -> None:
     # llama.cpp scales Gemma's queries by head_dim, as every released Gemma but the 27B ones does
-    overrides = {"query_pre_attn_scalar": 16} if arch.startswith("gemma") else {}
+    overrides: dict[str, Any] = {"query_pre_attn_scalar": 16} if arch.startswith("gemma") else {}
+    if arch == "llama":  # a Llama 3.2-style scaling whose three bands all hold frequencies of a 16-wide head
+        overrides["rope_scaling"] = LLAMA3_SCALING
     hf_dir = make_tiny_model(tmp_path / "hf", FAMILIES[arch][0], **overrides)
     folder, held = gguf_folder(hf_dir, tmp_path, arch, qtype)
     ours = load_model(folder, torch.float32, "none")
     reference = load_model(hf_dir).config
     # metadata -> config: every field the model reads (the file keeps eps in float32)
-    assert ours.config == dataclasses.replace(reference, norm_eps=ours.config.norm_eps)
+    # (a llama file holds its llama3 scaling as llama.cpp's divisors: the same frequencies, checked below)
+    same = {"norm_eps": ours.config.norm_eps, "rope_scaling": ours.config.rope_scaling}
+    assert ours.config == dataclasses.replace(reference, **same)
+    if arch == "llama":
+        ours_rope, hf_rope = (RotaryEmbedding(RopeSpec.of(c)) for c in (ours.config, reference))
+        assert torch.allclose(ours_rope.cos, hf_rope.cos, atol=1e-6)
+        assert torch.allclose(ours_rope.sin, hf_rope.sin, atol=1e-6)
+        assert reference.rope_scaling is not None and reference.rope_scaling["rope_type"] == "llama3"
     assert ours.config.norm_eps == pytest.approx(reference.norm_eps)
     hf = hf_with(hf_dir, held)
     tokens, logits = greedy(ours, "none")

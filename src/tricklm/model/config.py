@@ -185,6 +185,9 @@ def _local_rope_theta(arch: str, cfg: dict[str, Any]) -> float | None:
 
 
 ROPE_SCALING_TYPES = ("linear", "llama3", "yarn", "longrope")  # as transformers computes them (layers.py)
+# and "freq_factors", which only our GGUF converter writes: llama.cpp's rope_freqs tensor (a divisor per
+# frequency; Llama 3.1+ files hold their llama3 scaling that way)
+INTERNAL_ROPE_TYPES = ("freq_factors",)
 
 # Defaults of `rope_theta` where a config may leave it out
 _DEFAULT_THETA = {"Gemma3ForCausalLM": 1_000_000.0}
@@ -210,7 +213,7 @@ def _rope_parameters(cfg: dict[str, Any], layer_type: str) -> tuple[float, dict[
     params.pop("type", None)
     if kind == "default":
         return theta, None, partial
-    if kind not in ROPE_SCALING_TYPES:
+    if kind not in ROPE_SCALING_TYPES + INTERNAL_ROPE_TYPES:
         supported = ", ".join(ROPE_SCALING_TYPES)
         raise ModelLoadError(f"unsupported rope scaling type {kind!r} (supported: {supported})")
     if "original_max_position_embeddings" in cfg:

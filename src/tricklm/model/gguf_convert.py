@@ -132,6 +132,8 @@ def _hf_config(
         config["head_dim"] = int(get("attention.key_length"))
     if get("rope.scaling.type") == "linear":
         config["rope_scaling"] = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+    if factors and "freq_factors" in factors:  # Llama 3.1+: its llama3 scaling as llama.cpp stores it
+        config["rope_scaling"] = {"rope_type": "freq_factors", "freq_factors": factors["freq_factors"]}
     if arch in _FAMILY_CONFIG:
         config.update(_FAMILY_CONFIG[arch](get, config, factors or {}))
     for key in ("bos_token_id", "eos_token_id"):

@@ -55,8 +55,13 @@ _FAMILY_LAYER_NAMES["Gemma3ForCausalLM"] = _FAMILY_LAYER_NAMES["Gemma2ForCausalL
 # llama.cpp's converter stores Gemma's norm weights w as the scales (1 + w)
 NORMS_PLUS_ONE = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-# LongRoPE factors (Phi-3): read into the config when the file is converted, not weights
-ROPE_FACTOR_TENSORS = {"rope_factors_short.weight": "short_factor", "rope_factors_long.weight": "long_factor"}
+# RoPE factors read into the config when the file is converted, not weights: LongRoPE's (Phi-3), and the
+# per-frequency divisors llama.cpp stores for Llama 3.1+ files (their `llama3` scaling, computed)
+ROPE_FACTOR_TENSORS = {
+    "rope_factors_short.weight": "short_factor",
+    "rope_factors_long.weight": "long_factor",
+    "rope_freqs.weight": "freq_factors",
+}
 DEQUANTIZE_ROWS = 4096  # rows of a matrix dequantized at a time: tens of MB of float32 at most
 
 

@@ -124,6 +124,11 @@ def _inv_freq(spec: RopeSpec, scaling: dict[str, Any]) -> tuple[torch.Tensor, fl
         return _llama3_inv_freq(inv, scaling), 1.0
     if kind == "yarn":
         return _yarn_inv_freq(spec, scaling, inv)
+    if kind == "freq_factors":  # llama.cpp's rope_freqs tensor: a divisor per frequency
+        factors = torch.tensor(scaling["freq_factors"], dtype=torch.float32)
+        if factors.shape != inv.shape:
+            raise ModelLoadError(f"rope_freqs has {len(factors)} factors for {len(inv)} rotary frequencies")
+        return inv / factors, 1.0
     raise ModelLoadError(f"unsupported rope scaling type {kind!r} (supported: linear, llama3, yarn, longrope)")
 
 

@@ -55,9 +55,9 @@ def resolve_model(spec: str | None, progress: bool = True) -> Path:
     raise ModelLoadError(f"{spec}: no such model folder or file (models are loaded from local paths only)")
 
 
-# What `convert_gguf` writes, by version: a change to it (2: Llama 3's whole words, Llama 2's leading space) gets
-# new folders rather than serving an old one
-CONVERTED_LAYOUT = 2
+# What `convert_gguf` writes, by version: a change to it gets new folders rather than serving an old one
+# (2: Llama 3's whole words and Llama 2's leading space in the tokenizer; 3: rope_freqs in the config)
+CONVERTED_LAYOUT = 3
 
 
 def _file_key(path: Path) -> str:
