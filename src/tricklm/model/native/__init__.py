@@ -139,7 +139,7 @@ def supports(model: torch.nn.Module, kv_layers: list[KVCacheLayer]) -> bool:
     or blocks), with an fp16 KV cache."""
     missing = missing_operations(model)
     if missing:
-        log.info("native decode step not used: it does not implement %s", ", ".join(missing))
+        log.info("native model step not used: it does not implement %s", ", ".join(missing))
         return False
     assert isinstance(model, LlamaForCausalLM)
     if any(layer.kv.dtype != KV_DTYPE for layer in kv_layers):
@@ -148,7 +148,8 @@ def supports(model: torch.nn.Module, kv_layers: list[KVCacheLayer]) -> bool:
 
 
 class NativeDecoder:
-    """A model's decoder stack in the extension: runs steps in which every row is one sequence's next token."""
+    """A model's decoder stack in the extension: runs decode steps (a row per sequence) and, with one-copy
+    blocks, prefill chunks too (a row per token)."""
 
     def __init__(self, model: LlamaForCausalLM, kv_layers: list[KVCacheLayer], block_size: int, ext: Any) -> None:
         cfg, body = model.config, model.model
