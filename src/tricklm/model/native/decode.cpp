@@ -254,6 +254,18 @@ TRICKLM_AVX512 void attend_group_avx512(const float* qg, int64_t group, int64_t 
 }
 #endif
 
+// Rows of a step below this run the loops between the projections on the calling thread; a prefill chunk's
+// hundreds of rows are shared out (else the other threads waited through them, a fifth of a prefill step).
+constexpr int64_t kRowGrain = 32;
+
+// f(r) for every row r < rows, on the intra-op threads where there are enough rows.
+template <typename F>
+void for_rows(int64_t rows, const F& f) {
+  at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) f(r);
+  });
+}
+
 // out = rms_norm(x) * w, row by row, in the dtype the next projection reads (Out: bf16 or float).
 template <typename Out>
 void rms_norm_to(const at::Tensor& x, const at::Tensor& w, double eps, at::Tensor& out) {
@@ -261,7 +273,7 @@ void rms_norm_to(const at::Tensor& x, const at::Tensor& w, double eps, at::Tenso
   const float* xp = x.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   Out* op = out.data_ptr<Out>();
-  for (int64_t r = 0; r < rows; ++r) {
+  for_rows(rows, [&](int64_t r) {
     const float* xr = xp + r * h;
     Out* o = op + r * h;
     float ss = 0.f;
@@ -275,7 +287,7 @@ void rms_norm_to(const at::Tensor& x, const at::Tensor& w, double eps, at::Tenso
     }
 #endif
     for (; i < h; ++i) o[i] = Out(xr[i] * inv * wp[i]);
-  }
+  });
 }
 
 // x = rms_norm(x) * w over one head of d values, in place (Qwen3's per-head q/k norms).
@@ -289,14 +301,16 @@ inline void rms_norm_head_(float* x, const float* w, int64_t d, float eps) {
 // x += float(y): a projection's output (bfloat16 or float32) added to the float32 residual stream.
 template <typename T>
 void add_(at::Tensor& x, const at::Tensor& y) {
-  float* xp = x.data_ptr<float>();
-  const T* yp = y.data_ptr<T>();
-  const int64_t n = x.numel();
-  int64_t i = 0;
+  const int64_t h = x.size(1);
+  for_rows(x.size(0), [&, xp = x.data_ptr<float>(), yp = y.data_ptr<T>()](int64_t r) {
+    float* xr = xp + r * h;
+    const T* yr = yp + r * h;
+    int64_t i = 0;
 #ifdef TRICKLM_AVX2
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(xp + i, _mm256_add_ps(_mm256_loadu_ps(xp + i), load8(yp + i)));
+    for (; i + 8 <= h; i += 8) _mm256_storeu_ps(xr + i, _mm256_add_ps(_mm256_loadu_ps(xr + i), load8(yr + i)));
 #endif
-  for (; i < n; ++i) xp[i] += static_cast<float>(yp[i]);
+    for (; i < h; ++i) xr[i] += static_cast<float>(yr[i]);
+  });
 }
 
 // x += rms_norm(y) * w, row by row: a projection's output normed before the residual (Gemma's
@@ -307,14 +321,14 @@ void add_normed_(at::Tensor& x, const at::Tensor& y, const at::Tensor& w, double
   float* xp = x.data_ptr<float>();
   const T* yp = y.data_ptr<T>();
   const float* wp = w.data_ptr<float>();
-  for (int64_t r = 0; r < rows; ++r) {
+  for_rows(rows, [&](int64_t r) {
     const T* yr = yp + r * h;
     float* xr = xp + r * h;
     float ss = 0.f;
     for (int64_t i = 0; i < h; ++i) ss += static_cast<float>(yr[i]) * static_cast<float>(yr[i]);
     const float inv = 1.f / std::sqrt(ss / static_cast<float>(h) + static_cast<float>(eps));
     for (int64_t i = 0; i < h; ++i) xr[i] += static_cast<float>(yr[i]) * inv * wp[i];
-  }
+  });
 }
 
 // The MLP's gate activation: SiLU (Llama, Qwen, Phi) or GELU with the tanh approximation (Gemma's GeGLU).
@@ -347,7 +361,7 @@ void gated_to(const at::Tensor& gate_up, int64_t inter, Gate gate, at::Tensor& o
   const int64_t rows = gate_up.size(0);
   const T* gp = gate_up.data_ptr<T>();
   T* op = out.data_ptr<T>();
-  for (int64_t r = 0; r < rows; ++r) {
+  for_rows(rows, [&](int64_t r) {
     const T* g = gp + r * 2 * inter;
     T* o = op + r * inter;
     int64_t i = 0;
@@ -355,7 +369,7 @@ void gated_to(const at::Tensor& gate_up, int64_t inter, Gate gate, at::Tensor& o
     for (; i + 8 <= inter; i += 8) store8(o + i, _mm256_mul_ps(gate8(load8(g + i), gate), load8(g + inter + i)));
 #endif
     for (; i < inter; ++i) o[i] = T(gate1(static_cast<float>(g[i]), gate) * static_cast<float>(g[inter + i]));
-  }
+  });
 }
 
 // Torch's 4-bit kernel takes and gives bfloat16; the block one float32 (it rounds its input to int8
@@ -654,33 +668,35 @@ class DecoderStack {
     const float eps = static_cast<float>(eps_);
     float* qp = q.data_ptr<float>();
     half* cache = layer.kv_cache.data_ptr<half>();
-    std::vector<float> head(d_), rotated(d_);
-    for (int64_t r = 0; r < b; ++r) {
-      const int64_t slot = step.slots[r];  // checked against the cache in forward
-      const float* cos = cos_table + r * rot_;
-      const float* sin = sin_table + r * rot_;
-      for (int64_t hd = 0; hd < hq_ + 2 * hkv_; ++hd) {
-        const int64_t col = hd * d_;
-        for (int64_t i = 0; i < d_; ++i) {
-          head[i] = static_cast<float>(src[r * width + col + i]) + (bias ? bias[col + i] : 0.f);
-        }
-        if (q_norm != nullptr && hd < hq_ + hkv_) rms_norm_head_(head.data(), hd < hq_ ? q_norm : k_norm, d_, eps);
-        if (hd < hq_ + hkv_) {  // q and k heads; V heads are not rotated
-          for (int64_t i = 0; i < rot_; ++i) {
-            rotated[i] = head[i] * cos[i] + head[i < half_rot ? i + half_rot : i - half_rot] * sin[i];
+    at::parallel_for(0, b, kRowGrain, [&](int64_t begin, int64_t end) {
+      std::vector<float> head(d_), rotated(d_);
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t slot = step.slots[r];  // checked against the cache in forward
+        const float* cos = cos_table + r * rot_;
+        const float* sin = sin_table + r * rot_;
+        for (int64_t hd = 0; hd < hq_ + 2 * hkv_; ++hd) {
+          const int64_t col = hd * d_;
+          for (int64_t i = 0; i < d_; ++i) {
+            head[i] = static_cast<float>(src[r * width + col + i]) + (bias ? bias[col + i] : 0.f);
           }
-          std::copy(head.begin() + rot_, head.end(), rotated.begin() + rot_);
-        } else {
-          rotated.swap(head);
-        }
-        if (hd < hq_) {
-          std::copy(rotated.begin(), rotated.end(), qp + r * hq_ * d_ + col);
-        } else {
-          half* cached = cache + ((hd - hq_) * num_slots + slot) * d_;
-          for (int64_t i = 0; i < d_; ++i) cached[i] = half(rotated[i]);
+          if (q_norm != nullptr && hd < hq_ + hkv_) rms_norm_head_(head.data(), hd < hq_ ? q_norm : k_norm, d_, eps);
+          if (hd < hq_ + hkv_) {  // q and k heads; V heads are not rotated
+            for (int64_t i = 0; i < rot_; ++i) {
+              rotated[i] = head[i] * cos[i] + head[i < half_rot ? i + half_rot : i - half_rot] * sin[i];
+            }
+            std::copy(head.begin() + rot_, head.end(), rotated.begin() + rot_);
+          } else {
+            rotated.swap(head);
+          }
+          if (hd < hq_) {
+            std::copy(rotated.begin(), rotated.end(), qp + r * hq_ * d_ + col);
+          } else {
+            half* cached = cache + ((hd - hq_) * num_slots + slot) * d_;
+            for (int64_t i = 0; i < d_; ++i) cached[i] = half(rotated[i]);
+          }
         }
       }
-    }
+    });
   }
 
 #ifdef TRICKLM_AVX512
