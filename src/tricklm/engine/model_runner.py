@@ -16,7 +16,7 @@ from tricklm.model.native import NativeDecoder
 from tricklm.model.quant import MAX_PACKED_ROWS, model_dtypes
 from tricklm.model.registry import CausalLM
 
-NATIVE_MAX_MEAN_CONTEXT = 512  # see `ModelRunner._native_attention_fits`
+NATIVE_MAX_MEAN_CONTEXT = 256  # see `ModelRunner._native_attention_fits`
 
 
 class ThreadPolicy:

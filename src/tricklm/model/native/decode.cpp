@@ -37,8 +37,11 @@ using half = c10::Half;
 
 constexpr int64_t kGroup = 32;  // weights per scale in torch's CPU 4-bit layout
 
-// Attention work items (sequence x KV head) below this run on the calling thread.
+// Attention work items (sequence x KV head) below this run on the calling thread, unless a context is at
+// least kLongContext positions long: then even one sequence's few KV heads are worth sharing out (one
+// sequence of a model with 3 KV heads at 2,000 positions spent most of its step in one thread's attention).
 constexpr int64_t kAttentionGrain = 4;
+constexpr int64_t kLongContext = 256;
 
 #ifdef TRICKLM_AVX2
 // exp of 8 floats: the Cephes polynomial after reduction by ln 2, relative error ~1e-7. Inputs are
@@ -725,7 +728,8 @@ class DecoderStack {
     const float* qp = q.data_ptr<float>();
     const half* cache = layer.kv_cache.data_ptr<half>();
     Out* op = out.data_ptr<Out>();
-    at::parallel_for(0, b * hkv_, kAttentionGrain, [&](int64_t begin, int64_t end) {
+    const int64_t grain = step.max_len >= kLongContext ? 1 : kAttentionGrain;
+    at::parallel_for(0, b * hkv_, grain, [&](int64_t begin, int64_t end) {
       std::vector<float> scores(group * step.max_len), acc(group * d_), partial(avx512_ ? group * 256 : 0);
       std::vector<int64_t> slots(step.max_len);
       for (int64_t w = begin; w < end; ++w) {
