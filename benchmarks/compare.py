@@ -556,7 +556,7 @@ def _num(value: float | None, fmt: str = ".1f", scale: float = 1.0) -> str:
 
 
 def _mem(rss: int) -> str:
-    return "–" if rss <= 0 else f"{rss / 2**30:.2f} GB"
+    return "–" if rss <= 0 else f"{rss / 2**30:.2f} GiB"
 
 
 def write_markdown(outcomes: list[Outcome], ctx: Context, args: argparse.Namespace, info: dict[str, str]) -> Path:
