@@ -56,7 +56,12 @@ def write_gguf(path: Path, arch: str, add_bos: bool, tokenizer_model: str = "lla
     writer.add_unk_token_id(0)
     writer.add_add_bos_token(add_bos)
     writer.add_add_eos_token(False)
-    writer.add_tensor("token_embd.weight", np.zeros((len(tokens), 32), dtype=np.float32))
+    return finished(writer, len(tokens), path)
+
+
+def finished(writer: GGUFWriter, vocab_size: int, path: Path) -> Path:
+    """The file written: a zero token table of the vocabulary's size (what a loader sizes it by), then out."""
+    writer.add_tensor("token_embd.weight", np.zeros((vocab_size, 32), dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -135,12 +140,7 @@ def write_bpe_gguf(path: Path, pre: str) -> Path:
     writer.add_token_merges(["h e", "l l"])
     writer.add_bos_token_id(0)
     writer.add_eos_token_id(1)
-    writer.add_tensor("token_embd.weight", np.zeros((len(tokens), 32), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return finished(writer, len(tokens), path)
 
 
 @pytest.mark.parametrize(("pre", "pieces"), [("llama-bpe", ["hello"]), ("qwen2", ["he", "ll", "o"])])

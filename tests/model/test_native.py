@@ -122,19 +122,23 @@ def scaled_norms(model: CausalLM, factor: float) -> CausalLM:
     return model
 
 
-def run(core: EngineCore, incoming: dict[int, list[Request]]) -> Iterator[ScheduledBatch]:
-    """Step the core to the end, yielding each decode-only batch before it runs."""
+def run_all(core: EngineCore, incoming: dict[int, list[Request]]) -> Iterator[ScheduledBatch]:
+    """Step the core to the end, yielding every batch before it runs (prefill, mixed and decode)."""
     for step in range(500):
         for req in incoming.get(step, []):
             core.add_request(req)
         if not core.has_work and step > max(incoming):
             return
         batch = core.scheduler.schedule()
-        if batch and all(n == 1 for n in batch.num_tokens):
-            yield batch
         if batch:
+            yield batch
             core.scheduler.update(batch, core.runner.run(batch))
     raise AssertionError("did not finish")
+
+
+def run(core: EngineCore, incoming: dict[int, list[Request]]) -> Iterator[ScheduledBatch]:
+    """Step the core to the end, yielding each decode-only batch before it runs."""
+    return (batch for batch in run_all(core, incoming) if all(n == 1 for n in batch.num_tokens))
 
 
 @needs_compiler
@@ -194,20 +198,6 @@ def test_one_copy_block_decode_matches_the_python_path(case: str, fmt: str, tmp_
     # (One such step, in one row of one case, moved a logit by 0.027: hence the tolerance.)
     wide = case in HEAD_SIZE_CASES
     check_decode_steps(model, atol=4e-2, same_argmax=False, outlier_atol=0.25 if wide else 0.0)  # type: ignore[arg-type]
-
-
-def run_all(core: EngineCore, incoming: dict[int, list[Request]]) -> Iterator[ScheduledBatch]:
-    """Step the core to the end, yielding every batch before it runs (prefill, mixed and decode)."""
-    for step in range(500):
-        for req in incoming.get(step, []):
-            core.add_request(req)
-        if not core.has_work and step > max(incoming):
-            return
-        batch = core.scheduler.schedule()
-        if batch:
-            yield batch
-            core.scheduler.update(batch, core.runner.run(batch))
-    raise AssertionError("did not finish")
 
 
 @needs_compiler
