@@ -27,7 +27,7 @@ from tricklm.model.qlinear import (
 from tricklm.model.quant import weight_bytes
 
 SHAPES = [(1, 32), (17, 96), (33, 64), (100, 576), (16, 2048)]  # n not a multiple of 16, k not of 256
-ROWS = [1, 3, 4, 5, 16, 17, 64]
+ROWS = [1, 3, 4, 5, 16, 17, 64, 130]  # 130: past one AMX call of 64 rows
 
 
 def _random_weight(n: int, k: int, seed: int = 0, bits: int = 4) -> tuple[QWeight, torch.Tensor]:
@@ -44,7 +44,11 @@ def _kernels() -> list[str]:
         return ["torch"]
     best = ext.isa()
     runnable = {"torch", "scalar", best} | ({"avx2"} if best == "avx512vnni" else set())
-    return sorted(runnable)
+    return sorted(runnable | ({"amx"} if ext.amx() else set()))
+
+
+def _bf16(t: torch.Tensor) -> torch.Tensor:
+    return t.bfloat16().float()
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -65,8 +69,12 @@ def test_kernels_agree_with_a_reference(isa: str, n: int, k: int, bits: int) -> 
     for rows in ROWS:
         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
         got = qmatmul(x, weight, isa)
-        # the fallback multiplies float32 activations; the kernels int8 ones, and only their sums differ
-        want = x @ dense.t() if isa == "torch" else int8_rounded(x) @ dense.t()
+        # the fallback multiplies float32 activations; the kernels int8 ones (AMX: bfloat16 activations and
+        # weights), and only their sums differ
+        if isa == "amx":
+            want = _bf16(x) @ _bf16(dense).t()
+        else:
+            want = x @ dense.t() if isa == "torch" else int8_rounded(x) @ dense.t()
         scale = want.abs().max().item()
         assert (got - want).abs().max().item() <= 1e-5 * scale, (isa, rows)
         # against float activations: int8 rounding, well under a percent
@@ -206,6 +214,28 @@ def test_a_precise_projection_is_as_close_as_float_activations_allow() -> None:
     plain, precise = QLinear(weight, None), QLinear(weight, None, precise=True)
     assert (plain(x) - want).abs().max().item() > 1e-3 * scale  # int8 activations: about 1%
     assert (precise(x) - want).abs().max().item() <= 1e-4 * scale  # a second pass: about 15 bits
+
+
+@pytest.mark.skipif(not (load_qmatmul() and load_qmatmul().amx()), reason="this CPU has no AMX")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_chunks_of_many_rows_run_on_amx_and_the_precise_head_stays_int8(bits: int) -> None:
+    ext = load_qmatmul()
+    weight, _ = _random_weight(100, 576, bits=bits)
+    gen = torch.Generator().manual_seed(9)
+    few, many = torch.randn(ext.AMX_MIN_ROWS - 1, 576, generator=gen), torch.randn(130, 576, generator=gen)
+    assert torch.equal(qmatmul(few, weight), qmatmul(few, weight, "int8"))
+    assert torch.equal(qmatmul(many, weight), qmatmul(many, weight, "amx"))  # 130: three GEMM calls of rows
+    assert not torch.equal(qmatmul(many, weight), qmatmul(many, weight, "int8"))
+    want = many @ weight.dequantize().t()
+    precise = QLinear(weight, None, precise=True)(many)  # its second pass corrects int8 rounding only
+    assert (precise - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+
+
+@pytest.mark.skipif(load_qmatmul() is None or load_qmatmul().amx(), reason="this CPU has AMX, or no extension")
+def test_amx_is_refused_where_the_cpu_lacks_it() -> None:
+    weight, _ = _random_weight(17, 96)
+    with pytest.raises(RuntimeError, match="cannot run the amx kernel"):
+        qmatmul(torch.randn(40, 96), weight, "amx")
 
 
 @pytest.mark.parametrize("bits", [4, 8])

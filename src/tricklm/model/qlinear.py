@@ -180,7 +180,8 @@ class QLinear(nn.Module):
         flat = x.reshape(-1, x.shape[-1]).float()
         if self.precise and self.isa != "torch":
             rows = flat.shape[0]
-            both = qmatmul(torch.cat((flat, flat - int8_rounded(flat))), self.qweight, self.isa)
+            # "int8": the second pass only corrects the first if both round as int8 does (not on AMX)
+            both = qmatmul(torch.cat((flat, flat - int8_rounded(flat))), self.qweight, self.isa or "int8")
             y = both[:rows] + both[rows:]
         else:
             y = qmatmul(flat, self.qweight, self.isa)

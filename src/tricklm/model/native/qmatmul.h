@@ -31,10 +31,13 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <cpuid.h>
 #include <immintrin.h>
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -248,7 +251,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void vnni_tile(const Prob
       if constexpr (BITS == 4) {
         const __m512i nibble = _mm512_set1_epi8(0x0F);
         ops[quad] = _mm512_and_si512(v, nibble);
-        ops[quad + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nibble);
+        ops[quad + 4] = _mm512_and_si512(_mm512_srli_epi32(v, 4), nibble);
       } else {
         ops[quad] = v;
       }
@@ -337,20 +340,136 @@ inline void check_inputs(const torch::Tensor& x, const torch::Tensor& levels, co
   }
 }
 
+
+// --- Prefill chunks on AMX: the weights widened to bfloat16 a few columns at a time ---
+//
+// Where the CPU has AMX (Xeons from Sapphire Rapids on), its bfloat16 tiles multiply about 4x faster than
+// the int8 VNNI kernel above at its peak. So a chunk of many rows widens each 64-column slice of the
+// block weight to bfloat16 (d * level + m, rounded to nearest even) in a scratch of the thread's own and
+// multiplies it with oneDNN's batch-reduce GEMM, which torch exports and which runs on AMX tiles. The
+// scratch (64 columns x k) stays in the core's cache and is the only copy: the weights in memory stay the
+// compact blocks, as llama.cpp's GPU back-ends widen quantized weights per call for large batches.
+// Widening costs a pass over k x n per call whatever the rows, so a few rows stay on the int8 kernel.
+// Activations go in as bfloat16 (about as precise as int8 per block of 32), outputs come out float32.
+
+constexpr int64_t kAmxCols = 64;     // columns widened at once: 4 groups
+constexpr int64_t kAmxRows = 64;     // activation rows per GEMM call
+constexpr int64_t kAmxMinRows = 32;  // fewer rows run on the int8 kernel: the crossover on the 135M model's shapes
+
+// AMX tiles and bfloat16 products exist (CPUID) and the OS saves tile state (XCR0); oneDNN asks Linux for
+// the permission itself. TRICKLM_AMX=0 turns the path off.
+inline bool amx_usable() {
+  static const bool usable = [] {
+    const char* env = std::getenv("TRICKLM_AMX");
+    if (env != nullptr && std::string(env) == "0") return false;
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (__get_cpuid_max(0, nullptr) < 7) return false;
+    __cpuid(1, a, b, c, d);
+    if (!((c >> 27) & 1)) return false;  // no OSXSAVE: xgetbv would fault
+    __cpuid_count(7, 0, a, b, c, d);
+    if (!(((d >> 24) & 1) && ((d >> 22) & 1) && ((b >> 30) & 1))) return false;  // AMX-TILE, AMX-BF16, AVX512BW
+    __cpuid_count(7, 1, a, b, c, d);
+    if (!((a >> 5) & 1)) return false;  // AVX512-BF16 (the widening's rounding)
+    unsigned lo = 0, hi = 0;
+    __asm__("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return ((lo >> 17) & 3) == 3;  // XTILECFG and XTILEDATA
+  }();
+  return usable;
+}
+
+#define TRICKLM_AMX_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16,f16c")))
+
+// Four elements (4 j + i, i < 4) of 16 columns whose levels are bytes i of `quads`' dwords, widened into
+// rows 2 j and 2 j + 1 of the VNNI scratch [k / 2][ld][2] at column `col` (vcvtne2ps2bf16 rounds to
+// nearest even, as torch does; a word permutation interleaves each pair).
+TRICKLM_AMX_TARGET inline void widen_quads(__m512i quads, __m512 d, __m512 m, uint32_t* scratch, int64_t ld,
+                                           int64_t j, int64_t col) {
+  const __m512i byte = _mm512_set1_epi32(0xFF);
+  // word 2 c <- word c (the first element's column c), word 2 c + 1 <- word 16 + c (the second's)
+  const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                         21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  __m512 e[4];
+  for (int i = 0; i < 4; ++i) {
+    const __m512i level = _mm512_and_si512(_mm512_srli_epi32(quads, 8 * i), byte);
+    e[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(level), d, m);
+  }
+  for (int half = 0; half < 2; ++half) {
+    const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(e[2 * half + 1], e[2 * half]);
+    _mm512_storeu_si512(scratch + (2 * j + half) * ld + col, _mm512_permutexvar_epi16(pairs, both));
+  }
+}
+
+// Groups [g0, g1) of the block weight as bfloat16 in brgemm's VNNI layout: element kk of column c at
+// scratch[kk / 2][c][kk % 2] (one uint32_t holds a pair), ld = 16 (g1 - g0) columns.
+TRICKLM_AMX_TARGET inline void widen_groups(const Problem& p, int64_t g0, int64_t g1,
+                                                             uint32_t* scratch) {
+  const int64_t blocks = p.k / kBlock, ld = (g1 - g0) * kCols;
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t col = (g - g0) * kCols;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* w = p.levels + (g * blocks + b) * p.block_bytes();
+      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.d + (g * blocks + b) * kCols)));
+      const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.m + (g * blocks + b) * kCols)));
+      const int64_t quad0 = b * (kBlock / 4);  // the block's first group of 4 elements
+      for (int64_t line = 0; line < p.bits; ++line) {
+        const __m512i v = _mm512_loadu_si512(w + line * kLine);
+        if (p.bits == 8) {
+          widen_quads(v, d, m, scratch, ld, quad0 + line, col);
+        } else {  // low nibbles: elements 4 line + i; high: 4 (line + 4) + i
+          widen_quads(_mm512_and_si512(v, nibble), d, m, scratch, ld, quad0 + line, col);
+          widen_quads(_mm512_and_si512(_mm512_srli_epi32(v, 4), nibble), d, m, scratch, ld, quad0 + line + 4, col);
+        }
+      }
+    }
+  }
+}
+
+// out [rows, n] = x [rows, k] (bfloat16) times the block weight, on AMX tiles.
+inline void matmul_amx(const Problem& p, const at::BFloat16* x) {
+  const int64_t groups = (p.n + kCols - 1) / kCols, per_slice = kAmxCols / kCols;
+  // each thread an even share of the groups (a slice each would leave one idle for a ninth of a 576-column call)
+  const int64_t share = (groups + at::get_num_threads() - 1) / at::get_num_threads();
+  at::parallel_for(0, groups, share, [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> scratch(p.k / 2 * kAmxCols);
+    for (int64_t g0 = begin; g0 < end; g0 += per_slice) {
+      const int64_t g1 = std::min(end, g0 + per_slice);
+      const int64_t first = g0 * kCols, ld = (g1 - g0) * kCols, cols = std::min(ld, p.n - first);
+      widen_groups(p, g0, g1, scratch.data());
+      const auto* weights = reinterpret_cast<const at::BFloat16*>(scratch.data());
+      for (int64_t row = 0; row < p.rows; row += kAmxRows) {
+        at::native::cpublas::brgemm(std::min(kAmxRows, p.rows - row), cols, p.k, p.k, ld, p.n, false,
+                                    x + row * p.k, weights, p.out + row * p.n + first, true);
+      }
+    }
+    at::native::cpublas::brgemm_release(true);
+  });
+}
+
 // x [rows, k] float32 times the repacked weight [n, k] -> [rows, n] float32; `isa` "" picks the best.
 inline torch::Tensor qmatmul(const torch::Tensor& x, const torch::Tensor& levels, const torch::Tensor& d,
                         const torch::Tensor& m, int64_t n, const std::string& isa) {
   check_inputs(x, levels, d, m, n);
   const int64_t rows = x.size(0), k = x.size(1);
-  const std::string chosen = isa.empty() ? isa_name() : isa;
-  TORCH_CHECK(chosen == "scalar" || chosen == "avx2" || chosen == "avx512vnni", "unknown isa ", chosen);
-  TORCH_CHECK(chosen == "scalar" || isa_name() == "avx512vnni" || chosen == isa_name(),
+  // "" the best for these rows; "int8" the best int8 kernel (for callers that rely on int8 rounding)
+  std::string chosen = isa;
+  if (isa.empty()) chosen = rows >= kAmxMinRows && amx_usable() ? "amx" : isa_name();
+  if (isa == "int8") chosen = isa_name();
+  TORCH_CHECK(chosen == "scalar" || chosen == "avx2" || chosen == "avx512vnni" || chosen == "amx", "unknown isa ",
+              chosen);
+  TORCH_CHECK(chosen == "scalar" || (chosen == "amx" ? amx_usable() : isa_name() == "avx512vnni" || chosen == isa_name()),
               "this CPU cannot run the ", chosen, " kernel");
   auto out = torch::empty({rows, n}, x.options());
   if (rows == 0) return out;
+  Problem problem{nullptr, levels.data_ptr<uint8_t>(), d.data_ptr<at::Half>(), m.data_ptr<at::Half>(),
+                  out.data_ptr<float>(), rows, n, k, levels.size(2)};
+  if (chosen == "amx") {
+    const torch::Tensor wide = x.to(torch::kBFloat16);
+    matmul_amx(problem, reinterpret_cast<const at::BFloat16*>(wide.data_ptr()));
+    return out;
+  }
   const QuantizedRows quantized = quantize_rows(x.data_ptr<float>(), rows, k, chosen == "avx512vnni");
-  const Problem problem{&quantized, levels.data_ptr<uint8_t>(), d.data_ptr<at::Half>(), m.data_ptr<at::Half>(),
-                        out.data_ptr<float>(), rows, n, k, levels.size(2)};
+  problem.x = &quantized;
   const Kernel kernel = pick(chosen, problem.bits);
   at::parallel_for(0, levels.size(0), 1, [&](int64_t begin, int64_t end) { kernel(problem, begin, end); });
   return out;
