@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import os
@@ -60,6 +61,11 @@ class Engine:
         cfg = self.config
         model = load_model(model_dir, cfg.torch_dtype, cfg.quantization, cfg.prefill_weights)
         self.core = EngineCore(model, self.config)
+        # What is loaded now lives as long as the engine. Frozen, it is out of the cyclic collector's walks,
+        # which otherwise visit the tokenizer's and the model's objects in every full collection while
+        # serving (3% of a prefill step's profile). Refcounting still frees frozen objects.
+        gc.collect()
+        gc.freeze()
         self.loop = EngineLoop(self.core, self.config.max_queue)
         name = DEFAULT_MODEL_NAME if self.config.model is None else model_dir.name
         self.info = LoadInfo(model_dir, name, time.monotonic() - start)
@@ -104,6 +110,7 @@ class Engine:
 
     def shutdown(self) -> None:
         self.loop.shutdown()
+        gc.unfreeze()  # a process that makes another engine (tests, benchmarks) can collect this one's cycles
 
 
 def generation_defaults(model_dir: Path) -> dict[str, Any]:
