@@ -69,6 +69,7 @@ def main() -> None:
     p.add_argument("--prefill-weights", default=EngineConfig.prefill_weights, choices=PREFILL_FORMATS)
     p.add_argument("--kv-cache-memory-mib", type=int, default=None, help="KV budget (a large model needs more)")
     p.add_argument("--prompt-len", type=int, default=PROMPT_LEN, help="tokens per prompt")
+    p.add_argument("--max-num-batched-tokens", type=int, default=EngineConfig.max_num_batched_tokens)
     p.add_argument(
         "--prefill-in-python", action="store_true", help="prefill chunks in torch even where the native step runs them"
     )
@@ -82,6 +83,7 @@ def main() -> None:
         native_decode=args.native_decode,
         prefill_weights=args.prefill_weights,
         kv_cache_memory=args.kv_cache_memory_mib and args.kv_cache_memory_mib * 2**20,
+        max_num_batched_tokens=args.max_num_batched_tokens,
     )
     engine = Engine(config, progress=False)
     engine.loop.shutdown()  # this script is the only one stepping the core
@@ -90,7 +92,8 @@ def main() -> None:
         print(
             f"# engine step, quantization={args.quantization}, native decode {'on' if native else 'off'}, "
             f"prefill weights {args.prefill_weights}, prefill in {'torch' if args.prefill_in_python else 'auto'}, "
-            f"{args.prompt_len}-token prompts; decode only, after prefilling all"
+            f"{args.prompt_len}-token prompts, {args.max_num_batched_tokens} tokens a step; "
+            "decode only, after prefilling all"
         )
         for b in (int(x) for x in args.batch_sizes.split(",")):
             prefill, ms = step_ms(engine, b, args.prompt_len)
