@@ -35,7 +35,9 @@
 #include <cpuid.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
+#include <functional>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -340,6 +342,62 @@ inline void check_inputs(const torch::Tensor& x, const torch::Tensor& levels, co
   }
 }
 
+
+// The `top` largest entries of each row of `out` (= x times the block weight, from an int8 kernel)
+// recomputed with float32 activations, in place: an output head's candidates for the next token get
+// exact logits for a few thousand multiply-adds a row, where a second int8 pass over the whole
+// vocabulary (the earlier way) doubled the head's cost. The rest of the row keeps int8's rounding.
+inline void refine_top(const torch::Tensor& x, torch::Tensor& out, const torch::Tensor& levels, const torch::Tensor& d,
+                       const torch::Tensor& m, int64_t top) {
+  const int64_t n = out.size(-1);
+  check_inputs(x, levels, d, m, n);
+  TORCH_CHECK(out.dim() == 2 && out.scalar_type() == torch::kFloat32 && out.is_contiguous() &&
+                  out.size(0) == x.size(0),
+              "out must be a contiguous float32 [rows, n] tensor");
+  TORCH_CHECK(top >= 0, "top must not be negative");
+  top = std::min(top, n);
+  const int64_t k = x.size(1), blocks = k / kBlock, bits = levels.size(2);
+  const float* xs = x.data_ptr<float>();
+  float* os = out.data_ptr<float>();
+  const uint8_t* ls = levels.data_ptr<uint8_t>();
+  const at::Half* ds = d.data_ptr<at::Half>();
+  const at::Half* ms = m.data_ptr<at::Half>();
+  at::parallel_for(0, out.size(0), 1, [&](int64_t r0, int64_t r1) {
+    using Entry = std::pair<float, int64_t>;
+    std::vector<Entry> heap;  // a min-heap of the row's largest `top` so far
+    for (int64_t r = r0; r < r1; ++r) {
+      float* row = os + r * n;
+      const float* xr = xs + r * k;
+      heap.clear();
+      for (int64_t c = 0; c < n; ++c) {
+        if (static_cast<int64_t>(heap.size()) < top) {
+          heap.emplace_back(row[c], c);
+          std::push_heap(heap.begin(), heap.end(), std::greater<Entry>());
+        } else if (top > 0 && row[c] > heap.front().first) {
+          std::pop_heap(heap.begin(), heap.end(), std::greater<Entry>());
+          heap.back() = Entry(row[c], c);
+          std::push_heap(heap.begin(), heap.end(), std::greater<Entry>());
+        }
+      }
+      for (const Entry& e : heap) {
+        const int64_t g = e.second / kCols, c = e.second % kCols;
+        float sum = 0.0f;
+        for (int64_t b = 0; b < blocks; ++b) {
+          const uint8_t* w = ls + (g * blocks + b) * bits * kLine;
+          const float* xb = xr + b * kBlock;
+          float dot = 0.0f, xsum = 0.0f;
+          for (int64_t j = 0; j < kBlock; ++j) {
+            dot += static_cast<float>(level_at(w, bits, c, j)) * xb[j];
+            xsum += xb[j];
+          }
+          const int64_t at = (g * blocks + b) * kCols + c;
+          sum += static_cast<float>(ds[at]) * dot + static_cast<float>(ms[at]) * xsum;
+        }
+        row[e.second] = sum;
+      }
+    }
+  });
+}
 
 // --- Prefill chunks on AMX: the weights widened to bfloat16 a few columns at a time ---
 //
