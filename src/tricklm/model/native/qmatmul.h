@@ -24,7 +24,7 @@
 // AVX2 does the same on 8 columns at a time with vpmaddubsw + vpmaddwd; its 16-bit pair sums cannot
 // overflow with 4-bit levels, and 8-bit levels are recentred to signed (level - 128, whose magnitude and
 // sign vpmaddubsw takes separately, as llama.cpp's Q8_0 code does). Plain C++ without either. The choice
-// is made at run time.
+// is made at run time, and where the CPU has AMX, chunks of many rows take bfloat16 tiles instead (below).
 
 #pragma once
 
@@ -365,6 +365,7 @@ inline void refine_top(const torch::Tensor& x, torch::Tensor& out, const torch::
   at::parallel_for(0, out.size(0), 1, [&](int64_t r0, int64_t r1) {
     using Entry = std::pair<float, int64_t>;
     std::vector<Entry> heap;  // a min-heap of the row's largest `top` so far
+    std::vector<float> xsums(blocks);
     for (int64_t r = r0; r < r1; ++r) {
       float* row = os + r * n;
       const float* xr = xs + r * k;
@@ -379,19 +380,30 @@ inline void refine_top(const torch::Tensor& x, torch::Tensor& out, const torch::
           std::push_heap(heap.begin(), heap.end(), std::greater<Entry>());
         }
       }
+      for (int64_t b = 0; b < blocks; ++b) {
+        xsums[b] = 0.0f;
+        for (int64_t j = 0; j < kBlock; ++j) xsums[b] += xr[b * kBlock + j];
+      }
       for (const Entry& e : heap) {
         const int64_t g = e.second / kCols, c = e.second % kCols;
         float sum = 0.0f;
         for (int64_t b = 0; b < blocks; ++b) {
-          const uint8_t* w = ls + (g * blocks + b) * bits * kLine;
+          // line p holds elements 4 p + i (8-bit), or 4 p + i and 4 p + 16 + i in its nibbles (4-bit)
+          const uint8_t* w = ls + (g * blocks + b) * bits * kLine + c * 4;
           const float* xb = xr + b * kBlock;
-          float dot = 0.0f, xsum = 0.0f;
-          for (int64_t j = 0; j < kBlock; ++j) {
-            dot += static_cast<float>(level_at(w, bits, c, j)) * xb[j];
-            xsum += xb[j];
+          float dot = 0.0f;
+          for (int64_t p = 0; p < (bits == 8 ? 8 : 4); ++p) {
+            for (int64_t i = 0; i < 4; ++i) {
+              const uint8_t level = w[p * kLine + i];
+              if (bits == 8) {
+                dot += static_cast<float>(level) * xb[4 * p + i];
+              } else {
+                dot += static_cast<float>(level & 0x0F) * xb[4 * p + i] + static_cast<float>(level >> 4) * xb[4 * p + 16 + i];
+              }
+            }
           }
           const int64_t at = (g * blocks + b) * kCols + c;
-          sum += static_cast<float>(ds[at]) * dot + static_cast<float>(ms[at]) * xsum;
+          sum += static_cast<float>(ds[at]) * dot + static_cast<float>(ms[at]) * xsums[b];
         }
         row[e.second] = sum;
       }
