@@ -213,6 +213,31 @@ def test_sigterm_drains_for_the_timeout_then_ends_every_stream_cleanly(tmp_path:
     assert "Traceback" not in log.read_text()
 
 
+def test_a_signal_while_the_model_loads_exits_cleanly(tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    port = free_port()
+    with open(log, "wb") as out:
+        cmd = [sys.executable, "-m", "tricklm", "serve", "--port", str(port)]
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline, status = time.monotonic() + 120, None
+            while status is None and proc.poll() is None and time.monotonic() < deadline:
+                try:
+                    status = httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code
+                except httpx.TransportError:
+                    time.sleep(0.02)
+            assert status == 503, status  # up, and still loading (the load takes seconds)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-2000:]
+    assert "stopped while the model was loading" in text and "terminate called" not in text
+
+
 def test_a_second_signal_exits_at_once(tmp_path: Path) -> None:
     log = tmp_path / "server.log"
     with _server("--shutdown-timeout", "600", log=log) as (proc, base):

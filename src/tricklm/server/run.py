@@ -62,7 +62,16 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
     )
     server = DrainingServer(config, app.state.server, server_config.shutdown_timeout)
     server.run()
-    return 1 if failed.is_set() else 0
+    status = 1 if failed.is_set() else 0
+    loading = app.state.server.load_thread
+    if loading is not None and loading.is_alive():
+        # Stopped before the model was ready. The interpreter's teardown would end the loading thread
+        # inside torch's C++ code, which aborts the process ("terminate called without an active
+        # exception"); nothing of the load is worth finishing, so leave at once.
+        logger.info("stopped while the model was loading")
+        logging.shutdown()
+        os._exit(status)
+    return status
 
 
 SHUTDOWN_MESSAGE = "the server is shutting down"

@@ -20,6 +20,7 @@ class ServerState:
         self.engine: Engine | None = None  # for the app's lifecycle (health, drain); routes use `client`
         self.client: EngineClient | None = None
         self.load_error: str | None = None
+        self.load_thread: threading.Thread | None = None
         self._served_model_name = served_model_name
         self.request_timeout = request_timeout
         self.metrics = Metrics()
@@ -41,6 +42,7 @@ class ServerState:
 
         thread = threading.Thread(target=load, name="tricklm-load", daemon=True)
         thread.start()
+        self.load_thread = thread
         return thread
 
     @property
