@@ -2,7 +2,8 @@
 
 Random weights in blocks (4-bit levels as Q4_1's, 8-bit as Q8_0's) of the shapes of SmolLM2-135M's and
 SmolLM2-1.7B's projections; best of 20 calls at 1, 16 and 256 rows, for each kernel this CPU runs
-(`qlinear.load_qmatmul().isa()`), with torch's threads as configured (all cores by default).
+(`qlinear.load_qmatmul().isa()`, and the AMX path where the CPU has it), with torch's threads as
+configured (all cores by default).
 
     .venv/bin/python benchmarks/block_kernel.py
     .venv/bin/python benchmarks/block_kernel.py --bits 4 --no-fp16
@@ -40,6 +41,8 @@ def main() -> None:
     args = p.parse_args()
     ext = load_qmatmul()
     isas = ([ext.isa()] + (["avx2"] if ext.isa() == "avx512vnni" else [])) if ext is not None else ["torch"]
+    if ext is not None and ext.amx():  # forced at every row count, to show where it starts to pay
+        isas.append("amx")
     print(f"# {torch.get_num_threads()} threads; kernels: {', '.join(isas)}; ms, best of 20")
     gen = torch.Generator().manual_seed(0)
     for bits in (int(b) for b in args.bits.split(",")):
