@@ -394,11 +394,28 @@ struct Projection {
   at::Tensor levels, d, m;              // or blocks (qmatmul.h), `n` outputs
   int64_t n = 0;
 
-  at::Tensor operator()(const at::Tensor& x) const {
+  // x times the weight. The block kernel writes into `out`, a [rows, n] float32 view of a buffer the step
+  // reuses for every layer (a fresh tensor per projection cost a page fault per 4 KiB of it when malloc
+  // handed the large ones back to the kernel between layers); torch's kernel makes its own.
+  const at::Tensor& operator()(const at::Tensor& x, at::Tensor& out, tricklm_q::QuantizedRows& scratch) const {
     if (levels.defined()) {
-      return tricklm_q::qmatmul(x, levels, d, m, n, "");
+      tricklm_q::qmatmul_into(x, levels, d, m, n, "", out, scratch);
+    } else {
+      out = at::_weight_int4pack_mm_for_cpu(x, packed, kGroup, scales_and_zeros);
     }
-    return at::_weight_int4pack_mm_for_cpu(x, packed, kGroup, scales_and_zeros);
+    return out;
+  }
+};
+
+// What one step's projections write into: `wide` the qkv and gate/up outputs (one after the other, so one
+// buffer of the larger), `narrow` the o and down outputs, and the quantized activations of each input.
+struct StepBuffers {
+  at::Tensor wide_storage, narrow;
+  tricklm_q::QuantizedRows scratch;
+
+  at::Tensor wide(int64_t rows, int64_t n) const {
+    if (!wide_storage.defined()) return at::Tensor();
+    return wide_storage.narrow(0, 0, rows * n).view({rows, n});
   }
 };
 
@@ -549,14 +566,21 @@ class DecoderStack {
     auto attn = at::empty({b, hq_ * d_}, in);
     auto act = at::empty({b, inter_}, in);
     auto q = at::empty({b, hq_ * d_}, x.options());
+    const int64_t qkv_n = (hq_ + 2 * hkv_) * d_;
+    StepBuffers buffers;
+    if (blocks_) {
+      buffers.wide_storage = at::empty({b * std::max(qkv_n, 2 * inter_)}, x.options());
+      buffers.narrow = at::empty({b, hidden}, x.options());
+    }
+    at::Tensor qkv_out = buffers.wide(b, qkv_n), gate_up_out = buffers.wide(b, 2 * inter_);
     for (const auto& layer : layers_) {
       rms_norm_to<In>(x, layer.norms.input, eps_, h);
-      rotate_and_store<In>(layer, layer.qkv(h), step, q);
+      rotate_and_store<In>(layer, layer.qkv(h, qkv_out, buffers.scratch), step, q);
       attend<In>(layer, q, step, attn);
-      add_residual<In>(x, layer.o(attn), layer.norms.attn_out);
+      add_residual<In>(x, layer.o(attn, buffers.narrow, buffers.scratch), layer.norms.attn_out);
       rms_norm_to<In>(x, layer.norms.mlp, eps_, h);
-      gated_to<In>(layer.gate_up(h), inter_, gate_, act);
-      add_residual<In>(x, layer.down(act), layer.norms.mlp_out);
+      gated_to<In>(layer.gate_up(h, gate_up_out, buffers.scratch), inter_, gate_, act);
+      add_residual<In>(x, layer.down(act, buffers.narrow, buffers.scratch), layer.norms.mlp_out);
     }
     return at::rms_norm(x, {hidden}, final_norm_, eps_);
   }

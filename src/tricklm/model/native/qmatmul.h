@@ -85,11 +85,13 @@ __attribute__((target("avx512f,avx512bw"))) inline void quantize_block_avx512(co
 }
 
 // wide: 16 floats at a time (where the CPU has AVX-512BW; the kernels' choice decides, so the tests that
-// force the AVX2 or scalar kernel check the scalar quantizer too).
-inline QuantizedRows quantize_rows(const float* x, int64_t rows, int64_t k, bool wide) {
+// force the AVX2 or scalar kernel check the scalar quantizer too). `out` is reused: a decode step quantizes
+// the input of every projection of every layer into the same buffers, which only ever grow.
+inline void quantize_rows(const float* x, int64_t rows, int64_t k, bool wide, QuantizedRows& out) {
   const int64_t blocks = k / kBlock;
-  QuantizedRows out{std::vector<int8_t>(rows * k), std::vector<float>(rows * blocks),
-                    std::vector<float>(rows * blocks)};
+  out.q.resize(std::max<size_t>(out.q.size(), rows * k));
+  out.scale.resize(std::max<size_t>(out.scale.size(), rows * blocks));
+  out.scaled_sum.resize(std::max<size_t>(out.scaled_sum.size(), rows * blocks));
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       for (int64_t b = 0; b < blocks; ++b) {
@@ -104,7 +106,6 @@ inline QuantizedRows quantize_rows(const float* x, int64_t rows, int64_t k, bool
       }
     }
   });
-  return out;
 }
 
 constexpr int64_t kCols = 16;  // output columns interleaved in one group
@@ -515,11 +516,16 @@ inline void matmul_amx(const Problem& p, const at::BFloat16* x) {
   });
 }
 
-// x [rows, k] float32 times the repacked weight [n, k] -> [rows, n] float32; `isa` "" picks the best.
-inline torch::Tensor qmatmul(const torch::Tensor& x, const torch::Tensor& levels, const torch::Tensor& d,
-                        const torch::Tensor& m, int64_t n, const std::string& isa) {
+// out [rows, n] float32 = x [rows, k] float32 times the repacked weight [n, k]; `isa` "" picks the best.
+// `scratch` holds the quantized activations (the decode step passes one for all its projections).
+inline void qmatmul_into(const torch::Tensor& x, const torch::Tensor& levels, const torch::Tensor& d,
+                         const torch::Tensor& m, int64_t n, const std::string& isa, torch::Tensor& out,
+                         QuantizedRows& scratch) {
   check_inputs(x, levels, d, m, n);
   const int64_t rows = x.size(0), k = x.size(1);
+  TORCH_CHECK(out.scalar_type() == torch::kFloat32 && out.is_contiguous() &&
+                  out.sizes() == torch::IntArrayRef({rows, n}),
+              "out must be a contiguous float32 [rows, n] tensor");
   // "" the best for these rows; "int8" the best int8 kernel whatever the rows (tests, benchmarks)
   std::string chosen = isa;
   if (isa.empty()) chosen = rows >= kAmxMinRows && amx_usable() ? "amx" : isa_name();
@@ -528,19 +534,26 @@ inline torch::Tensor qmatmul(const torch::Tensor& x, const torch::Tensor& levels
               chosen);
   TORCH_CHECK(chosen == "scalar" || (chosen == "amx" ? amx_usable() : isa_name() == "avx512vnni" || chosen == isa_name()),
               "this CPU cannot run the ", chosen, " kernel");
-  auto out = torch::empty({rows, n}, x.options());
-  if (rows == 0) return out;
+  if (rows == 0) return;
   Problem problem{nullptr, levels.data_ptr<uint8_t>(), d.data_ptr<at::Half>(), m.data_ptr<at::Half>(),
                   out.data_ptr<float>(), rows, n, k, levels.size(2)};
   if (chosen == "amx") {
     const torch::Tensor wide = x.to(torch::kBFloat16);
     matmul_amx(problem, reinterpret_cast<const at::BFloat16*>(wide.data_ptr()));
-    return out;
+    return;
   }
-  const QuantizedRows quantized = quantize_rows(x.data_ptr<float>(), rows, k, chosen == "avx512vnni");
-  problem.x = &quantized;
+  quantize_rows(x.data_ptr<float>(), rows, k, chosen == "avx512vnni", scratch);
+  problem.x = &scratch;
   const Kernel kernel = pick(chosen, problem.bits);
   at::parallel_for(0, levels.size(0), 1, [&](int64_t begin, int64_t end) { kernel(problem, begin, end); });
+}
+
+inline torch::Tensor qmatmul(const torch::Tensor& x, const torch::Tensor& levels, const torch::Tensor& d,
+                             const torch::Tensor& m, int64_t n, const std::string& isa) {
+  TORCH_CHECK(x.dim() == 2, "x must be a contiguous float32 [rows, k] tensor");
+  auto out = torch::empty({x.size(0), n}, x.options());
+  QuantizedRows scratch;
+  qmatmul_into(x, levels, d, m, n, isa, out, scratch);
   return out;
 }
 
