@@ -559,6 +559,11 @@ def _mem(rss: int) -> str:
     return "–" if rss <= 0 else f"{rss / 2**30:.2f} GiB"
 
 
+def model_label(args: argparse.Namespace) -> str:
+    """What the run served: the default model's name, or the file or folder given by --model."""
+    return "SmolLM2-135M-Instruct" if args.model is None else Path(args.model).name
+
+
 def write_markdown(outcomes: list[Outcome], ctx: Context, args: argparse.Namespace, info: dict[str, str]) -> Path:
     levels = [int(x) for x in args.sweep.split(",")]
     top = max(levels)
@@ -571,7 +576,7 @@ def write_markdown(outcomes: list[Outcome], ctx: Context, args: argparse.Namespa
         f"({info.get('threads_per_core', '?')} thread per core), {info['memory']} memory",
         "- software: " + ", ".join(f"{k} {v}" for k, v in info.items() if k not in _MACHINE_KEYS),
         f"- command: `{shlex.join([_rel(Path(sys.executable)), *sys.argv])}` (from the repository root)",
-        f"- model: SmolLM2-135M-Instruct — tricklm folder `{ctx.model_dir}` (transformers peers: its weights in "
+        f"- model: {model_label(args)} — tricklm folder `{ctx.model_dir}` (transformers peers: its weights in "
         f"float32 safetensors); llama.cpp: `{ctx.gguf}`",
         f"- workload: `tricklm bench` over streaming `/v1/completions`, {args.num_prompts} random prompts of "
         f"{args.input_len} tokens per concurrency level, {args.output_len} output tokens (`ignore_eos`), "
@@ -679,7 +684,7 @@ def write_chart(outcomes: list[Outcome], ctx: Context, args: argparse.Namespace,
     ax_tp.set_ylim(bottom=0)
     ax_tp.legend(fontsize=8)
     fig.suptitle(
-        f"SmolLM2-135M-Instruct, {args.input_len}-token prompts, {args.output_len} output tokens — "
+        f"{model_label(args)}, {args.input_len}-token prompts, {args.output_len} output tokens — "
         f"{info['cpu']}, {info['cores']} CPUs",
         fontsize=10,
     )
