@@ -42,6 +42,7 @@ import contextlib
 import importlib.metadata
 import importlib.util
 import json
+import math
 import os
 import platform
 import shlex
@@ -647,6 +648,18 @@ def write_markdown(outcomes: list[Outcome], ctx: Context, args: argparse.Namespa
     return path
 
 
+# matplotlib's ten colours and two more: with twelve servers, C10 was C0 again (llama-server drew in tricklm's blue)
+PALETTE = [*(f"C{i}" for i in range(10)), "black", "darkgoldenrod"]
+
+
+def _minor_log_label(value: float, _: object) -> str:
+    """2 and 5 times a power of ten get a label; the rest of a log axis's minor ticks crowd the decades'."""
+    if value <= 0:
+        return ""
+    mantissa = value / 10 ** math.floor(math.log10(value) + 1e-9)
+    return f"{value:g}" if round(mantissa) in (2, 5) else ""
+
+
 def write_chart(outcomes: list[Outcome], ctx: Context, args: argparse.Namespace, info: dict[str, str]) -> Path:
     import matplotlib
 
@@ -662,7 +675,7 @@ def write_chart(outcomes: list[Outcome], ctx: Context, args: argparse.Namespace,
             continue
         xs = [r["concurrency"] for r in runs]
         label = SPECS[o.key].label.replace("`", "")
-        color = f"C{list(SPECS).index(o.key)}"  # a server keeps its colour whichever others ran
+        color = PALETTE[list(SPECS).index(o.key) % len(PALETTE)]  # a server keeps its colour whichever others ran
         style = {"marker": "o", "color": color, "linewidth": 2.5 if o.key == "tricklm" else 1.5}
         ax_tp.plot(xs, [r["output_tok_s"] for r in runs], label=label, **style)
         ttft = [(x, r["ttft_p99_ms"] / 1000) for x, r in zip(xs, runs, strict=True) if r["ttft_p99_ms"] is not None]
@@ -679,8 +692,8 @@ def write_chart(outcomes: list[Outcome], ctx: Context, args: argparse.Namespace,
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
     ax_ttft.set_yscale("log")
-    for axis_formatter in (ax_ttft.yaxis.set_major_formatter, ax_ttft.yaxis.set_minor_formatter):
-        axis_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax_ttft.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax_ttft.yaxis.set_minor_formatter(FuncFormatter(_minor_log_label))
     ax_tp.set_ylim(bottom=0)
     ax_tp.legend(fontsize=8)
     fig.suptitle(
@@ -728,6 +741,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--tricklm-args", default="", help="extra options for every tricklm server, e.g. '--kv-cache-memory 512MiB'"
     )
+    p.add_argument("--replot", action="store_true", help="only redraw compare.png in --results from its compare.json")
     p.add_argument("--ready-timeout", type=float, default=600.0, help="seconds for a server to come up")
     p.add_argument("--bench-timeout", type=float, default=3600.0, help="seconds for one server's whole sweep")
     p.add_argument("--request-timeout", type=float, default=1200.0, help="seconds before a request counts as failed")
@@ -746,8 +760,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def replot(results: Path) -> int:
+    """Redraw `results`/compare.png from its compare.json, running nothing (after a change to the chart)."""
+    saved = json.loads((results / "compare.json").read_text())
+    kept = saved["args"]  # written as strings
+    args = argparse.Namespace(
+        sweep=kept["sweep"],
+        input_len=kept["input_len"],
+        output_len=kept["output_len"],
+        model=None if kept.get("model", "None") == "None" else kept["model"],
+    )
+    outcomes = [Outcome(**server) for server in saved["servers"]]
+    png = write_chart(outcomes, Context(Path(), None, results, 0.0), args, saved["machine"])
+    print(f"wrote {_rel(png)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.replot:
+        return replot(args.results.resolve())
     from tricklm.model.resolve import resolve_model  # converts the default GGUF into the cache on first use
 
     results = args.results.resolve()
