@@ -163,7 +163,9 @@ NUMBERS = re.compile(r"^\d+ tokens · [\d.]+ tok/s · first token [\d.]+ m?s · 
 
 
 def test_enter_sends_and_the_reply_streams_in_with_its_numbers(chat: ChatPage, model_name: str) -> None:
-    chat.open(model=model_name, max_tokens=24)
+    # The page renders once an animation frame: 24 tokens (under 0.1 s on an EPYC) could all land in one
+    # or two frames of a browser starved by the rest of the suite; 96 take long enough to be seen growing
+    chat.open(model=model_name, max_tokens=96)
     box = chat.page.locator("#msg")
     box.fill("Hello")
     box.press("Shift+Enter")
