@@ -204,7 +204,18 @@ def test_a_table_hands_out_its_rows(bits: int) -> None:
     weight, _ = _random_weight(37, 96, bits=bits)
     table = QEmbedding(weight)
     ids = torch.tensor([[0, 36, 5], [16, 17, 5]])
-    assert torch.equal(table(ids), weight.dequantize()[ids])
+    assert torch.equal(table(ids), weight.dequantize()[ids])  # the native lookup where it builds
+    assert torch.equal(weight.rows_in_torch(ids.reshape(-1)), weight.dequantize()[ids.reshape(-1)])
+
+
+def test_the_native_lookup_refuses_rows_past_the_table() -> None:
+    ext = load_qmatmul()
+    if ext is None:
+        pytest.skip("no native extension here")
+    weight, _ = _random_weight(37, 96, bits=4)
+    for bad in (37, -1):
+        with pytest.raises(RuntimeError, match="out of range"):
+            ext.weight_rows(torch.tensor([0, bad]), weight.levels, weight.d, weight.m, weight.n)
 
 
 @pytest.mark.parametrize("bits", [4, 8])

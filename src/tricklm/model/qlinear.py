@@ -95,6 +95,13 @@ class QWeight:
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` [r] of the float32 weight, [r, k]: an embedding lookup that unpacks nothing else."""
+        ext = load_qmatmul()
+        if ext is not None:
+            return ext.weight_rows(ids.long(), self.levels, self.d, self.m, self.n)  # type: ignore[no-any-return]
+        return self.rows_in_torch(ids)
+
+    def rows_in_torch(self, ids: torch.Tensor) -> torch.Tensor:
+        """`rows` without the native extension."""
         blocks = self.levels.shape[1]
         groups, columns = ids // GROUP, ids % GROUP
         picked = self.levels[groups].view(len(ids), blocks, self.bits, GROUP, 4)

@@ -9,6 +9,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "out [rows, n] (x times the weight, int8) with each row's `top` largest recomputed from float x",
              pybind11::arg("x"), pybind11::arg("out"), pybind11::arg("levels"), pybind11::arg("d"), pybind11::arg("m"),
              pybind11::arg("top"));
+  module.def("weight_rows", &tricklm_q::weight_rows, "rows ids [r] of the block weight [n, k] as float32 [r, k]",
+             pybind11::arg("ids"), pybind11::arg("levels"), pybind11::arg("d"), pybind11::arg("m"), pybind11::arg("n"));
   module.def("isa", &tricklm_q::isa_name, "the int8 kernel this CPU runs: avx512vnni, avx2 or scalar");
   module.def("amx", &tricklm_q::amx_usable, "whether chunks of many rows run on AMX tiles (kernel \"amx\")");
   module.attr("AMX_MIN_ROWS") = tricklm_q::kAmxMinRows;

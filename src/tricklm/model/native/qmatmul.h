@@ -344,6 +344,41 @@ inline void check_inputs(const torch::Tensor& x, const torch::Tensor& levels, co
 }
 
 
+// Rows `ids` [r] of the block weight [n, k] as float32 [r, k] (d * level + m, exactly as the torch path
+// computes it): an embedding lookup, one call where unpacking the rows with torch ops took ten, each
+// with its dispatch, a twentieth of a one-sequence decode step.
+inline torch::Tensor weight_rows(const torch::Tensor& ids, const torch::Tensor& levels, const torch::Tensor& d,
+                                 const torch::Tensor& m, int64_t n) {
+  TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == torch::kLong, "ids must be a 1-D int64 tensor");
+  TORCH_CHECK(levels.dim() == 4 && levels.size(1) > 0, "levels must be [groups, blocks, bits, 64]");
+  const int64_t k = levels.size(1) * kBlock;
+  check_inputs(torch::empty({0, k}, torch::kFloat32), levels, d, m, n);
+  const torch::Tensor wanted = ids.contiguous();
+  const int64_t rows = wanted.size(0), blocks = k / kBlock, bits = levels.size(2);
+  const int64_t* ip = wanted.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r) TORCH_CHECK(ip[r] >= 0 && ip[r] < n, "row ", ip[r], " out of range [0, ", n, ")");
+  auto out = torch::empty({rows, k}, torch::kFloat32);
+  float* op = out.data_ptr<float>();
+  const uint8_t* ls = levels.data_ptr<uint8_t>();
+  const at::Half* ds = d.data_ptr<at::Half>();
+  const at::Half* ms = m.data_ptr<at::Half>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t g = ip[r] / kCols, c = ip[r] % kCols;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const uint8_t* w = ls + (g * blocks + b) * bits * kLine;
+      const int64_t at = (g * blocks + b) * kCols + c;
+      const float scale = static_cast<float>(ds[at]), offset = static_cast<float>(ms[at]);
+      for (int64_t j = 0; j < kBlock; ++j) {
+        // the product in double is exact, so rounding it to float gives torch's float product, and
+        // nothing can fuse it with the add (an FMA would round differently)
+        const auto product = static_cast<float>(static_cast<double>(scale) * level_at(w, bits, c, j));
+        op[r * k + b * kBlock + j] = product + offset;
+      }
+    }
+  }
+  return out;
+}
+
 // The `top` largest entries of each row of `out` (= x times the block weight, from an int8 kernel)
 // recomputed with float32 activations, in place: an output head's candidates for the next token get
 // exact logits for a few thousand multiply-adds a row, where a second int8 pass over the whole
