@@ -326,11 +326,10 @@ inline Kernel pick(const std::string& isa, int64_t bits) {
   return kernel_scalar;
 }
 
-inline void check_inputs(const torch::Tensor& x, const torch::Tensor& levels, const torch::Tensor& d,
-                  const torch::Tensor& m, int64_t n) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
-              "x must be a contiguous float32 [rows, k] tensor");
-  const int64_t k = x.size(1), groups = (n + kCols - 1) / kCols, blocks = k / kBlock;
+// The block weight of an [n, k] matrix, as `Problem` reads it.
+inline void check_weight(const torch::Tensor& levels, const torch::Tensor& d, const torch::Tensor& m, int64_t n,
+                         int64_t k) {
+  const int64_t groups = (n + kCols - 1) / kCols, blocks = k / kBlock;
   TORCH_CHECK(k % kBlock == 0 && k > 0 && n > 0, "k must be a positive multiple of 32, n positive");
   const int64_t bits = levels.dim() == 4 ? levels.size(2) : 0;
   TORCH_CHECK(levels.scalar_type() == torch::kUInt8 && levels.is_contiguous() && (bits == 4 || bits == 8) &&
@@ -343,6 +342,13 @@ inline void check_inputs(const torch::Tensor& x, const torch::Tensor& levels, co
   }
 }
 
+inline void check_inputs(const torch::Tensor& x, const torch::Tensor& levels, const torch::Tensor& d,
+                         const torch::Tensor& m, int64_t n) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
+              "x must be a contiguous float32 [rows, k] tensor");
+  check_weight(levels, d, m, n, x.size(1));
+}
+
 
 // Rows `ids` [r] of the block weight [n, k] as float32 [r, k] (d * level + m, exactly as the torch path
 // computes it): an embedding lookup, one call where unpacking the rows with torch ops took ten, each
@@ -350,9 +356,9 @@ inline void check_inputs(const torch::Tensor& x, const torch::Tensor& levels, co
 inline torch::Tensor weight_rows(const torch::Tensor& ids, const torch::Tensor& levels, const torch::Tensor& d,
                                  const torch::Tensor& m, int64_t n) {
   TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == torch::kLong, "ids must be a 1-D int64 tensor");
-  TORCH_CHECK(levels.dim() == 4 && levels.size(1) > 0, "levels must be [groups, blocks, bits, 64]");
+  TORCH_CHECK(levels.dim() == 4, "levels must be [groups, blocks, bits, 64]");
   const int64_t k = levels.size(1) * kBlock;
-  check_inputs(torch::empty({0, k}, torch::kFloat32), levels, d, m, n);
+  check_weight(levels, d, m, n, k);
   const torch::Tensor wanted = ids.contiguous();
   const int64_t rows = wanted.size(0), blocks = k / kBlock, bits = levels.size(2);
   const int64_t* ip = wanted.data_ptr<int64_t>();
