@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -109,15 +110,24 @@ def test_failing_step_ends_only_the_request_at_fault(tiny_model_dir: Path) -> No
     prompts = [[20 + i, 30, 40 + i, 50] for i in range(4)]
     try:
         with running_server(create_app(engine)) as base:
-            expected = [_completion(base, p).json()["choices"][0]["text"] for p in prompts]
+            # Long enough replies, and the poison sent once the others run: on a fast CPU 24 tokens of the tiny
+            # model were over before the poison arrived, which then failed a step of its own
+            max_tokens = 96
+            expected = [_completion(base, p, max_tokens).json()["choices"][0]["text"] for p in prompts]
             failures = _poisoned_runner(engine)
 
             async def together() -> list[httpx.Response]:
-                body = {"max_tokens": 24, "temperature": 0, "ignore_eos": True}
+                body = {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
                 async with httpx.AsyncClient(timeout=120) as client:
-                    return await asyncio.gather(
-                        *(client.post(f"{base}/v1/completions", json={**body, "prompt": p}) for p in [*prompts, POISON])
-                    )
+                    good = [
+                        asyncio.create_task(client.post(f"{base}/v1/completions", json={**body, "prompt": p}))
+                        for p in prompts
+                    ]
+                    deadline = time.monotonic() + 10
+                    while engine.loop.stats().num_running < len(prompts) and time.monotonic() < deadline:
+                        await asyncio.sleep(0.001)
+                    bad = await client.post(f"{base}/v1/completions", json={**body, "prompt": POISON})
+                    return [*(await asyncio.gather(*good)), bad]
 
             *good, bad = asyncio.run(together())
             assert max(failures) > 1, "the fault never hit a shared step: the test proves nothing"
@@ -128,7 +138,7 @@ def test_failing_step_ends_only_the_request_at_fault(tiny_model_dir: Path) -> No
             assert "RuntimeError" in bad.json()["error"]["message"]  # the class, not internals
             assert httpx.get(f"{base}/health", timeout=5).status_code == 200
             wait_idle(engine, 20)
-            assert _completion(base, prompts[0]).json()["choices"][0]["text"] == expected[0]
+            assert _completion(base, prompts[0], max_tokens).json()["choices"][0]["text"] == expected[0]
             with httpx.stream(
                 "POST", f"{base}/generate", json={"prompt": "1, 2", "max_tokens": 5, "stream": True}, timeout=30
             ) as r:
