@@ -349,7 +349,6 @@ inline void check_inputs(const torch::Tensor& x, const torch::Tensor& levels, co
   check_weight(levels, d, m, n, x.size(1));
 }
 
-
 // Rows `ids` [r] of the block weight [n, k] as float32 [r, k] (d * level + m, exactly as the torch path
 // computes it): an embedding lookup, one call where unpacking the rows with torch ops took ten, each
 // with its dispatch, a twentieth of a one-sequence decode step.
@@ -456,11 +455,12 @@ inline void refine_top(const torch::Tensor& x, torch::Tensor& out, const torch::
 // --- Prefill chunks on AMX: the weights widened to bfloat16 a few columns at a time ---
 //
 // Where the CPU has AMX (Xeons from Sapphire Rapids on), its bfloat16 tiles multiply about 4x as fast as
-// the int8 VNNI kernel above at its peak (1.6-1.9x end to end at 256 rows, widening included). So a chunk of many rows widens each 64-column slice of the
-// block weight to bfloat16 (d * level + m, rounded to nearest even) in a scratch of the thread's own and
-// multiplies it with oneDNN's batch-reduce GEMM, which torch exports and which runs on AMX tiles. The
-// scratch (64 columns x k) stays in the core's cache and is the only copy: the weights in memory stay the
-// compact blocks, as llama.cpp's GPU back-ends widen quantized weights per call for large batches.
+// the int8 VNNI kernel above at its peak (1.6-1.9x end to end at 256 rows, widening included). So a chunk
+// of many rows widens each 64-column slice of the block weight to bfloat16 (d * level + m, rounded to
+// nearest even) in a scratch of the thread's own and multiplies it with oneDNN's batch-reduce GEMM, which
+// torch exports and which runs on AMX tiles. The scratch (64 columns x k) stays in the core's cache and is
+// the only copy: the weights in memory stay the compact blocks, as llama.cpp's GPU back-ends widen
+// quantized weights per call for large batches.
 // Widening costs a pass over k x n per call whatever the rows, so a few rows stay on the int8 kernel.
 // Activations go in as bfloat16 (about as precise as int8 per block of 32), outputs come out float32.
 
