@@ -82,7 +82,7 @@ def compile_times() -> tuple[float, float, float]:
     """In this process, on the default tokenizer, as the server does them: the token table (built once,
     while the model loads), a schema's first compile, and the same schema again (from the cache)."""
     tokenizer = Tokenizer(resolve_model(None, progress=False))
-    compiler = GrammarCompiler(tokenizer.backend_json(), tokenizer.vocab_size, sorted(tokenizer.eos_token_ids))
+    compiler = GrammarCompiler(tokenizer.backend_json, tokenizer.vocab_size, sorted(tokenizer.eos_token_ids))
     start = time.perf_counter()
     compiler.tokenizer()
     table = time.perf_counter() - start

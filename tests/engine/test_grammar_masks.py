@@ -11,7 +11,7 @@ import torch
 from tricklm.engine.request import FinishReason, Request
 from tricklm.engine.sampler import sample
 from tricklm.engine.sampling_params import SamplingParams
-from tricklm.engine.structured import GrammarCompiler, GrammarError
+from tricklm.engine.structured import GrammarCompiler, GrammarError, GrammarUnavailable
 from tricklm.model.resolve import resolve_model
 from tricklm.tokenizer import Tokenizer
 
@@ -30,7 +30,7 @@ def tokenizer() -> Tokenizer:
 
 @pytest.fixture(scope="module")
 def compiler(tokenizer: Tokenizer) -> GrammarCompiler:
-    return GrammarCompiler(tokenizer.backend_json(), tokenizer.vocab_size, sorted(tokenizer.eos_token_ids))
+    return GrammarCompiler(tokenizer.backend_json, tokenizer.vocab_size, sorted(tokenizer.eos_token_ids))
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -70,7 +70,35 @@ def test_a_schema_that_cannot_be_enforced_is_refused(compiler: GrammarCompiler, 
 
 def test_a_grammar_over_a_wider_table_than_the_logits_masks_what_exists(tokenizer: Tokenizer) -> None:
     """A tokenizer with added tokens beyond the model's embedding (32001 against 32000, say)."""
-    wide = GrammarCompiler(tokenizer.backend_json(), tokenizer.vocab_size + 40, sorted(tokenizer.eos_token_ids))
+    wide = GrammarCompiler(tokenizer.backend_json, tokenizer.vocab_size + 40, sorted(tokenizer.eos_token_ids))
     req = Request("w", [1], SamplingParams(grammar=wide.json_schema(SCHEMA), temperature=0.0), 8)
     out = sample(torch.randn(1, tokenizer.vocab_size), [req])
     assert out[0].error is None and tokenizer.decode([out[0].token_id]).startswith("{")
+
+
+def test_the_token_table_is_read_once_on_first_use(tokenizer: Tokenizer) -> None:
+    reads: list[int] = []
+
+    def tokenizer_json() -> str:
+        reads.append(1)
+        return tokenizer.backend_json()
+
+    compiler = GrammarCompiler(tokenizer_json, tokenizer.vocab_size, sorted(tokenizer.eos_token_ids))
+    assert reads == []  # a server never asked for a constraint holds no token table
+    compiler.json_schema(SCHEMA)
+    compiler.lark('start: "yes" | "no"')
+    assert reads == [1]
+
+
+def test_an_unreadable_tokenizer_refuses_every_constraint_with_one_reason() -> None:
+    reads: list[int] = []
+
+    def tokenizer_json() -> str:
+        reads.append(1)
+        return '{"model": {"type": "NoSuchModel"}}'
+
+    compiler = GrammarCompiler(tokenizer_json, 64, [0])
+    for _ in range(2):
+        with pytest.raises(GrammarUnavailable, match="structured outputs are unavailable for this model's tokenizer"):
+            compiler.json_schema(SCHEMA)
+    assert reads == [1]  # the failure is remembered, not retried per request

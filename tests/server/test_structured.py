@@ -13,6 +13,8 @@ import openai
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
+from tricklm.engine.engine import Engine
+from tricklm.engine.structured import GrammarCompiler
 from tricklm.model.resolve import DEFAULT_MODEL_NAME as MODEL
 from tricklm.server.sse import DONE
 
@@ -332,3 +334,21 @@ def test_raw_stream_ends_with_done_and_a_finish_reason(default_server: str) -> N
     assert r.status_code == 200 and r.content.endswith(DONE)
     events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
     assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_a_tokenizer_llguidance_cannot_read_gives_501_and_the_server_serves_on(
+    default_engine: Engine, client: openai.OpenAI
+) -> None:
+    working = default_engine.grammars
+    default_engine.grammars = GrammarCompiler(lambda: "{}", working._vocab_size, [0])
+    try:
+        with pytest.raises(openai.APIStatusError) as e:
+            client.chat.completions.create(
+                model=MODEL, messages=CHAT, max_tokens=8, response_format={"type": "json_object"}
+            )
+    finally:
+        default_engine.grammars = working
+    assert e.value.status_code == 501
+    assert e.value.body["code"] == "structured_outputs_unavailable"  # type: ignore[index]
+    plain = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4)
+    assert plain.choices[0].message.content

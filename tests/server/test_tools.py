@@ -190,7 +190,7 @@ def test_required_keeps_each_tools_definitions_reachable() -> None:
     arguments = schema["items"]["anyOf"][0]["properties"]["arguments"]
     assert arguments["properties"]["to"] == {"$ref": "#/$defs/tool0_Address"} and "$defs" not in arguments
     tokenizer = Tokenizer(resolve_model(None, progress=False))
-    compiler = GrammarCompiler(tokenizer.backend_json(), tokenizer.vocab_size, sorted(tokenizer.eos_token_ids))
+    compiler = GrammarCompiler(tokenizer.backend_json, tokenizer.vocab_size, sorted(tokenizer.eos_token_ids))
     compiler.json_schema(schema)  # compiles: every reference resolves
 
 
@@ -214,7 +214,7 @@ def test_tool_text_never_becomes_control_tokens() -> None:
 def test_auto_constrains_a_call_once_it_has_begun() -> None:
     """Free text is free; after `<tool_call>` only a call to a given tool, with valid arguments, can follow."""
     tokenizer = Tokenizer(resolve_model(None, progress=False))
-    compiler = GrammarCompiler(tokenizer.backend_json(), tokenizer.vocab_size, sorted(tokenizer.eos_token_ids))
+    compiler = GrammarCompiler(tokenizer.backend_json, tokenizer.vocab_size, sorted(tokenizer.eos_token_ids))
     city = {
         "type": "object",
         "properties": {"city": {"type": "string"}},

@@ -16,7 +16,7 @@ from tricklm.engine.core import EngineCore
 from tricklm.engine.loop import EngineLoop, Sink
 from tricklm.engine.request import Request
 from tricklm.engine.sampling_params import MODEL_DEFAULT_KEYS, SamplingParams
-from tricklm.engine.structured import GrammarCompiler, GrammarUnavailable
+from tricklm.engine.structured import GrammarCompiler
 from tricklm.memory import release_freed_memory
 from tricklm.model.loader import load_config, load_model, read_json
 from tricklm.model.quant import weight_bytes
@@ -53,11 +53,13 @@ class Engine:
         model_dir = resolve_model(self.config.model, progress=progress)
         self.tokenizer = Tokenizer(model_dir)
         self.generation_defaults = generation_defaults(model_dir)
-        # Before the weights: building llguidance's token table takes ~40 MiB more than it keeps (1.7B
-        # vocabulary), and the tokenizer's own build leaves ~30 MiB of freed heap; both are handed back
-        # here, so the load peaks at the weights' load, not on top of them.
-        self.grammars = self._grammars(load_config(model_dir).vocab_size)
-        release_freed_memory()
+        # llguidance's token table is built by the first constrained request (structured.py)
+        self.grammars = GrammarCompiler(
+            self.tokenizer.backend_json,
+            max(self.tokenizer.vocab_size, load_config(model_dir).vocab_size),
+            sorted(self.tokenizer.eos_token_ids),
+        )
+        release_freed_memory()  # the tokenizer's build leaves ~30 MiB of freed heap: handed back before the weights
         cfg = self.config
         model = load_model(model_dir, cfg.torch_dtype, cfg.quantization, cfg.prefill_weights)
         self.core = EngineCore(model, self.config)
@@ -72,17 +74,6 @@ class Engine:
         self._ids = itertools.count()
         logger.info("loaded %s from %s in %.1fs", name, model_dir, self.info.load_seconds)
         logger.info("memory: %s", memory_summary(model, self.core.kv_cache.nbytes, self.core.kv_cache.prefix_caching))
-
-    def _grammars(self, model_vocab_size: int) -> GrammarCompiler:
-        """The grammar compiler, with its token table built (or the reason it cannot be, logged)."""
-        logits_width = max(self.tokenizer.vocab_size, model_vocab_size)
-        eos = sorted(self.tokenizer.eos_token_ids)
-        grammars = GrammarCompiler(self.tokenizer.backend_json(), logits_width, eos)
-        try:
-            grammars.tokenizer()
-        except GrammarUnavailable as e:  # the model still serves; constrained requests are refused
-            logger.warning("%s", e)
-        return grammars
 
     @property
     def max_model_len(self) -> int:

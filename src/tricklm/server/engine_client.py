@@ -93,7 +93,12 @@ class EngineClient:
         the same grammar (`key`) is refused at once afterwards instead of tying up the workers again."""
         if key in self._timed_out:
             raise _compile_timeout(param)
-        future = asyncio.get_running_loop().run_in_executor(self._compiler, build)
+        loop = asyncio.get_running_loop()
+        try:  # the token table, on first use: its build is bounded by the vocabulary, not by the grammar
+            await loop.run_in_executor(self._compiler, self._engine.grammars.tokenizer)
+        except GrammarUnavailable as e:
+            raise APIError(501, str(e), "server_error", param=param, code="structured_outputs_unavailable") from None
+        future = loop.run_in_executor(self._compiler, build)
         try:
             return await asyncio.wait_for(future, GRAMMAR_TIMEOUT_S)
         except TimeoutError:
