@@ -409,6 +409,12 @@ struct Projection {
 
 // What one step's projections write into: `wide` the qkv and gate/up outputs (one after the other, so one
 // buffer of the larger), `narrow` the o and down outputs, and the quantized activations of each input.
+// The MLP of a step runs on this many rows at a time. Its gate/up output is the step's largest buffer
+// (for a 256-row prefill chunk of a 1.7B model 16 MiB, and 8 MiB of activations after it); a row's MLP
+// needs no other row, and at 64 rows the kernels still reach their throughput (see `benchmarks/engine_steps.py`
+// with --max-num-batched-tokens 64 and 256).
+constexpr int64_t kMlpRows = 64;
+
 struct StepBuffers {
   at::Tensor wide_storage, narrow;
   tricklm_q::QuantizedRows scratch;
@@ -564,23 +570,29 @@ class DecoderStack {
     const auto in = x.options().dtype(c10::CppTypeToScalarType<In>::value);
     auto h = at::empty({b, hidden}, in);
     auto attn = at::empty({b, hq_ * d_}, in);
-    auto act = at::empty({b, inter_}, in);
+    const int64_t mlp_rows = std::min(b, kMlpRows);
+    auto act = at::empty({mlp_rows, inter_}, in);
     auto q = at::empty({b, hq_ * d_}, x.options());
     const int64_t qkv_n = (hq_ + 2 * hkv_) * d_;
     StepBuffers buffers;
     if (blocks_) {
-      buffers.wide_storage = at::empty({b * std::max(qkv_n, 2 * inter_)}, x.options());
+      buffers.wide_storage = at::empty({std::max(b * qkv_n, mlp_rows * 2 * inter_)}, x.options());
       buffers.narrow = at::empty({b, hidden}, x.options());
     }
-    at::Tensor qkv_out = buffers.wide(b, qkv_n), gate_up_out = buffers.wide(b, 2 * inter_);
+    at::Tensor qkv_out = buffers.wide(b, qkv_n);
     for (const auto& layer : layers_) {
       rms_norm_to<In>(x, layer.norms.input, eps_, h);
       rotate_and_store<In>(layer, layer.qkv(h, qkv_out, buffers.scratch), step, q);
       attend<In>(layer, q, step, attn);
       add_residual<In>(x, layer.o(attn, buffers.narrow, buffers.scratch), layer.norms.attn_out);
       rms_norm_to<In>(x, layer.norms.mlp, eps_, h);
-      gated_to<In>(layer.gate_up(h, gate_up_out, buffers.scratch), inter_, gate_, act);
-      add_residual<In>(x, layer.down(act, buffers.narrow, buffers.scratch), layer.norms.mlp_out);
+      for (int64_t r = 0; r < b; r += mlp_rows) {
+        const int64_t n = std::min(mlp_rows, b - r);
+        at::Tensor gate_up_out = buffers.wide(n, 2 * inter_), act_n = act.narrow(0, 0, n), x_n = x.narrow(0, r, n);
+        at::Tensor down_out = blocks_ ? buffers.narrow.narrow(0, 0, n) : at::Tensor();
+        gated_to<In>(layer.gate_up(h.narrow(0, r, n), gate_up_out, buffers.scratch), inter_, gate_, act_n);
+        add_residual<In>(x_n, layer.down(act_n, down_out, buffers.scratch), layer.norms.mlp_out);
+      }
     }
     return at::rms_norm(x, {hidden}, final_norm_, eps_);
   }
