@@ -9,10 +9,13 @@ from tricklm.engine.kv_cache import KVCache, bytes_per_token
 from tricklm.engine.model_runner import ModelRunner, ThreadPolicy
 from tricklm.engine.request import EngineOutput, FinishReason, Request
 from tricklm.engine.scheduler import Scheduler
+from tricklm.memory import release_freed_memory
 from tricklm.model.quant import model_dtypes
 from tricklm.model.registry import CausalLM
 
 logger = logging.getLogger(__name__)
+
+TRIM_AFTER_PROMPT_TOKENS = 64
 
 
 class EngineCore:
@@ -93,6 +96,11 @@ class EngineCore:
         if not batch:
             return []
         sampled = self.runner.run(batch)
+        if sum(batch.num_tokens) - len(batch.num_tokens) >= TRIM_AFTER_PROMPT_TOKENS:
+            # A prompt chunk's activations are tensors of 1-4 MiB, which land on the heap between longer-lived
+            # objects; the holes they leave stay resident and added 30 MiB to the peak of 16 streams of the
+            # 1.7B shape (serve_memory.py). Handing them back takes ~1 ms, against a step of >= 15 ms.
+            release_freed_memory()
         outputs = self.scheduler.update(batch, sampled)
         self.num_generation_tokens += len(outputs)
         return outputs
