@@ -18,6 +18,8 @@ from tricklm.model.config import ModelConfig, ModelLoadError
 from tricklm.model.gguf_weights import (
     GGUF_LINK,
     ROPE_FACTOR_TENSORS,
+    FileTensor,
+    WeightsFile,
     dense_tensors,
     hf_name,
     projection_blocks,
@@ -113,7 +115,7 @@ class _MetaParameters(TorchFunctionMode):
 TRIM_EVERY = 4  # projections built between two heap trims: one decoder layer's
 
 
-def _block_projections_from_gguf(model: CausalLM, reader: Any, cfg: ModelConfig, mode: str) -> set[str]:
+def _block_projections_from_gguf(model: CausalLM, reader: WeightsFile, cfg: ModelConfig, mode: str) -> set[str]:
     """Every decoder projection, the token table and the output head of a model still on the meta
     device, built from the file's blocks (see `projection_blocks`) as QLinear / QEmbedding modules: no
     float copy of them ever exists. The table and head are rounded to no fewer than 8 bits, whatever the
@@ -124,7 +126,7 @@ def _block_projections_from_gguf(model: CausalLM, reader: Any, cfg: ModelConfig,
     gate_up) collect their parts' rows at the offsets the model gives them.
     """
     slots = {f"{name}.weight": module for name, module in model.named_modules() if _is_block_slot(name, module)}
-    sources: dict[str, list[Any]] = {}
+    sources: dict[str, list[FileTensor]] = {}
     for t in reader.tensors:
         if t.name in ROPE_FACTOR_TENSORS:
             continue
