@@ -228,19 +228,22 @@ def test_prefill_and_mixed_steps_run_natively_with_one_copy_blocks(case: str, tm
 
 
 @needs_compiler
-def test_steps_wider_than_the_mlp_piece_match_the_python_path(tmp_path: Path) -> None:
-    """The native MLP runs 64 rows at a time: a 131-row prefill step is two whole pieces and a part."""
-    model = quantize(load_model(make_tiny_model(tmp_path, "LlamaForCausalLM", weight_std=0.1)), "q4_1")
-    core = EngineCore(model, EngineConfig(block_size=BLOCK_SIZE, max_num_batched_tokens=256))
+def test_steps_wider_than_a_piece_match_the_python_path(tmp_path: Path) -> None:
+    """The native stack runs each layer in pieces of rows whose gate/up output fits 4 MiB: 128 rows at an
+    intermediate size of 4096. A 281-row prefill step is two whole pieces and a part, the second prompt
+    starting in the middle piece and attending across into the last."""
+    tiny = make_tiny_model(tmp_path, "LlamaForCausalLM", weight_std=0.05, intermediate_size=4096)
+    model = quantize(load_model(tiny), "q4_1")
+    core = EngineCore(model, EngineConfig(block_size=BLOCK_SIZE, max_num_batched_tokens=512))
     assert core.runner.native is not None and core.runner.native.runs_any_step
     vocab = model.config.vocab_size
     widths = []
-    for batch in run_all(core, {0: [greedy("a", 70, 3, vocab), greedy("b", 61, 3, vocab)]}):
+    for batch in run_all(core, {0: [greedy("a", 150, 3, vocab), greedy("b", 131, 3, vocab)]}):
         python = core.runner.forward_logits(batch)
         ours = core.runner.forward_logits(batch, native=True)
         assert float((ours - python).abs().amax()) <= 0.1
         widths.append(sum(batch.num_tokens))
-    assert widths[0] == 131, widths
+    assert widths[0] == 281, widths
 
 
 def test_long_contexts_prefill_in_python(tmp_path: Path) -> None:

@@ -409,19 +409,23 @@ struct Projection {
 
 // What one step's projections write into: `wide` the qkv and gate/up outputs (one after the other, so one
 // buffer of the larger), `narrow` the o and down outputs, and the quantized activations of each input.
-// The MLP of a step runs on this many rows at a time. Its gate/up output is the step's largest buffer
-// (for a 256-row prefill chunk of a 1.7B model 16 MiB, and 8 MiB of activations after it); a row's MLP
-// needs no other row, and at 64 rows the kernels still reach their throughput (see `benchmarks/engine_steps.py`
-// with --max-num-batched-tokens 64 and 256).
-constexpr int64_t kMlpRows = 64;
+// A step runs through each layer in pieces of rows whose widest buffer (the gate/up output) stays within
+// this, so a prefill chunk's buffers are sized by the piece: for a 256-row chunk of a 1.7B model the gate/up
+// output was 16 MiB, its activations 8 more; in 64-row pieces, 4 and 2. A row needs only its own values
+// and earlier rows' K/V. Small models' steps stay whole: more pieces cost the 135M model's prefill time.
+constexpr int64_t kPieceBytes = 4 << 20;
 
 struct StepBuffers {
-  at::Tensor wide_storage, narrow;
+  at::Tensor wide_storage, narrow_storage;
   tricklm_q::QuantizedRows scratch;
 
   at::Tensor wide(int64_t rows, int64_t n) const {
     if (!wide_storage.defined()) return at::Tensor();
     return wide_storage.narrow(0, 0, rows * n).view({rows, n});
+  }
+
+  at::Tensor narrow(int64_t rows) const {
+    return narrow_storage.defined() ? narrow_storage.narrow(0, 0, rows) : at::Tensor();
   }
 };
 
@@ -450,6 +454,21 @@ struct Step {
   int64_t blocks_per_row;
   const int64_t* lens;  // [B] context length including the new token
   int64_t max_len;
+
+  // The rows from `row` on (rotary_dim: the width of a cos/sin row)
+  Step from_row(int64_t row, int64_t rotary_dim) const {
+    Step s = *this;
+    s.cos += row * rotary_dim;
+    s.sin += row * rotary_dim;
+    if (s.cos_local != nullptr) {
+      s.cos_local += row * rotary_dim;
+      s.sin_local += row * rotary_dim;
+    }
+    s.slots += row;
+    s.tables += row * blocks_per_row;
+    s.lens += row;
+    return s;
+  }
 };
 
 class DecoderStack {
@@ -566,31 +585,34 @@ class DecoderStack {
   // In: the projections' input and output dtype (bfloat16 for torch's 4-bit kernel, float32 for blocks).
   template <typename In>
   at::Tensor run_layers(at::Tensor x, const Step& step) const {
-    const int64_t b = x.size(0), hidden = x.size(1);
+    const int64_t b = x.size(0), hidden = x.size(1), qkv_n = (hq_ + 2 * hkv_) * d_;
+    const int64_t widest = std::max(qkv_n, 2 * inter_) * static_cast<int64_t>(sizeof(float));
+    const int64_t rows = std::min(b, std::max<int64_t>(1, kPieceBytes / widest));
     const auto in = x.options().dtype(c10::CppTypeToScalarType<In>::value);
-    auto h = at::empty({b, hidden}, in);
-    auto attn = at::empty({b, hq_ * d_}, in);
-    const int64_t mlp_rows = std::min(b, kMlpRows);
-    auto act = at::empty({mlp_rows, inter_}, in);
-    auto q = at::empty({b, hq_ * d_}, x.options());
-    const int64_t qkv_n = (hq_ + 2 * hkv_) * d_;
+    auto h = at::empty({rows, hidden}, in);
+    auto attn = at::empty({rows, hq_ * d_}, in);
+    auto act = at::empty({rows, inter_}, in);
+    auto q = at::empty({rows, hq_ * d_}, x.options());
     StepBuffers buffers;
     if (blocks_) {
-      buffers.wide_storage = at::empty({std::max(b * qkv_n, mlp_rows * 2 * inter_)}, x.options());
-      buffers.narrow = at::empty({b, hidden}, x.options());
+      buffers.wide_storage = at::empty({rows * std::max(qkv_n, 2 * inter_)}, x.options());
+      buffers.narrow_storage = at::empty({rows, hidden}, x.options());
     }
-    at::Tensor qkv_out = buffers.wide(b, qkv_n);
     for (const auto& layer : layers_) {
-      rms_norm_to<In>(x, layer.norms.input, eps_, h);
-      rotate_and_store<In>(layer, layer.qkv(h, qkv_out, buffers.scratch), step, q);
-      attend<In>(layer, q, step, attn);
-      add_residual<In>(x, layer.o(attn, buffers.narrow, buffers.scratch), layer.norms.attn_out);
-      rms_norm_to<In>(x, layer.norms.mlp, eps_, h);
-      for (int64_t r = 0; r < b; r += mlp_rows) {
-        const int64_t n = std::min(mlp_rows, b - r);
-        at::Tensor gate_up_out = buffers.wide(n, 2 * inter_), act_n = act.narrow(0, 0, n), x_n = x.narrow(0, r, n);
-        at::Tensor down_out = blocks_ ? buffers.narrow.narrow(0, 0, n) : at::Tensor();
-        gated_to<In>(layer.gate_up(h.narrow(0, r, n), gate_up_out, buffers.scratch), inter_, gate_, act_n);
+      // Pieces in row order: a prompt's rows attend to its earlier rows, whose K/V the pieces before stored
+      for (int64_t r = 0; r < b; r += rows) {
+        const int64_t n = std::min(rows, b - r);
+        const Step piece = step.from_row(r, rot_);
+        at::Tensor x_n = x.narrow(0, r, n), h_n = h.narrow(0, 0, n), q_n = q.narrow(0, 0, n);
+        at::Tensor attn_n = attn.narrow(0, 0, n), act_n = act.narrow(0, 0, n);
+        at::Tensor qkv_out = buffers.wide(n, qkv_n), gate_up_out = buffers.wide(n, 2 * inter_);
+        at::Tensor o_out = buffers.narrow(n), down_out = buffers.narrow(n);
+        rms_norm_to<In>(x_n, layer.norms.input, eps_, h_n);
+        rotate_and_store<In>(layer, layer.qkv(h_n, qkv_out, buffers.scratch), piece, q_n);
+        attend<In>(layer, q_n, piece, attn_n);
+        add_residual<In>(x_n, layer.o(attn_n, o_out, buffers.scratch), layer.norms.attn_out);
+        rms_norm_to<In>(x_n, layer.norms.mlp, eps_, h_n);
+        gated_to<In>(layer.gate_up(h_n, gate_up_out, buffers.scratch), inter_, gate_, act_n);
         add_residual<In>(x_n, layer.down(act_n, down_out, buffers.scratch), layer.norms.mlp_out);
       }
     }
