@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from tricklm.config import DEFAULT_KV_CACHE_CAP, EngineConfig
 from tricklm.engine.kv_cache import KVCache, bytes_per_token
@@ -15,7 +16,8 @@ from tricklm.model.registry import CausalLM
 
 logger = logging.getLogger(__name__)
 
-TRIM_AFTER_PROMPT_TOKENS = 64
+# Freed heap is handed back after a step at least this long: the trim takes ~1 ms (2% of it at most)
+TRIM_AFTER_SECONDS = 0.05
 
 
 class EngineCore:
@@ -95,11 +97,12 @@ class EngineCore:
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        start = time.perf_counter()
         sampled = self.runner.run(batch)
-        if sum(batch.num_tokens) - len(batch.num_tokens) >= TRIM_AFTER_PROMPT_TOKENS:
-            # A prompt chunk's activations are tensors of 1-4 MiB, which land on the heap between longer-lived
-            # objects; the holes they leave stay resident and added 30 MiB to the peak of 16 streams of the
-            # 1.7B shape (serve_memory.py). Handing them back takes ~1 ms, against a step of >= 15 ms.
+        if time.perf_counter() - start >= TRIM_AFTER_SECONDS:
+            # A step's activations are tensors of 1-4 MiB, which land on the heap between longer-lived objects;
+            # the holes they leave stay resident, and the next step's tensors, of other sizes, make more:
+            # 30 MiB of the 1.7B shape's peak serving 16 streams (benchmarks/serve_memory.py).
             release_freed_memory()
         outputs = self.scheduler.update(batch, sampled)
         self.num_generation_tokens += len(outputs)
