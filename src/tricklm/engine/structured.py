@@ -20,12 +20,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import llguidance
 import numpy as np
 import torch
 
 from tricklm.memory import release_freed_memory
 
+# llguidance itself is imported where a grammar is first compiled: its library is ~6 MiB resident, which
+# a server never asked for a constraint does not need
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
 
@@ -73,6 +74,8 @@ class GrammarCompiler:
         self._cache: OrderedDict[str, Grammar] = OrderedDict()
 
     def json_schema(self, schema: dict[str, Any] | bool) -> Grammar:
+        import llguidance
+
         try:
             text = json.dumps(schema)  # key order kept: properties are generated in the schema's order
             grammar = llguidance.LLMatcher.grammar_from_json_schema(text, defaults=JSON_OPTIONS)
@@ -81,9 +84,13 @@ class GrammarCompiler:
         return self._compiled(grammar, "json_schema")
 
     def lark(self, source: str, description: str = "grammar") -> Grammar:
+        import llguidance
+
         return self._compiled(llguidance.LLMatcher.grammar_from_lark(source), description)
 
     def _compiled(self, grammar: str, description: str) -> Grammar:
+        import llguidance
+
         with self._lock:
             cached = self._cache.get(grammar)
             if cached is not None:
@@ -110,6 +117,8 @@ class GrammarCompiler:
             if self._unavailable is not None:
                 raise GrammarUnavailable(self._unavailable)
             if self._tokenizer is None:
+                import llguidance
+
                 try:
                     self._tokenizer = llguidance.LLTokenizer(
                         self._tokenizer_json(), n_vocab=self._vocab_size, eos_token=self._eos or None

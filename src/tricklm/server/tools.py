@@ -19,8 +19,6 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from llguidance import StructTag
-
 from tricklm.engine.structured import JSON_OPTIONS
 from tricklm.server.openai_protocol import ChatCompletionRequest, NamedToolChoice, Tool
 
@@ -93,6 +91,8 @@ class ToolSetup:
     def call_grammar(self, special_trigger: bool) -> str:
         """"auto" in Hermes form: any text, but from `<tool_call>` on, a call to one of the tools with
         arguments valid for it (an llguidance structural tag: the trigger switches the grammar on)."""
+        from llguidance import StructTag  # imported on first use, as in engine/structured.py
+
         tags = [
             StructTag(
                 trigger="<tool_call>",
