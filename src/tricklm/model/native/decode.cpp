@@ -616,7 +616,8 @@ class DecoderStack {
         add_residual<In>(x_n, layer.down(act_n, down_out, buffers.scratch), layer.norms.mlp_out);
       }
     }
-    return at::rms_norm(x, {hidden}, final_norm_, eps_);
+    rms_norm_to<float>(x, final_norm_, eps_, x);  // in place: a row is read whole before it is written
+    return x;
   }
 
   template <typename In>
