@@ -9,10 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch.overrides import TorchFunctionMode
 
-from tricklm.memory import release_freed_memory
+from tricklm.memory import mapped_while_loading, release_freed_memory
 from tricklm.model.block_formats import BLOCK, FLOAT_TYPES, Blocks
 from tricklm.model.config import ModelConfig, ModelLoadError
 from tricklm.model.gguf_weights import (
@@ -51,6 +50,11 @@ def load_config(model_dir: Path) -> ModelConfig:
 def load_model(
     model_dir: Path, dtype: torch.dtype = torch.float32, quantization: str = "none", prefill_weights: str = "auto"
 ) -> CausalLM:
+    with mapped_while_loading():
+        return _load_model(model_dir, dtype, quantization, prefill_weights)
+
+
+def _load_model(model_dir: Path, dtype: torch.dtype, quantization: str, prefill_weights: str) -> CausalLM:
     cfg = load_config(model_dir)
     cls = model_class(cfg)
     with _MetaParameters():
@@ -216,6 +220,8 @@ def _reset_buffers(model: torch.nn.Module) -> None:
 
 
 def _iter_safetensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import SafetensorError, safe_open  # here: a server of a GGUF file never needs it
+
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{model_dir} has no *.safetensors weights")
