@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-from collections.abc import Iterator
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -28,7 +27,6 @@ _M_ARENA_MAX = -8
 ARENA_MAX = 2
 MMAP_THRESHOLD = 4 * 2**20
 TRIM_THRESHOLD = 2 * MMAP_THRESHOLD  # glibc's dynamic pairing: twice the mmap threshold
-LOAD_MMAP_THRESHOLD = 256 * 2**10
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -53,21 +51,3 @@ def release_freed_memory() -> None:
     if libc is not None:
         with contextlib.suppress(AttributeError):
             libc.malloc_trim(0)
-
-
-@contextlib.contextmanager
-def mapped_while_loading() -> Iterator[None]:
-    """Blocks of 256 KiB or more get mappings of their own meanwhile (a model's load), then the settings of
-    `limit_fragmentation` apply. Loading frees staging buffers between weights it keeps: on the heap they
-    left 160 MiB of holes among the 1.7B shape's weights, and a step's tensors, scattered over them, faulted
-    in up to 8 MiB more than they needed (a 256-token prefill step: +17 to +31 MiB of RSS, against +17 to +20)."""
-    libc = _libc()
-    if libc is None or not hasattr(libc, "mallopt"):
-        yield
-        return
-    libc.mallopt(_M_MMAP_THRESHOLD, LOAD_MMAP_THRESHOLD)
-    try:
-        yield
-    finally:
-        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-        libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)

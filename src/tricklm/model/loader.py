@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from tricklm.memory import mapped_while_loading, release_freed_memory
+from tricklm.memory import release_freed_memory
 from tricklm.model.block_formats import BLOCK, FLOAT_TYPES, Blocks
 from tricklm.model.config import ModelConfig, ModelLoadError
 from tricklm.model.gguf_weights import (
@@ -50,11 +50,6 @@ def load_config(model_dir: Path) -> ModelConfig:
 def load_model(
     model_dir: Path, dtype: torch.dtype = torch.float32, quantization: str = "none", prefill_weights: str = "auto"
 ) -> CausalLM:
-    with mapped_while_loading():
-        return _load_model(model_dir, dtype, quantization, prefill_weights)
-
-
-def _load_model(model_dir: Path, dtype: torch.dtype, quantization: str, prefill_weights: str) -> CausalLM:
     cfg = load_config(model_dir)
     cls = model_class(cfg)
     with _MetaParameters():
