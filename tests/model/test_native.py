@@ -229,9 +229,9 @@ def test_prefill_and_mixed_steps_run_natively_with_one_copy_blocks(case: str, tm
 
 @needs_compiler
 def test_steps_wider_than_a_piece_match_the_python_path(tmp_path: Path) -> None:
-    """The native stack runs each layer in pieces of rows whose gate/up output fits 4 MiB: 128 rows at an
-    intermediate size of 4096. A 281-row prefill step is two whole pieces and a part, the second prompt
-    starting in the middle piece and attending across into the last."""
+    """The native stack runs each layer in pieces of rows whose gate/up output fits 2 MiB: 64 rows at an
+    intermediate size of 4096. A 281-row prefill step is four whole pieces and a part, the second prompt
+    starting inside the third piece and attending across into the last."""
     tiny = make_tiny_model(tmp_path, "LlamaForCausalLM", weight_std=0.05, intermediate_size=4096)
     model = quantize(load_model(tiny), "q4_1")
     core = EngineCore(model, EngineConfig(block_size=BLOCK_SIZE, max_num_batched_tokens=512))

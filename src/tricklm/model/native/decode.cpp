@@ -407,14 +407,15 @@ struct Projection {
   }
 };
 
-// What one step's projections write into: `wide` the qkv and gate/up outputs (one after the other, so one
-// buffer of the larger), `narrow` the o and down outputs, and the quantized activations of each input.
 // A step runs through each layer in pieces of rows whose widest buffer (the gate/up output) stays within
 // this, so a prefill chunk's buffers are sized by the piece: for a 256-row chunk of a 1.7B model the gate/up
-// output was 16 MiB, its activations 8 more; in 64-row pieces, 4 and 2. A row needs only its own values
-// and earlier rows' K/V. Small models' steps stay whole: more pieces cost the 135M model's prefill time.
-constexpr int64_t kPieceBytes = 4 << 20;
+// output was 16 MiB, its activations 8 more; in 32-row pieces, 2 and 1. A row needs only its own values
+// and earlier rows' K/V. Prefill time did not change, for the 1.7B shape or the 135M model (two pieces of a
+// 256-row chunk), in `benchmarks/engine_steps.py` runs alternating with 4 MiB pieces.
+constexpr int64_t kPieceBytes = 2 << 20;
 
+// What one piece's projections write into: `wide` the qkv and gate/up outputs (one after the other, so one
+// buffer of the larger), `narrow` the o and down outputs, and the quantized activations of each input.
 struct StepBuffers {
   at::Tensor wide_storage, narrow_storage;
   tricklm_q::QuantizedRows scratch;
