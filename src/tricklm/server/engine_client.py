@@ -94,13 +94,10 @@ class EngineClient:
         if key in self._timed_out:
             raise _compile_timeout(param)
         loop = asyncio.get_running_loop()
-        try:  # the token table, on first use: its build is bounded by the vocabulary, not by the grammar
-            await loop.run_in_executor(self._compiler, self._engine.grammars.tokenizer)
-        except GrammarUnavailable as e:
-            raise APIError(501, str(e), "server_error", param=param, code="structured_outputs_unavailable") from None
-        future = loop.run_in_executor(self._compiler, build)
         try:
-            return await asyncio.wait_for(future, GRAMMAR_TIMEOUT_S)
+            # The token table first, on first use, outside the limit: its build is bounded by the vocabulary
+            await loop.run_in_executor(self._compiler, self._engine.grammars.tokenizer)
+            return await asyncio.wait_for(loop.run_in_executor(self._compiler, build), GRAMMAR_TIMEOUT_S)
         except TimeoutError:
             logger.warning(
                 "a %s did not compile within %g s; refused, and so will it be again", param, GRAMMAR_TIMEOUT_S
