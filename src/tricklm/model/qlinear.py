@@ -10,6 +10,7 @@ torch fallback dequantizes a slice of rows at a time and multiplies in float32: 
 from __future__ import annotations
 
 import functools
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tricklm.model.block_formats import BLOCK, Blocks, gguf_blocks, round_blocks
+
+log = logging.getLogger(__name__)
 
 GROUP = 16  # output columns the kernel interleaves
 PACK_GROUPS = 256  # column groups (4,096 rows) repacked at a time
@@ -30,11 +33,17 @@ FALLBACK_GROUPS = 64
 @functools.cache
 def load_qmatmul() -> Any | None:
     """The compiled kernel, or None where it cannot be built (or TRICKLM_NATIVE=0): then torch's matmul."""
+    from tricklm.model.native import isa
     from tricklm.model.native.build import enabled_by_env, load_or_warn
 
     if not enabled_by_env():
         return None
-    return load_or_warn(EXTENSION_NAME, SOURCE, "native block matmul unavailable, block projections run in torch")
+    isa.forced()  # an unknown TRICKLM_ISA is refused before a minute of compiling
+    ext = load_or_warn(EXTENSION_NAME, SOURCE, "native block matmul unavailable, block projections run in torch")
+    if ext is not None:
+        isa.check(ext)
+        log.info("%s: %s", isa.cpu_model(), isa.describe(ext))
+    return ext
 
 
 class QWeight:

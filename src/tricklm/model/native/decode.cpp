@@ -491,7 +491,9 @@ class DecoderStack {
         gate_(gate == "gelu_tanh" ? Gate::kGeluTanh : Gate::kSilu),
         final_norm_(std::move(final_norm)) {
 #ifdef TRICKLM_AVX512
-    avx512_ = cpu_has_avx512() && head_dim % 16 == 0 && head_dim <= 16 * kMaxChunks;
+    // TRICKLM_ISA=avx2 or scalar keeps the 8-wide loops, as a CPU without AVX-512 runs them
+    avx512_ = cpu_has_avx512() && tricklm_q::isa_allows(tricklm_q::isa_rank("avx512vnni")) && head_dim % 16 == 0 &&
+              head_dim <= 16 * kMaxChunks;
 #endif
     TORCH_CHECK(hq_ > 0 && hkv_ > 0 && d_ > 0 && inter_ > 0 && block_size_ > 0, "sizes must be positive");
     TORCH_CHECK(hq_ % hkv_ == 0, "query heads must be a multiple of KV heads");

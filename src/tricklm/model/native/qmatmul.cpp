@@ -11,7 +11,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              pybind11::arg("top"));
   module.def("weight_rows", &tricklm_q::weight_rows, "rows ids [r] of the block weight [n, k] as float32 [r, k]",
              pybind11::arg("ids"), pybind11::arg("levels"), pybind11::arg("d"), pybind11::arg("m"), pybind11::arg("n"));
-  module.def("isa", &tricklm_q::isa_name, "the int8 kernel this CPU runs: avx512vnni, avx2 or scalar");
+  module.def("isa", &tricklm_q::isa_name, "the int8 kernel that runs: avx512vnni, avx2 or scalar (TRICKLM_ISA may lower it)");
+  module.def("cpu_isa", &tricklm_q::cpu_isa, "the best int8 kernel this CPU has, whatever TRICKLM_ISA says");
   module.def("amx", &tricklm_q::amx_usable, "whether chunks of many rows run on AMX tiles (kernel \"amx\")");
+  module.def("cpu_amx", &tricklm_q::cpu_has_amx, "whether this CPU has AMX, whatever TRICKLM_ISA says");
   module.attr("AMX_MIN_ROWS") = tricklm_q::kAmxMinRows;
 }

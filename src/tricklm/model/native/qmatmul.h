@@ -309,7 +309,31 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void kernel_vnni(const Pr
 
 using Kernel = void (*)(const Problem&, int64_t, int64_t);
 
-inline std::string isa_name() {
+// TRICKLM_ISA forces a path below the best this CPU has ("avx2", "scalar", ...), so that one machine runs
+// and measures the paths of the CPUs it is not; unset or "auto", the best. It is read at every call (a
+// test switches it), and a value this CPU cannot run falls back to the best here: Python refuses it at
+// start-up with a message (`tricklm.model.native.isa`).
+inline int isa_rank(const std::string& isa) {
+  if (isa == "scalar") return 0;
+  if (isa == "avx2") return 1;
+  if (isa == "avx512vnni") return 2;
+  if (isa == "amx") return 3;
+  return -1;
+}
+
+inline std::string forced_isa() {
+  const char* env = std::getenv("TRICKLM_ISA");
+  return env != nullptr && *env != '\0' ? std::string(env) : std::string("auto");
+}
+
+// Whether TRICKLM_ISA leaves paths of this rank (or above) to run, where the CPU has them.
+inline bool isa_allows(int rank) {
+  const int forced = isa_rank(forced_isa());
+  return forced < 0 || forced >= rank;
+}
+
+// The best int8 kernel this CPU has, whatever TRICKLM_ISA says.
+inline std::string cpu_isa() {
   if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("f16c")) {
     return "avx512vnni";
@@ -318,6 +342,13 @@ inline std::string isa_name() {
     return "avx2";
   }
   return "scalar";
+}
+
+// The int8 kernel that runs: the CPU's best, or the one TRICKLM_ISA forces below it.
+inline std::string isa_name() {
+  const std::string best = cpu_isa(), forced = forced_isa();
+  const int rank = isa_rank(forced);
+  return rank >= 0 && rank < isa_rank(best) ? forced : best;
 }
 
 inline Kernel pick(const std::string& isa, int64_t bits) {
@@ -469,11 +500,9 @@ constexpr int64_t kAmxRows = 64;     // activation rows per GEMM call
 constexpr int64_t kAmxMinRows = 32;  // fewer rows run on the int8 kernel: the crossover on the 135M model's shapes
 
 // AMX tiles and bfloat16 products exist (CPUID) and the OS saves tile state (XCR0); oneDNN asks Linux for
-// the permission itself. TRICKLM_AMX=0 turns the path off.
-inline bool amx_usable() {
+// the permission itself.
+inline bool cpu_has_amx() {
   static const bool usable = [] {
-    const char* env = std::getenv("TRICKLM_AMX");
-    if (env != nullptr && std::string(env) == "0") return false;
     unsigned a = 0, b = 0, c = 0, d = 0;
     if (__get_cpuid_max(0, nullptr) < 7) return false;
     __cpuid(1, a, b, c, d);
@@ -488,6 +517,9 @@ inline bool amx_usable() {
   }();
   return usable;
 }
+
+// AMX where the CPU has it and TRICKLM_ISA does not force a path below it.
+inline bool amx_usable() { return isa_allows(isa_rank("amx")) && cpu_has_amx(); }
 
 #define TRICKLM_AMX_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16,f16c")))
 
@@ -573,8 +605,9 @@ inline void qmatmul_into(const torch::Tensor& x, const torch::Tensor& levels, co
   if (isa == "int8") chosen = isa_name();
   TORCH_CHECK(chosen == "scalar" || chosen == "avx2" || chosen == "avx512vnni" || chosen == "amx", "unknown isa ",
               chosen);
-  TORCH_CHECK(chosen == "scalar" || (chosen == "amx" ? amx_usable() : isa_name() == "avx512vnni" || chosen == isa_name()),
-              "this CPU cannot run the ", chosen, " kernel");
+  // a kernel asked for by name runs wherever the CPU has it, whatever TRICKLM_ISA says (tests compare them)
+  TORCH_CHECK(chosen == "amx" ? cpu_has_amx() : isa_rank(chosen) <= isa_rank(cpu_isa()), "this CPU cannot run the ",
+              chosen, " kernel");
   if (rows == 0) return;
   Problem problem{nullptr, levels.data_ptr<uint8_t>(), d.data_ptr<at::Half>(), m.data_ptr<at::Half>(),
                   out.data_ptr<float>(), rows, n, k, levels.size(2)};
