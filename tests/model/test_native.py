@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from agreement import Follower, margin_of, margins_of_logits
 from tiny_models import make_tiny_model
 from tricklm.config import EngineConfig
 from tricklm.engine.core import EngineCore
@@ -61,6 +62,9 @@ HEAD_SIZE_CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "phi3-head-dim-96": ("Phi3ForCausalLM", {"hidden_size": 192, "num_attention_heads": 2, "rope_scaling": None}),
     "gemma3-head-dim-256": ("Gemma3ForCausalLM", {"head_dim": 256, "num_key_value_heads": 1}),
 }
+# The int4 path's logits, native against Python: both round activations to bfloat16 at every projection, in
+# other orders
+INT4_LOGIT_ATOL = 2e-2
 BLOCK_SIZE = 4  # small blocks: requests growing side by side get scattered block tables
 
 
@@ -99,7 +103,7 @@ def core_for(model: CausalLM, **config: Any) -> EngineCore:
 def greedy(rid: str, prompt_len: int, max_tokens: int, vocab_size: int) -> Request:
     gen = torch.Generator().manual_seed(prompt_len)
     prompt = torch.randint(3, vocab_size, (prompt_len,), generator=gen).tolist()
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=1)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=2)
     return Request(rid, prompt, params, max_tokens)
 
 
@@ -122,8 +126,14 @@ def scaled_norms(model: CausalLM, factor: float) -> CausalLM:
     return model
 
 
-def run_all(core: EngineCore, incoming: dict[int, list[Request]]) -> Iterator[ScheduledBatch]:
-    """Step the core to the end, yielding every batch before it runs (prefill, mixed and decode)."""
+def run_all(
+    core: EngineCore,
+    incoming: dict[int, list[Request]],
+    margins: dict[str, list[float]] | None = None,
+    follow: Follower | None = None,
+) -> Iterator[ScheduledBatch]:
+    """Step the core to the end, yielding every batch before it runs (prefill, mixed and decode). Each sampled
+    step's top-2 margin goes to `margins` by request; with `follow`, the reference run's tokens are taken."""
     for step in range(500):
         for req in incoming.get(step, []):
             core.add_request(req)
@@ -132,13 +142,28 @@ def run_all(core: EngineCore, incoming: dict[int, list[Request]]) -> Iterator[Sc
         batch = core.scheduler.schedule()
         if batch:
             yield batch
-            core.scheduler.update(batch, core.runner.run(batch))
+            sampled = core.runner.run(batch)
+            for req in batch.requests:
+                draw = sampled.get(req.request_id)
+                if draw is None or draw.logprob is None:
+                    continue
+                margin = margin_of(draw.logprob.top)
+                if margins is not None:
+                    margins.setdefault(req.request_id, []).append(margin)
+                if follow is not None:
+                    draw.token_id = follow.choose(req.request_id, len(req.output_token_ids), draw.token_id, margin)
+            core.scheduler.update(batch, sampled)
     raise AssertionError("did not finish")
 
 
-def run(core: EngineCore, incoming: dict[int, list[Request]]) -> Iterator[ScheduledBatch]:
+def run(
+    core: EngineCore,
+    incoming: dict[int, list[Request]],
+    margins: dict[str, list[float]] | None = None,
+    follow: Follower | None = None,
+) -> Iterator[ScheduledBatch]:
     """Step the core to the end, yielding each decode-only batch before it runs."""
-    return (batch for batch in run_all(core, incoming) if all(n == 1 for n in batch.num_tokens))
+    return (batch for batch in run_all(core, incoming, margins, follow) if all(n == 1 for n in batch.num_tokens))
 
 
 @needs_compiler
@@ -153,7 +178,7 @@ def written_kv(core: EngineCore, batch: ScheduledBatch) -> torch.Tensor:
     return torch.stack([layer.kv[:, slots].float() for layer in core.kv_cache.layers])
 
 
-def check_decode_steps(model: CausalLM, atol: float, same_argmax: bool = True, outlier_atol: float = 0.0) -> None:
+def check_decode_steps(model: CausalLM, atol: float, outlier_atol: float = 0.0) -> None:
     """Every decode step's logits and cache writes, native against Python, within `atol`. With `outlier_atol`,
     up to a tenth of the rows may be off by up to that much instead (one activation's int8 rounding moved
     by a step: the wider the model, the more often it happens); a mistake in the step moves every row."""
@@ -168,7 +193,9 @@ def check_decode_steps(model: CausalLM, atol: float, same_argmax: bool = True, o
         errors = (ours - python).abs().amax(-1)
         assert float(errors.max()) <= max(atol, outlier_atol), errors
         rows, outliers = rows + len(errors), outliers + int((errors > atol).sum())
-        assert not same_argmax or torch.equal(ours.argmax(-1), python.argmax(-1))
+        # the top token is the same wherever it leads by more than the two paths may differ
+        clear = torch.tensor(margins_of_logits(python)) > 2 * max(atol, outlier_atol)
+        assert torch.equal(ours.argmax(-1)[clear], python.argmax(-1)[clear])
         kv_atol = atol if outlier_atol == 0 else outlier_atol
         assert torch.allclose(written_kv(core, batch), python_kv, atol=kv_atol, rtol=1e-2)
         checked += 1
@@ -178,7 +205,7 @@ def check_decode_steps(model: CausalLM, atol: float, same_argmax: bool = True, o
 
 @needs_compiler
 def test_decode_logits_and_cache_writes_match_the_python_path(tiny: CausalLM) -> None:
-    check_decode_steps(tiny, atol=2e-2)
+    check_decode_steps(tiny, atol=INT4_LOGIT_ATOL)
 
 
 @needs_compiler
@@ -193,12 +220,12 @@ def test_one_copy_block_decode_matches_the_python_path(case: str, fmt: str, tmp_
     assert native.supports(model, core_for(model).kv_cache.layers)  # type: ignore[arg-type]
     # Both paths hand the block kernel float32 activations, which it rounds to int8 per block of 32; any
     # difference upstream (accumulation order, the fp16 cache) can move one rounding by a whole step.
-    # These random tiny models have near-ties everywhere, so greedy choices are compared on the real
-    # model (below), and here the logits alone.
+    # Greedy choices are compared only where they lead by more than twice that (these random tiny models have
+    # near-ties everywhere).
     # (One such step, in one row of one case, moved a logit by 0.027 on a Xeon, and by 0.0402 in phi3-q4_1 on
     # an EPYC: hence the tolerance, and a few rows allowed past it.)
     wide = case in HEAD_SIZE_CASES
-    check_decode_steps(model, atol=4e-2, same_argmax=False, outlier_atol=0.25 if wide else 0.1)  # type: ignore[arg-type]
+    check_decode_steps(model, atol=4e-2, outlier_atol=0.25 if wide else 0.1)  # type: ignore[arg-type]
 
 
 @needs_compiler
@@ -276,10 +303,14 @@ def counting(forward: Callable[..., torch.Tensor], widths: list[int]) -> Callabl
 
 @needs_compiler
 def test_generated_tokens_match_the_python_path(tiny: CausalLM) -> None:
-    """Greedy tokens through whole runs, including steps too wide for the native decoder (20 rows)."""
+    """Greedy tokens through whole runs, including steps too wide for the native decoder (20 rows): the native
+    run follows the Python run's tokens, and may choose otherwise only at a near-tie (the int4 kernels' bfloat16
+    roundings differ from Python's by up to INT4_LOGIT_ATOL a logit: see the logits test above)."""
     count = MAX_PACKED_ROWS + 4
-    results = []
-    for enabled in (True, False):
+    reference: dict[str, list[int]] = {}
+    margins: dict[str, list[float]] = {}
+    follow = Follower(reference, margins, bound=2 * INT4_LOGIT_ATOL)
+    for enabled in (False, True):
         core = core_for(tiny, native_decode=enabled, max_num_seqs=count)
         native_steps: list[int] = []
         if enabled:
@@ -290,13 +321,17 @@ def test_generated_tokens_match_the_python_path(tiny: CausalLM) -> None:
             assert core.runner.native is None
         incoming = arrivals(tiny.config.vocab_size, count)
         reqs = [r for rs in incoming.values() for r in rs]
-        widths = [len(batch.requests) for batch in run(core, incoming)]
+        batches = run(core, incoming, follow=follow) if enabled else run(core, incoming, margins)
+        widths = [len(batch.requests) for batch in batches]
         assert core.kv_cache.num_free_blocks == core.kv_cache.num_usable_blocks
         assert max(widths) > MAX_PACKED_ROWS  # some decode steps were too wide and ran in Python
         if enabled:
             assert len(native_steps) == sum(w <= MAX_PACKED_ROWS for w in widths)
-        results.append({r.request_id: r.output_token_ids for r in reqs})
-    assert results[0] == results[1]
+            assert all(r.output_token_ids == reference[r.request_id] for r in reqs)
+        else:
+            reference.update({r.request_id: list(r.output_token_ids) for r in reqs})
+    assert follow.steps == sum(len(tokens) for tokens in reference.values())
+    follow.assert_rare()
 
 
 @needs_compiler

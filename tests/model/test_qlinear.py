@@ -11,6 +11,7 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
+from agreement import margins_of_logits
 from tiny_models import make_tiny_model, random_k_quant
 from tricklm.model.block_formats import gguf_blocks, round_blocks
 from tricklm.model.loader import load_model
@@ -233,7 +234,10 @@ def test_a_precise_projection_recomputes_each_row_s_largest_outputs_from_float_a
     assert (precise - want)[refined].abs().max().item() <= 1e-5 * scale
     assert torch.equal(precise[~refined], plain[~refined])  # the others keep the kernel's values
     assert (plain - want).abs().max().item() > 1e-4 * scale  # (so the refinement did something)
-    assert torch.equal(precise.argmax(dim=-1), want.argmax(dim=-1))
+    # the refined values are within 1e-5 of the float ones: the top choice agrees where it leads by more
+    clear = torch.tensor(margins_of_logits(list(want))) > 2e-5 * scale
+    assert clear.float().mean() > 0.9
+    assert torch.equal(precise.argmax(dim=-1)[clear], want.argmax(dim=-1)[clear])
 
 
 @pytest.mark.skipif(not (load_qmatmul() and load_qmatmul().amx()), reason="this CPU has no AMX")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import queue
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import asdict
 from typing import Any, overload
 
 from tricklm.config import EngineConfig
@@ -92,7 +93,10 @@ def summarize(proc: OutputProcessor) -> dict[str, Any]:
     total = end - t.arrival
     decode_time = end - (t.first_token or end)
     n = len(proc.token_ids)
+    # asked for with `logprobs=k`: each token's log-probability and the k most likely at its step
+    logprobs = {"logprobs": [asdict(lp) for lp in proc.logprobs]} if proc.logprobs is not None else {}
     return {
+        **logprobs,
         "text": proc.text,
         "token_ids": list(proc.token_ids),
         "finish_reason": proc.finish_reason,

@@ -1,0 +1,161 @@
+"""How two numerically different paths are compared (C++ and Python, int8 and float, batched and alone, a cached
+prefix and a fresh prefill): their logits within a stated bound, and their greedy tokens equal only up to the first
+step whose top-2 margin is below that bound. Past a near-tie, either choice is right, and which one a path takes
+depends on the last bits of its arithmetic (so on the CPU): demanding more fails on some machine by luck.
+
+A test says how much of its comparison the near-ties left (`Agreement.compared`), so a model with near-ties
+everywhere cannot pass it vacuously.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+# Float32 paths that differ in summation order (batch shape, chunking, a cached prefix): their logits differ by
+# ~1e-5, so tokens whose logits are this close may swap.
+FLOAT_MARGIN = 1e-3
+
+
+def margin_of(top: Sequence[tuple[int, float]] | Sequence[Any]) -> float:
+    """The gap between the two largest log-probabilities of a step (equal to the gap of its logits)."""
+    values = [float(t[1]) if isinstance(t, tuple) else float(t.logprob) for t in top]
+    if len(values) < 2:
+        raise AssertionError("a margin needs the step's two most likely tokens: ask for logprobs >= 2")
+    first, second = sorted(values, reverse=True)[:2]
+    return first - second
+
+
+def margins_of_logits(rows: Sequence[torch.Tensor]) -> list[float]:
+    """Each step's top-2 logit gap."""
+    return [float(gap[0] - gap[1]) for row in rows for gap in [row.float().topk(2).values]]
+
+
+@dataclass
+class Agreement:
+    """Token sequences compared up to each one's first near-tie."""
+
+    bound: float
+    compared: int = 0  # tokens compared
+    total: int = 0  # tokens there were
+    cut: list[str] = field(default_factory=list)  # sequences cut short by a near-tie
+
+    def check(self, got: Sequence[int], want: Sequence[int], *margins: Sequence[float], what: str = "") -> None:
+        """`got` equals `want` up to the first step where any of `margins` (each path's top-2 gap per step, as
+        far as it has them) is below the bound; with no near-tie, they are equal whole."""
+        steps = min((len(m) for m in margins), default=0)
+        near = [i for i in range(steps) if min(m[i] for m in margins) < self.bound]
+        n = near[0] if near else None
+        self.total += len(want)
+        if n is None:
+            assert list(got) == list(want), f"{what}: no step was a near-tie (< {self.bound}), yet they differ"
+            self.compared += len(want)
+            return
+        assert list(got[:n]) == list(want[:n]), f"{what}: differ before the first near-tie (step {n})"
+        self.compared += n
+        self.cut.append(what)
+
+    def assert_meaningful(self, fraction: float = 0.5) -> None:
+        """Fails when near-ties left less than `fraction` of the tokens compared: the model, not the paths, decided."""
+        assert self.total > 0, "nothing was compared"
+        assert self.compared >= fraction * self.total, (
+            f"only {self.compared} of {self.total} tokens came before a near-tie (< {self.bound}): {self.cut}"
+        )
+
+
+def run_margins(outputs: Sequence[Any]) -> list[float]:
+    """The per-step top-2 margins of a request's engine outputs (each with `logprobs` of >= 2 top entries)."""
+    return [margin_of(lp.top) for out in outputs for lp in (out.logprobs or [])]
+
+
+# ---- engine runs -----------------------------------------------------------------------------------
+
+
+def run_tokens(outputs: Sequence[Any]) -> list[int]:
+    """The tokens of a request's engine outputs, in order."""
+    return [t for out in outputs for t in out.new_token_ids]
+
+
+def run_logprobs(outputs: Sequence[Any]) -> list[Any]:
+    """The per-step `TokenLogprob`s of a request's engine outputs (asked for with `logprobs`)."""
+    return [lp for out in outputs for lp in (out.logprobs or [])]
+
+
+def logprob_gaps(a: Sequence[Any], b: Sequence[Any]) -> list[float]:
+    """Per step of two runs (`TokenLogprob`s), the largest difference between their log-probabilities of the tokens
+    both list (the one drawn and the top k): how far apart the paths' logits are, as far as the outputs show. The gap
+    between two tokens' logits moves by at most twice this."""
+    gaps = []
+    for x, y in zip(a, b, strict=False):
+        mine, theirs = {**dict(x.top), x.token_id: x.logprob}, {**dict(y.top), y.token_id: y.logprob}
+        common = mine.keys() & theirs.keys()
+        gaps.append(max((abs(mine[t] - theirs[t]) for t in common), default=float("inf")))
+    return gaps
+
+
+def check_runs(
+    agreement: Agreement, got: Sequence[Any], want: Sequence[Any], *, close: float | None = None, what: str = ""
+) -> int:
+    """Greedy runs of two paths (engine outputs with logprobs >= 2): tokens equal up to either run's first near-tie,
+    and log-probabilities within `close` (by default half the bound, which is what makes a margin of the bound safe)
+    at every step up to and including it, where both still ran on the same tokens. Returns how many tokens were
+    compared."""
+    close = agreement.bound / 2 if close is None else close
+    before = agreement.compared
+    agreement.check(run_tokens(got), run_tokens(want), run_margins(got), run_margins(want), what=what)
+    n = agreement.compared - before
+    worst = max(logprob_gaps(run_logprobs(got), run_logprobs(want))[: n + 1], default=0.0)
+    assert worst < close, f"{what}: log-probabilities {worst} apart (> {close}) while the tokens were the same"
+    return n
+
+
+def check_draws(agreement: Agreement, got: Sequence[Any], want: Sequence[Any], *, what: str = "") -> None:
+    """Seeded draws (temperature > 0) of two paths, as engine outputs with logprobs: tokens equal up to the first step
+    where the paths' log-probabilities are more than the bound apart. An inverse-CDF draw flips only when its uniform
+    number lands within the paths' difference of an edge of the cumulative distribution, whatever the top-2 margin
+    (which is why it is not looked at): below the bound that has a chance of about the bound per step. Logprobs
+    cannot show how near an edge a draw was, so this is the one place a test leans on odds, not on a margin."""
+    gaps = logprob_gaps(run_logprobs(got), run_logprobs(want))
+    far = [i for i, gap in enumerate(gaps) if gap > agreement.bound]
+    want_tokens, got_tokens = run_tokens(want), run_tokens(got)
+    n = far[0] if far else len(want_tokens)
+    agreement.total += len(want_tokens)
+    assert got_tokens[:n] == want_tokens[:n], f"{what}: draws differ before the paths did (> {agreement.bound})"
+    if not far:
+        assert len(got_tokens) == len(want_tokens), f"{what}: different lengths"
+    else:
+        agreement.cut.append(what)
+    agreement.compared += n
+
+
+@dataclass
+class Follower:
+    """Runs one path on another's greedy tokens, for tests that drive the engine step by step: wherever its own
+    choice differs, that step must be a near-tie in one of the two runs, and it takes the reference's token, so
+    the two runs stay comparable to their end (no near-tie cuts a comparison short)."""
+
+    reference: dict[str, list[int]]  # request id -> the reference run's tokens
+    margins: dict[str, list[float]]  # and its top-2 margin at each of them
+    bound: float
+    steps: int = 0
+    swaps: list[tuple[str, int]] = field(default_factory=list)
+
+    def choose(self, request_id: str, step: int, token: int, margin: float) -> int:
+        want, want_margin = self.reference[request_id][step], self.margins[request_id][step]
+        self.steps += 1
+        if token != want:
+            assert min(margin, want_margin) < self.bound, (
+                f"{request_id} step {step}: {token} against {want}, with top-2 margins {margin:.3g} and "
+                f"{want_margin:.3g}, both past {self.bound}"
+            )
+            self.swaps.append((request_id, step))
+        return want
+
+    def assert_rare(self, fraction: float = 0.1) -> None:
+        """Fails when the paths disagreed on more than `fraction` of the steps (each at a near-tie, but so many
+        that the model, not the paths, decided the comparison)."""
+        assert self.steps > 0, "no step was compared"
+        assert len(self.swaps) <= fraction * self.steps, f"{len(self.swaps)} of {self.steps} steps: {self.swaps}"
