@@ -23,10 +23,11 @@ from tricklm.engine.llm import LLM
 from tricklm.engine.request import Request
 from tricklm.engine.sampling_params import SamplingParams
 from tricklm.model.config import ModelLoadError
-from tricklm.model.gguf_weights import GGUF_LINK
+from tricklm.model.gguf_weights import GGUF_LINK, weights_reader
 from tricklm.model.loader import load_model
 from tricklm.model.qlinear import QEmbedding, QLinear
 from tricklm.model.quant import HalfLinear
+from tricklm.model.resolve import default_gguf_path
 
 _GGUF_NAMES = {
     "self_attn.q_proj": "attn_q",
@@ -127,6 +128,43 @@ def test_every_type_loads_as_the_gguf_package_dequantizes_it(hf_dir: Path, tmp_p
     assert torch.equal(layer.self_attn.qkv_proj.weight, qkv)
     assert torch.equal(layer.mlp.down_proj.weight, torch.from_numpy(expected["model.layers.1.mlp.down_proj.weight"]))
     assert torch.equal(model.model.norm.weight, torch.from_numpy(expected["model.norm.weight"]))  # type: ignore[attr-defined]
+
+
+def _reader_table(path: Path) -> list[tuple[object, ...]]:
+    """The tensor table as the `gguf` package's reader finds it."""
+    from gguf import GGUFReader
+
+    found = GGUFReader(str(path)).tensors
+    return [
+        (t.name, t.tensor_type.name, tuple(map(int, t.shape)), t.data.dtype.str, t.data.shape, t.data_offset)
+        for t in found
+    ]
+
+
+@pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q4_K", "Q5_K", "Q6_K"])
+def test_the_tensor_table_read_from_the_header_is_the_gguf_readers(wide_dir: Path, tmp_path: Path, qtype: str) -> None:
+    """Loading reads only the header's tensor table (the `gguf` reader parses all metadata first, the
+    vocabulary too: seconds a load); it must find what that reader finds, bytes included."""
+    files = [tmp_path / "m.gguf", default_gguf_path()]
+    write_gguf(wide_dir, files[0], qtype)
+    for path in files:
+        ours = weights_reader(path).tensors
+        assert [
+            (t.name, t.type_name, t.shape, t.data_dtype, t.data_shape, t.data_offset) for t in ours
+        ] == _reader_table(path)
+        assert all(t.n_bytes == t.data.nbytes for t in ours)
+    from gguf import GGUFReader
+
+    assert all(np.array_equal(a.data, b.data) for a, b in zip(ours, GGUFReader(str(path)).tensors, strict=True))
+
+
+def test_a_damaged_gguf_file_is_named(tmp_path: Path) -> None:
+    whole = default_gguf_path().read_bytes()
+    for name, content in [("empty", b""), ("magic", b"GGUX" + whole[4:]), ("cut", whole[: len(whole) // 2])]:
+        path = tmp_path / f"{name}.gguf"
+        path.write_bytes(content)
+        with pytest.raises(ModelLoadError, match="is not a readable GGUF file"):
+            weights_reader(path)
 
 
 @pytest.mark.parametrize(("arch", "gguf_arch"), [("Qwen2ForCausalLM", "qwen2"), ("Qwen3ForCausalLM", "qwen3")])

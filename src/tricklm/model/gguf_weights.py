@@ -9,9 +9,8 @@ from llama.cpp's interleaved RoPE order to Hugging Face's halves.
 from __future__ import annotations
 
 import contextlib
-import gc
 import mmap
-import pickle
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,25 +105,100 @@ class WeightsFile:
 
 
 def weights_reader(path: Path) -> WeightsFile:
-    """The file's tensor table, rebuilt from plain values once the reader is gone. The reader's parse
-    makes hundreds of thousands of small objects (the vocabulary above all): kept through the load they
-    held 62 MiB (1.7B shape), and the objects the load made among them kept 6 MiB of those resident
-    for good."""
-    reader = open_reader(path)
-    rows = [_table_row(t) for t in reader.tensors]
-    table = pickle.dumps(rows)  # one block outside those pools
-    del reader, rows
-    gc.collect()
+    """The file's tensor table, memory-mapped. Read from the file's header by `tensor_table`: the `gguf`
+    package's reader parses every metadata value first, the vocabulary's strings one small numpy view at a
+    time (seconds for a 49k-token vocabulary, on every load)."""
     with path.open("rb") as f:
-        file = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    tensors = [FileTensor(n, k, s, dt, ds, at, size, file) for n, k, s, dt, ds, at, size in pickle.loads(table)]
-    return WeightsFile(tensors, file)
+        try:
+            file = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError as e:  # an empty file
+            raise ModelLoadError(f"{path} is not a readable GGUF file: {e}") from None
+    try:
+        rows = tensor_table(file)
+    except (ValueError, KeyError, IndexError, struct.error, UnicodeDecodeError) as e:
+        file.close()
+        raise ModelLoadError(f"{path} is not a readable GGUF file: {e}") from None
+    return WeightsFile([FileTensor(*row, file) for row in rows], file)
 
 
-def _table_row(t: Any) -> tuple[str, str, tuple[int, ...], str, tuple[int, ...], int, int]:
-    data = t.data
-    shape = tuple(map(int, t.shape))
-    return str(t.name), t.tensor_type.name, shape, data.dtype.str, data.shape, int(t.data_offset), int(t.n_bytes)
+# GGUF metadata value types: fixed-size ones by struct format, and the two of variable size
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+_GGUF_ALIGNMENT = 32  # where `general.alignment` does not say otherwise
+# tensor types whose bytes are viewed as elements (the others as rows of blocks, in bytes)
+_ELEMENT_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "I8": "|i1", "I16": "<i2", "I32": "<i4", "I64": "<i8"}
+
+
+class _Header:
+    """Reads a GGUF header in place (version 2 and 3: 64-bit counts and lengths)."""
+
+    def __init__(self, buf: mmap.mmap) -> None:
+        self.buf, self.at = buf, 0
+
+    def take(self, fmt: str) -> Any:
+        (value,) = struct.unpack_from(fmt, self.buf, self.at)
+        self.at += struct.calcsize(fmt)
+        return value
+
+    def string(self) -> str:
+        n = self.take("<Q")
+        self.at += n
+        if self.at > len(self.buf):
+            raise ValueError("a string runs past the end of the file")
+        return self.buf[self.at - n : self.at].decode("utf-8")
+
+    def value(self, kind: int) -> Any:
+        """One metadata value; arrays are skipped (None), as nothing the tensor table needs is one."""
+        if kind in _GGUF_SCALARS:
+            return self.take(_GGUF_SCALARS[kind])
+        if kind == _GGUF_STRING:
+            return self.string()
+        if kind != _GGUF_ARRAY:
+            raise ValueError(f"unknown metadata value type {kind}")
+        item, count = self.take("<I"), self.take("<Q")
+        if item in _GGUF_SCALARS:
+            self.at += count * struct.calcsize(_GGUF_SCALARS[item])
+        else:
+            for _ in range(count):
+                self.value(item)
+        return None
+
+
+def tensor_table(buf: mmap.mmap) -> list[tuple[str, str, tuple[int, ...], str, tuple[int, ...], int, int]]:
+    """Each tensor of a GGUF file as FileTensor's fields (name, type, shape in the file's order, the dtype and
+    shape its bytes are viewed as, where they start in the file, their size), as the `gguf` reader finds them."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    head = _Header(buf)
+    if head.take("<I") != 0x46554747:  # b"GGUF", little-endian
+        raise ValueError("no GGUF magic number")
+    if head.take("<I") not in (2, 3):
+        raise ValueError("only GGUF versions 2 and 3 are read")
+    n_tensors, n_fields = head.take("<Q"), head.take("<Q")
+    alignment = _GGUF_ALIGNMENT
+    for _ in range(n_fields):
+        key = head.string()
+        value = head.value(head.take("<I"))
+        if key == "general.alignment":
+            alignment = int(value)
+    infos = []
+    for _ in range(n_tensors):
+        name = head.string()
+        dims = tuple(head.take("<Q") for _ in range(head.take("<I")))
+        infos.append((name, GGMLQuantizationType(head.take("<I")), dims, head.take("<Q")))
+    data_start = -(-head.at // alignment) * alignment
+    rows = []
+    for name, kind, dims, offset in infos:
+        block, block_bytes = GGML_QUANT_SIZES[kind]
+        n_bytes = int(np.prod(dims, dtype=np.int64)) * block_bytes // block
+        shape = tuple(reversed(dims))  # numpy's order: the fastest-varying dimension last
+        dtype = _ELEMENT_DTYPES.get(kind.name)
+        if dtype is None:
+            dtype, shape = "|u1", (*shape[:-1], shape[-1] // block * block_bytes)
+        if data_start + offset + n_bytes > len(buf):
+            raise ValueError(f"tensor {name} runs past the end of the file")
+        rows.append((name, kind.name, dims, dtype, shape, data_start + offset, n_bytes))
+    return rows
 
 
 def release(reader: WeightsFile, tensor: FileTensor) -> None:
