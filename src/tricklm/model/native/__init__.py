@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -234,11 +236,22 @@ class NativeDecoder:
         )
 
 
+def _build(name: str) -> bool:
+    """Builds one extension into the cache (in a worker process); True if it can be loaded."""
+    from tricklm.model.qlinear import load_qmatmul
+
+    return (load_extension() if name == "decode" else load_qmatmul()) is not None
+
+
 def main() -> int:
     """`python -m tricklm.model.native`: build the extensions now (as `make install` does)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from tricklm.model.qlinear import load_qmatmul
 
+    # Each extension is one translation unit that compiles on one core: the two at once take the time of one.
+    # Worker processes, because torch's builder was not written to run twice at once in one process.
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(_build, ["decode", "qmatmul"]))
     ext = load_extension()
     if ext is not None:
         log.info("native decode step ready: %s", ext.__file__)
