@@ -141,21 +141,29 @@ def _reader_table(path: Path) -> list[tuple[object, ...]]:
     ]
 
 
+def _assert_reader_table(path: Path) -> None:
+    """The tensor table read from the header is what the `gguf` package's reader finds, bytes included."""
+    from gguf import GGUFReader
+
+    ours, theirs = weights_reader(path).tensors, GGUFReader(str(path)).tensors
+    expected = [
+        (t.name, t.tensor_type.name, tuple(map(int, t.shape)), t.data.dtype.str, t.data.shape, t.data_offset)
+        for t in theirs
+    ]
+    assert [(t.name, t.type_name, t.shape, t.data_dtype, t.data_shape, t.data_offset) for t in ours] == expected
+    assert all(t.n_bytes == t.data.nbytes and np.array_equal(t.data, r.data) for t, r in zip(ours, theirs, strict=True))
+
+
 @pytest.mark.parametrize("qtype", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q4_K", "Q5_K", "Q6_K"])
 def test_the_tensor_table_read_from_the_header_is_the_gguf_readers(wide_dir: Path, tmp_path: Path, qtype: str) -> None:
     """Loading reads only the header's tensor table (the `gguf` reader parses all metadata first, the
-    vocabulary too: seconds a load); it must find what that reader finds, bytes included."""
-    files = [tmp_path / "m.gguf", default_gguf_path()]
-    write_gguf(wide_dir, files[0], qtype)
-    for path in files:
-        ours = weights_reader(path).tensors
-        assert [
-            (t.name, t.type_name, t.shape, t.data_dtype, t.data_shape, t.data_offset) for t in ours
-        ] == _reader_table(path)
-        assert all(t.n_bytes == t.data.nbytes for t in ours)
-    from gguf import GGUFReader
+    vocabulary too: seconds a load)."""
+    write_gguf(wide_dir, tmp_path / "m.gguf", qtype)
+    _assert_reader_table(tmp_path / "m.gguf")
 
-    assert all(np.array_equal(a.data, b.data) for a, b in zip(ours, GGUFReader(str(path)).tensors, strict=True))
+
+def test_the_default_model_s_tensor_table_is_the_gguf_readers() -> None:
+    _assert_reader_table(default_gguf_path())
 
 
 def test_a_damaged_gguf_file_is_named(tmp_path: Path) -> None:
