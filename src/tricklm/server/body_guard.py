@@ -18,6 +18,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tricklm.server.errors import APIError, error_response
 
+# A body past the limit is read on and thrown away, up to this much, before the 413 is sent: answering while the
+# client still sends makes the kernel reset the connection, and the client sees a reset instead of the answer.
+# Past it, the connection is closed mid-body (a client sending that much is not waiting to read).
+DRAIN_BYTES = 64 * 1024 * 1024
+
 # Messages nest ~6 deep; a JSON schema in response_format or a tool's parameters nests deeper (each
 # object level is two: "properties", then the property). Deeper bodies are refused where a walk is needed
 # anyway, and at any depth where json.loads itself runs out of stack.
@@ -69,37 +74,54 @@ class BodyGuard:
             return
         try:
             async with asyncio.timeout(self.body_timeout):
-                body, more, gone = await self._read(receive)
+                body, more, gone = await read_body(receive, self.max_bytes)
         except TimeoutError:
             await error_response(scope["path"], _too_slow(self.body_timeout))(scope, receive, send)
             return
         if gone:
             return  # the client left before sending its body: nobody to answer
-        error = _too_large(self.max_bytes) if more else check_content_type(scope, body) or check_body(body)
+        error = too_large(self.max_bytes) if more else check_content_type(scope, body) or check_body(body)
         if error is not None:
             await error_response(scope["path"], error)(scope, receive, send)
             return
         await self.app(scope, replay_body(body, receive), send)
 
-    async def _read(self, receive: Receive) -> tuple[bytes, bool, bool]:
-        """The body, whether it went on past the limit (the rest is not read), whether the client left."""
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return b"", False, True
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                return b"", True, False
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks), False, False
+
+async def read_body(receive: Receive, max_bytes: int) -> tuple[bytes, bool, bool]:
+    """The body, whether it went on past `max_bytes` (the rest is read and dropped, up to DRAIN_BYTES), whether
+    the client left. The one reading of a request body: the single server's guard and the replica gateway."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return b"", False, True
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        more = message.get("more_body", False)
+        if size > max_bytes:
+            return b"", True, more and await _drain(receive, DRAIN_BYTES - size)
+        chunks.append(chunk)
+        if not more:
+            return b"".join(chunks), False, False
 
 
-def _too_large(max_bytes: int) -> APIError:
-    return APIError(413, f"the request body is larger than this server accepts ({max_bytes} bytes)", code="too_large")
+async def _drain(receive: Receive, budget: int) -> bool:
+    """Reads and drops the rest of a body, up to `budget` bytes; True if the client left meanwhile."""
+    while budget > 0:
+        message = await receive()
+        if message["type"] != "http.request":
+            return True
+        budget -= len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return False
+    return False
+
+
+def too_large(max_bytes: int) -> APIError:
+    # what is left of a body past DRAIN_BYTES is not read: the connection must not be reused
+    message = f"the request body is larger than this server accepts ({max_bytes} bytes)"
+    return APIError(413, message, code="too_large", headers={"connection": "close"})
 
 
 def _too_slow(seconds: float | None) -> APIError:
