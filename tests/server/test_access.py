@@ -242,7 +242,8 @@ def test_a_second_signal_exits_at_once(tmp_path: Path) -> None:
     log = tmp_path / "server.log"
     with _server("--shutdown-timeout", "600", log=log) as (proc, base):
         events: list[str] = []
-        threading.Thread(target=_stream, args=(base, events), daemon=True).start()
+        reader = threading.Thread(target=_stream, args=(base, events), daemon=True)
+        reader.start()
         deadline = time.monotonic() + 60
         while len(events) < 3 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -253,7 +254,11 @@ def test_a_second_signal_exits_at_once(tmp_path: Path) -> None:
         start = time.monotonic()
         proc.wait(timeout=30)
         assert proc.returncode == 1 and time.monotonic() - start < 5
+        reader.join(timeout=10)
     assert "second signal" in log.read_text()
+    # the stream was not cut mid-way: it ended with an error event, then [DONE]
+    assert events[-1] == "[DONE]", events[-3:]
+    assert json.loads(events[-2])["error"]["message"] == "the server was stopped"
 
 
 def test_a_request_past_the_timeout_ends_with_an_error_and_frees_its_slot(default_engine: Engine) -> None:

@@ -8,6 +8,7 @@ import math
 import os
 import socket
 import threading
+import time
 from types import FrameType
 
 import uvicorn
@@ -76,13 +77,18 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
 
 SHUTDOWN_MESSAGE = "the server is shutting down"
 GRACE_SECONDS = 5.0  # after the drain's requests were ended, for their last events to be written
+FORCED_EXIT_MESSAGE = "the server was stopped"
+# After a second signal, for the requests' last events: a step in flight ends first (a long prefill chunk of
+# a large model takes seconds)
+FORCED_EXIT_SECONDS = 5.0
 
 
 class DrainingServer(uvicorn.Server):
     """uvicorn, with a bounded drain: the first signal stops accepting (uvicorn closes its sockets) and
     turns /health and new requests on open connections to 503; requests in flight may finish for
     `timeout` seconds, then each ends with an error (streams: an error event, then [DONE]) so that
-    every connection closes and the process exits 0. A second signal exits at once, with status 1."""
+    every connection closes and the process exits 0. A second signal ends every request at once (streams with
+their error event and [DONE]) and exits with status 1."""
 
     def __init__(self, config: uvicorn.Config, state: ServerState, timeout: float) -> None:
         super().__init__(config)
@@ -101,10 +107,9 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.state.draining:
-            # At once, as asked: not through interpreter teardown, which a decode step's native threads
-            # could still be inside (it ended in SIGABRT)
             logger.warning("second signal, exiting now")
-            os._exit(1)
+            threading.Thread(target=self._exit_now, name="tricklm-exit", daemon=True).start()
+            return
         self.state.draining = True
         logger.info("shutting down; requests in flight have %.0f s to finish", self.timeout)
         if self._loop is not None:
@@ -114,6 +119,20 @@ class DrainingServer(uvicorn.Server):
         # uvicorn raises the signal again once it has stopped, so the process would end "killed by
         # SIGTERM"; a drain that finished is a clean exit
         self._captured_signals.clear()
+
+    def _exit_now(self) -> None:
+        """Ends every request at the engine's next step, waits (at most FORCED_EXIT_SECONDS) while the event
+        loop writes their last events (a stream's error event and [DONE]: a client must not be left with a
+        stream cut mid-way), then leaves through os._exit, not interpreter teardown, which a step's native
+        threads could still be inside (it ended in SIGABRT)."""
+        engine = self.state.engine
+        if engine is not None:
+            engine.loop.end_all(FORCED_EXIT_MESSAGE)
+        deadline = time.monotonic() + FORCED_EXIT_SECONDS
+        while self.server_state.tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+        logging.shutdown()
+        os._exit(1)
 
     def _set_deadline(self) -> None:
         assert self._loop is not None
