@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import os
 import shlex
@@ -39,11 +38,12 @@ from tricklm.engine.engine import Engine
 from tricklm.model.resolve import resolve_model
 from tricklm.server.access import KeyGuard
 from tricklm.server.app import create_server_app
-from tricklm.server.body_guard import replay_body
-from tricklm.server.errors import APIError, error_response
+from tricklm.server.body_guard import read_body, replay_body, too_large
+from tricklm.server.errors import APIError, error_response, overloaded
 from tricklm.server.metrics_merge import merge_expositions
 from tricklm.server.ray_router import PrefixAffinityRouter
 from tricklm.server.routing import chunk_hashes, routing_text
+from tricklm.server.sse import DONE, sse_event
 
 logger = logging.getLogger("tricklm.replicas")
 
@@ -217,10 +217,10 @@ class Gateway:
             return await self._metrics()
         # Keys of relayed requests are checked by the replica's app, after CORS (a browser's preflight
         # carries no key)
-        try:
-            body = await _read_body(request, self.max_request_bytes)
-        except APIError as e:
-            return error_response(path, e)
+        # the single server's reading and limit, so that a client gets the same answer with or without replicas
+        body, more, _ = await read_body(request.receive, self.max_request_bytes)
+        if more:
+            return error_response(path, too_large(self.max_request_bytes))
         forwarded = Forwarded(
             method=request.method,
             path=path,
@@ -238,7 +238,7 @@ class Gateway:
             try:
                 start = await stream.__anext__()
             except BackPressureError:
-                return error_response(request.path, _overloaded())
+                return error_response(request.path, overloaded("every replica's queue is full; retry shortly"))
             except StopAsyncIteration:  # the app ended without a response: a bug there, answered as one
                 error = APIError(502, "the replica ended without a response", "server_error", code="no_response")
                 return error_response(request.path, error)
@@ -280,40 +280,14 @@ async def _rest(stream: Any, start: ResponseStart, path: str) -> AsyncIterator[b
         logger.warning("replica lost in the middle of a response to %s", path)
         if _is_event_stream(start):
             error = APIError(502, "the replica serving this request stopped", "server_error", code="replica_died")
-            yield f"data: {json.dumps(error.body())}\n\n".encode()
-            yield b"data: [DONE]\n\n"
+            yield sse_event(error.body())
+            yield DONE
     finally:
         stream.cancel()
 
 
 def _is_event_stream(start: ResponseStart) -> bool:
     return any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in start.headers)
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit)
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise _too_large(limit)
-    return bytes(body)
-
-
-def _too_large(limit: int) -> APIError:
-    return APIError(413, f"request body larger than {limit} bytes", "invalid_request_error", code="request_too_large")
-
-
-def _overloaded() -> APIError:
-    return APIError(
-        429,
-        "every replica's queue is full; retry shortly",
-        "rate_limit_error",
-        code="overloaded",
-        headers={"Retry-After": "1"},
-    )
 
 
 def build_application(engine_config: EngineConfig, server_config: ServerConfig, plan: ReplicaPlan) -> Any:
