@@ -297,3 +297,28 @@ def test_keys_and_cors_hold_through_the_gateway(replicas: str) -> None:
     }
     r = httpx.options(replicas + "/v1/chat/completions", headers=preflight, timeout=10)
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
+
+
+# Refused before any model work, each by a different check: the gateway's body limit, the replica app's guard and
+# validation. Each must reach the client byte for byte as one server writes it.
+BAD_REQUESTS = [
+    ("a body past the limit", "/v1/completions", b"x" * (3 << 20), "application/json"),
+    ("not JSON", "/v1/completions", b'{"prompt": ', "application/json"),
+    ("not JSON as its type", "/v1/chat/completions", b'{"messages": []}', "text/plain"),
+    ("messages not a list", "/v1/chat/completions", b'{"messages": "nope"}', "application/json"),
+    ("NaN", "/v1/completions", b'{"prompt": "hi", "temperature": NaN}', "application/json"),
+    ("an unknown model", "/v1/completions", b'{"prompt": "hi", "model": "nope"}', "application/json"),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "kind"), [case[1:] for case in BAD_REQUESTS], ids=[c[0] for c in BAD_REQUESTS]
+)
+def test_a_bad_request_gets_the_same_error_with_and_without_replicas(
+    replicas: str, one_server: str, path: str, body: bytes, kind: str
+) -> None:
+    headers = {**AUTH, "content-type": kind}
+    through_ray = httpx.post(replicas + path, content=body, headers=headers, timeout=30)
+    alone = httpx.post(one_server + path, content=body, headers=headers, timeout=30)
+    assert through_ray.status_code == alone.status_code >= 400
+    assert through_ray.content == alone.content
