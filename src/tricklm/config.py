@@ -83,7 +83,7 @@ DEFAULT_KV_CACHE_CAP = 256 * 1024 * 1024
 
 # A request body larger than this is refused (413) before it is parsed: room for a full context of
 # text or token ids at the model lengths we serve. Parsing holds the GIL (json's C scanner, twice: the
-# body check and the route), about 25 ms per MiB of escaped text, so this also bounds that stall.
+# body check and the route) for a time that grows with the body, so this also bounds that stall.
 DEFAULT_MAX_REQUEST_BYTES = 2 * 1024 * 1024
 
 

@@ -6,10 +6,10 @@ default, and every arena keeps its own freed pages resident, so we cap them at t
 Blocks of 4 MiB or more get their own mapping, handed back to the OS when freed. Left to glibc, the
 threshold climbs to 32 MiB, and a prefill chunk's activations (8-16 MiB a tensor for a 1.7B model) land
 in freed holes all over the heap, which stay resident: serving 16 streams of the 1.7B shape peaked
-100 MB higher than with this setting (`benchmarks/serve_memory.py`, 2.20 against 2.09-2.10 GB), for the
-same live tensors. A much lower threshold is slow: at 256 KiB every decode step's tensors were fresh
-mappings, and their page faults doubled a 16-sequence step (147 against 73 ms median,
-`benchmarks/engine_steps.py`). At 4 MiB, decode steps' tensors (16 rows) stay on the heap, and a
+higher than with this setting (`benchmarks/serve_memory.py`), for the same live tensors. A much lower
+threshold is slow: at 256 KiB every decode step's tensors were fresh mappings, and their page faults
+made a 16-sequence step far slower (`benchmarks/engine_steps.py`; the figures of both:
+`benchmarks/README.md`). At 4 MiB, decode steps' tensors (16 rows) stay on the heap, and a
 tensor big enough to be mapped belongs to a step that computes for far longer than its page faults take.
 Fixing the threshold turns off glibc's own adjustment of the trim threshold too, so that one is set
 to what glibc would pair with it: without it, the heap's top would be handed back and faulted in

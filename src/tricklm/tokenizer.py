@@ -53,7 +53,7 @@ class Tokenizer:
     def _as_text(self) -> HFTokenizer:
         """A second instance that reads control-token text as plain text (a flag on the instance, so it is
         not toggled on a tokenizer that other threads share). Made on first use, by a request whose text
-        spells a control token: it holds as much as the first (11 MiB for a 49k vocabulary)."""
+        spells a control token: it holds as much memory as the first."""
         tok = HFTokenizer.from_str(self._tok.to_str())
         tok.encode_special_tokens = True
         return tok

@@ -16,7 +16,8 @@ from tricklm.model.registry import CausalLM
 
 logger = logging.getLogger(__name__)
 
-# Freed heap is handed back after a step at least this long: the trim takes ~1 ms (2% of it at most)
+# Freed heap is handed back after a step at least this long, against which the trim's cost is small
+# (benchmarks/README.md)
 TRIM_AFTER_SECONDS = 0.05
 
 
@@ -100,9 +101,9 @@ class EngineCore:
         start = time.perf_counter()
         sampled = self.runner.run(batch)
         if time.perf_counter() - start >= TRIM_AFTER_SECONDS:
-            # A step's activations are tensors of 1-4 MiB, which land on the heap between longer-lived objects;
-            # the holes they leave stay resident, and the next step's tensors, of other sizes, make more:
-            # 30 MiB of the 1.7B shape's peak serving 16 streams (benchmarks/serve_memory.py).
+            # A step's activations are tensors of a few MiB, which land on the heap between longer-lived objects;
+            # the holes they leave stay resident, and the next step's tensors, of other sizes, make more, which
+            # raised the serving peak (benchmarks/serve_memory.py; the figures: benchmarks/README.md).
             release_freed_memory()
         outputs = self.scheduler.update(batch, sampled)
         self.num_generation_tokens += len(outputs)

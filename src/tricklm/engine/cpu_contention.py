@@ -2,7 +2,8 @@
 
 A parallel op waits for its slowest thread, and on a core shared with another busy process a thread
 waits a whole scheduler time slice for its turn. With hundreds of parallel ops per step, two threads on
-two busy cores measured 4.6–35 s for 50 short chats against 1.3–4.3 s with one thread. `CpuContention`
+two busy cores are many times slower than one thread (`benchmarks/busy_machine.py`; the figures are in
+`benchmarks/README.md`). `CpuContention`
 tells the thread policy when others are busy, from `/proc/stat` (busy time of the CPUs we may run on)
 minus `/proc/self/stat` (our own), sampled at most once per `window` seconds.
 """

@@ -59,13 +59,13 @@ class Engine:
             max(self.tokenizer.vocab_size, load_config(model_dir).vocab_size),
             sorted(self.tokenizer.eos_token_ids),
         )
-        release_freed_memory()  # the tokenizer's build leaves ~30 MiB of freed heap: handed back before the weights
+        release_freed_memory()  # the tokenizer's build leaves freed heap: handed back before the weights
         cfg = self.config
         model = load_model(model_dir, cfg.torch_dtype, cfg.quantization, cfg.prefill_weights)
         self.core = EngineCore(model, self.config)
         # What is loaded now lives as long as the engine. Frozen, it is out of the cyclic collector's walks,
         # which otherwise visit the tokenizer's and the model's objects in every full collection while
-        # serving (3% of a prefill step's profile). Refcounting still frees frozen objects.
+        # serving (a measurable share of a prefill step: benchmarks/README.md). Refcounting still frees frozen objects.
         gc.collect()
         gc.freeze()
         self.loop = EngineLoop(self.core, self.config.max_queue)

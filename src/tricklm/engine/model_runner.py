@@ -22,8 +22,8 @@ NATIVE_MAX_MEAN_CONTEXT = 256  # see `ModelRunner._native_attention_fits`
 class ThreadPolicy:
     """How many torch threads a step gets: `max_threads` for large steps, `decode_threads` for small ones.
 
-    Both default to every core, which measured fastest on an otherwise idle 2-core machine (16 streams:
-    174 against 100 tok/s with one decode thread). On a machine whose cores are busy with other work,
+    Both default to every core, which measured fastest on an otherwise idle 2-core machine
+    (`benchmarks/README.md`). On a machine whose cores are busy with other work,
     one thread avoids stalls: a parallel op waits for its slowest thread, and a thread whose core was
     taken waits a whole scheduler time slice. So unless the counts were chosen, a step runs on no more
     threads than other processes leave cores free (`CpuContention`).

@@ -25,7 +25,7 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> list[Sampled]:
         for i, req in enumerate(requests):
             if req.params.needs_penalties:
                 _apply_penalties(logits[i], req)
-    # one pass gives each row's max and where it is (torch's argmax alone took 3x as long as max)
+    # one pass gives each row's max and where it is (torch's argmax alone is slower than max: benchmarks/README.md)
     top, best = logits.max(dim=-1)
     errors = dict.fromkeys(_bad_rows(top), NON_FINITE)
     if constrained:  # after the finiteness check: a masked row is all -inf but where the grammar allows

@@ -1,7 +1,7 @@
 """Constrained decoding: grammars compiled by llguidance, applied as a token mask in the batched sampler.
 
-Why llguidance rather than xgrammar (benchmarks/grammar_engines.py, results/grammar-engines.txt): both
-cost well under a millisecond per 16-row step on our tokenizer, against a decode step of tens; llguidance
+Why llguidance rather than xgrammar (benchmarks/grammar_engines.py; the figures: benchmarks/README.md): both
+mask a 16-row step on our tokenizer in a small fraction of a decode step's time; llguidance
 is one 8 MB wheel with no dependencies where xgrammar pulls in triton (1 GB) and a TVM runtime, and its
 parser bounds its own work per token (lexer fuel, item limits), so no schema can stall the engine thread.
 
@@ -25,8 +25,8 @@ import torch
 
 from tricklm.memory import release_freed_memory
 
-# llguidance itself is imported where a grammar is first compiled: its library is ~6 MiB resident, which
-# a server never asked for a constraint does not need
+# llguidance itself is imported where a grammar is first compiled: its library stays resident once imported,
+# which a server never asked for a constraint does not need
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
 
@@ -110,9 +110,9 @@ class GrammarCompiler:
         return compiled
 
     def tokenizer(self) -> Any:
-        """llguidance's token table, built on first use, as vLLM builds its grammar backend: ~35 MiB resident
-        for a 49k vocabulary (a tenth of what a 1.7B model holds besides weights and KV cache), which a
-        server never asked for a constraint does not pay. The build takes ~0.4 s and holds the GIL, once."""
+        """llguidance's token table, built on first use, as vLLM builds its grammar backend: tens of MiB
+        resident for a 49k vocabulary (its size and build time: benchmarks/README.md), which a server never
+        asked for a constraint does not pay. The build holds the GIL, once."""
         with self._lock:
             if self._unavailable is not None:
                 raise GrammarUnavailable(self._unavailable)
@@ -128,7 +128,7 @@ class GrammarCompiler:
                     logger.warning("%s", self._unavailable)
                     raise GrammarUnavailable(self._unavailable) from None
                 finally:
-                    release_freed_memory()  # the build's scratch (~40 MiB) and the tokenizer.json text
+                    release_freed_memory()  # the build's scratch and the tokenizer.json text
             return self._tokenizer
 
 

@@ -91,7 +91,7 @@ class _MetaParameters(TorchFunctionMode):
 
     Under `torch.device("meta")` torch computes some ops on meta tensors (`normal_`, nn.Embedding's
     initialiser; RoPE tables) through reference implementations that import torch._dynamo, and with it
-    sympy: 68 MiB resident for the server's whole life, for values a meta tensor does not keep. Here
+    sympy, resident for the server's whole life (`benchmarks/README.md`), for values a meta tensor does not keep. Here
     only `torch.empty`, which the modules' parameters are made by, lands on meta; their initialisers are
     skipped; the small buffers (RoPE tables) are computed on the CPU, and again by `_reset_buffers`
     once the model is real.
@@ -158,8 +158,9 @@ def _block_projections_from_gguf(model: CausalLM, reader: WeightsFile, cfg: Mode
             built += 1
             if built % TRIM_EVERY == 0:
                 # The unpacked parts and repacking buffers are freed, but glibc keeps their heap pages
-                # while the next buffers land elsewhere: without this the load peaks 0.6 GB above the
-                # model (1.7B). Each trim costs the next buffers fresh page faults, so not after each one.
+                # while the next buffers land elsewhere: without this the load of a large model peaks well above
+                # the model (benchmarks/README.md). Each trim costs the next buffers fresh page faults, so not
+                # after each one.
                 release_freed_memory()
     if parts:
         raise ModelLoadError(f"projections incomplete in the GGUF file: {', '.join(sorted(parts))}")

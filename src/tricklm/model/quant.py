@@ -6,18 +6,18 @@ of every projection in blocks of 32 read by every step through int8 kernels (`ql
 torch's own kernels: 4-bit or packed fp16 for decode steps and a second copy for prefill.
 
 A decode step reads every weight once and does little arithmetic, so its time follows the weights'
-size and how well the kernel streams them. On a 2-core Zen 4 (`python benchmarks/linear_kernels.py`)
-fbgemm's packed fp16 GEMM, with float32 activations, ran all SmolLM2-135M projections of a 1-row step
-in 8.6 ms, against 17 ms for oneDNN bfloat16 and 36 ms for float32. torch's 4-bit kernel (groups of 32,
-bfloat16 activations) was faster still at 1 row and on par at 16, and reads a quarter of fp16's bytes;
-fed float32 activations it is 17-80x slower. torch's int8 weight-only kernel fell behind from 4 rows
-on, and int8 with dynamically quantised activations (fbgemm) broke greedy answers.
+size and how well the kernel streams them. At one row (`python benchmarks/linear_kernels.py`; the
+figures per CPU are in `benchmarks/README.md`) fbgemm's packed fp16 GEMM, with float32 activations, ran
+the SmolLM2-135M projections faster than oneDNN bfloat16, and both beat float32. torch's 4-bit kernel
+(groups of 32, bfloat16 activations) was faster still at 1 row and on par at 16, and reads a quarter of
+fp16's bytes; fed float32 activations it is many times slower. torch's int8 weight-only kernel fell
+behind from 4 rows on, and int8 with dynamically quantised activations (fbgemm) broke greedy answers.
 
 Steps with many rows (prefill) are bound by arithmetic instead, and which kernel wins there depends on
-the CPU: oneDNN's bfloat16 GEMM won on the Zen 4, fbgemm's fp16 GEMM (float32 activations) on an Intel
-Xeon without AMX, where bfloat16 took 326 ms for all projections of a 256-row step against 202 ms. So
-each projection keeps a second copy for those steps, in whichever format `large_step_format` measures
-faster at load (or as `--prefill-weights` says); packed fp16 decode weights are their own fp16 copy.
+the CPU: oneDNN's bfloat16 GEMM on one, fbgemm's fp16 GEMM (float32 activations) on another (an AMD
+EPYC and an Intel Xeon without AMX, in `benchmarks/README.md`). So each projection keeps a second copy
+for those steps, in whichever format `large_step_format` measures faster at load (or as
+`--prefill-weights` says); packed fp16 decode weights are their own fp16 copy.
 
 4-bit is only used where the weights already are: a projection whose every group of 32 weights spans
 16 evenly spaced levels from its smallest to its largest (a Q4_1 GGUF's, like the default model's)
@@ -85,9 +85,9 @@ def fbgemm_available() -> bool:
 @functools.cache
 def large_step_format() -> str:
     """The copy prefill steps should read here: "fp16" if fbgemm's packed fp16 GEMM runs a prefill-sized
-    step faster than oneDNN's bfloat16 on this CPU, else "bf16"; measured once per process (~0.1 s).
+    step faster than oneDNN's bfloat16 on this CPU, else "bf16"; measured once per process.
 
-    On one thread, alternating the two: the ratio is the same as on all cores (1.6x on the Xeon), while
+    On one thread, alternating the two: the ratio is the same as on all cores (`benchmarks/README.md`), while
     a core taken by another process stalls a multi-threaded GEMM, fbgemm's more than oneDNN's: timed on
     two threads while the test suite ran, bfloat16 looked fastest.
     """
@@ -189,10 +189,9 @@ def _exact_levels(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | Non
 class Fp16Weight:
     """A prefill copy in fbgemm's packed fp16, without fbgemm's padding.
 
-    fbgemm pads a packed weight's inputs to a multiple of 512: SmolLM2's 576 take the room of 1024, and
-    the copies grew 124 MB. So the first multiple of 512 inputs are packed and the few left over kept in
-    float32 (+8% of the copy's size), for one small extra GEMM per call (a 256-row step: 221 against
-    212 ms, `benchmarks/README.md`).
+    fbgemm pads a packed weight's inputs to a multiple of 512: SmolLM2's 576 take the room of 1024, nearly
+    doubling the copies. So the first multiple of 512 inputs are packed and the few left over kept in
+    float32, for one small extra GEMM per call (its memory and time: `benchmarks/README.md`).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -319,9 +318,10 @@ def quantize(model: CausalLM, mode: str = "int4", prefill: str = "auto") -> Caus
         model.lm_head = QLinear(quantize_blocks(head.weight.detach(), TABLE_ROUNDING), head.bias, precise=True)
         return model
     assert isinstance(head, HalfEmbedding | nn.Linear)
-    # Packed too: at one row the fp16 head took 3 ms off a 23 ms step. Its dense copy is the embedding
-    # table itself when they are tied, so that costs nothing. Block modes keep one copy: a tied head reads
-    # the bfloat16 table alone (more memory for the packed copy than its speed is worth at real sizes).
+    # Packed too: at one row the packed fp16 head makes a decode step faster (benchmarks/README.md). Its
+    # dense copy is the embedding table itself when they are tied, so that costs nothing. Block modes keep
+    # one copy: a tied head reads the bfloat16 table alone (more memory for the packed copy than its speed
+    # is worth at real sizes).
     packed = not (mode in BLOCK_MODES and tied)
     model.lm_head = HalfLinear(head.weight, None, packed=packed, dense=dense or tied, int4=int4, prefill=prefill)
     return model

@@ -5,8 +5,8 @@ At one row, a decode step of the Python path spent more time dispatching its ~45
 layer than in the 4-bit projections. The extension runs the same step without the interpreter, and
 fuses everything between the projections into plain loops (`benchmarks/README.md` has the figures).
 
-It is compiled on first use by torch's extension builder (a C++ compiler and ninja; about 45 s on two
-cores) into the tricklm cache, and loaded from there afterwards in about a second; `make install`
+It is compiled on first use by torch's extension builder (a C++ compiler and ninja; the time it takes is
+in `benchmarks/README.md`) into the tricklm cache, and loaded from there afterwards; `make install`
 builds it ahead of time. Where it cannot be built, or `TRICKLM_NATIVE=0`, or the model is not one it
 runs, steps take the Python path, with the same results.
 """

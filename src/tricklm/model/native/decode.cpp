@@ -408,10 +408,10 @@ struct Projection {
 };
 
 // A step runs through each layer in pieces of rows whose widest buffer (the gate/up output) stays within
-// this, so a prefill chunk's buffers are sized by the piece: for a 256-row chunk of a 1.7B model the gate/up
-// output was 16 MiB, its activations 8 more; in 32-row pieces, 2 and 1. A row needs only its own values
-// and earlier rows' K/V. Prefill time did not change, for the 1.7B shape or the 135M model (two pieces of a
-// 256-row chunk), in `benchmarks/engine_steps.py` runs alternating with 4 MiB pieces.
+// this, so a prefill chunk's buffers are sized by the piece, not by the chunk (a 1.7B-shape model runs a
+// 256-row chunk in 32-row pieces). A row needs only its own values and earlier rows' K/V. Prefill time did
+// not change against larger pieces, for the 1.7B shape or the 135M model, in alternating
+// `benchmarks/engine_steps.py` runs (the figures: benchmarks/README.md).
 constexpr int64_t kPieceBytes = 2 << 20;
 
 // What one piece's projections write into: `wide` the qkv and gate/up outputs (one after the other, so one

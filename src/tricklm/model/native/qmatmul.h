@@ -486,7 +486,8 @@ inline void refine_top(const torch::Tensor& x, torch::Tensor& out, const torch::
 // --- Prefill chunks on AMX: the weights widened to bfloat16 a few columns at a time ---
 //
 // Where the CPU has AMX (Xeons from Sapphire Rapids on), its bfloat16 tiles multiply about 4x as fast as
-// the int8 VNNI kernel above at its peak (1.6-1.9x end to end at 256 rows, widening included). So a chunk
+// the int8 VNNI kernel above at its peak, and a chunk of many rows runs faster end to end, widening
+// included (benchmarks/README.md). So a chunk
 // of many rows widens each 64-column slice of the block weight to bfloat16 (d * level + m, rounded to
 // nearest even) in a scratch of the thread's own and multiplies it with oneDNN's batch-reduce GEMM, which
 // torch exports and which runs on AMX tiles. The scratch (64 columns x k) stays in the core's cache and is
