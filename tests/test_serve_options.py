@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tricklm.cli import build_parser, engine_config
 from tricklm.config import EngineConfig
+from tricklm.options import build_parser, engine_config
 
 
 def test_defaults_come_from_the_engine_config() -> None:

@@ -92,10 +92,10 @@ def test_a_keep_alive_connection_serves_requests_after_the_first_deadline(guarde
 
 
 def test_serve_uses_the_deadlines() -> None:
-    from tricklm.cli import _server_config, build_parser
+    from tricklm.options import build_parser, server_config
 
     args = build_parser().parse_args(["serve", "--header-timeout", "5", "--body-timeout", "7"])
-    config = _server_config(args)
+    config = server_config(args)
     assert (config.header_timeout, config.body_timeout) == (5.0, 7.0)
     with pytest.raises(ValueError, match="header_timeout"):
-        _server_config(build_parser().parse_args(["serve", "--header-timeout", "0"]))
+        server_config(build_parser().parse_args(["serve", "--header-timeout", "0"]))

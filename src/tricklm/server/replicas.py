@@ -315,7 +315,7 @@ def build_application(engine_config: EngineConfig, server_config: ServerConfig, 
 def from_args(args: dict[str, str]) -> Any:
     """Ray Serve application builder, for `serve run` and KubeRay's `serveConfigV2`: `args["argv"]` holds
     `tricklm serve`'s options (--replicas, --cpus-per-replica, --model, ...) as one string."""
-    from tricklm.cli import replica_setup
+    from tricklm.options import replica_setup
 
     engine_config, server_config, plan = replica_setup(shlex.split(args.get("argv", "")))
     return build_application(engine_config, server_config, plan)
