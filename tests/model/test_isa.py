@@ -10,8 +10,8 @@ import torch
 from tiny_models import make_tiny_model
 from tricklm.config import EngineConfig
 from tricklm.engine.core import EngineCore
-from tricklm.model import native
 from tricklm.model.loader import load_model
+from tricklm.model.native import decoder as native
 from tricklm.model.native import isa
 from tricklm.model.qlinear import load_qmatmul, qmatmul
 from tricklm.model.quant import quantize

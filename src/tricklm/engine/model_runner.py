@@ -12,7 +12,7 @@ from tricklm.engine.request import Request, Sampled
 from tricklm.engine.sampler import sample
 from tricklm.engine.scheduler import ScheduledBatch
 from tricklm.model.attention import AttentionMetadata, PrefillSegment, chunk_mask, decode_mask
-from tricklm.model.native import NativeDecoder
+from tricklm.model.native.decoder import NativeDecoder
 from tricklm.model.quant import MAX_PACKED_ROWS, model_dtypes
 from tricklm.model.registry import CausalLM
 

@@ -1,5 +1,5 @@
 import sys
 
-from tricklm.model.native import main
+from tricklm.model.native.decoder import main
 
 sys.exit(main())
