@@ -10,16 +10,11 @@ from tricklm.engine.kv_cache import KVCache, bytes_per_token
 from tricklm.engine.model_runner import ModelRunner, ThreadPolicy
 from tricklm.engine.request import EngineOutput, FinishReason, Request
 from tricklm.engine.scheduler import Scheduler
-from tricklm.memory import release_freed_memory
+from tricklm.memory import after_step
 from tricklm.model.quant import model_dtypes
 from tricklm.model.registry import CausalLM
 
 logger = logging.getLogger(__name__)
-
-# Freed heap is handed back after a step at least this long, against which the trim's cost is small
-# (benchmarks/README.md)
-TRIM_AFTER_SECONDS = 0.05
-
 
 class EngineCore:
     def __init__(self, model: CausalLM, config: EngineConfig) -> None:
@@ -100,11 +95,7 @@ class EngineCore:
             return []
         start = time.perf_counter()
         sampled = self.runner.run(batch)
-        if time.perf_counter() - start >= TRIM_AFTER_SECONDS:
-            # A step's activations are tensors of a few MiB, which land on the heap between longer-lived objects;
-            # the holes they leave stay resident, and the next step's tensors, of other sizes, make more, which
-            # raised the serving peak (benchmarks/serve_memory.py; the figures: benchmarks/README.md).
-            release_freed_memory()
+        after_step(time.perf_counter() - start)
         outputs = self.scheduler.update(batch, sampled)
         self.num_generation_tokens += len(outputs)
         return outputs

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import itertools
 import logging
 import os
@@ -17,7 +16,7 @@ from tricklm.engine.loop import EngineLoop, Sink
 from tricklm.engine.request import Request
 from tricklm.engine.sampling_params import MODEL_DEFAULT_KEYS, SamplingParams
 from tricklm.engine.structured import GrammarCompiler
-from tricklm.memory import release_freed_memory
+from tricklm.memory import after_load, forget_load, release_freed_memory
 from tricklm.model.loader import load_config, load_model, read_json
 from tricklm.model.quant import weight_bytes
 from tricklm.model.registry import CausalLM
@@ -59,15 +58,11 @@ class Engine:
             max(self.tokenizer.vocab_size, load_config(model_dir).vocab_size),
             sorted(self.tokenizer.eos_token_ids),
         )
-        release_freed_memory()  # the tokenizer's build leaves freed heap: handed back before the weights
+        release_freed_memory()  # the tokenizer's build leaves freed heap: handed back before the weights come in
         cfg = self.config
         model = load_model(model_dir, cfg.torch_dtype, cfg.quantization, cfg.prefill_weights)
         self.core = EngineCore(model, self.config)
-        # What is loaded now lives as long as the engine. Frozen, it is out of the cyclic collector's walks,
-        # which otherwise visit the tokenizer's and the model's objects in every full collection while
-        # serving (a measurable share of a prefill step: benchmarks/README.md). Refcounting still frees frozen objects.
-        gc.collect()
-        gc.freeze()
+        after_load()
         self.loop = EngineLoop(self.core, self.config.max_queue)
         name = DEFAULT_MODEL_NAME if self.config.model is None else model_dir.name
         self.info = LoadInfo(model_dir, name, time.monotonic() - start)
@@ -101,7 +96,7 @@ class Engine:
 
     def shutdown(self) -> None:
         self.loop.shutdown()
-        gc.unfreeze()  # a process that makes another engine (tests, benchmarks) can collect this one's cycles
+        forget_load()
 
 
 def generation_defaults(model_dir: Path) -> dict[str, Any]:
