@@ -17,8 +17,8 @@ from collections.abc import Callable
 
 import torch
 
-from tricklm.model.qlinear import QWeight, load_qmatmul, qmatmul
-from tricklm.model.quant import Fp16Weight
+from tricklm.model.weights.qlinear import QWeight, load_qmatmul, qmatmul
+from tricklm.model.weights.quant import Fp16Weight
 
 SHAPES = [(3072, 576), (576, 1536), (8192, 2048), (2048, 8192)]
 ROWS = (1, 16, 256)

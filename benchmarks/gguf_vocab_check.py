@@ -15,8 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from tricklm.model.gguf_convert import _metadata, _save_tokenizer
-from tricklm.model.gguf_weights import open_reader
+from tricklm.model.weights.gguf_config import _metadata, _save_tokenizer
+from tricklm.model.weights.gguf_file import open_reader
 from tricklm.tokenizer import Tokenizer
 
 SEPARATOR = "\n__ggml_vocab_test__\n"

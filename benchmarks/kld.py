@@ -42,9 +42,9 @@ from tricklm.config import EngineConfig
 from tricklm.engine.core import EngineCore
 from tricklm.engine.request import Request, Sampled
 from tricklm.engine.sampling_params import SamplingParams
-from tricklm.model.loader import load_model
-from tricklm.model.qlinear import QLinear
 from tricklm.model.resolve import resolve_model
+from tricklm.model.weights.loader import load_model
+from tricklm.model.weights.qlinear import QLinear
 from tricklm.tokenizer import Tokenizer
 
 MODULES = (

@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 
-from tricklm.model.loader import load_config
-from tricklm.model.quant import Fp16Weight
 from tricklm.model.resolve import resolve_model
+from tricklm.model.weights.loader import load_config
+from tricklm.model.weights.quant import Fp16Weight
 
 Op = Callable[[], object]
 GROUP = 32  # int4 quantisation group, as in the GGUF's Q4_1 blocks

@@ -32,3 +32,11 @@ def test_an_unknown_weight_format_is_a_usage_error(option: str, capsys: pytest.C
         build_parser().parse_args(["serve", option, "int3"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'int3'" in capsys.readouterr().err
+
+
+def test_reading_a_config_does_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, tricklm.config as c, tricklm.model.config; c.EngineConfig(); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, fields
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import torch
+from tricklm.model.weights.modes import PREFILL_FORMATS, QUANT_MODES
 
-from tricklm.model.quant import PREFILL_FORMATS, QUANT_MODES
+if TYPE_CHECKING:
+    import torch
 
 T = TypeVar("T")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "bfloat16")  # torch's dtypes of these names
 QUANTIZATIONS = ("auto", "none", *QUANT_MODES)
 
 
@@ -21,17 +22,17 @@ class EngineConfig:
     model: str | None = None  # None: the default model (SmolLM2-135M-Instruct)
     dtype: str = "float32"
     # "auto" (default): "gguf" for a GGUF file, "int4" for a safetensors folder.
-    # "gguf": one copy of the file's own types (4- or 8-bit blocks, model/block_formats.py) read by every
-    # step through int8 kernels (model/qlinear.py). "q4_0", "q4_1", "q4_k", "q8_0": the same, every
+    # "gguf": one copy of the file's own types (4- or 8-bit blocks, model/weights/blocks.py) read by every
+    # step through int8 kernels (model/weights/qlinear.py). "q4_0", "q4_1", "q4_k", "q8_0": the same, every
     # projection rounded to that format at load as llama.cpp's `quantize` does (GGUF types that fit are
     # read exactly). "int4": decode steps read 4-bit weights where the checkpoint's already are, packed
     # fp16 elsewhere; large steps read a bfloat16 copy. "fp16": packed fp16 for every projection's decode
     # steps, plus the copy. "fp16-only": fp16 weights for every step, no copies. All these keep float32
-    # activations and an fp16 KV cache (model/quant.py). "none": everything in `dtype` (float32 is the
+    # activations and an fp16 KV cache (model/weights/quant.py). "none": everything in `dtype` (float32 is the
     # exact reference).
     quantization: str = "auto"
     # The format of the copy prefill (large) steps read in "int4" and "fp16": "bf16" (oneDNN) or "fp16"
-    # (fbgemm), whichever the CPU runs faster; "auto" times both at load (model/quant.py).
+    # (fbgemm), whichever the CPU runs faster; "auto" times both at load (model/weights/quant.py).
     prefill_weights: str = "auto"
     max_model_len: int | None = None  # None: the model's own context length
     max_num_seqs: int = 16
@@ -74,7 +75,9 @@ class EngineConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         """The dtype of activations and the KV cache."""
-        return DTYPES[self.dtype] if self.quantization == "none" else torch.float32
+        import torch  # here, so that reading a config does not import torch
+
+        return getattr(torch, self.dtype) if self.quantization == "none" else torch.float32
 
 
 # Without an explicit budget the KV cache may not exceed this; preemption handles the rare overflow.

@@ -9,9 +9,9 @@ from tricklm.config import EngineConfig
 from tricklm.engine.core import EngineCore
 from tricklm.engine.request import EngineOutput, Request, TokenLogprob
 from tricklm.engine.sampling_params import SamplingParams
-from tricklm.model.loader import load_model
 from tricklm.model.registry import CausalLM
 from tricklm.model.resolve import resolve_model
+from tricklm.model.weights.loader import load_model
 from tricklm.tokenizer import Tokenizer
 
 TARGET_PROMPT = "The three most important inventions of the last century were"

@@ -15,8 +15,8 @@ from tricklm.engine.core import EngineCore
 from tricklm.engine.kv_cache import bytes_per_token, prefix_hashes
 from tricklm.engine.request import EngineOutput, Request
 from tricklm.engine.sampling_params import SamplingParams
-from tricklm.model.loader import load_model
 from tricklm.model.registry import CausalLM
+from tricklm.model.weights.loader import load_model
 
 BS = 16
 

@@ -25,12 +25,12 @@ from tricklm.engine.core import EngineCore
 from tricklm.engine.request import Request
 from tricklm.engine.sampling_params import SamplingParams
 from tricklm.model.config import ModelLoadError
-from tricklm.model.gguf_convert import gguf_hf_config
-from tricklm.model.gguf_weights import GGUF_LINK, open_reader
 from tricklm.model.layers import RopeSpec, RotaryEmbedding
-from tricklm.model.loader import load_model
-from tricklm.model.qlinear import QLinear
 from tricklm.model.registry import CausalLM
+from tricklm.model.weights.gguf_config import gguf_hf_config
+from tricklm.model.weights.gguf_file import GGUF_LINK, open_reader
+from tricklm.model.weights.loader import load_model
+from tricklm.model.weights.qlinear import QLinear
 
 transformers = pytest.importorskip("transformers")
 

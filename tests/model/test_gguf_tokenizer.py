@@ -11,7 +11,7 @@ import pytest
 from gguf import GGUFWriter, TokenType
 
 from tricklm.model.config import ModelLoadError
-from tricklm.model.gguf_convert import convert_gguf
+from tricklm.model.weights.gguf_config import convert_gguf
 from tricklm.tokenizer import Tokenizer
 
 SPACE = "\u2581"  # SentencePiece's visible space

@@ -23,11 +23,11 @@ from tricklm.engine.llm import LLM
 from tricklm.engine.request import Request
 from tricklm.engine.sampling_params import SamplingParams
 from tricklm.model.config import ModelLoadError
-from tricklm.model.gguf_weights import GGUF_LINK, weights_reader
-from tricklm.model.loader import load_model
-from tricklm.model.qlinear import QEmbedding, QLinear
-from tricklm.model.quant import HalfLinear
 from tricklm.model.resolve import default_gguf_path
+from tricklm.model.weights.gguf_file import GGUF_LINK, weights_reader
+from tricklm.model.weights.loader import load_model
+from tricklm.model.weights.qlinear import QEmbedding, QLinear
+from tricklm.model.weights.quant import HalfLinear
 
 _GGUF_NAMES = {
     "self_attn.q_proj": "attn_q",
@@ -200,7 +200,7 @@ def test_qwen_gguf_files_give_the_hugging_face_model(tmp_path: Path, arch: str, 
 
 
 def test_gguf_metadata_of_each_architecture_becomes_its_config() -> None:
-    from tricklm.model.gguf_convert import _hf_config
+    from tricklm.model.weights.gguf_config import _hf_config
 
     meta = {
         f"qwen3.{k}": v
@@ -258,7 +258,7 @@ def test_loading_imports_no_compiler_stack(hf_dir: Path, tmp_path: Path) -> None
     """Building the model on the meta device imported torch._dynamo and sympy (68 MiB resident for good)."""
     folder, _ = _gguf_folder(hf_dir, tmp_path, "Q4_1")
     code = (
-        "import sys, torch; from pathlib import Path; from tricklm.model.loader import load_model; "
+        "import sys, torch; from pathlib import Path; from tricklm.model.weights.loader import load_model; "
         f"load_model(Path({str(folder)!r}), torch.float32, 'auto'); "
         "print(sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules))"
     )
@@ -353,8 +353,8 @@ def test_a_qwen3_gguf_file_serves_end_to_end(tmp_path: Path) -> None:
     (the shipped model's vocabulary), the weights, a generation."""
     from gguf import GGUFReader, GGUFValueType
 
-    from tricklm.model.gguf_convert import convert_gguf
     from tricklm.model.resolve import default_gguf_path
+    from tricklm.model.weights.gguf_config import convert_gguf
     from tricklm.tokenizer import Tokenizer
 
     source = GGUFReader(str(default_gguf_path()))

@@ -10,11 +10,11 @@ import torch
 from tiny_models import make_tiny_model
 from tricklm.config import EngineConfig
 from tricklm.engine.core import EngineCore
-from tricklm.model.loader import load_model
 from tricklm.model.native import decoder as native
 from tricklm.model.native import isa
-from tricklm.model.qlinear import load_qmatmul, qmatmul
-from tricklm.model.quant import quantize
+from tricklm.model.weights.loader import load_model
+from tricklm.model.weights.qlinear import load_qmatmul, qmatmul
+from tricklm.model.weights.quant import quantize
 
 ext = load_qmatmul()
 needs_kernels = pytest.mark.skipif(ext is None, reason="the native kernels cannot be built here")

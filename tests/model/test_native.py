@@ -21,11 +21,11 @@ from tricklm.engine.request import Request, Sampled
 from tricklm.engine.sampling_params import SamplingParams
 from tricklm.engine.scheduler import ScheduledBatch
 from tricklm.model.layers import RMSNorm
-from tricklm.model.loader import load_model
 from tricklm.model.native import build as native_build
 from tricklm.model.native import decoder as native
-from tricklm.model.quant import INT4_GROUP, MAX_PACKED_ROWS, quantize
 from tricklm.model.registry import CausalLM
+from tricklm.model.weights.loader import load_model
+from tricklm.model.weights.quant import INT4_GROUP, MAX_PACKED_ROWS, quantize
 
 HAS_COMPILER = shutil.which("c++") is not None or shutil.which("g++") is not None
 needs_compiler = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler to build the extension")

@@ -13,9 +13,9 @@ from gguf.quants import dequantize, quantize
 
 from agreement import margins_of_logits
 from tiny_models import make_tiny_model, random_k_quant
-from tricklm.model.block_formats import gguf_blocks, round_blocks
-from tricklm.model.loader import load_model
-from tricklm.model.qlinear import (
+from tricklm.model.weights.blocks import gguf_blocks, round_blocks
+from tricklm.model.weights.loader import load_model
+from tricklm.model.weights.qlinear import (
     REFINED,
     QEmbedding,
     QLinear,
@@ -26,7 +26,7 @@ from tricklm.model.qlinear import (
     quantize_blocks,
     qweight_from_gguf,
 )
-from tricklm.model.quant import weight_bytes
+from tricklm.model.weights.quant import weight_bytes
 
 SHAPES = [(1, 32), (17, 96), (33, 64), (100, 576), (16, 2048)]  # n not a multiple of 16, k not of 256
 ROWS = [1, 3, 4, 5, 16, 17, 64, 130]  # 130: past one AMX call of 64 rows

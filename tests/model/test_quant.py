@@ -12,8 +12,8 @@ from torch import nn
 from agreement import Agreement, margin_of
 from tricklm.config import EngineConfig
 from tricklm.engine.llm import LLM
-from tricklm.model import quant
-from tricklm.model.quant import (
+from tricklm.model.weights import quant
+from tricklm.model.weights.quant import (
     DENSE_DTYPE,
     FBGEMM_K_BLOCK,
     INT4_GROUP,

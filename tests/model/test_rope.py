@@ -15,7 +15,7 @@ from tricklm.engine.request import Request
 from tricklm.engine.sampling_params import SamplingParams
 from tricklm.model.config import ModelConfig, ModelLoadError
 from tricklm.model.layers import RopeSpec, rope_frequencies
-from tricklm.model.loader import load_model
+from tricklm.model.weights.loader import load_model
 
 transformers = pytest.importorskip("transformers")
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402

@@ -14,9 +14,9 @@ def hf_weights_folder(model_dir: Path) -> Path:
     """
     from safetensors.torch import save_file
 
-    from tricklm.model.gguf_weights import GGUF_LINK, dense_tensors, weights_reader
-    from tricklm.model.loader import load_config
     from tricklm.model.resolve import cache_dir
+    from tricklm.model.weights.gguf_file import GGUF_LINK, dense_tensors, weights_reader
+    from tricklm.model.weights.loader import load_config
 
     if any(model_dir.glob("*.safetensors")):
         return model_dir

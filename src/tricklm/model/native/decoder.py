@@ -36,8 +36,8 @@ from tricklm.model.llama import (
 )
 from tricklm.model.native.build import DISABLE_ENV as DISABLE_ENV
 from tricklm.model.native.build import enabled_by_env, load_or_warn
-from tricklm.model.qlinear import QLinear
-from tricklm.model.quant import KV_DTYPE, HalfLinear, Int4Weight
+from tricklm.model.weights.qlinear import QLinear
+from tricklm.model.weights.quant import KV_DTYPE, HalfLinear, Int4Weight
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ class NativeDecoder:
 
 def _build(name: str) -> bool:
     """Builds one extension into the cache (in a worker process); True if it can be loaded."""
-    from tricklm.model.qlinear import load_qmatmul
+    from tricklm.model.weights.qlinear import load_qmatmul
 
     return (load_extension() if name == "decode" else load_qmatmul()) is not None
 
@@ -246,7 +246,7 @@ def _build(name: str) -> bool:
 def main() -> int:
     """`python -m tricklm.model.native`: build the extensions now (as `make install` does)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from tricklm.model.qlinear import load_qmatmul
+    from tricklm.model.weights.qlinear import load_qmatmul
 
     # Each extension is one translation unit that compiles on one core: the two at once take the time of one.
     # Worker processes, because torch's builder was not written to run twice at once in one process.

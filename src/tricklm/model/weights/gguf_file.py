@@ -1,7 +1,7 @@
 """Weights read straight from a `.gguf` file, tensor by tensor, with no float32 copy of the model on disk.
 
 The file is memory-mapped by the `gguf` reader; each tensor is dequantized (or, for the one-copy block
-modes, read as blocks: `block_formats.py`) as the loader asks for it, so loading holds the model in its
+modes, read as blocks: `blocks.py`) as the loader asks for it, so loading holds the model in its
 runtime form plus one tensor at a time. Names are mapped to Hugging Face's, and Q/K rows are put back
 from llama.cpp's interleaved RoPE order to Hugging Face's halves.
 """
@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from tricklm.model.block_formats import (
+from tricklm.model.config import ModelConfig, ModelLoadError
+from tricklm.model.weights.blocks import (
     EXACT_BITS,
     ROUNDING_BITS,
     Blocks,
@@ -27,7 +28,6 @@ from tricklm.model.block_formats import (
     gguf_blocks,
     round_blocks,
 )
-from tricklm.model.config import ModelConfig, ModelLoadError
 
 GGUF_LINK = "model.gguf"  # in a converted folder: a link to the file the weights are read from
 
@@ -284,7 +284,7 @@ def _dequantized(t: FileTensor, shape: tuple[int, ...], dtype: torch.dtype) -> t
 def projection_blocks(reader: WeightsFile, cfg: ModelConfig, names: set[str], fmt: str) -> Iterator[tuple[str, Blocks]]:
     """(Hugging Face name, blocks) of the named 2-D tensors, rows in Hugging Face's order.
 
-    A type whose levels fit the bits of `fmt` (a rounding of `block_formats.ROUNDINGS`) is read exactly,
+    A type whose levels fit the bits of `fmt` (a rounding of `blocks.ROUNDINGS`) is read exactly,
     its own levels and scales; any other is dequantized and rounded in `fmt`, as llama.cpp's `quantize`
     would.
     """

@@ -12,9 +12,11 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from tricklm.memory import release_freed_memory
-from tricklm.model.block_formats import BLOCK, FLOAT_TYPES, Blocks
 from tricklm.model.config import ModelConfig, ModelLoadError
-from tricklm.model.gguf_weights import (
+from tricklm.model.layers import RotaryEmbedding
+from tricklm.model.registry import CausalLM, model_class
+from tricklm.model.weights.blocks import BLOCK, FLOAT_TYPES, Blocks
+from tricklm.model.weights.gguf_file import (
     GGUF_LINK,
     ROPE_FACTOR_TENSORS,
     FileTensor,
@@ -25,10 +27,8 @@ from tricklm.model.gguf_weights import (
     tensor_type,
     weights_reader,
 )
-from tricklm.model.layers import RotaryEmbedding
-from tricklm.model.qlinear import QEmbedding, QLinear, QWeight
-from tricklm.model.quant import BLOCK_MODES, DENSE_DTYPE, QUANT_MODES, block_rounding, quantize, resolve_mode
-from tricklm.model.registry import CausalLM, model_class
+from tricklm.model.weights.qlinear import QEmbedding, QLinear, QWeight
+from tricklm.model.weights.quant import BLOCK_MODES, DENSE_DTYPE, QUANT_MODES, block_rounding, quantize, resolve_mode
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -4,7 +4,7 @@ Hugging Face folder: config, tokenizer, a link.
 The folder holds config.json and generation_config.json (from the file's metadata), tokenizer.json and
 tokenizer_config.json with the chat template (rebuilt once by `transformers`' GGUF reader), and
 `model.gguf`, a link to the file itself: the weights are read from it at every start, tensor by tensor
-(`gguf_weights.py`), never converted. A few MB, however large the model.
+(`gguf_file.py`), never converted. A few MB, however large the model.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from tricklm.model.config import ModelLoadError
-from tricklm.model.gguf_weights import GGUF_LINK, ROPE_FACTOR_TENSORS, open_reader
+from tricklm.model.weights.gguf_file import GGUF_LINK, ROPE_FACTOR_TENSORS, open_reader
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path, progress: bool = True) -> None:

@@ -2,7 +2,7 @@
 
 The block modes ("gguf", the default for a GGUF file, and "q4_0", "q4_1", "q4_k", "q8_0") keep one copy
 of every projection in blocks of 32 read by every step through int8 kernels (`qlinear.py`,
-`block_formats.py`, `native/qmatmul.h`). The rest of this module is about the older modes, which use
+`blocks.py`, `../native/qmatmul.h`). The rest of this module is about the older modes, which use
 torch's own kernels: 4-bit or packed fp16 for decode steps and a second copy for prefill.
 
 A decode step reads every weight once and does little arithmetic, so its time follows the weights'
@@ -40,8 +40,9 @@ from torch import nn
 
 from tricklm.memory import release_freed_memory
 from tricklm.model.base import CausalLM
-from tricklm.model.block_formats import BLOCK
-from tricklm.model.qlinear import QEmbedding, QLinear, quantize_blocks
+from tricklm.model.weights.blocks import BLOCK
+from tricklm.model.weights.modes import BLOCK_MODES, ONE_COPY_MODES, PREFILL_FORMATS, QUANT_MODES
+from tricklm.model.weights.qlinear import QEmbedding, QLinear, quantize_blocks
 
 log = logging.getLogger(__name__)
 
@@ -52,27 +53,15 @@ KV_DTYPE = torch.float16
 DENSE_DTYPE = torch.bfloat16
 # Up to this many rows the packed kernels win; above it the bfloat16 copy does (same benchmark).
 MAX_PACKED_ROWS = 16
-# "int4": 4-bit where the checkpoint's weights are 4-bit already, else packed fp16, plus bfloat16 copies
-# for large steps; "fp16": packed fp16 plus the copies; "fp16-only": packed fp16 for every step;
-# Block modes keep one copy in blocks of 32 for every step, read by the int8 kernels (model/qlinear.py):
-# "gguf" keeps a GGUF file's own types (4-bit or 8-bit blocks, `block_formats.py`; float types as
-# "fp16-only"); "q4_0", "q4_1", "q4_k", "q8_0" round every projection so, as llama.cpp's `quantize`
-# does (a GGUF type whose levels fit is read exactly instead).
-BLOCK_MODES = ("gguf", "q4_0", "q4_1", "q4_k", "q8_0")
-QUANT_MODES = ("int4", "fp16", "fp16-only", *BLOCK_MODES)
 # How block modes round the token table and output head: 8 bits whatever the mode, as llama.cpp keeps
 # the output at 6 bits or more (the logits are what every token is sampled from)
 TABLE_ROUNDING = "q8_0"
-# Modes whose projections keep no second copy for large steps
-ONE_COPY_MODES = ("fp16-only", *BLOCK_MODES)
 INT4_GROUP = 32  # weights per scale, as in GGUF's Q4_0 / Q4_1 blocks
 # A group counts as 4-bit when its stored 16-level form is this close (relative to the group's largest
 # weight): one bfloat16 ulp, what a bfloat16 copy of the weights could be off by; a real 4-bit rounding
 # is off by about 2^-4.
 INT4_TOLERANCE = 2.0**-7
 INT4_CHECK_ROWS = 1024
-# Formats of the copy large steps read: "bf16" (oneDNN) or "fp16" (fbgemm); "auto" times both at load.
-PREFILL_FORMATS = ("auto", "bf16", "fp16")
 # The step `large_step_format` times: a prefill chunk through an MLP-sized projection, best of a few.
 CALIBRATION_ROWS, CALIBRATION_SHAPE, CALIBRATION_REPEATS = 256, (1536, 576), 7
 FBGEMM_K_BLOCK = 512  # fbgemm pads a packed fp16 weight's inputs to a multiple of this
@@ -352,7 +341,7 @@ def resolve_mode(mode: str, gguf: bool) -> str:
 
 
 def block_rounding(mode: str) -> str:
-    """How a block mode rounds a weight its blocks cannot hold exactly (`block_formats.ROUNDINGS`)."""
+    """How a block mode rounds a weight its blocks cannot hold exactly (`blocks.ROUNDINGS`)."""
     return "q8_0" if mode == "gguf" else mode
 
 

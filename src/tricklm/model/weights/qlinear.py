@@ -1,8 +1,8 @@
 """One compact copy of a projection, read by every step: decode, batched decode and prefill.
 
 The weight is kept in blocks of 32 (a level per weight, a scale d and an offset m per block: w = d
-level + m; `block_formats.py` makes them from GGUF types or float weights), in 4 bits where every level
-fits, else 8. The native kernel (`native/qmatmul.h`) quantizes activations per block of 32 to int8 and
+level + m; `blocks.py` makes them from GGUF types or float weights), in 4 bits where every level
+fits, else 8. The native kernel (`../native/qmatmul.h`) quantizes activations per block of 32 to int8 and
 takes integer dot products (AVX-512 VNNI, else AVX2, chosen at run time). Where it cannot be built, a
 torch fallback dequantizes a slice of rows at a time and multiplies in float32: slower, never wrong.
 """
@@ -18,13 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tricklm.model.block_formats import BLOCK, Blocks, gguf_blocks, round_blocks
+from tricklm.model.weights.blocks import BLOCK, Blocks, gguf_blocks, round_blocks
 
 log = logging.getLogger(__name__)
 
 GROUP = 16  # output columns the kernel interleaves
 PACK_GROUPS = 256  # column groups (4,096 rows) repacked at a time
-SOURCE = Path(__file__).with_name("native") / "qmatmul.cpp"
+SOURCE = Path(__file__).parent.parent / "native" / "qmatmul.cpp"
 EXTENSION_NAME = "tricklm_qmatmul"
 # The fallback dequantizes this many column groups (1,024 output rows) at a time: a few MB of float32
 FALLBACK_GROUPS = 64
@@ -47,7 +47,7 @@ def load_qmatmul() -> Any | None:
 
 
 class QWeight:
-    """A [n, k] weight in blocks of 32, repacked for the kernel (see `native/qmatmul.h`): 16 output
+    """A [n, k] weight in blocks of 32, repacked for the kernel (see `../native/qmatmul.h`): 16 output
     columns interleaved, `levels` [groups, k/32, bits, 64] uint8 (bits 4 or 8), `d` and `m` [groups,
     k/32, 16] float16 (as in GGUF's blocks), groups = ceil(n / 16) (the last one padded with zeros)."""
 
@@ -132,7 +132,7 @@ class QWeight:
 
 
 def qweight_from_gguf(data: Any, qtype: str) -> QWeight:
-    """A quantized GGUF tensor's raw rows, read exactly (see `block_formats.gguf_blocks`)."""
+    """A quantized GGUF tensor's raw rows, read exactly (see `blocks.gguf_blocks`)."""
     return QWeight.from_blocks(*gguf_blocks(data, qtype))
 
 
