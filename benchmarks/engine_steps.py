@@ -26,7 +26,7 @@ from tricklm.engine import model_runner
 from tricklm.engine.engine import Engine
 from tricklm.engine.sampling_params import SamplingParams
 from tricklm.memory import limit_fragmentation
-from tricklm.model.weights.quant import PREFILL_FORMATS
+from tricklm.model.weights.modes import PREFILL_FORMATS
 
 PROMPT = "The history of the city of Paris begins with a small settlement on an island in the river. " * 8
 PROMPT_LEN = 100  # tokens, unless --prompt-len

@@ -19,7 +19,11 @@ NON_FINITE = "the model produced non-finite logits for this request"
 
 def sample(logits: torch.Tensor, requests: list[Request]) -> list[Sampled]:
     logits = logits.float()
-    constrained = [(i, r) for i, r in enumerate(requests) if r.matcher is not None]
+    constrained = [
+        (i, grammar, r.matcher)
+        for i, r in enumerate(requests)
+        if (grammar := r.params.grammar) is not None and r.matcher is not None
+    ]
     if constrained or any(r.params.needs_penalties for r in requests):
         logits = logits.clone()
         for i, req in enumerate(requests):

@@ -30,7 +30,6 @@ from tricklm.memory import release_freed_memory
 if TYPE_CHECKING:
     from llguidance._lib import JsonCompileOptions
 
-    from tricklm.engine.request import Request
 
 # Whitespace is where unconstrained JSON goes wrong (ollama#4370): none is allowed but one space after each
 # separator, as `json.dumps` writes it, so a model that likes newlines cannot spin on them. Keywords the
@@ -132,30 +131,32 @@ class GrammarCompiler:
             return self._tokenizer
 
 
-def mask_logits(logits: torch.Tensor, rows: list[tuple[int, Request]]) -> dict[int, str]:
+# A row of the step's logits whose request has a grammar: its index, the grammar, and the request's matcher (its
+# state in that grammar)
+ConstrainedRow = tuple[int, "Grammar", Any]
+
+
+def mask_logits(logits: torch.Tensor, rows: list[ConstrainedRow]) -> dict[int, str]:
     """Set to -inf, in place, every token each row's grammar does not allow next; return the rows whose
     grammar failed (those rows alone end, with that message)."""
     failed: dict[int, str] = {}
-    groups: dict[int, list[tuple[int, Request]]] = {}
-    for i, req in rows:  # one group per token table (in practice: one)
-        grammar = req.params.grammar
-        assert grammar is not None  # rows are the requests with a matcher
-        groups.setdefault(grammar.vocab_size, []).append((i, req))
+    groups: dict[int, list[ConstrainedRow]] = {}
+    for row in rows:  # one group per token table (in practice: one)
+        groups.setdefault(row[1].vocab_size, []).append(row)
     for group in groups.values():
         failed |= _mask_group(logits, group)
     return failed
 
 
-def _mask_group(logits: torch.Tensor, group: list[tuple[int, Request]]) -> dict[int, str]:
-    grammar = group[0][1].params.grammar
-    assert grammar is not None
+def _mask_group(logits: torch.Tensor, group: list[ConstrainedRow]) -> dict[int, str]:
+    grammar = group[0][1]
     width, vocab = grammar.vocab_size, logits.shape[-1]
     words = (width + 31) // 32
     bits = np.zeros((len(group), words), dtype=np.int32)
     failed: dict[int, str] = {}
-    for j, (i, req) in enumerate(group):
+    for j, (i, _, matcher) in enumerate(group):
         try:
-            req.matcher.unsafe_compute_mask_ptr(bits[j].ctypes.data, bits[j].nbytes)
+            matcher.unsafe_compute_mask_ptr(bits[j].ctypes.data, bits[j].nbytes)
         except (ValueError, RuntimeError) as e:
             failed[i] = f"the grammar failed: {e}"
     # Bytes of the mask to 8 additive logits each (0 or -inf) by table lookup: an add over the rows costs
@@ -163,13 +164,13 @@ def _mask_group(logits: torch.Tensor, group: list[tuple[int, Request]]) -> dict[
     bias = torch.nn.functional.embedding(torch.from_numpy(bits).view(torch.uint8).long(), _BYTE_BIAS)
     bias = bias.view(len(group), -1)[:, :vocab]
     known = bias.shape[1]
-    if [i for i, _ in group] == list(range(logits.shape[0])):  # every row constrained: one add, in place
+    if [row[0] for row in group] == list(range(logits.shape[0])):  # every row constrained: one add, in place
         logits[:, :known].add_(bias)
     else:
-        for j, (i, _) in enumerate(group):
-            logits[i, :known].add_(bias[j])
+        for j, row in enumerate(group):
+            logits[row[0], :known].add_(bias[j])
     if known < vocab:  # tokens beyond the grammar's table are never allowed
-        logits[[i for i, _ in group], known:] = float("-inf")
+        logits[[row[0] for row in group], known:] = float("-inf")
     return failed
 
 

@@ -27,8 +27,9 @@ from tricklm.model.weights.gguf_file import (
     tensor_type,
     weights_reader,
 )
+from tricklm.model.weights.modes import BLOCK_MODES, QUANT_MODES
 from tricklm.model.weights.qlinear import QEmbedding, QLinear, QWeight
-from tricklm.model.weights.quant import BLOCK_MODES, DENSE_DTYPE, QUANT_MODES, block_rounding, quantize, resolve_mode
+from tricklm.model.weights.quant import DENSE_DTYPE, block_rounding, quantize, resolve_mode
 
 
 def read_json(path: Path) -> dict[str, Any]:
