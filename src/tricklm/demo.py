@@ -26,7 +26,7 @@ def run_demo(config: EngineConfig, prompt: str, max_tokens: int) -> int:
     engine = Engine(config)
     print(f"loaded {engine.info.model_name} in {engine.info.load_seconds:.1f}s\n")
     try:
-        with running_server(create_app(engine)) as base:
+        with running_server(create_app(engine=engine)) as base:
             body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0}
             stream_ttft = _stream_to_terminal(base, body)
             blocking_ttft = _non_streaming(base, body)

@@ -24,7 +24,7 @@ def default_engine() -> Iterator[Engine]:
 @pytest.fixture(scope="session")
 def default_server(default_engine: Engine) -> Iterator[str]:
     """Base URL of a server running SmolLM2-135M-Instruct."""
-    with running_server(create_app(default_engine)) as base:
+    with running_server(create_app(engine=default_engine)) as base:
         yield base
 
 
@@ -43,5 +43,5 @@ def tiny_engine(tiny_model_dir: Path) -> Iterator[Engine]:
 @pytest.fixture(scope="session")
 def tiny_server(tiny_engine: Engine) -> Iterator[str]:
     """Base URL of a server running a tiny random Llama (fast; for protocol tests)."""
-    with running_server(create_app(tiny_engine)) as base:
+    with running_server(create_app(engine=tiny_engine)) as base:
         yield base

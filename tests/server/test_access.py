@@ -18,6 +18,7 @@ import httpx
 import openai
 import pytest
 
+from tricklm.config import ServerConfig
 from tricklm.engine.engine import Engine
 from tricklm.logs import JsonFormatter
 from tricklm.server.access import is_loopback, read_keys
@@ -43,7 +44,8 @@ PROTECTED = [
 
 @pytest.fixture(scope="module")
 def keyed(tiny_engine: Engine) -> Iterator[str]:
-    with running_server(create_app(tiny_engine, api_keys=[KEY, OTHER], allowed_origins=[ORIGIN])) as base:
+    config = ServerConfig(api_keys=(KEY, OTHER), allowed_origins=(ORIGIN,))
+    with running_server(create_app(config, engine=tiny_engine)) as base:
         yield base
 
 
@@ -88,7 +90,7 @@ def test_a_key_is_never_logged(tiny_model_dir: Path, tmp_path: Path) -> None:
 
 
 def test_metrics_can_be_opened_for_a_scraper(tiny_engine: Engine) -> None:
-    with running_server(create_app(tiny_engine, api_keys=[KEY], metrics_public=True)) as base:
+    with running_server(create_app(ServerConfig(api_keys=(KEY,), metrics_public=True), engine=tiny_engine)) as base:
         assert httpx.get(base + "/metrics").status_code == 200
         assert httpx.get(base + "/v1/models").status_code == 401
 
@@ -119,7 +121,7 @@ def test_cors_refuses_other_origins(keyed: str, tiny_server: str) -> None:
 
 
 def test_a_wildcard_origin_never_allows_credentials(tiny_engine: Engine) -> None:
-    with running_server(create_app(tiny_engine, allowed_origins=["*"])) as base:
+    with running_server(create_app(ServerConfig(allowed_origins=("*",)), engine=tiny_engine)) as base:
         r = httpx.get(base + "/v1/models", headers={"Origin": "https://anywhere.example"})
         assert r.headers["access-control-allow-origin"] == "*"
         assert "access-control-allow-credentials" not in r.headers
@@ -262,7 +264,7 @@ def test_a_second_signal_exits_at_once(tmp_path: Path) -> None:
 
 
 def test_a_request_past_the_timeout_ends_with_an_error_and_frees_its_slot(default_engine: Engine) -> None:
-    with running_server(create_app(default_engine, request_timeout=1.0)) as base:
+    with running_server(create_app(ServerConfig(request_timeout=1.0), engine=default_engine)) as base:
         events: list[str] = []
         start = time.monotonic()
         _stream(base, events)  # 4,000 tokens: far more than a second's worth
@@ -287,7 +289,7 @@ def test_one_access_line_per_request_with_its_id_and_no_text(
 ) -> None:
     caplog.set_level(logging.INFO, logger="tricklm.access")
     secret_prompt = "the secret prompt words"
-    with running_server(create_app(tiny_engine)) as base:
+    with running_server(create_app(engine=tiny_engine)) as base:
         body = {"prompt": secret_prompt, "max_tokens": 5, "ignore_eos": True}
         r = httpx.post(base + "/v1/completions", json=body, headers={"X-Request-Id": "client-id-42"})
         assert r.headers["x-request-id"] == "client-id-42"
@@ -309,7 +311,7 @@ def test_one_access_line_per_request_with_its_id_and_no_text(
 
 def test_log_requests_puts_the_texts_in_the_line(tiny_engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="tricklm.access")
-    with running_server(create_app(tiny_engine, log_requests=True)) as base:
+    with running_server(create_app(ServerConfig(log_requests=True), engine=tiny_engine)) as base:
         body = {"prompt": "the visible prompt", "max_tokens": 3, "ignore_eos": True}
         text = httpx.post(base + "/v1/completions", json=body).json()["choices"][0]["text"]
     (record,) = [r for r in caplog.records if r.name == "tricklm.access" and "/v1/completions" in r.getMessage()]
@@ -334,7 +336,7 @@ def test_the_stats_line_reports_throughput_then_goes_quiet(
     state.set_engine(tiny_engine)
     stats = StatsLogger(state, interval=1.0)
     stats.log_once()  # whatever the shared engine did before, counted from zero
-    with running_server(create_app(tiny_engine)) as base:
+    with running_server(create_app(engine=tiny_engine)) as base:
         httpx.post(base + "/v1/completions", json={"prompt": "a b c", "max_tokens": 8, "ignore_eos": True})
     stats.log_once()
     stats.log_once()
@@ -362,7 +364,7 @@ def test_serve_logs_json_lines_with_access_and_stats(tmp_path: Path) -> None:
 
 def test_a_path_cannot_forge_a_log_line(tiny_engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="tricklm.access")
-    with running_server(create_app(tiny_engine)) as base:
+    with running_server(create_app(engine=tiny_engine)) as base:
         assert httpx.get(base + "/x%0d%0aINFO tricklm.access: forged").status_code == 404
     (line,) = [r.getMessage() for r in caplog.records if r.name == "tricklm.access" and "forged" in r.getMessage()]
     assert "\n" not in line and "\r" not in line and "/x%0D%0AINFO%20tricklm.access:%20forged 404" in line

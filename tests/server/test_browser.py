@@ -19,6 +19,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Locator, Request, Route, expect, sync_playwright
 
+from tricklm.config import ServerConfig
 from tricklm.engine.engine import Engine
 from tricklm.server.app import create_app
 from tricklm.server.testing import running_server
@@ -423,7 +424,7 @@ def test_a_busy_server_is_retried_after_retry_after_with_a_countdown(chat: ChatP
 
 
 def test_a_server_that_went_away_is_named(browser: Browser, default_engine: Engine, model_name: str) -> None:
-    with running_server(create_app(default_engine)) as base:
+    with running_server(create_app(engine=default_engine)) as base:
         chat = new_chat_page(browser, base)
         chat.open(model=model_name)
     chat.expected_errors = (FAILED_LOAD,)
@@ -436,7 +437,7 @@ def test_a_server_that_went_away_is_named(browser: Browser, default_engine: Engi
 
 
 def test_a_server_with_an_api_key_asks_for_it_once(browser: Browser, default_engine: Engine, model_name: str) -> None:
-    with running_server(create_app(default_engine, api_keys=[KEY])) as base:
+    with running_server(create_app(ServerConfig(api_keys=(KEY,)), engine=default_engine)) as base:
         for path in ("/static/app.js", "/static/vendor/marked.umd.js", "/favicon.ico", "/"):
             assert httpx.get(base + path).status_code == 200, path  # the page and its files need no key
         assert httpx.get(base + "/v1/models").status_code == 401

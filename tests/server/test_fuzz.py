@@ -41,7 +41,7 @@ def fuzz_server(tiny_model_dir: Path) -> Iterator[str]:
     # A short context bounds every generation the fuzzer can ask for
     engine = Engine(EngineConfig(model=str(tiny_model_dir), max_num_seqs=4, max_model_len=96), progress=False)
     try:
-        with running_server(create_app(engine)) as base:
+        with running_server(create_app(engine=engine)) as base:
             yield base
     finally:
         engine.shutdown()

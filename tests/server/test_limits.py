@@ -55,7 +55,7 @@ def test_fifty_clients_disconnecting_at_random_points(tiny_server: str, tiny_eng
 def small_queue_server(tiny_model_dir: Path) -> Iterator[tuple[str, Engine]]:
     engine = Engine(EngineConfig(model=str(tiny_model_dir), max_num_seqs=1, max_queue=2), progress=False)
     try:
-        with running_server(create_app(engine)) as base:
+        with running_server(create_app(engine=engine)) as base:
             yield base, engine
     finally:
         engine.shutdown()
@@ -109,7 +109,7 @@ def test_failing_step_ends_only_the_request_at_fault(tiny_model_dir: Path) -> No
     engine = Engine(EngineConfig(model=str(tiny_model_dir), max_num_seqs=8), progress=False)
     prompts = [[20 + i, 30, 40 + i, 50] for i in range(4)]
     try:
-        with running_server(create_app(engine)) as base:
+        with running_server(create_app(engine=engine)) as base:
             # Long enough replies, and the poison sent once the others run: on a fast CPU 24 tokens of the tiny
             # model were over before the poison arrived, which then failed a step of its own
             max_tokens = 96
@@ -165,7 +165,7 @@ def test_engine_that_cannot_recover_gives_503_and_in_band_error(tiny_model_dir: 
         raise MemoryError("simulated: no memory to restart")
 
     try:
-        with running_server(create_app(engine)) as base:
+        with running_server(create_app(engine=engine)) as base:
             engine.core.step = failing_step  # type: ignore[method-assign]
             engine.core.recover = failing_recover  # type: ignore[method-assign]
             with httpx.stream(

@@ -629,7 +629,7 @@ def test_model_without_chat_template_is_400_on_chat(tiny_model_dir: Path, tmp_pa
     engine = Engine(EngineConfig(model=str(model_dir), max_num_seqs=2), progress=False)
     try:
         with (
-            running_server(create_app(engine)) as base,
+            running_server(create_app(engine=engine)) as base,
             openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0) as c,
         ):
             with pytest.raises(openai.BadRequestError) as e:
@@ -677,7 +677,7 @@ def test_engine_failure_mid_stream_sends_error_then_done(tiny_model_dir: Path, m
         return real_run(batch)
 
     try:
-        with running_server(create_app(engine)) as base:
+        with running_server(create_app(engine=engine)) as base:
             monkeypatch.setattr(engine.core.runner, "run", failing_run)
             body = {"messages": TINY_CHAT, "max_tokens": 50, "temperature": 0, "ignore_eos": True}
             chunks = _raw_stream(base, "/v1/chat/completions", body)  # framing checked: [DONE] still last

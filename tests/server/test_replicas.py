@@ -66,7 +66,7 @@ def one_server() -> Iterator[str]:
     the sums round differently, and a sampled near-tie can flip."""
     engine = Engine(EngineConfig(num_threads=1), progress=False)
     try:
-        with running_server(create_app(engine)) as base:
+        with running_server(create_app(engine=engine)) as base:
             yield base
     finally:
         engine.shutdown()

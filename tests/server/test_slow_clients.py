@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from tricklm.config import ServerConfig
 from tricklm.engine.engine import Engine
 from tricklm.server.app import create_app
 from tricklm.server.slow_clients import header_deadline_protocol
@@ -20,7 +21,7 @@ DEADLINE = 1.0
 
 @pytest.fixture(scope="module")
 def guarded(tiny_engine: Engine) -> Iterator[str]:
-    app = create_app(tiny_engine, body_timeout=DEADLINE)
+    app = create_app(ServerConfig(body_timeout=DEADLINE), engine=tiny_engine)
     with running_server(app, http=header_deadline_protocol(DEADLINE)) as base:
         yield base
 

@@ -94,6 +94,10 @@ class RequestStream:
         finally:
             self.close()
 
+    @property
+    def prompt_text(self) -> str:
+        return self.engine.tokenizer.decode(self.prompt_token_ids)
+
     def _expire(self) -> None:
         """The request ran past its timeout: its slot is freed at the next step, its reader gets the reason."""
         if not self._done:

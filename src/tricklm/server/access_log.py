@@ -56,7 +56,7 @@ class AccessRecord:
             "duration_ms": round(1000 * (time.monotonic() - self.start)),
         }
         if with_text and self.streams:
-            entry["prompts"] = [s.engine.tokenizer.decode(s.prompt_token_ids) for s in self.streams]
+            entry["prompts"] = [s.prompt_text for s in self.streams]
             entry["outputs"] = [p.text for p in processors]
         return entry
 

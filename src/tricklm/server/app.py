@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib import resources
 
@@ -17,7 +17,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.staticfiles import StaticFiles
 
 from tricklm import __version__
-from tricklm.config import DEFAULT_MAX_REQUEST_BYTES, ServerConfig
+from tricklm.config import ServerConfig
 from tricklm.engine.engine import Engine
 from tricklm.server import generate, openai_routes
 from tricklm.server.access import KeyGuard, SecurityHeaders, cors_options
@@ -38,19 +38,13 @@ logger = logging.getLogger(__name__)
 
 
 def create_app(
+    config: ServerConfig | None = None,
+    *,
     engine: Engine | None = None,
     engine_factory: Callable[[], Engine] | None = None,
-    served_model_name: str | None = None,
-    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-    api_keys: Sequence[str] = (),
-    allowed_origins: Sequence[str] = (),
-    metrics_public: bool = False,
-    request_timeout: float | None = None,
-    log_requests: bool = False,
-    stats_interval: float | None = None,
-    body_timeout: float | None = None,
 ) -> FastAPI:
-    """Serve `engine`, or build one with `engine_factory` after startup (/health says 503 meanwhile).
+    """Serve `engine`, or build one with `engine_factory` after startup (/health says 503 meanwhile), with the
+    settings `config` holds (`tricklm serve`'s options; the defaults where none is given).
 
     An engine passed in is not shut down with the app (the caller owns it); a factory-built one is.
     With `api_keys`, every route but /health and the chat page needs one (`access.py`); CORS is closed
@@ -59,7 +53,8 @@ def create_app(
     `body_timeout` seconds to arrive gets 408. Each request gets an access line
     (with its prompt and output text if `log_requests`), and every `stats_interval` seconds a stats line.
     """
-    state = ServerState(served_model_name, request_timeout)
+    config = config or ServerConfig()
+    state = ServerState(config.served_model_name, config.request_timeout)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -68,8 +63,8 @@ def create_app(
         elif engine_factory is not None:
             state.load_in_background(engine_factory)
         stats = None
-        if stats_interval:
-            stats = asyncio.create_task(StatsLogger(state, stats_interval).run(), name="tricklm-stats")
+        if config.stats_interval:
+            stats = asyncio.create_task(StatsLogger(state, config.stats_interval).run(), name="tricklm-stats")
         yield
         if stats is not None:
             stats.cancel()
@@ -83,36 +78,17 @@ def create_app(
     app.include_router(generate.router)
     app.include_router(openai_routes.router)
     # Outermost last: headers on everything, CORS preflight before the key check, the key before the body
-    app.add_middleware(BodyGuard, max_bytes=max_request_bytes, body_timeout=body_timeout)
-    app.add_middleware(KeyGuard, keys=api_keys, metrics_public=metrics_public)
-    cors = cors_options(allowed_origins)
+    app.add_middleware(BodyGuard, max_bytes=config.max_request_bytes, body_timeout=config.body_timeout)
+    app.add_middleware(KeyGuard, keys=config.api_keys, metrics_public=config.metrics_public)
+    cors = cors_options(config.allowed_origins)
     if cors is not None:
         app.add_middleware(CORSMiddleware, **cors)  # type: ignore[arg-type]
     app.add_middleware(SecurityHeaders)
     # Outermost: every request gets its id and its line, refusals too
-    app.add_middleware(AccessLog, log_requests=log_requests)
+    app.add_middleware(AccessLog, log_requests=config.log_requests)
     _add_error_handlers(app)
     _add_service_routes(app)
     return app
-
-
-def create_server_app(
-    config: ServerConfig, engine: Engine | None = None, engine_factory: Callable[[], Engine] | None = None
-) -> FastAPI:
-    """`create_app` with the settings `tricklm serve`'s options gave (one server, or each replica's)."""
-    return create_app(
-        engine=engine,
-        engine_factory=engine_factory,
-        served_model_name=config.served_model_name,
-        max_request_bytes=config.max_request_bytes,
-        api_keys=config.api_keys,
-        allowed_origins=config.allowed_origins,
-        metrics_public=config.metrics_public,
-        request_timeout=config.request_timeout,
-        log_requests=config.log_requests,
-        stats_interval=config.stats_interval or None,
-        body_timeout=config.body_timeout,
-    )
 
 
 def _add_error_handlers(app: FastAPI) -> None:

@@ -68,11 +68,28 @@ class EngineClient:
     def generation_defaults(self) -> dict[str, Any]:
         return self._engine.generation_defaults
 
+    @property
+    def model_name(self) -> str:
+        return self._engine.info.model_name
+
     def stats(self) -> EngineStats:
         return self._engine.loop.stats()
 
+    def problem(self) -> tuple[str, str] | None:
+        """Why the engine cannot take requests now, as a /health status and detail; None when it can."""
+        loop = self._engine.loop
+        if not loop.is_alive:
+            return "error", f"engine stopped: {loop.error!r}"
+        if loop.restarting:
+            return "restarting", "the engine is restarting after a failed step"
+        return None
+
+    def end_all(self, message: str) -> None:
+        """Ends every request in flight or waiting with `message` as its error (a bounded shutdown's last act)."""
+        self._engine.loop.end_all(message)
+
     async def encode_text(self, text: str, param: str = "prompt", add_special_tokens: bool = True) -> list[int]:
-        check_length(self._engine, len(text), param)
+        check_length(self.max_model_len, self.tokenizer.max_token_chars, len(text), param)
         return await run_in_threadpool(self.tokenizer.encode, text, add_special_tokens)
 
     async def encode_chat(
@@ -80,7 +97,7 @@ class EngineClient:
     ) -> list[int]:
         """The chat rendered by the model's template: its markup as control tokens, the messages' text as text."""
         text_chars = sum(len(v) for m in messages for v in m.values() if isinstance(v, str))
-        check_length(self._engine, text_chars + len(str(tools or "")), "messages")
+        check_length(self.max_model_len, self.tokenizer.max_token_chars, text_chars + len(str(tools or "")), "messages")
         try:
             return await run_in_threadpool(self.tokenizer.encode_chat, messages, add_generation_prompt, tools)
         except (ChatTemplateError, ValueError) as e:

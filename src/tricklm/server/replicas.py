@@ -37,7 +37,7 @@ from tricklm.config import EngineConfig, ReplicaPlan, ServerConfig
 from tricklm.engine.engine import Engine
 from tricklm.model.resolve import resolve_model
 from tricklm.server.access import KeyGuard
-from tricklm.server.app import create_server_app
+from tricklm.server.app import create_app
 from tricklm.server.body_guard import read_body, replay_body, too_large
 from tricklm.server.errors import APIError, error_response, overloaded
 from tricklm.server.metrics_merge import merge_expositions
@@ -120,7 +120,7 @@ class EngineReplica:
         configure_logging(server_config.log_format, server_config.log_level)
         engine = await asyncio.to_thread(Engine, engine_config, False)
         self.engine = engine
-        self.app = create_server_app(server_config, engine=engine)
+        self.app = create_app(server_config, engine=engine)
         self._lifespan = AsyncExitStack()
         await self._lifespan.enter_async_context(self.app.router.lifespan_context(self.app))
         self.name = serve.get_replica_context().replica_id.unique_id

@@ -18,7 +18,7 @@ from tricklm.engine.engine import Engine
 from tricklm.memory import limit_fragmentation
 from tricklm.model.resolve import resolve_model
 from tricklm.server.access import is_loopback
-from tricklm.server.app import create_server_app
+from tricklm.server.app import create_app
 from tricklm.server.slow_clients import header_deadline_protocol
 from tricklm.server.state import ServerState
 
@@ -47,7 +47,7 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
                 server.should_exit = True
             raise
 
-    app = create_server_app(server_config, engine_factory=factory)
+    app = create_app(server_config, engine_factory=factory)
     config = uvicorn.Config(
         app,
         host=server_config.host,
@@ -125,9 +125,9 @@ their error event and [DONE]) and exits with status 1."""
         loop writes their last events (a stream's error event and [DONE]: a client must not be left with a
         stream cut mid-way), then leaves through os._exit, not interpreter teardown, which a step's native
         threads could still be inside (it ended in SIGABRT)."""
-        engine = self.state.engine
-        if engine is not None:
-            engine.loop.end_all(FORCED_EXIT_MESSAGE)
+        client = self.state.client
+        if client is not None:
+            client.end_all(FORCED_EXIT_MESSAGE)
         deadline = time.monotonic() + FORCED_EXIT_SECONDS
         while self.server_state.tasks and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -139,7 +139,7 @@ their error event and [DONE]) and exits with status 1."""
         self._deadline = self._loop.call_later(self.timeout, self._end_requests)
 
     def _end_requests(self) -> None:
-        engine = self.state.engine
-        if engine is not None:
+        client = self.state.client
+        if client is not None:
             logger.warning("shutdown timeout reached, ending the requests still in flight")
-            engine.loop.end_all(SHUTDOWN_MESSAGE)
+            client.end_all(SHUTDOWN_MESSAGE)

@@ -17,7 +17,7 @@ from tricklm.server.metrics import Metrics
 
 class ServerState:
     def __init__(self, served_model_name: str | None = None, request_timeout: float | None = None) -> None:
-        self.engine: Engine | None = None  # for the app's lifecycle (health, drain); routes use `client`
+        self.engine: Engine | None = None  # its owner's, to shut it down; everything else uses `client`
         self.client: EngineClient | None = None
         self.load_error: str | None = None
         self.load_thread: threading.Thread | None = None
@@ -49,19 +49,18 @@ class ServerState:
     def served_model_name(self) -> str:
         if self._served_model_name:
             return self._served_model_name
-        return self.engine.info.model_name if self.engine else "unknown"
+        return self.client.model_name if self.client else "unknown"
 
     def health(self) -> tuple[int, dict[str, str]]:
         if self.draining:
             return 503, {"status": "draining", "detail": "the server is shutting down"}
-        if self.engine is None:
+        if self.client is None:
             if self.load_error:
                 return 503, {"status": "error", "detail": f"model failed to load: {self.load_error}"}
             return 503, {"status": "loading"}
-        if not self.engine.loop.is_alive:
-            return 503, {"status": "error", "detail": f"engine stopped: {self.engine.loop.error!r}"}
-        if self.engine.loop.restarting:
-            return 503, {"status": "restarting", "detail": "the engine is restarting after a failed step"}
+        problem = self.client.problem()
+        if problem is not None:
+            return 503, {"status": problem[0], "detail": problem[1]}
         return 200, {"status": "ok"}
 
     def require_engine(self) -> EngineClient:
