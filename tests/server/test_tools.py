@@ -15,7 +15,7 @@ from tricklm.model.resolve import resolve_model
 from tricklm.server.chat import ChatRenderer
 from tricklm.server.openai_protocol import ChatCompletionRequest
 from tricklm.server.serving import Job
-from tricklm.server.tools import ParsedCall, ToolSetup, generic_tool_messages
+from tricklm.server.tools import ParsedCall, ToolMode, ToolSetup, generic_tool_messages
 from tricklm.tokenizer import ChatTemplateError, Tokenizer
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
@@ -228,7 +228,7 @@ def test_auto_constrains_a_call_once_it_has_begun() -> None:
         }
     )
     setup = ToolSetup.of(body)
-    assert setup is not None and setup.mode == "auto"
+    assert setup is not None and setup.mode is ToolMode.AUTO
     grammar = compiler.lark(setup.call_grammar(special_trigger=False), "tools")
 
     def accepts(text: str) -> bool:

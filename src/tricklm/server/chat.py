@@ -23,7 +23,7 @@ from tricklm.server.openai_serving import (
 from tricklm.server.sampling import to_sampling_params
 from tricklm.server.serving import Job, respond, start_job
 from tricklm.server.state import ServerState
-from tricklm.server.tools import ParsedCall, ToolSetup, generic_tool_messages, new_call_id
+from tricklm.server.tools import ParsedCall, ToolMode, ToolSetup, generic_tool_messages, new_call_id
 from tricklm.tokenizer import Tokenizer
 
 
@@ -56,7 +56,7 @@ async def _encode(client: EngineClient, body: ChatCompletionRequest, tools: Tool
 
 
 async def _grammar(client: EngineClient, body: ChatCompletionRequest, tools: ToolSetup | None) -> Grammar | None:
-    if tools is None or tools.mode == "none":
+    if tools is None or tools.mode is ToolMode.NONE:
         return await response_grammar(client, body.response_format)
     constraint = tools.constraint()
     if constraint is None:  # "auto": free text, and each call constrained once it has begun
@@ -93,7 +93,7 @@ class ChatRenderer(OpenAIRenderer):
     def __init__(self, model: str, tokenizer: Tokenizer, include_usage: bool, tools: ToolSetup | None) -> None:
         super().__init__(model, tokenizer, include_usage)
         # "none" parses nothing: the reply is text, as without tools
-        self.tools = tools if tools is not None and tools.mode != "none" else None
+        self.tools = tools if tools is not None and tools.mode is not ToolMode.NONE else None
         self._choices: dict[int, _ChoiceState] = {}
 
     def opening(self, job: Job) -> list[bytes]:
@@ -107,9 +107,9 @@ class ChatRenderer(OpenAIRenderer):
         # The tokens' logprobs as they come (the text they make may be held back, or become a call)
         out = [self.chunk(index, {"delta": {}, "logprobs": chat_logprobs(self.tokenizer, delta.logprobs)})]
         out = out if delta.logprobs else []
-        if self.tools.mode == "named":
+        if self.tools.mode is ToolMode.NAMED:
             out += self._named_delta(index, state, delta.text)
-        elif self.tools.mode == "auto":
+        elif self.tools.mode is ToolMode.AUTO:
             out += self._content_so_far(index, state, self.tools.streamable_content(state.text))
         # "required": a JSON array of calls, sent whole once it has ended
         if delta.finish_reason is not None:
@@ -144,8 +144,8 @@ class ChatRenderer(OpenAIRenderer):
     def _finish(self, index: int, state: _ChoiceState, reason: str) -> list[bytes]:
         assert self.tools is not None
         content, calls = self.tools.parse(state.text)
-        out = self._content_so_far(index, state, content or "") if self.tools.mode != "named" else []
-        if self.tools.mode != "named":
+        out = self._content_so_far(index, state, content or "") if self.tools.mode is not ToolMode.NAMED else []
+        if self.tools.mode is not ToolMode.NAMED:
             for k, call in enumerate(calls):
                 out.append(self._call_chunk(index, k, self._call_id(state, k), call.name))
                 arguments = {"tool_calls": [{"index": k, "function": {"arguments": call.arguments}}]}

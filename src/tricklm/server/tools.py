@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import re
 import uuid
@@ -40,10 +41,19 @@ def new_call_id() -> str:
     return "call_" + uuid.uuid4().hex[:24]
 
 
+class ToolMode(enum.Enum):
+    """How a request's tools shape its reply (`tool_choice`; the module's docstring says what each does)."""
+
+    NONE = "none"
+    AUTO = "auto"
+    REQUIRED = "required"
+    NAMED = "named"  # a `{"type": "function", ...}` choice: one call to that function
+
+
 @dataclass(frozen=True)
 class ToolSetup:
     tools: list[Tool]
-    mode: str  # "none" | "auto" | "required" | "named"
+    mode: ToolMode
     name: str | None = None  # the named function
     parallel: bool = True
 
@@ -53,8 +63,8 @@ class ToolSetup:
             return None
         choice = body.tool_choice or "auto"
         if isinstance(choice, NamedToolChoice):
-            return cls(body.tools, "named", choice.function.name, body.parallel_tool_calls)
-        return cls(body.tools, choice, None, body.parallel_tool_calls)
+            return cls(body.tools, ToolMode.NAMED, choice.function.name, body.parallel_tool_calls)
+        return cls(body.tools, ToolMode(choice), None, body.parallel_tool_calls)
 
     @property
     def names(self) -> set[str]:
@@ -66,9 +76,9 @@ class ToolSetup:
 
     def constraint(self) -> dict[str, Any] | None:
         """The JSON schema a forced call is constrained to, or None when the model may answer freely."""
-        if self.mode == "named":
+        if self.mode is ToolMode.NAMED:
             return _parameters(next(t for t in self.tools if t.function.name == self.name))
-        if self.mode != "required":
+        if self.mode is not ToolMode.REQUIRED:
             return None
         defs: dict[str, Any] = {}
         calls = []
@@ -106,13 +116,13 @@ class ToolSetup:
 
     def parse(self, text: str) -> tuple[str | None, list[ParsedCall]]:
         """The reply's content and its calls; a reply with no valid call is all content."""
-        if self.mode == "named":
+        if self.mode is ToolMode.NAMED:
             assert self.name is not None
             return None, [ParsedCall(self.name, text)]  # as streamed: the reply is the arguments
-        if self.mode == "required":
+        if self.mode is ToolMode.REQUIRED:
             calls = _calls_from_json(text, self.names)
             return (None, calls) if calls else (text, [])
-        if self.mode == "none":
+        if self.mode is ToolMode.NONE:
             return text, []
         start = _first_marker(text)
         if start == len(text) and text.lstrip()[:1] in ("{", "["):
