@@ -37,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _serve_replicas(args: argparse.Namespace) -> int:
     try:
-        from tricklm.server.replicas import serve_replicas
+        from tricklm.server.replicas.gateway import serve_replicas
     except ImportError as e:
         raise ValueError(f"--replicas needs Ray Serve ({e}): pip install 'tricklm[ray]'") from None
     return serve_replicas(*replica_plan(args))

@@ -14,7 +14,7 @@ from pathlib import Path
 from tricklm.config import QUANTIZATIONS, EngineConfig, ReplicaPlan, ServerConfig, config_from_args
 from tricklm.logs import LOG_FORMATS, LOG_LEVELS
 from tricklm.model.weights.modes import PREFILL_FORMATS
-from tricklm.server.access import KEY_ENV, read_keys
+from tricklm.server.middleware.access import KEY_ENV, read_keys
 
 _ENGINE_DEFAULTS = EngineConfig()
 _SERVER_DEFAULTS = ServerConfig()

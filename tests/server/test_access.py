@@ -21,10 +21,10 @@ import pytest
 from tricklm.config import ServerConfig
 from tricklm.engine.engine import Engine
 from tricklm.logs import JsonFormatter
-from tricklm.server.access import is_loopback, read_keys
 from tricklm.server.app import create_app
+from tricklm.server.middleware.access import is_loopback, read_keys
+from tricklm.server.observability.stats_log import StatsLogger
 from tricklm.server.state import ServerState
-from tricklm.server.stats_log import StatsLogger
 from tricklm.server.testing import free_port, running_server, wait_healthy
 
 KEY, OTHER = "sk-test-0123456789", "sk-second-abcdefgh"

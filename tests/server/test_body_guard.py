@@ -8,7 +8,7 @@ import socket
 import httpx
 import pytest
 
-from tricklm.server.body_guard import MAX_DEPTH, check_body
+from tricklm.server.middleware.body_guard import MAX_DEPTH, check_body
 
 
 @pytest.mark.parametrize(

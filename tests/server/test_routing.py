@@ -6,9 +6,16 @@ import json
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tricklm.server.metrics import Metrics
-from tricklm.server.metrics_merge import merge_expositions
-from tricklm.server.routing import CHUNK_CHARS, MAX_KEY_CHARS, PrefixIndex, chunk_hashes, rank_replicas, routing_text
+from tricklm.server.observability.metrics import Metrics
+from tricklm.server.replicas.metrics_merge import merge_expositions
+from tricklm.server.replicas.routing import (
+    CHUNK_CHARS,
+    MAX_KEY_CHARS,
+    PrefixIndex,
+    chunk_hashes,
+    rank_replicas,
+    routing_text,
+)
 
 
 def _chat(*contents: str) -> bytes:

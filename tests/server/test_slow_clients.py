@@ -13,7 +13,7 @@ import pytest
 from tricklm.config import ServerConfig
 from tricklm.engine.engine import Engine
 from tricklm.server.app import create_app
-from tricklm.server.slow_clients import header_deadline_protocol
+from tricklm.server.middleware.slow_clients import header_deadline_protocol
 from tricklm.server.testing import running_server
 
 DEADLINE = 1.0

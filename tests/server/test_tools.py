@@ -12,10 +12,10 @@ import pytest
 from tricklm.engine.output import Delta
 from tricklm.engine.structured import GrammarCompiler
 from tricklm.model.resolve import resolve_model
-from tricklm.server.chat import ChatRenderer
-from tricklm.server.openai_protocol import ChatCompletionRequest
+from tricklm.server.openai.chat import ChatRenderer
+from tricklm.server.openai.protocol import ChatCompletionRequest
+from tricklm.server.openai.tools import ParsedCall, ToolMode, ToolSetup, generic_tool_messages
 from tricklm.server.serving import Job
-from tricklm.server.tools import ParsedCall, ToolMode, ToolSetup, generic_tool_messages
 from tricklm.tokenizer import ChatTemplateError, Tokenizer
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}

@@ -19,10 +19,7 @@ from starlette.staticfiles import StaticFiles
 from tricklm import __version__
 from tricklm.config import ServerConfig
 from tricklm.engine.engine import Engine
-from tricklm.server import generate, openai_routes
-from tricklm.server.access import KeyGuard, SecurityHeaders, cors_options
-from tricklm.server.access_log import AccessLog
-from tricklm.server.body_guard import BodyGuard
+from tricklm.server import generate
 from tricklm.server.errors import (
     APIError,
     documented_errors,
@@ -31,8 +28,12 @@ from tricklm.server.errors import (
     validation_details,
     validation_error_to_openai,
 )
+from tricklm.server.middleware.access import KeyGuard, SecurityHeaders, cors_options
+from tricklm.server.middleware.access_log import AccessLog
+from tricklm.server.middleware.body_guard import BodyGuard
+from tricklm.server.observability.stats_log import StatsLogger
+from tricklm.server.openai import routes as openai_routes
 from tricklm.server.state import ServerState, get_state
-from tricklm.server.stats_log import StatsLogger
 
 logger = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from tricklm.engine.engine import Engine
 from tricklm.engine.loop import EngineStats
 from tricklm.engine.sampling_params import SamplingParams
 from tricklm.engine.structured import Grammar, GrammarError, GrammarUnavailable
-from tricklm.server.access_log import record_stream
 from tricklm.server.errors import APIError
-from tricklm.server.metrics import Metrics
+from tricklm.server.middleware.access_log import record_stream
+from tricklm.server.observability.metrics import Metrics
 from tricklm.server.prompts import check_length
 from tricklm.tokenizer import ChatTemplateError, Tokenizer
 

@@ -12,8 +12,8 @@ from tricklm.engine.llm import summarize
 from tricklm.engine.output import Delta, OutputProcessor
 from tricklm.engine.sampling_params import SEED_RANGE
 from tricklm.server.errors import GENERATION_ERRORS, APIError, DetailError, documented_errors
-from tricklm.server.openai_protocol import ResponseFormat
-from tricklm.server.openai_serving import response_grammar
+from tricklm.server.openai.protocol import ResponseFormat
+from tricklm.server.openai.serving import response_grammar
 from tricklm.server.sampling import to_sampling_params
 from tricklm.server.serving import Job, Renderer, respond, start_job
 from tricklm.server.sse import EVENT_STREAM, sse_event

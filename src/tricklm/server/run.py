@@ -17,9 +17,9 @@ from tricklm.config import EngineConfig, ServerConfig
 from tricklm.engine.engine import Engine
 from tricklm.memory import limit_fragmentation
 from tricklm.model.resolve import resolve_model
-from tricklm.server.access import is_loopback
 from tricklm.server.app import create_app
-from tricklm.server.slow_clients import header_deadline_protocol
+from tricklm.server.middleware.access import is_loopback
+from tricklm.server.middleware.slow_clients import header_deadline_protocol
 from tricklm.server.state import ServerState
 
 logger = logging.getLogger("tricklm")

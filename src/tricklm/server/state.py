@@ -12,7 +12,7 @@ from tricklm.engine.engine import ContextLengthError, Engine
 from tricklm.engine.loop import EngineDeadError, QueueFullError
 from tricklm.server.engine_client import EngineClient
 from tricklm.server.errors import APIError, overloaded, unavailable
-from tricklm.server.metrics import Metrics
+from tricklm.server.observability.metrics import Metrics
 
 
 class ServerState:

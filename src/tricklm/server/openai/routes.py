@@ -8,10 +8,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 
-from tricklm.server.chat import chat_messages, create_chat_completion
-from tricklm.server.completions import create_completion
 from tricklm.server.errors import GENERATION_ERRORS, APIError, documented_errors
-from tricklm.server.openai_protocol import (
+from tricklm.server.openai.chat import chat_messages, create_chat_completion
+from tricklm.server.openai.completions import create_completion
+from tricklm.server.openai.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
     CompletionRequest,
@@ -23,7 +23,7 @@ from tricklm.server.openai_protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from tricklm.server.openai_serving import check_model
+from tricklm.server.openai.serving import check_model
 from tricklm.server.sse import EVENT_STREAM
 from tricklm.server.state import ServerState, get_state
 

@@ -13,7 +13,7 @@ from tricklm.engine.request import TokenLogprob
 from tricklm.engine.structured import Grammar
 from tricklm.server.engine_client import EngineClient
 from tricklm.server.errors import APIError
-from tricklm.server.openai_protocol import ResponseFormat, SamplingFields
+from tricklm.server.openai.protocol import ResponseFormat, SamplingFields
 from tricklm.server.serving import Job, Renderer
 from tricklm.server.sse import sse_event
 from tricklm.server.state import ServerState

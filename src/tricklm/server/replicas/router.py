@@ -7,7 +7,7 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-from tricklm.server.routing import PrefixIndex, rank_replicas
+from tricklm.server.replicas.routing import PrefixIndex, rank_replicas
 
 
 class PrefixAffinityRouter(RequestRouter):  # type: ignore[misc]  # ray is untyped here

@@ -36,13 +36,13 @@ from starlette.types import Message, Receive
 from tricklm.config import EngineConfig, ReplicaPlan, ServerConfig
 from tricklm.engine.engine import Engine
 from tricklm.model.resolve import resolve_model
-from tricklm.server.access import KeyGuard
 from tricklm.server.app import create_app
-from tricklm.server.body_guard import read_body, replay_body, too_large
 from tricklm.server.errors import APIError, error_response, overloaded
-from tricklm.server.metrics_merge import merge_expositions
-from tricklm.server.ray_router import PrefixAffinityRouter
-from tricklm.server.routing import chunk_hashes, routing_text
+from tricklm.server.middleware.access import KeyGuard
+from tricklm.server.middleware.body_guard import read_body, replay_body, too_large
+from tricklm.server.replicas.metrics_merge import merge_expositions
+from tricklm.server.replicas.router import PrefixAffinityRouter
+from tricklm.server.replicas.routing import chunk_hashes, routing_text
 from tricklm.server.sse import DONE, sse_event
 
 logger = logging.getLogger("tricklm.replicas")

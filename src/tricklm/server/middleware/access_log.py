@@ -23,7 +23,7 @@ from urllib.parse import quote
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tricklm.engine.async_llm import RequestStream
-from tricklm.server.access import adding_headers
+from tricklm.server.middleware.access import adding_headers
 
 logger = logging.getLogger("tricklm.access")
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tricklm.engine.structured import JSON_OPTIONS
-from tricklm.server.openai_protocol import ChatCompletionRequest, NamedToolChoice, Tool
+from tricklm.server.openai.protocol import ChatCompletionRequest, NamedToolChoice, Tool
 
 # Where a call begins in each format; text before the first of them is the reply's content
 _MARKERS = ("<tool_call>", "[TOOL_CALLS]", "<|python_tag|>")

@@ -12,18 +12,18 @@ from tricklm.engine.output import Delta, OutputProcessor
 from tricklm.engine.structured import Grammar
 from tricklm.server.engine_client import EngineClient
 from tricklm.server.errors import APIError
-from tricklm.server.openai_protocol import ChatCompletionRequest, ChatMessage, message_dicts
-from tricklm.server.openai_serving import (
+from tricklm.server.openai.protocol import ChatCompletionRequest, ChatMessage, message_dicts
+from tricklm.server.openai.serving import (
     OpenAIRenderer,
     chat_logprobs,
     check_model,
     check_supported,
     response_grammar,
 )
+from tricklm.server.openai.tools import ParsedCall, ToolMode, ToolSetup, generic_tool_messages, new_call_id
 from tricklm.server.sampling import to_sampling_params
 from tricklm.server.serving import Job, respond, start_job
 from tricklm.server.state import ServerState
-from tricklm.server.tools import ParsedCall, ToolMode, ToolSetup, generic_tool_messages, new_call_id
 from tricklm.tokenizer import Tokenizer
 
 

@@ -10,8 +10,8 @@ from fastapi.responses import Response
 from tricklm.engine.output import Delta, OutputProcessor
 from tricklm.server.engine_client import EngineClient
 from tricklm.server.errors import APIError
-from tricklm.server.openai_protocol import CompletionRequest
-from tricklm.server.openai_serving import (
+from tricklm.server.openai.protocol import CompletionRequest
+from tricklm.server.openai.serving import (
     OpenAIRenderer,
     check_model,
     check_supported,

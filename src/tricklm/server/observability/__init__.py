@@ -1,0 +1,1 @@
+"""What the server says about itself: Prometheus metrics (`metrics.py`) and the periodic stats line (`stats_log.py`)."""
