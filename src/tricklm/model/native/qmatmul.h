@@ -522,6 +522,15 @@ inline bool cpu_has_amx() {
 // AMX where the CPU has it and TRICKLM_ISA does not force a path below it.
 inline bool amx_usable() { return isa_allows(isa_rank("amx")) && cpu_has_amx(); }
 
+// The kernel for a step of `rows` rows: AMX for chunks of many rows where the CPU has it, else the best int8
+// kernel, as TRICKLM_ISA allows; one read of the variable (a decode step makes a call per projection).
+inline std::string auto_isa(int64_t rows) {
+  const std::string forced = forced_isa(), best = cpu_isa();
+  const int rank = isa_rank(forced);
+  if (rows >= kAmxMinRows && (rank < 0 || rank >= isa_rank("amx")) && cpu_has_amx()) return "amx";
+  return rank >= 0 && rank < isa_rank(best) ? forced : best;
+}
+
 #define TRICKLM_AMX_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16,f16c")))
 
 // Four elements (4 j + i, i < 4) of 16 columns whose levels are bytes i of `quads`' dwords, widened into
@@ -602,7 +611,7 @@ inline void qmatmul_into(const torch::Tensor& x, const torch::Tensor& levels, co
               "out must be a contiguous float32 [rows, n] tensor");
   // "" the best for these rows; "int8" the best int8 kernel whatever the rows (tests, benchmarks)
   std::string chosen = isa;
-  if (isa.empty()) chosen = rows >= kAmxMinRows && amx_usable() ? "amx" : isa_name();
+  if (isa.empty()) chosen = auto_isa(rows);
   if (isa == "int8") chosen = isa_name();
   TORCH_CHECK(chosen == "scalar" || chosen == "avx2" || chosen == "avx512vnni" || chosen == "amx", "unknown isa ",
               chosen);
