@@ -159,3 +159,86 @@ class Follower:
         that the model, not the paths, decided the comparison)."""
         assert self.steps > 0, "no step was compared"
         assert len(self.swaps) <= fraction * self.steps, f"{len(self.swaps)} of {self.steps} steps: {self.swaps}"
+
+
+# ---- answers through the OpenAI API ---------------------------------------------------------------------
+
+# The default model's int8 kernels: where the CPU has AMX, a step of many rows (a fresh prefill) multiplies in
+# bfloat16 and one of few rows (the rest of a cached prefix, a decode) in int8, which moves logits by int8
+# rounding steps; about twice the largest move of a top-2 gap measured between a fresh and a cached prefill
+INT8_MARGIN = 1.5
+
+
+@dataclass
+class Steps:
+    """An answer's steps as its logprobs show them: each token's text, its log-probability, the top-2 margin."""
+
+    tokens: list[str] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    margins: list[float] = field(default_factory=list)
+
+    def head(self, n: int) -> Steps:
+        return Steps(self.tokens[:n], self.logprobs[:n], self.margins[:n])
+
+
+def _get(item: Any, name: str) -> Any:
+    """A field of a JSON object (httpx) or of the `openai` client's model of it."""
+    return item[name] if isinstance(item, dict) else getattr(item, name)
+
+
+def chat_steps(*logprobs: Any) -> Steps:
+    """The steps of a chat answer's `logprobs` (asked with `top_logprobs` >= 2): a choice's, or a stream's chunks'
+    in order (None where a chunk has none)."""
+    steps = Steps()
+    for part in logprobs:
+        for entry in (_get(part, "content") or []) if part is not None else []:
+            steps.tokens.append(_get(entry, "token"))
+            steps.logprobs.append(_get(entry, "logprob"))
+            steps.margins.append(margin_of([(0, _get(top, "logprob")) for top in _get(entry, "top_logprobs")]))
+    return steps
+
+
+def completion_steps(*logprobs: Any) -> Steps:
+    """The steps of a greedy completion's `logprobs` (asked with `logprobs: 2`): a choice's, or a stream's chunks'.
+
+    A step's top entries are keyed by token text, so two tokens of one text (byte pieces of a character) leave
+    one entry, the lower one's. With exactly two asked, the runner-up is still the largest value below the
+    chosen token's (greedy chose the top one); with more, a third token could hide it."""
+    steps = Steps()
+    for part in logprobs:
+        if part is None:
+            continue
+        for token, chosen, top in zip(
+            _get(part, "tokens"), _get(part, "token_logprobs"), _get(part, "top_logprobs"), strict=True
+        ):
+            steps.tokens.append(token)
+            steps.logprobs.append(chosen)
+            steps.margins.append(chosen - max((v for v in top.values() if v < chosen), default=chosen))
+    return steps
+
+
+def check_answers(agreement: Agreement, got: Steps, want: Steps, what: str = "") -> int | None:
+    """Two paths' greedy answers: tokens equal up to the first near-tie (`Agreement.check`), and up to and
+    including it, each token's log-probability within the bound of the other path's (a top-2 margin is not
+    compared: a wide one moves in proportion, by more than the bound when it is many times it, and harmlessly).
+    Returns the step of that near-tie, or None where there was none: then everything else the answers hold
+    (text, finish reason) must be equal too."""
+    compared, cuts = agreement.compared, len(agreement.cut)
+    agreement.check(got.tokens, want.tokens, got.margins, want.margins, what=what)
+    n = agreement.compared - compared
+    for i, (a, b) in enumerate(list(zip(got.logprobs, want.logprobs, strict=False))[: n + 1]):
+        assert abs(a - b) < agreement.bound, f"{what}: step {i}'s log-probabilities {a:.4g} and {b:.4g} far apart"
+    return n if len(agreement.cut) > cuts else None
+
+
+def check_texts(agreement: Agreement, got: tuple[str, Steps], want: tuple[str, Steps], what: str = "") -> bool:
+    """Two paths' greedy answers, each (text, steps): compared as `check_answers` does; their texts equal where no
+    near-tie cut the comparison, else both starting with what the tokens before it spell (up to a character
+    split across tokens). True if the texts were compared whole."""
+    cut = check_answers(agreement, got[1], want[1], what=what)
+    if cut is None:
+        assert got[0] == want[0], f"{what}: the same tokens, but other texts"
+        return True
+    agreed = "".join(want[1].tokens[:cut]).split("\ufffd")[0]
+    assert got[0].startswith(agreed) and want[0].startswith(agreed), f"{what}: texts differ before the near-tie"
+    return False

@@ -12,6 +12,7 @@ import httpx
 import pytest
 from server_helpers import wait_idle
 
+from agreement import FLOAT_MARGIN, Agreement, Steps, check_texts, completion_steps
 from tricklm.config import EngineConfig
 from tricklm.engine.engine import Engine
 from tricklm.server.app import create_app
@@ -101,23 +102,32 @@ def _poisoned_runner(engine: Engine) -> list[int]:
 
 
 def _completion(base: str, prompt: list[int], max_tokens: int = 24) -> httpx.Response:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "logprobs": 2}
     return httpx.post(f"{base}/v1/completions", json=body, timeout=120)
 
 
+def _answer(r: httpx.Response) -> tuple[str, Steps]:
+    choice = r.json()["choices"][0]
+    return choice["text"], completion_steps(choice["logprobs"])
+
+
 def test_failing_step_ends_only_the_request_at_fault(tiny_model_dir: Path) -> None:
-    engine = Engine(EngineConfig(model=str(tiny_model_dir), max_num_seqs=8), progress=False)
+    # float32: the good requests, recomputed after the failed step in wider steps than they first ran in, differ
+    # from their runs alone only in summation order (the default int4 mode reads a bfloat16 copy of the weights
+    # in wide steps, which moves this random model's logits by more than many of its top-2 margins)
+    config = EngineConfig(model=str(tiny_model_dir), quantization="none", max_num_seqs=8)
+    engine = Engine(config, progress=False)
     prompts = [[20 + i, 30, 40 + i, 50] for i in range(4)]
     try:
         with running_server(create_app(engine=engine)) as base:
             # Long enough replies, and the poison sent once the others run: on a fast CPU 24 tokens of the tiny
             # model were over before the poison arrived, which then failed a step of its own
             max_tokens = 96
-            expected = [_completion(base, p, max_tokens).json()["choices"][0]["text"] for p in prompts]
+            expected = [_answer(_completion(base, p, max_tokens)) for p in prompts]
             failures = _poisoned_runner(engine)
 
             async def together() -> list[httpx.Response]:
-                body = {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+                body = {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "logprobs": 2}
                 async with httpx.AsyncClient(timeout=120) as client:
                     good = [
                         asyncio.create_task(client.post(f"{base}/v1/completions", json={**body, "prompt": p}))
@@ -133,12 +143,15 @@ def test_failing_step_ends_only_the_request_at_fault(tiny_model_dir: Path) -> No
             assert max(failures) > 1, "the fault never hit a shared step: the test proves nothing"
             assert failures[-1] == 1, "the request at fault was not run alone"
             assert [r.status_code for r in good] == [200] * 4
-            assert [r.json()["choices"][0]["text"] for r in good] == expected  # recomputed, same tokens
+            agreement = Agreement(FLOAT_MARGIN)  # recomputed, the same tokens up to a near-tie
+            for i, r in enumerate(good):
+                check_texts(agreement, _answer(r), expected[i], what=f"recomputed {i}")
             assert bad.status_code == 500 and bad.json()["error"]["code"] == "engine_error"
             assert "RuntimeError" in bad.json()["error"]["message"]  # the class, not internals
             assert httpx.get(f"{base}/health", timeout=5).status_code == 200
             wait_idle(engine, 20)
-            assert _completion(base, prompts[0], max_tokens).json()["choices"][0]["text"] == expected[0]
+            check_texts(agreement, _answer(_completion(base, prompts[0], max_tokens)), expected[0], what="after")
+            agreement.assert_meaningful(0.75)
             with httpx.stream(
                 "POST", f"{base}/generate", json={"prompt": "1, 2", "max_tokens": 5, "stream": True}, timeout=30
             ) as r:

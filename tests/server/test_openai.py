@@ -13,8 +13,18 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from server_helpers import JAPANESE_CHAT, clean_cut, sse_payloads, wait_idle
+from server_helpers import clean_cut, sse_payloads, wait_idle
 
+from agreement import (
+    FLOAT_MARGIN,
+    INT8_MARGIN,
+    Agreement,
+    Steps,
+    chat_steps,
+    check_answers,
+    check_texts,
+    completion_steps,
+)
 from tricklm.config import EngineConfig
 from tricklm.engine.engine import Engine
 from tricklm.model.resolve import DEFAULT_MODEL_NAME
@@ -25,6 +35,21 @@ FRANCE = "The capital of France is"
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 TINY_CHAT = [{"role": "user", "content": "Hello, world! How are you today?"}]
 TINY_PROMPT = "The quick brown fox"
+# A count, shown how once: on the default model every one of the first dozen steps has a top-2 margin well above
+# INT8_MARGIN (asked the capital of France, the first step is a near-tie), so two paths are compared to the end
+COUNT_CHAT = [
+    {"role": "user", "content": "Count from 1 to 5."},
+    {"role": "assistant", "content": "1, 2, 3, 4, 5"},
+    {"role": "user", "content": "Count from 1 to 10."},
+]
+# A Japanese word to repeat, shown how once: its first 11 steps' margins as wide (asked to introduce itself, the
+# first steps are near-ties), and most of its characters split across byte-level tokens
+JAPANESE_REPEAT = [
+    {"role": "user", "content": "Repeat: hello"},
+    {"role": "assistant", "content": "hello"},
+    {"role": "user", "content": "Repeat: ありがとうございます"},
+]
+TOP2: dict[str, Any] = {"logprobs": True, "top_logprobs": 2}  # chat: each step's top-2 margin
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +67,20 @@ def tiny(tiny_server: str) -> Iterator[openai.OpenAI]:
 @pytest.fixture(scope="module")
 def tiny_name(tiny_engine: Engine) -> str:
     return tiny_engine.info.model_name
+
+
+@pytest.fixture(scope="module")
+def float_tiny(tiny_model_dir: Path) -> Iterator[tuple[str, str]]:
+    """(base URL, model name) of the tiny Llama in float32, where batched and alone differ only in summation
+    order. The default int4 mode reads a bfloat16 copy of the weights in wide steps (where the CPU runs that
+    faster) and packed fp16 in narrow ones, and that moves this random model's logits by more than many of its
+    top-2 margins."""
+    engine = Engine(EngineConfig(model=str(tiny_model_dir), quantization="none", max_num_seqs=8), progress=False)
+    try:
+        with running_server(create_app(engine=engine)) as base:
+            yield base, engine.info.model_name
+    finally:
+        engine.shutdown()
 
 
 def _raw_stream(base: str, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
@@ -62,23 +101,31 @@ def _text(chunks: list[Any], index: int = 0) -> str:
     return "".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == index)
 
 
+def _chat_steps(chunks: list[Any]) -> Steps:
+    return chat_steps(*(c.choices[0].logprobs for c in chunks if c.choices))
+
+
+def _completion_steps(chunks: list[Any]) -> Steps:
+    return completion_steps(*(c.choices[0].logprobs for c in chunks if c.choices))
+
+
 # ---- streamed == non-streamed ------------------------------------------------------------------------
 
 
 def test_chat_streamed_equals_non_streamed(client: openai.OpenAI) -> None:
-    full = client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=CHAT, max_tokens=12, temperature=0)
+    kw: dict[str, Any] = {"model": DEFAULT_MODEL_NAME, "messages": COUNT_CHAT, "max_tokens": 12, "temperature": 0}
+    full = client.chat.completions.create(**kw, **TOP2)
     text = full.choices[0].message.content
-    # (not "Paris" necessarily: the float32 model's first token is a near-tie, "The" 0.152 against "L"
-    # 0.140, which the default's int8 activations tip to "L'Étoile, la Cité, ...")
     assert text and len(text) > 10
     assert full.object == "chat.completion" and full.choices[0].message.role == "assistant"
-    chunks = list(
-        client.chat.completions.create(
-            model=DEFAULT_MODEL_NAME, messages=CHAT, max_tokens=12, temperature=0, stream=True
-        )
-    )
-    assert _chat_text(chunks) == text
-    assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
+    chunks = list(client.chat.completions.create(stream=True, **kw, **TOP2))
+    # The stream finds more of the prompt in the prefix cache than the first call did, and computes the rest in
+    # other kernels on some CPUs: the two agree up to a near-tie
+    agreement = Agreement(INT8_MARGIN)
+    whole = (text, chat_steps(full.choices[0].logprobs))
+    if check_texts(agreement, (_chat_text(chunks), _chat_steps(chunks)), whole, what="chat"):
+        assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
+    agreement.assert_meaningful(0.75)
 
 
 def test_completions_streamed_equals_non_streamed(client: openai.OpenAI) -> None:
@@ -90,60 +137,81 @@ def test_completions_streamed_equals_non_streamed(client: openai.OpenAI) -> None
     assert _text(chunks) == full.choices[0].text
 
 
-def test_async_client_streams_concurrently_and_match(tiny_server: str, tiny_name: str) -> None:
+def test_async_client_streams_concurrently_and_match(float_tiny: tuple[str, str]) -> None:
     """Several requests at once (batched by the engine) give the same greedy text as one at a time."""
+    base, name = float_tiny
     prompts = ["The sun rises", "Once upon a time", "Cats and dogs", "Hello, world!"]
 
-    async def run() -> tuple[list[str], list[str], list[str]]:
-        async with openai.AsyncOpenAI(base_url=f"{tiny_server}/v1", api_key="x", max_retries=0) as c:
-            kw: dict[str, Any] = {"model": tiny_name, "max_tokens": 12, "temperature": 0}
+    async def run() -> tuple[list[tuple[str, Steps]], list[tuple[str, Steps]], list[tuple[str, Steps]]]:
+        async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0) as c:
+            kw: dict[str, Any] = {"model": name, "max_tokens": 12, "temperature": 0, "logprobs": 2}
             kw["extra_body"] = {"ignore_eos": True}
-            alone = [(await c.completions.create(prompt=p, **kw)).choices[0].text for p in prompts]
-            together = await asyncio.gather(*(c.completions.create(prompt=p, **kw) for p in prompts))
 
-            async def streamed(p: str) -> str:
-                return _text([chunk async for chunk in await c.completions.create(prompt=p, stream=True, **kw)])
+            async def whole(p: str) -> tuple[str, Steps]:
+                choice = (await c.completions.create(prompt=p, **kw)).choices[0]
+                return choice.text, completion_steps(choice.logprobs)
 
+            async def streamed(p: str) -> tuple[str, Steps]:
+                chunks = [chunk async for chunk in await c.completions.create(prompt=p, stream=True, **kw)]
+                return _text(chunks), _completion_steps(chunks)
+
+            alone = [await whole(p) for p in prompts]
+            together = await asyncio.gather(*(whole(p) for p in prompts))
             streams = await asyncio.gather(*(streamed(p) for p in prompts))
-            return alone, [r.choices[0].text for r in together], list(streams)
+            return alone, list(together), list(streams)
 
     alone, together, streams = asyncio.run(run())
-    assert together == alone
-    assert streams == alone
+    # Batched, the float32 matmuls sum in another order than alone
+    agreement = Agreement(FLOAT_MARGIN)
+    for i, want in enumerate(alone):
+        check_texts(agreement, together[i], want, what=f"together {i}")
+        check_texts(agreement, streams[i], want, what=f"streamed {i}")
+    agreement.assert_meaningful(0.75)
 
 
 def test_async_chat_stream_equals_non_streamed(client: openai.OpenAI, default_server: str) -> None:
-    async def run() -> tuple[str, str]:
+    async def run() -> tuple[Any, list[Any]]:
         async with openai.AsyncOpenAI(base_url=f"{default_server}/v1", api_key="x", max_retries=0) as c:
-            kw: dict[str, Any] = {"model": DEFAULT_MODEL_NAME, "messages": CHAT, "max_tokens": 8, "temperature": 0}
-            full = await c.chat.completions.create(**kw)
-            chunks = [chunk async for chunk in await c.chat.completions.create(stream=True, **kw)]
-            return full.choices[0].message.content or "", _chat_text(chunks)
+            kw: dict[str, Any] = {"model": DEFAULT_MODEL_NAME, "messages": COUNT_CHAT, "max_tokens": 8, **TOP2}
+            full = await c.chat.completions.create(temperature=0, **kw)
+            chunks = [chunk async for chunk in await c.chat.completions.create(temperature=0, stream=True, **kw)]
+            return full, chunks
 
-    full, streamed = asyncio.run(run())
-    assert full and streamed == full
+    full, chunks = asyncio.run(run())
+    text = full.choices[0].message.content or ""
+    assert text
+    # The stream finds more of the prompt in the prefix cache than the first call did: up to a near-tie
+    agreement = Agreement(INT8_MARGIN)
+    whole = (text, chat_steps(full.choices[0].logprobs))
+    check_texts(agreement, (_chat_text(chunks), _chat_steps(chunks)), whole, what="async chat")
+    agreement.assert_meaningful(0.75)
 
 
 def test_multibyte_continuation_in_chat_stream(
     client: openai.OpenAI, default_server: str, default_engine: Engine
 ) -> None:
     tok = default_engine.tokenizer
-    templated = tok.apply_chat_template(JAPANESE_CHAT)
+    templated = tok.apply_chat_template(JAPANESE_REPEAT)
     assert tok.encode(templated) == tok.encode(templated, add_special_tokens=False)  # /generate sees the same ids
-    body = {"prompt": templated, "max_tokens": 16, "temperature": 0}
+    body = {"prompt": templated, "max_tokens": 11, "temperature": 0}
     ids = httpx.post(f"{default_server}/generate", json=body, timeout=60).json()["token_ids"]
     k = clean_cut(tok, ids)
     expected = tok.decode(ids[:k])
     assert k >= 6 and sum(ord(c) > 0x3000 for c in expected) >= 3, (k, expected)  # guard: really multi-byte
 
-    kw: dict[str, Any] = {"model": DEFAULT_MODEL_NAME, "messages": JAPANESE_CHAT, "max_tokens": k, "temperature": 0}
-    full = client.chat.completions.create(**kw)
-    assert full.choices[0].message.content == expected
-    chunks = list(client.chat.completions.create(stream=True, **kw))
+    kw: dict[str, Any] = {"model": DEFAULT_MODEL_NAME, "messages": JAPANESE_REPEAT, "max_tokens": k, "temperature": 0}
+    full = client.chat.completions.create(**kw, **TOP2)
+    chunks = list(client.chat.completions.create(stream=True, **kw, **TOP2))
     contents = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert all("\ufffd" not in piece for piece in contents), contents
-    assert "".join(contents) == expected
     assert len(contents) < k  # pieces of one character arrive together, not as one chunk per token
+    # /generate computed the prompt, the chat calls find it in the prefix cache: up to a near-tie. Where the chat
+    # calls' margins are past the bound (twice what a path moves them), /generate cannot have chosen otherwise.
+    agreement = Agreement(INT8_MARGIN)
+    whole = (full.choices[0].message.content or "", chat_steps(full.choices[0].logprobs))
+    if check_texts(agreement, ("".join(contents), _chat_steps(chunks)), whole, what="multibyte"):
+        assert whole[0] == expected
+    agreement.assert_meaningful(0.75)
 
 
 # ---- usage ---------------------------------------------------------------------------------------------
@@ -384,17 +452,22 @@ def test_text_held_for_a_possible_stop_is_flushed_at_the_end(client: openai.Open
 
 
 def test_stop_string_in_chat(client: openai.OpenAI) -> None:
-    kw: dict[str, Any] = {"model": DEFAULT_MODEL_NAME, "messages": CHAT, "max_tokens": 12, "temperature": 0}
-    text = client.chat.completions.create(**kw).choices[0].message.content or ""
-    word = max(text.split(), key=len)
-    assert len(word) >= 5, text
-    cut = text.index(word) + 2  # inside the longest word, likely across tokens
-    stop = text[cut : cut + 3]
-    full = client.chat.completions.create(stop=stop, **kw)
-    assert full.choices[0].message.content == text[: text.index(stop)]
-    assert full.choices[0].finish_reason == "stop"
-    streamed = list(client.chat.completions.create(stop=stop, stream=True, **kw))
-    assert _chat_text(streamed) == full.choices[0].message.content
+    kw: dict[str, Any] = {"model": DEFAULT_MODEL_NAME, "messages": COUNT_CHAT, "max_tokens": 12, "temperature": 0}
+    first = client.chat.completions.create(**kw, **TOP2).choices[0]
+    text, steps = first.message.content or "", chat_steps(first.logprobs)
+    stop = text[len(text) // 2 :][:3]  # from the middle of the count: e.g. "3, ", which ends it at "1, 2, "
+    assert len(stop) == 3 and text.index(stop) > 0, text
+    assert not any(stop in token for token in steps.tokens), steps.tokens  # across tokens
+    full = client.chat.completions.create(stop=stop, **kw, **TOP2).choices[0]
+    streamed = list(client.chat.completions.create(stop=stop, stream=True, **kw, **TOP2))
+    # The first call may have computed the prompt, the others find it in the prefix cache: up to a near-tie
+    agreement = Agreement(INT8_MARGIN)
+    got = chat_steps(full.logprobs)
+    if check_answers(agreement, got, steps.head(len(got.tokens)), what="stopped") is None:
+        assert full.message.content == text[: text.index(stop)]
+        assert full.finish_reason == "stop"
+    check_texts(agreement, (_chat_text(streamed), _chat_steps(streamed)), (full.message.content or "", got), "streamed")
+    agreement.assert_meaningful(0.75)
 
 
 # ---- seed -------------------------------------------------------------------------------------------

@@ -100,6 +100,9 @@ def _reply(client: OpenAI, chat: dict[str, Any], stream: bool) -> str | None:
 
 def test_answers_match_a_single_server_streamed_or_not(replicas: str, one_server: str) -> None:
     through_ray, direct = _client(replicas), _client(one_server)
+    # Exact, not up to a near-tie: one numeric path on both sides (the same model and kernels on the same CPU, one
+    # thread each, each request alone, its prompt computed or read from the cache alike), so the same logits and
+    # the same seeded draws
     for stream in (False, True):
         chat = _chat()
         # Fresh on both sides, then again: from the prefix cache on both (the repeat goes to the same

@@ -75,6 +75,21 @@ def client(default_server: str) -> Iterator[openai.OpenAI]:
         yield c
 
 
+def _one_path(client: openai.OpenAI, kwargs: dict[str, Any]) -> None:
+    """One token of the request first, so that the whole answer and the stream a test compares both find every full
+    block of the prompt in the prefix cache and run alone: the same computation, so the same seeded draws, exactly.
+    (Else the first call computes the prompt and the second reads it from the cache, in other kernels on some CPUs,
+    and logprobs cannot show how near a boundary of the distribution a draw fell, where other logits change it.)"""
+    client.chat.completions.create(**{**kwargs, "max_tokens": 1})
+
+
+def _cached(usage: Any) -> int:
+    return int(usage.prompt_tokens_details.cached_tokens)
+
+
+WITH_USAGE = {"stream_options": {"include_usage": True}}  # a stream's cached tokens
+
+
 def test_parse_returns_a_validated_object(client: openai.OpenAI) -> None:
     completion = client.chat.completions.parse(
         model=MODEL, messages=CHAT, response_format=Person, max_tokens=300, temperature=0
@@ -134,10 +149,12 @@ def test_streamed_json_equals_the_whole_answer(client: openai.OpenAI) -> None:
         "seed": 11,
         "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": Person.model_json_schema()}},
     }
-    whole = client.chat.completions.create(**kwargs).choices[0].message.content
-    streamed = "".join(
-        c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kwargs) if c.choices
-    )
+    _one_path(client, kwargs)
+    response = client.chat.completions.create(**kwargs)
+    whole = response.choices[0].message.content
+    chunks = list(client.chat.completions.create(stream=True, **WITH_USAGE, **kwargs))
+    assert _cached(chunks[-1].usage) == _cached(response.usage) > 0  # the same depth
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == whole
 
 
@@ -240,10 +257,14 @@ def test_a_named_function_is_called_and_streams_in_openai_shape(client: openai.O
         "seed": 3,
         "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
     }
-    whole = client.chat.completions.create(**kwargs).choices[0]
+    _one_path(client, kwargs)
+    response = client.chat.completions.create(**kwargs)
+    whole = response.choices[0]
     assert whole.finish_reason == "tool_calls" and whole.message.content is None
     assert whole.message.tool_calls and whole.message.tool_calls[0].function.name == "get_weather"
-    chunks = [c for c in client.chat.completions.create(stream=True, **kwargs) if c.choices]
+    every = list(client.chat.completions.create(stream=True, **WITH_USAGE, **kwargs))
+    assert _cached(every[-1].usage) == _cached(response.usage) > 0  # the same depth
+    chunks = [c for c in every if c.choices]
     calls = [c.choices[0].delta.tool_calls for c in chunks if c.choices[0].delta.tool_calls]
     first = calls[0][0]
     assert (first.index, first.type, first.function.name, first.function.arguments) == (
@@ -270,9 +291,13 @@ def test_streamed_required_calls_equal_the_whole_answer(client: openai.OpenAI) -
         "seed": 5,
         "parallel_tool_calls": False,
     }
-    whole = client.chat.completions.create(**kwargs).choices[0].message.tool_calls or []
+    _one_path(client, kwargs)
+    response = client.chat.completions.create(**kwargs)
+    whole = response.choices[0].message.tool_calls or []
+    chunks = list(client.chat.completions.create(stream=True, **WITH_USAGE, **kwargs))
+    assert _cached(chunks[-1].usage) == _cached(response.usage) > 0  # the same depth
     streamed: dict[int, dict[str, str]] = {}
-    for chunk in client.chat.completions.create(stream=True, **kwargs):
+    for chunk in chunks:
         for delta in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
             call = streamed.setdefault(delta.index, {"name": "", "arguments": ""})
             call["name"] += (delta.function.name or "") if delta.function else ""
