@@ -773,3 +773,18 @@ def test_engine_failure_mid_stream_sends_error_then_done(tiny_model_dir: Path, m
             assert httpx.post(f"{base}/generate", json={"prompt": "hi", "max_tokens": 3}).status_code == 200
     finally:
         engine.shutdown()
+
+
+def test_completion_top_logprobs_keep_the_likelier_of_two_tokens_of_one_text() -> None:
+    """Legacy completions key a step's top entries by text: two byte pieces that both show as U+FFFD are one
+    key, which must hold the likelier token's value (the runner-up a client reads), not the last one's."""
+    from tricklm.engine.request import TokenLogprob
+    from tricklm.server.openai.serving import text_logprobs
+
+    class Pieces:
+        def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+            return {1: "a", 2: "\ufffd", 3: "\ufffd"}[ids[0]]
+
+    step = TokenLogprob(1, -0.1, [(1, -0.1), (2, -1.0), (3, -3.0)])
+    out = text_logprobs(Pieces(), [step], 0)  # type: ignore[arg-type]
+    assert out is not None and out["top_logprobs"] == [{"a": -0.1, "\ufffd": -1.0}]

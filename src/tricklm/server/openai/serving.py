@@ -123,7 +123,10 @@ def text_logprobs(tokenizer: Tokenizer, logprobs: list[TokenLogprob] | None, off
         text = token_text(tokenizer, lp.token_id)
         tokens.append(text)
         values.append(lp.logprob)
-        tops.append({token_text(tokenizer, t): v for t, v in lp.top})
+        top: dict[str, float] = {}
+        for t, v in lp.top:  # most likely first: of two tokens of one text (byte pieces), the likelier one's value
+            top.setdefault(token_text(tokenizer, t), v)
+        tops.append(top)
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
