@@ -84,3 +84,24 @@ def test_cpu_flags_and_model_come_from_cpuinfo(tmp_path: Path) -> None:
     assert isa.cpu_flags(cpuinfo) == ["avx2", "fma", "f16c"]
     assert isa.cpu_model(cpuinfo) == "AMD EPYC 7B13"
     assert isa.cpu_flags(tmp_path / "missing") == [] and isa.cpu_model(tmp_path / "missing") == "unknown CPU"
+
+
+@needs_kernels
+def test_the_kernels_read_the_variable_as_python_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(isa.ISA_ENV, " Scalar ")
+    assert isa.forced() == "scalar" and ext.isa() == "scalar"
+
+
+def test_the_older_amx_switch_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRICKLM_AMX", "0")
+    with pytest.raises(ValueError, match="TRICKLM_AMX is no longer read: TRICKLM_ISA=avx512vnni keeps AMX off"):
+        isa.forced()
+
+
+def test_an_engine_refuses_a_bad_path_when_it_loads(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from tricklm.engine.engine import Engine
+
+    path = make_tiny_model(tmp_path, "LlamaForCausalLM")
+    monkeypatch.setenv(isa.ISA_ENV, "avx3")
+    with pytest.raises(ValueError, match="TRICKLM_ISA='avx3' is not one of"):
+        Engine(EngineConfig(model=str(path)), progress=False)

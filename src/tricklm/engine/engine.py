@@ -20,6 +20,7 @@ from tricklm.memory import after_load, forget_load, release_freed_memory
 from tricklm.model.registry import CausalLM
 from tricklm.model.resolve import DEFAULT_MODEL_NAME, resolve_model
 from tricklm.model.weights.loader import load_config, load_model, read_json
+from tricklm.model.weights.qlinear import check_isa
 from tricklm.model.weights.quant import weight_bytes
 from tricklm.tokenizer import Tokenizer
 
@@ -60,6 +61,7 @@ class Engine:
         )
         release_freed_memory()  # the tokenizer's build leaves freed heap: handed back before the weights come in
         cfg = self.config
+        check_isa()  # a bad TRICKLM_ISA is refused here, not by every step once serving
         model = load_model(model_dir, cfg.torch_dtype, cfg.quantization, cfg.prefill_weights)
         self.core = EngineCore(model, self.config)
         after_load()

@@ -20,6 +20,8 @@ RELEVANT_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "
 
 def forced() -> str | None:
     """The path TRICKLM_ISA forces, or None (unset or "auto"); ValueError for a name the kernels do not know."""
+    if "TRICKLM_AMX" in os.environ:  # an older switch: refused, not silently ignored
+        raise ValueError(f"TRICKLM_AMX is no longer read: {ISA_ENV}=avx512vnni keeps AMX off")
     value = os.environ.get(ISA_ENV, "").strip().lower()
     if value in ("", "auto"):
         return None

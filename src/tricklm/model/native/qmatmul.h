@@ -39,6 +39,7 @@
 #include <cmath>
 #include <functional>
 #include <cstdint>
+#include <cctype>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -323,7 +324,11 @@ inline int isa_rank(const std::string& isa) {
 
 inline std::string forced_isa() {
   const char* env = std::getenv("TRICKLM_ISA");
-  return env != nullptr && *env != '\0' ? std::string(env) : std::string("auto");
+  std::string value;
+  for (const char* c = env == nullptr ? "" : env; *c != '\0'; ++c) {
+    if (*c != ' ' && *c != '\t') value += static_cast<char>(std::tolower(static_cast<unsigned char>(*c)));
+  }
+  return value.empty() ? std::string("auto") : value;  // as `isa.forced` reads it: trimmed, lower-case
 }
 
 // Whether TRICKLM_ISA leaves paths of this rank (or above) to run, where the CPU has them.

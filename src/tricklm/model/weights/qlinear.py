@@ -30,6 +30,14 @@ EXTENSION_NAME = "tricklm_qmatmul"
 FALLBACK_GROUPS = 64
 
 
+def check_isa() -> None:
+    """ValueError for a TRICKLM_ISA the kernels do not know or this CPU cannot run (builds the kernel if needed)."""
+    from tricklm.model.native import isa
+
+    isa.forced()
+    load_qmatmul()
+
+
 @functools.cache
 def load_qmatmul() -> Any | None:
     """The compiled kernel, or None where it cannot be built (or TRICKLM_NATIVE=0): then torch's matmul."""
