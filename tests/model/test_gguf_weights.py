@@ -173,6 +173,17 @@ def test_a_damaged_gguf_file_is_named(tmp_path: Path) -> None:
         path.write_bytes(content)
         with pytest.raises(ModelLoadError, match="is not a readable GGUF file"):
             weights_reader(path)
+    for alignment in (0, 3):  # a division by zero, a misaligned table: both the file's fault, said so
+        path = tmp_path / f"align-{alignment}.gguf"
+        writer = GGUFWriter(str(path), "llama")
+        writer.add_uint32("general.alignment", alignment)
+        writer.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        with pytest.raises(ModelLoadError, match=r"general\.alignment must be a power of two"):
+            weights_reader(path)
 
 
 @pytest.mark.parametrize(("arch", "gguf_arch"), [("Qwen2ForCausalLM", "qwen2"), ("Qwen3ForCausalLM", "qwen3")])

@@ -9,6 +9,7 @@ from llama.cpp's interleaved RoPE order to Hugging Face's halves.
 from __future__ import annotations
 
 import contextlib
+import math
 import mmap
 import struct
 from collections.abc import Iterator
@@ -115,7 +116,7 @@ def weights_reader(path: Path) -> WeightsFile:
             raise ModelLoadError(f"{path} is not a readable GGUF file: {e}") from None
     try:
         rows = tensor_table(file)
-    except (ValueError, KeyError, IndexError, struct.error, UnicodeDecodeError) as e:
+    except Exception as e:  # whatever a damaged header makes the parse raise (struct, Unicode, recursion, ...)
         file.close()
         raise ModelLoadError(f"{path} is not a readable GGUF file: {e}") from None
     return WeightsFile([FileTensor(*row, file) for row in rows], file)
@@ -176,21 +177,31 @@ def tensor_table(buf: mmap.mmap) -> list[tuple[str, str, tuple[int, ...], str, t
         raise ValueError("only GGUF versions 2 and 3 are read")
     n_tensors, n_fields = head.take("<Q"), head.take("<Q")
     alignment = _GGUF_ALIGNMENT
+    keys: set[str] = set()
     for _ in range(n_fields):
         key = head.string()
+        if key in keys:
+            raise ValueError(f"metadata key {key} appears twice")
+        keys.add(key)
         value = head.value(head.take("<I"))
         if key == "general.alignment":
-            alignment = int(value)
+            if not isinstance(value, int) or value <= 0 or value & (value - 1):
+                raise ValueError(f"general.alignment must be a power of two, not {value!r}")
+            alignment = value
     infos = []
     for _ in range(n_tensors):
         name = head.string()
         dims = tuple(head.take("<Q") for _ in range(head.take("<I")))
         infos.append((name, GGMLQuantizationType(head.take("<I")), dims, head.take("<Q")))
+    if len({info[0] for info in infos}) != len(infos):
+        raise ValueError("a tensor name appears twice")
     data_start = -(-head.at // alignment) * alignment
     rows = []
     for name, kind, dims, offset in infos:
         block, block_bytes = GGML_QUANT_SIZES[kind]
-        n_bytes = int(np.prod(dims, dtype=np.int64)) * block_bytes // block
+        if not dims or dims[0] % block:
+            raise ValueError(f"tensor {name}'s rows of {dims[:1]} are not whole blocks of {block}")
+        n_bytes = math.prod(dims) * block_bytes // block  # Python's integers: no overflow
         shape = tuple(reversed(dims))  # numpy's order: the fastest-varying dimension last
         dtype = _ELEMENT_DTYPES.get(kind.name)
         if dtype is None:
