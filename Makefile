@@ -11,7 +11,7 @@ PORT ?= 8000
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	# Debian's chromium for the chat page's browser tests installs in the background meanwhile (its log: .venv/chromium.log)
-	bash scripts/install-chromium.sh > $(VENV)/chromium.log 2>&1 & echo $$! > $(VENV)/chromium.pid
+	flock $(VENV)/chromium.lock bash scripts/install-chromium.sh > $(VENV)/chromium.log 2>&1 &
 	$(BIN)/pip install -q --upgrade pip
 	# torch pinned to the local CPU wheel (constraints.txt), so nothing resolves a CUDA build; the ray extra too:
 	# the replica tests run with the rest
@@ -21,7 +21,8 @@ $(STAMP): pyproject.toml constraints.txt
 	# the native model step and block matmul (C++, compiled side by side, ~45 s); if they cannot be built, those
 	# steps run in Python
 	$(BIN)/python -m tricklm.model.native || echo "native extensions not built: decode and 4-bit projections run in Python"
-	while kill -0 $$(cat $(VENV)/chromium.pid) 2>/dev/null; do sleep 1; done; cat $(VENV)/chromium.log
+	# the lock is free once that install has ended, however it ended
+	flock $(VENV)/chromium.lock cat $(VENV)/chromium.log
 	touch $(STAMP)
 
 install: $(STAMP)

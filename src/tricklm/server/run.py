@@ -63,6 +63,9 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
     )
     server = DrainingServer(config, app.state.server, server_config.shutdown_timeout)
     server.run()
+    if server.forced_exit:  # uvicorn finished before the exit thread did: still not through interpreter teardown
+        logging.shutdown()
+        os._exit(1)
     status = 1 if failed.is_set() else 0
     loading = app.state.server.load_thread
     if loading is not None and loading.is_alive():
@@ -96,6 +99,7 @@ their error event and [DONE]) and exits with status 1."""
         self.timeout = timeout
         self._loop: asyncio.AbstractEventLoop | None = None
         self._deadline: asyncio.TimerHandle | None = None
+        self.forced_exit = False  # a second signal came: the process ends with status 1, whoever gets there first
 
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -106,8 +110,11 @@ their error event and [DONE]) and exits with status 1."""
                 self._deadline.cancel()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.forced_exit:  # a third: no more waiting
+            os._exit(1)
         if self.state.draining:
             logger.warning("second signal, exiting now")
+            self.forced_exit = True
             threading.Thread(target=self._exit_now, name="tricklm-exit", daemon=True).start()
             return
         self.state.draining = True
@@ -125,14 +132,16 @@ their error event and [DONE]) and exits with status 1."""
         loop writes their last events (a stream's error event and [DONE]: a client must not be left with a
         stream cut mid-way), then leaves through os._exit, not interpreter teardown, which a step's native
         threads could still be inside (it ended in SIGABRT)."""
-        client = self.state.client
-        if client is not None:
-            client.end_all(FORCED_EXIT_MESSAGE)
-        deadline = time.monotonic() + FORCED_EXIT_SECONDS
-        while self.server_state.tasks and time.monotonic() < deadline:
-            time.sleep(0.01)
-        logging.shutdown()
-        os._exit(1)
+        try:
+            client = self.state.client
+            if client is not None:
+                client.end_all(FORCED_EXIT_MESSAGE)
+            deadline = time.monotonic() + FORCED_EXIT_SECONDS
+            while self.server_state.tasks and time.monotonic() < deadline:
+                time.sleep(0.01)
+        finally:
+            logging.shutdown()
+            os._exit(1)
 
     def _set_deadline(self) -> None:
         assert self._loop is not None

@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tricklm.server.errors import APIError, error_response
 
-# A body past the limit is read on and thrown away, up to this much, before the 413 is sent: answering while the
+# A body past the limit is read on and thrown away, up to this much more, before the 413 is sent: answering while the
 # client still sends makes the kernel reset the connection, and the client sees a reset instead of the answer.
 # Past it, the connection is closed mid-body (a client sending that much is not waiting to read).
 DRAIN_BYTES = 64 * 1024 * 1024
@@ -100,7 +100,7 @@ async def read_body(receive: Receive, max_bytes: int) -> tuple[bytes, bool, bool
         size += len(chunk)
         more = message.get("more_body", False)
         if size > max_bytes:
-            return b"", True, more and await _drain(receive, DRAIN_BYTES - size)
+            return b"", True, more and await _drain(receive, DRAIN_BYTES)
         chunks.append(chunk)
         if not more:
             return b"".join(chunks), False, False

@@ -218,7 +218,9 @@ class Gateway:
         # Keys of relayed requests are checked by the replica's app, after CORS (a browser's preflight
         # carries no key)
         # the single server's reading and limit, so that a client gets the same answer with or without replicas
-        body, more, _ = await read_body(request.receive, self.max_request_bytes)
+        body, more, gone = await read_body(request.receive, self.max_request_bytes)
+        if gone:  # the client left mid-body: nothing to relay, nobody to answer
+            return Response(status_code=499)
         if more:
             return error_response(path, too_large(self.max_request_bytes))
         forwarded = Forwarded(
