@@ -9,6 +9,7 @@ everywhere cannot pass it vacuously.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -199,11 +200,12 @@ def chat_steps(*logprobs: Any) -> Steps:
 
 
 def completion_steps(*logprobs: Any) -> Steps:
-    """The steps of a greedy completion's `logprobs` (asked with `logprobs: 2`): a choice's, or a stream's chunks'.
+    """The steps of a greedy completion's `logprobs` (asked with `logprobs: 5`): a choice's, or a stream's chunks'.
 
-    A step's top entries are keyed by token text, so two tokens of one text (byte pieces of a character) leave
-    one entry, the lower one's. With exactly two asked, the runner-up is still the largest value below the
-    chosen token's (greedy chose the top one); with more, a third token could hide it."""
+    A step's top entries are keyed by token text, each holding its likeliest token's value, so two tokens of one
+    text (byte pieces of a character) are one entry: a swap between them leaves the text as it was. The margin
+    is to the likeliest *other* text. Where every shown entry is the chosen text (the five likeliest tokens are
+    byte pieces of it), another text would have to pass five tokens to be chosen: no near-tie is counted there."""
     steps = Steps()
     for part in logprobs:
         if part is None:
@@ -213,7 +215,8 @@ def completion_steps(*logprobs: Any) -> Steps:
         ):
             steps.tokens.append(token)
             steps.logprobs.append(chosen)
-            steps.margins.append(chosen - max((v for v in top.values() if v < chosen), default=chosen))
+            others = [v for text, v in top.items() if text != token]
+            steps.margins.append(chosen - max(others) if others else math.inf)
     return steps
 
 

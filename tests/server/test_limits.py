@@ -102,7 +102,7 @@ def _poisoned_runner(engine: Engine) -> list[int]:
 
 
 def _completion(base: str, prompt: list[int], max_tokens: int = 24) -> httpx.Response:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "logprobs": 2}
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "logprobs": 5}
     return httpx.post(f"{base}/v1/completions", json=body, timeout=120)
 
 
@@ -127,7 +127,7 @@ def test_failing_step_ends_only_the_request_at_fault(tiny_model_dir: Path) -> No
             failures = _poisoned_runner(engine)
 
             async def together() -> list[httpx.Response]:
-                body = {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "logprobs": 2}
+                body = {"max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "logprobs": 5}
                 async with httpx.AsyncClient(timeout=120) as client:
                     good = [
                         asyncio.create_task(client.post(f"{base}/v1/completions", json={**body, "prompt": p}))

@@ -144,7 +144,7 @@ def test_async_client_streams_concurrently_and_match(float_tiny: tuple[str, str]
 
     async def run() -> tuple[list[tuple[str, Steps]], list[tuple[str, Steps]], list[tuple[str, Steps]]]:
         async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0) as c:
-            kw: dict[str, Any] = {"model": name, "max_tokens": 12, "temperature": 0, "logprobs": 2}
+            kw: dict[str, Any] = {"model": name, "max_tokens": 12, "temperature": 0, "logprobs": 5}
             kw["extra_body"] = {"ignore_eos": True}
 
             async def whole(p: str) -> tuple[str, Steps]:

@@ -39,7 +39,7 @@ def _prompt(seed: int, n: int = 60) -> list[int]:
 
 def test_cached_tokens_in_whole_and_streamed_usage(float_tiny_server: str) -> None:
     prompt = _prompt(12345)
-    body = {"prompt": prompt, "max_tokens": 3, "ignore_eos": True, "temperature": 0, "logprobs": 2}
+    body = {"prompt": prompt, "max_tokens": 3, "ignore_eos": True, "temperature": 0, "logprobs": 5}
     first = httpx.post(float_tiny_server + "/v1/completions", json=body, timeout=60).json()
     assert first["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
     again = httpx.post(float_tiny_server + "/v1/completions", json=body, timeout=60).json()
