@@ -181,9 +181,9 @@ def test_engine_that_cannot_recover_gives_503_and_in_band_error(tiny_model_dir: 
         with running_server(create_app(engine=engine)) as base:
             engine.core.step = failing_step  # type: ignore[method-assign]
             engine.core.recover = failing_recover  # type: ignore[method-assign]
-            with httpx.stream(
-                "POST", f"{base}/generate", json={"prompt": "1, 2, 3", "max_tokens": 100, "stream": True}, timeout=30
-            ) as r:
+            # ignore_eos: the stream must still be running at the sixth step (this random model may end sooner)
+            body = {"prompt": "1, 2, 3", "max_tokens": 100, "stream": True, "ignore_eos": True}
+            with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=30) as r:
                 events = [line for line in r.iter_lines() if line.startswith("data: ")]
             assert '"error"' in events[-2] and events[-1] == "data: [DONE]"
             health = httpx.get(f"{base}/health", timeout=5)
