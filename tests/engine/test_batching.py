@@ -9,7 +9,7 @@ from tricklm.config import EngineConfig
 from tricklm.engine.core import EngineCore
 from tricklm.engine.request import EngineOutput, Request, TokenLogprob
 from tricklm.engine.sampling_params import SamplingParams
-from tricklm.model.registry import CausalLM
+from tricklm.model.base import CausalLM
 from tricklm.model.resolve import resolve_model
 from tricklm.model.weights.loader import load_model
 from tricklm.tokenizer import Tokenizer

@@ -15,7 +15,7 @@ from tricklm.engine.core import EngineCore
 from tricklm.engine.kv_cache import bytes_per_token, prefix_hashes
 from tricklm.engine.request import EngineOutput, Request
 from tricklm.engine.sampling_params import SamplingParams
-from tricklm.model.registry import CausalLM
+from tricklm.model.base import CausalLM
 from tricklm.model.weights.loader import load_model
 
 BS = 16

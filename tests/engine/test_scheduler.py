@@ -12,7 +12,7 @@ from tricklm.config import EngineConfig
 from tricklm.engine.core import EngineCore
 from tricklm.engine.request import EngineOutput, FinishReason, Request, RequestStatus
 from tricklm.engine.sampling_params import SamplingParams
-from tricklm.model.registry import CausalLM
+from tricklm.model.base import CausalLM
 from tricklm.model.weights.loader import load_model
 
 

@@ -24,9 +24,9 @@ from tricklm.config import EngineConfig
 from tricklm.engine.core import EngineCore
 from tricklm.engine.request import Request
 from tricklm.engine.sampling_params import SamplingParams
+from tricklm.model.base import CausalLM
 from tricklm.model.config import ModelLoadError
 from tricklm.model.layers import RopeSpec, RotaryEmbedding
-from tricklm.model.registry import CausalLM
 from tricklm.model.weights.gguf_config import gguf_hf_config
 from tricklm.model.weights.gguf_file import GGUF_LINK, open_reader
 from tricklm.model.weights.loader import load_model

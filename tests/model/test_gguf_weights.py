@@ -211,6 +211,7 @@ def test_qwen_gguf_files_give_the_hugging_face_model(tmp_path: Path, arch: str, 
 
 
 def test_gguf_metadata_of_each_architecture_becomes_its_config() -> None:
+    from tricklm.model import registry
     from tricklm.model.weights.gguf_config import _hf_config
 
     meta = {
@@ -226,11 +227,11 @@ def test_gguf_metadata_of_each_architecture_becomes_its_config() -> None:
             "rope.freq_base": 1e6,
         }.items()
     }
-    config = _hf_config(meta, "qwen3", has_output=False)
+    config = _hf_config(meta, registry.QWEN3, has_output=False)
     assert config["architectures"] == ["Qwen3ForCausalLM"] and config["head_dim"] == 128
     assert config["num_key_value_heads"] == 8 and config["tie_word_embeddings"] and config["rope_theta"] == 1e6
     with pytest.raises(ModelLoadError, match="qwen2"):
-        _hf_config({}, "qwen2", has_output=True)
+        _hf_config({}, registry.QWEN2, has_output=True)
 
 
 def test_f32_gguf_gives_the_hugging_face_model(hf_dir: Path, tmp_path: Path) -> None:

@@ -20,10 +20,10 @@ from tricklm.engine.core import EngineCore
 from tricklm.engine.request import Request, Sampled
 from tricklm.engine.sampling_params import SamplingParams
 from tricklm.engine.scheduler import ScheduledBatch
+from tricklm.model.base import CausalLM
 from tricklm.model.layers import RMSNorm
 from tricklm.model.native import build as native_build
 from tricklm.model.native import decoder as native
-from tricklm.model.registry import CausalLM
 from tricklm.model.weights.loader import load_model
 from tricklm.model.weights.quant import INT4_GROUP, MAX_PACKED_ROWS, quantize
 

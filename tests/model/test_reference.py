@@ -21,7 +21,7 @@ from tricklm.engine.core import EngineCore
 from tricklm.engine.request import FinishReason, Request
 from tricklm.engine.sampling_params import SamplingParams
 from tricklm.engine.scheduler import ScheduledBatch
-from tricklm.model.registry import CausalLM
+from tricklm.model.base import CausalLM
 from tricklm.model.weights.loader import load_model
 
 transformers = pytest.importorskip("transformers")

@@ -11,7 +11,7 @@ from tricklm.engine.model_runner import ModelRunner, ThreadPolicy
 from tricklm.engine.request import EngineOutput, FinishReason, Request
 from tricklm.engine.scheduler import Scheduler
 from tricklm.memory import after_step
-from tricklm.model.registry import CausalLM
+from tricklm.model.base import CausalLM
 from tricklm.model.weights.quant import model_dtypes
 
 logger = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from tricklm.engine.request import Request
 from tricklm.engine.sampling_params import MODEL_DEFAULT_KEYS, SamplingParams
 from tricklm.engine.structured import GrammarCompiler
 from tricklm.memory import after_load, forget_load, release_freed_memory
-from tricklm.model.registry import CausalLM
+from tricklm.model.base import CausalLM
 from tricklm.model.resolve import DEFAULT_MODEL_NAME, resolve_model
 from tricklm.model.weights.loader import load_config, load_model, read_json
 from tricklm.model.weights.qlinear import check_isa

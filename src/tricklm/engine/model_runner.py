@@ -12,8 +12,8 @@ from tricklm.engine.request import Request, Sampled
 from tricklm.engine.sampler import sample
 from tricklm.engine.scheduler import ScheduledBatch
 from tricklm.model.attention import AttentionMetadata, PrefillSegment, chunk_mask, decode_mask
+from tricklm.model.base import CausalLM
 from tricklm.model.native.decoder import NativeDecoder
-from tricklm.model.registry import CausalLM
 from tricklm.model.weights.quant import MAX_PACKED_ROWS, model_dtypes
 
 NATIVE_MAX_MEAN_CONTEXT = 256  # see `ModelRunner._native_attention_fits`

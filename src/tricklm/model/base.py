@@ -2,23 +2,26 @@
 
 A model is a plain `nn.Module` (tensors in, hidden states out) built from a `ModelConfig` on the meta
 device, filled by `load_weights`, and asked for logits on chosen rows only. Every architecture in
-`registry.py` derives from `CausalLM`; nothing else about a model is assumed outside its own file.
+`registry.py` derives from `CausalLM` and declares its family's spec (`family`, a `registry.Family`); nothing
+else about a model is assumed outside its own file.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from tricklm.model.attention import AttentionMetadata, KVCacheLayer
 from tricklm.model.config import ModelConfig
+from tricklm.model.family import Family
 
 
 class CausalLM(nn.Module, ABC):
+    family: ClassVar[Family]  # what sets the family apart (registry.py); each concrete class names its own
     config: ModelConfig
     # The output projection; None while it is the embedding table (tied). The quantizer may set one.
     lm_head: nn.Module | None

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-
-class ModelLoadError(Exception):
-    """A model folder or file that cannot be used; the message is meant for the user as one line."""
+from tricklm.model.family import Family
+from tricklm.model.family import ModelLoadError as ModelLoadError
+from tricklm.model.registry import family
 
 
 @dataclass(frozen=True)
@@ -68,24 +68,21 @@ class ModelConfig:
         archs = cfg.get("architectures") or []
         if not archs:
             raise ModelLoadError("config.json has no 'architectures' entry")
-        arch = archs[0]
-        if arch in MULTIMODAL:
-            raise ModelLoadError(f"{arch} is multimodal, which is not supported: {MULTIMODAL[arch]}")
+        spec = family(archs[0])
         try:
-            if arch == "GPT2LMHeadModel":
-                return cls._gpt2(arch, cfg)
-            return cls._llama_like(arch, cfg)
+            if spec.config_keys == "gpt2":
+                return cls._gpt2(spec.architecture, cfg)
+            return cls._llama_like(spec, cfg)
         except KeyError as e:
-            raise ModelLoadError(f"config.json for {arch} lacks the field {e}") from None
+            raise ModelLoadError(f"config.json for {spec.architecture} lacks the field {e}") from None
 
     @classmethod
-    def _llama_like(cls, arch: str, cfg: dict[str, Any]) -> ModelConfig:
+    def _llama_like(cls, spec: Family, cfg: dict[str, Any]) -> ModelConfig:
         num_heads = cfg["num_attention_heads"]
-        theta, scaling, partial = _rope_parameters(cfg, "full_attention")
-        local_theta = _local_rope_theta(arch, cfg)
-        is_gemma = arch in GEMMA_ARCHITECTURES
+        theta, scaling, partial = _rope_parameters(cfg, "full_attention", spec.default_rope_theta)
+        gemma = spec.gemma_attention
         return cls(
-            architecture=arch,
+            architecture=spec.architecture,
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
             num_layers=cfg["num_hidden_layers"],
@@ -96,18 +93,17 @@ class ModelConfig:
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             norm_eps=cfg.get("rms_norm_eps", 1e-6),
             hidden_act=cfg.get("hidden_activation") or cfg.get("hidden_act", "silu"),
-            # Gemma ties unless told otherwise; the others untie unless told otherwise
-            tie_word_embeddings=cfg.get("tie_word_embeddings", is_gemma),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", spec.tied_by_default),
             rope_theta=theta,
             rope_scaling=scaling,
-            attention_bias=arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False)),
-            qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM"),
-            layer_windows=_layer_windows(arch, cfg),
-            local_rope_theta=local_theta,
+            attention_bias=spec.attention_bias or bool(cfg.get("attention_bias", False)),
+            qk_norm=spec.qk_norm,
+            layer_windows=_layer_windows(spec, cfg),
+            local_rope_theta=_local_rope_theta(spec, cfg),
             partial_rotary_factor=partial,
-            query_pre_attn_scalar=cfg.get("query_pre_attn_scalar") if is_gemma else None,
-            attn_logit_softcapping=cfg.get("attn_logit_softcapping") if is_gemma else None,
-            final_logit_softcapping=cfg.get("final_logit_softcapping") if is_gemma else None,
+            query_pre_attn_scalar=cfg.get("query_pre_attn_scalar") if gemma else None,
+            attn_logit_softcapping=cfg.get("attn_logit_softcapping") if gemma else None,
+            final_logit_softcapping=cfg.get("final_logit_softcapping") if gemma else None,
             raw=cfg,
         )
 
@@ -132,35 +128,10 @@ class ModelConfig:
         )
 
 
-# Checkpoints whose text model we run, but not packaged with a vision tower
-MULTIMODAL = {
-    "Gemma3ForConditionalGeneration": "serve its GGUF file (the text model: llama.cpp keeps the vision tower "
-    "in a separate mmproj file) or a text-only Gemma3ForCausalLM checkpoint",
-}
-GEMMA_ARCHITECTURES = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
-# Gemma configs without `layer_types`: every n-th layer global, the others sliding (transformers' defaults)
-_GEMMA_PATTERN = {"Gemma2ForCausalLM": 2, "Gemma3ForCausalLM": 6}
-
-
-def _layer_types(arch: str, cfg: dict[str, Any]) -> list[str]:
-    """`layer_types` as transformers derives it when a config.json predates the field."""
-    n = cfg["num_hidden_layers"]
-    if cfg.get("layer_types"):
-        return list(cfg["layer_types"])
-    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
-        if not cfg.get("use_sliding_window", False):
-            return ["full_attention"] * n
-        first_sliding = cfg.get("max_window_layers", 0)
-        return ["full_attention" if i < first_sliding else "sliding_attention" for i in range(n)]
-    if arch in _GEMMA_PATTERN:
-        every = cfg.get("sliding_window_pattern") or _GEMMA_PATTERN[arch]
-        return ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(n)]
-    return ["sliding_attention"] * n  # Mistral, Phi-3: one window for all, if the config sets one
-
-
-def _layer_windows(arch: str, cfg: dict[str, Any]) -> tuple[int | None, ...]:
+def _layer_windows(spec: Family, cfg: dict[str, Any]) -> tuple[int | None, ...]:
+    arch = spec.architecture
     window = cfg.get("sliding_window")
-    kinds = _layer_types(arch, cfg)
+    kinds = spec.layer_types(cfg)
     unknown = set(kinds) - {"full_attention", "sliding_attention"}
     if unknown:
         raise ModelLoadError(f"{arch}: unsupported attention layer types {sorted(unknown)}")
@@ -171,10 +142,11 @@ def _layer_windows(arch: str, cfg: dict[str, Any]) -> tuple[int | None, ...]:
     return tuple(int(window) if kind == "sliding_attention" else None for kind in kinds)
 
 
-def _local_rope_theta(arch: str, cfg: dict[str, Any]) -> float | None:
-    """Gemma 3's sliding layers rotate with their own base (and never scaled)."""
-    if arch != "Gemma3ForCausalLM":
+def _local_rope_theta(spec: Family, cfg: dict[str, Any]) -> float | None:
+    """The base of the sliding layers' rotation, in families where it has its own (never scaled)."""
+    if not spec.local_rope:
         return None
+    arch = spec.architecture
     params = cfg.get("rope_parameters")
     if isinstance(params, dict) and isinstance(params.get("sliding_attention"), dict):
         local = params["sliding_attention"]
@@ -189,18 +161,16 @@ ROPE_SCALING_TYPES = ("linear", "llama3", "yarn", "longrope")  # as transformers
 # frequency; Llama 3.1+ files hold their llama3 scaling that way)
 INTERNAL_ROPE_TYPES = ("freq_factors",)
 
-# Defaults of `rope_theta` where a config may leave it out
-_DEFAULT_THETA = {"Gemma3ForCausalLM": 1_000_000.0}
 
-
-def _rope_parameters(cfg: dict[str, Any], layer_type: str) -> tuple[float, dict[str, Any] | None, float]:
+def _rope_parameters(
+    cfg: dict[str, Any], layer_type: str, default_theta: float
+) -> tuple[float, dict[str, Any] | None, float]:
     """(base, scaling parameters or None, rotated fraction of a head) of the global layers.
 
     Merges transformers v4 (`rope_theta` + `rope_scaling`) and v5 (`rope_parameters`, possibly one dict
     per layer type) spellings.
     """
-    arch = (cfg.get("architectures") or [""])[0]
-    params: dict[str, Any] = {"rope_theta": cfg.get("rope_theta", _DEFAULT_THETA.get(arch, 10000.0))}
+    params: dict[str, Any] = {"rope_theta": cfg.get("rope_theta", default_theta)}
     for key in ("rope_scaling", "rope_parameters"):
         extra = cfg.get(key)
         if isinstance(extra, dict) and isinstance(extra.get(layer_type), dict):

@@ -8,7 +8,8 @@
 - Gemma 2: attention scores and final logits soft-capped (cap * tanh(x / cap));
 - Gemma 3: RMSNorm on each query and key head; the sliding layers' RoPE has its own base, unscaled.
 
-Every option is read from the config (`ModelConfig`), so the two classes differ only in name.
+The differences are declared in each class's spec (`registry.GEMMA2`, `registry.GEMMA3`) and reach the
+layers through the config (`ModelConfig`), so the two classes differ only in the spec they name.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from tricklm.model import registry
 from tricklm.model.attention import AttentionMetadata, KVCacheLayer
 from tricklm.model.config import ModelConfig
 from tricklm.model.layers import RMSNorm
@@ -47,6 +49,7 @@ class GemmaDecoderLayer(nn.Module):
 
 
 class Gemma2ForCausalLM(LlamaForCausalLM):
+    family = registry.GEMMA2
     layer_class = GemmaDecoderLayer
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -59,14 +62,16 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return super().load_weights(_norms_plus_one(weights))
+        return super().load_weights(_norm_scales(weights, self.family.norm_offset))
 
 
 class Gemma3ForCausalLM(Gemma2ForCausalLM):
-    """Gemma 2 plus per-head q/k norms and a RoPE base of its own on the sliding layers (set from config)."""
+    """Gemma 2 plus per-head q/k norms and a RoPE base of its own on the sliding layers."""
+
+    family = registry.GEMMA3
 
 
-def _norms_plus_one(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Hugging Face's Gemma norm weights w as the scales (1 + w) that `RMSNorm` multiplies by."""
+def _norm_scales(weights: Iterable[tuple[str, torch.Tensor]], offset: float) -> Iterator[tuple[str, torch.Tensor]]:
+    """Hugging Face's Gemma norm weights w as the scales (offset + w) that `RMSNorm` multiplies by."""
     for name, tensor in weights:
-        yield name, tensor + 1.0 if name.endswith("norm.weight") else tensor
+        yield name, tensor + offset if name.endswith("norm.weight") else tensor

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from tricklm.model import registry
 from tricklm.model.attention import AttentionMetadata, KVCacheLayer, paged_attention
 from tricklm.model.base import CausalLM
 from tricklm.model.config import ModelConfig
@@ -65,6 +66,8 @@ class GPT2Body(nn.Module):
 
 
 class GPT2LMHeadModel(CausalLM):
+    family = registry.GPT2
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
         self.transformer = GPT2Body(cfg)

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from tricklm.model import registry
 from tricklm.model.attention import AttentionMetadata, KVCacheLayer, paged_attention
 from tricklm.model.base import CausalLM
 from tricklm.model.config import ModelConfig
@@ -132,6 +133,7 @@ class LlamaBody(nn.Module):
 class LlamaForCausalLM(CausalLM):
     """Tokens in (flattened across the batch), hidden states out; `compute_logits` on chosen rows."""
 
+    family = registry.LLAMA
     layer_class: type[nn.Module] = LlamaDecoderLayer
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -189,15 +191,23 @@ class LlamaForCausalLM(CausalLM):
 class MistralForCausalLM(LlamaForCausalLM):
     """Llama with a sliding attention window (read from config)."""
 
+    family = registry.MISTRAL
+
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
-    """Llama with biases on q/k/v (set from config)."""
+    """Llama with biases on q/k/v."""
+
+    family = registry.QWEN2
 
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
-    """Llama with an RMSNorm on every query and key head, before the rotation (set from config)."""
+    """Llama with an RMSNorm on every query and key head, before the rotation."""
+
+    family = registry.QWEN3
 
 
 class Phi3ForCausalLM(LlamaForCausalLM):
     """Llama with q/k/v and gate/up already fused in the checkpoint, and rotary on part of each head (from
     config)."""
+
+    family = registry.PHI3

@@ -24,16 +24,9 @@ import torch
 
 from tricklm.model.attention import KVCacheLayer
 from tricklm.model.base import CausalLM
-from tricklm.model.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM, GemmaDecoderLayer
+from tricklm.model.gemma import GemmaDecoderLayer
 from tricklm.model.layers import RMSNorm
-from tricklm.model.llama import (
-    LlamaDecoderLayer,
-    LlamaForCausalLM,
-    MistralForCausalLM,
-    Phi3ForCausalLM,
-    Qwen2ForCausalLM,
-    Qwen3ForCausalLM,
-)
+from tricklm.model.llama import LlamaDecoderLayer, LlamaForCausalLM
 from tricklm.model.native.build import DISABLE_ENV as DISABLE_ENV
 from tricklm.model.native.build import enabled_by_env, load_or_warn
 from tricklm.model.weights.qlinear import QLinear
@@ -108,24 +101,16 @@ def _norm_weights(layer: Any) -> dict[str, torch.Tensor] | None:
 # config's query scale and soft cap, over the whole context or the layer's window -> o_proj -> an RMSNorm
 # on the output where the layer has one (Gemma) -> residual; RMSNorm -> SiLU- or tanh-GELU-gated MLP ->
 # the same optional norm -> residual. The embedding (and Gemma's scaling of it) and the logits stay in
-# Python. These exact classes (not subclasses: a new class may add an operation) run nothing else, as long
-# as their config asks for nothing else:
-NATIVE_ARCHITECTURES: tuple[type[CausalLM], ...] = (
-    LlamaForCausalLM,
-    MistralForCausalLM,
-    Qwen2ForCausalLM,
-    Qwen3ForCausalLM,
-    Gemma2ForCausalLM,
-    Gemma3ForCausalLM,
-    Phi3ForCausalLM,
-)
+# Python. A class whose family spec says `native_step` runs nothing else, as long as its config asks for
+# nothing else; only a class that declares that spec itself counts (a subclass may add an operation).
 # config.hidden_act -> the stack's gate activation
 GATES = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 
 
 def missing_operations(model: torch.nn.Module) -> list[str]:
     """What `model` computes that the C++ stack does not (empty: the stack can run it)."""
-    missing = [] if type(model) in NATIVE_ARCHITECTURES else [f"the {type(model).__name__} class"]
+    spec = type(model).__dict__.get("family")
+    missing = [] if spec is not None and spec.native_step else [f"the {type(model).__name__} class"]
     if not isinstance(model, CausalLM):
         return missing
     cfg = model.config

@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from tricklm.model.config import ModelLoadError
+from tricklm.model.family import Family
+from tricklm.model.registry import gguf_family
 from tricklm.model.weights.gguf_file import GGUF_LINK, ROPE_FACTOR_TENSORS, open_reader
 
 
@@ -47,14 +48,12 @@ def convert_gguf(gguf_path: Path, out_dir: Path, progress: bool = True) -> None:
 
 def gguf_hf_config(reader: Any, meta: dict[str, Any], path: Path) -> dict[str, Any]:
     """The Hugging Face config.json of a GGUF file, from its metadata `meta` and its tensors."""
-    arch = meta.get("general.architecture")
-    if arch not in GGUF_ARCHITECTURES:
-        supported = ", ".join(repr(a) for a in GGUF_ARCHITECTURES)
-        raise ModelLoadError(f"{path}: GGUF architecture {arch!r} is not supported (supported: {supported})")
+    spec = gguf_family(meta.get("general.architecture"), path)
+    arch = spec.gguf_architecture
     has_output = any(t.name == "output.weight" for t in reader.tensors)
     # llama.cpp's converter writes <arch>.vocab_size for llama files only; the others have it in their tables
     meta = {f"{arch}.vocab_size": _vocab_size(reader), **meta}
-    return _hf_config(meta, str(arch), has_output, rope_factors(reader))
+    return _hf_config(meta, spec, has_output, rope_factors(reader))
 
 
 def _vocab_size(reader: Any) -> int | None:
@@ -78,17 +77,6 @@ def _metadata(reader: Any) -> dict[str, Any]:
     return out
 
 
-# GGUF `general.architecture` -> Hugging Face architecture (the hyper-parameters are `<arch>.*` keys)
-GGUF_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-    "gemma2": "Gemma2ForCausalLM",
-    "gemma3": "Gemma3ForCausalLM",
-    "phi3": "Phi3ForCausalLM",
-}
-
-
 def rope_factors(reader: Any) -> dict[str, list[float]]:
     """LongRoPE's per-frequency factors, which llama.cpp stores as tensors (`rope_factors_short/long`)."""
     out = {}
@@ -99,8 +87,10 @@ def rope_factors(reader: Any) -> dict[str, list[float]]:
 
 
 def _hf_config(
-    meta: dict[str, Any], arch: str, has_output: bool, factors: dict[str, list[float]] | None = None
+    meta: dict[str, Any], spec: Family, has_output: bool, factors: dict[str, list[float]] | None = None
 ) -> dict[str, Any]:
+    arch = spec.gguf_architecture
+
     def get(key: str, default: Any = None) -> Any:
         return meta.get(f"{arch}.{key}", default)
 
@@ -111,7 +101,7 @@ def _hf_config(
     try:
         heads = int(get("attention.head_count"))
         config: dict[str, Any] = {
-            "architectures": [GGUF_ARCHITECTURES[arch]],
+            "architectures": [spec.architecture],
             "model_type": arch,
             "vocab_size": int(get("vocab_size")),
             "hidden_size": int(get("embedding_length")),
@@ -134,59 +124,13 @@ def _hf_config(
         config["rope_scaling"] = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
     if factors and "freq_factors" in factors:  # Llama 3.1+: its llama3 scaling as llama.cpp stores it
         config["rope_scaling"] = {"rope_type": "freq_factors", "freq_factors": factors["freq_factors"]}
-    if arch in _FAMILY_CONFIG:
-        config.update(_FAMILY_CONFIG[arch](get, config, factors or {}))
+    if spec.gguf_keys is not None:
+        config.update(spec.gguf_keys(get, config, factors or {}))
     for key in ("bos_token_id", "eos_token_id"):
         value = meta.get(f"tokenizer.ggml.{key}")
         if value is not None:
             config[key] = int(value)
     return config
-
-
-Getter = Callable[..., Any]
-
-
-def _gemma_config(get: Getter, config: dict[str, Any], factors: dict[str, list[float]]) -> dict[str, Any]:
-    """What llama.cpp's Gemma 2/3 graphs assume besides the file's keys."""
-    heads, hidden, head_dim = config["num_attention_heads"], config["hidden_size"], config.get("head_dim")
-    # llama.cpp scales queries by head_dim, except in the 27B models (46 or 62 layers): hidden / heads
-    is_27b = config["num_hidden_layers"] in (46, 62)
-    extra: dict[str, Any] = {
-        "hidden_activation": "gelu_pytorch_tanh",
-        "query_pre_attn_scalar": hidden // heads if is_27b else head_dim or hidden // heads,
-        "sliding_window": get("attention.sliding_window"),
-        "attn_logit_softcapping": get("attn_logit_softcapping"),
-        "final_logit_softcapping": get("final_logit_softcapping"),
-    }
-    pattern = get("attention.sliding_window_pattern")
-    if isinstance(pattern, list):  # one flag a layer: True where it slides
-        extra["layer_types"] = ["sliding_attention" if f else "full_attention" for f in pattern]
-    elif pattern is not None:
-        extra["sliding_window_pattern"] = int(pattern)
-    if get("rope.freq_base_swa") is not None:
-        extra["rope_local_base_freq"] = float(get("rope.freq_base_swa"))
-    return {k: v for k, v in extra.items() if v is not None}
-
-
-def _phi3_config(get: Getter, config: dict[str, Any], factors: dict[str, list[float]]) -> dict[str, Any]:
-    head_dim = config["hidden_size"] // config["num_attention_heads"]
-    extra: dict[str, Any] = {
-        "partial_rotary_factor": int(get("rope.dimension_count", head_dim)) / head_dim,
-        "sliding_window": get("attention.sliding_window"),
-    }
-    if factors:
-        original = int(get("rope.scaling.original_context_length", config["max_position_embeddings"]))
-        extra["rope_scaling"] = {"rope_type": "longrope", **factors, "original_max_position_embeddings": original}
-        if get("rope.scaling.attn_factor") is not None:
-            extra["rope_scaling"]["attention_factor"] = float(get("rope.scaling.attn_factor"))
-    return {k: v for k, v in extra.items() if v is not None}
-
-
-_FAMILY_CONFIG: dict[str, Callable[[Getter, dict[str, Any], dict[str, list[float]]], dict[str, Any]]] = {
-    "gemma2": _gemma_config,
-    "gemma3": _gemma_config,
-    "phi3": _phi3_config,
-}
 
 
 def _generation_config(meta: dict[str, Any]) -> dict[str, Any]:

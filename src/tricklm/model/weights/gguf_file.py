@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from tricklm.model.config import ModelConfig, ModelLoadError
+from tricklm.model.registry import family
 from tricklm.model.weights.blocks import (
     EXACT_BITS,
     ROUNDING_BITS,
@@ -45,18 +46,6 @@ _LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-# Where a family's llama.cpp names mean other modules than Llama's
-_FAMILY_LAYER_NAMES: dict[str, dict[str, str]] = {
-    "Gemma2ForCausalLM": {
-        "post_attention_norm": "post_attention_layernorm",
-        "ffn_norm": "pre_feedforward_layernorm",
-        "post_ffw_norm": "post_feedforward_layernorm",
-    },
-    "Phi3ForCausalLM": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},  # fused, as in HF
-}
-_FAMILY_LAYER_NAMES["Gemma3ForCausalLM"] = _FAMILY_LAYER_NAMES["Gemma2ForCausalLM"]
-# llama.cpp's converter stores Gemma's norm weights w as the scales (1 + w)
-NORMS_PLUS_ONE = ("Gemma2ForCausalLM", "Gemma3ForCausalLM")
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 # RoPE factors read into the config when the file is converted, not weights: LongRoPE's (Phi-3), and the
 # per-frequency divisors llama.cpp stores for Llama 3.1+ files (their `llama3` scaling, computed)
@@ -226,7 +215,7 @@ def hf_name(gguf_name: str, architecture: str = "LlamaForCausalLM") -> str:
     """The Hugging Face name of a file's tensor, for a model of `architecture` (ModelConfig's)."""
     base, _, suffix = gguf_name.rpartition(".")
     parts = base.split(".")
-    names = {**_LAYER_NAMES, **_FAMILY_LAYER_NAMES.get(architecture, {})}
+    names = {**_LAYER_NAMES, **family(architecture).gguf_tensor_names}
     if parts[0] == "blk" and len(parts) == 3 and parts[2] in names:
         return f"model.layers.{parts[1]}.{names[parts[2]]}.{suffix}"
     if base in _TOP_NAMES:
@@ -235,9 +224,9 @@ def hf_name(gguf_name: str, architecture: str = "LlamaForCausalLM") -> str:
 
 
 def unpermute_rows(rows: int, cfg: ModelConfig, name: str) -> np.ndarray | None:
-    """The row order that undoes llama.cpp's Q/K permutation (None for other tensors, and for other
-    architectures: llama.cpp permutes only `llama`'s, whose Hugging Face checkpoints rotate halves)."""
-    if cfg.architecture != "LlamaForCausalLM":
+    """The row order that undoes llama.cpp's Q/K permutation (None for other tensors, and for families whose
+    files llama.cpp did not permute: it permutes only `llama`'s, whose Hugging Face checkpoints rotate halves)."""
+    if not family(cfg.architecture).gguf_qk_interleaved:
         return None
     if name.endswith("q_proj.weight"):
         heads = cfg.num_heads
@@ -272,8 +261,10 @@ def dense_tensors(
         dtype = matrix_dtype if len(shape) == 2 else torch.float32
         tensor = _dequantized(t, shape, dtype)
         release(reader, t)
-        if cfg.architecture in NORMS_PLUS_ONE and name.endswith("norm.weight"):
-            tensor -= 1.0  # back to Hugging Face's w (the model adds the 1 at load, whatever the source)
+        if name.endswith("norm.weight"):
+            # llama.cpp's converter stores the scales the model multiplies by; back to the checkpoint's w
+            # (the model adds its family's offset at load, whatever the source)
+            tensor -= family(cfg.architecture).norm_offset
         order = unpermute_rows(shape[0], cfg, name)
         yield name, tensor if order is None else tensor[torch.from_numpy(order)]
 

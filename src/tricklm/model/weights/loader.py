@@ -12,9 +12,10 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from tricklm.memory import release_freed_memory
+from tricklm.model.base import CausalLM
 from tricklm.model.config import ModelConfig, ModelLoadError
 from tricklm.model.layers import RotaryEmbedding
-from tricklm.model.registry import CausalLM, model_class
+from tricklm.model.registry import model_class
 from tricklm.model.weights.blocks import BLOCK, FLOAT_TYPES, Blocks
 from tricklm.model.weights.gguf_file import (
     GGUF_LINK,
@@ -52,7 +53,7 @@ def load_model(
     model_dir: Path, dtype: torch.dtype = torch.float32, quantization: str = "none", prefill_weights: str = "auto"
 ) -> CausalLM:
     cfg = load_config(model_dir)
-    cls = model_class(cfg)
+    cls = model_class(cfg.architecture)
     with _MetaParameters():
         model = cls(cfg)
     link = model_dir / GGUF_LINK

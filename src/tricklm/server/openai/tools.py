@@ -99,7 +99,7 @@ class ToolSetup:
         return schema
 
     def call_grammar(self, special_trigger: bool) -> str:
-        """"auto" in Hermes form: any text, but from `<tool_call>` on, a call to one of the tools with
+        """ "auto" in Hermes form: any text, but from `<tool_call>` on, a call to one of the tools with
         arguments valid for it (an llguidance structural tag: the trigger switches the grammar on)."""
         from llguidance import StructTag  # imported on first use, as in engine/structured.py
 
