@@ -88,10 +88,10 @@ FORCED_EXIT_SECONDS = 5.0
 
 class DrainingServer(uvicorn.Server):
     """uvicorn, with a bounded drain: the first signal stops accepting (uvicorn closes its sockets) and
-        turns /health and new requests on open connections to 503; requests in flight may finish for
-        `timeout` seconds, then each ends with an error (streams: an error event, then [DONE]) so that
-        every connection closes and the process exits 0. A second signal ends every request at once (streams with
-    their error event and [DONE]) and exits with status 1."""
+    turns /health and new requests on open connections to 503; requests in flight may finish for
+    `timeout` seconds, then each ends with an error (streams: an error event, then [DONE]) so that
+    every connection closes and the process exits 0. A second signal ends every request at once
+    (streams with their error event and [DONE]) and exits with status 1."""
 
     def __init__(self, config: uvicorn.Config, state: ServerState, timeout: float) -> None:
         super().__init__(config)
