@@ -83,6 +83,24 @@ def test_kernels_agree_with_a_reference(isa: str, n: int, k: int, bits: int) -> 
         assert (got - x @ dense.t()).abs().max().item() <= 0.02 * scale
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("isa", _kernels())
+def test_kernels_do_not_saturate_on_extreme_blocks(isa: str, bits: int) -> None:
+    # the largest levels times the largest activations, of one sign: the integer sums the kernels keep
+    # in 16 bits before widening are at their bounds here
+    n, k, top = 16, 256, (1 << bits) - 1
+    levels = torch.full((n, k), top)
+    levels[1::2] = 0  # the smallest levels too (8-bit levels are recentred, so 0 is the largest magnitude)
+    d = torch.full((n, k // 32), 0.01)
+    weight = QWeight.from_blocks(levels, d, torch.zeros(n, k // 32))
+    for sign in (1.0, -1.0):
+        x = torch.full((3, k), sign)
+        want = x @ weight.dequantize().t()
+        got = qmatmul(x, weight, isa)
+        tolerance = 1e-2 if isa == "amx" else 1e-5  # AMX: bfloat16 activations and weights
+        assert (got - want).abs().max().item() <= tolerance * want.abs().max().item(), (isa, sign)
+
+
 @pytest.mark.parametrize(("qtype", "bits"), [("Q4_0", 4), ("Q4_1", 4), ("Q5_0", 8), ("Q5_1", 8), ("Q8_0", 8)])
 def test_gguf_blocks_load_as_the_gguf_package_dequantizes_them(qtype: str, bits: int) -> None:
     values = np.random.default_rng(0).standard_normal((37, 96)).astype(np.float32)
