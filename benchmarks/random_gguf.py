@@ -7,6 +7,12 @@ vocabulary take this one). Written with the `gguf` package's writer, like llama.
 
     .venv/bin/python benchmarks/random_gguf.py --shape smollm2-1.7b --out /tmp/smollm2-1.7b-q4_1.gguf
     .venv/bin/python benchmarks/random_gguf.py --shape llama-3.2-1b --type Q4_0 --out /tmp/llama1b.gguf
+
+K-quant files (Q4_K_M, what people download) are made from a Q8_0 one by llama.cpp's own quantizer, as
+people make them (`benchmarks/build_llama_cpp.sh` builds it):
+
+    .venv/bin/python benchmarks/random_gguf.py --shape llama-3-8b --type Q8_0 --out /tmp/8b-q8_0.gguf
+    benchmarks/.llama.cpp/avx2/bin/llama-quantize --allow-requantize /tmp/8b-q8_0.gguf /tmp/8b-q4_k_m.gguf Q4_K_M
 """
 
 from __future__ import annotations
@@ -26,7 +32,9 @@ SHAPES = {
     "smollm2-360m": (960, 32, 15, 5, 2560, 8192),
     "smollm2-1.7b": (2048, 24, 32, 32, 8192, 8192),
     "llama-3.2-1b": (2048, 16, 32, 8, 8192, 8192),
+    "llama-3-8b": (4096, 32, 32, 8, 14336, 8192),
 }
+UNTIED = ("llama-3-8b",)  # shapes with an output head of their own (the others tie it to the token table)
 COPIED_KEYS = ("tokenizer.", "llama.vocab_size", "llama.rope.freq_base")
 
 
@@ -55,7 +63,7 @@ def copy_tokenizer(writer: GGUFWriter, source: GGUFReader) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), required=True)
-    p.add_argument("--type", default="Q4_1", choices=["Q4_0", "Q4_1"], help="the projections' type")
+    p.add_argument("--type", default="Q4_1", choices=["Q4_0", "Q4_1", "Q8_0"], help="the projections' type")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     hidden, layers, heads, kv_heads, inter, ctx = SHAPES[args.shape]
@@ -75,7 +83,9 @@ def main() -> None:
     writer.add_rope_dimension_count(hidden // heads)
     copy_tokenizer(writer, source)
     q8 = GGMLQuantizationType.Q8_0
-    writer.add_tensor("token_embd.weight", random_blocks(vocab, hidden, q8, rng), raw_dtype=q8)  # tied head
+    writer.add_tensor("token_embd.weight", random_blocks(vocab, hidden, q8, rng), raw_dtype=q8)
+    if args.shape in UNTIED:
+        writer.add_tensor("output.weight", random_blocks(vocab, hidden, q8, rng), raw_dtype=q8)
     writer.add_tensor("output_norm.weight", np.ones(hidden, dtype=np.float32))
     head_dim = hidden // heads
     shapes = {
