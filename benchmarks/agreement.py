@@ -6,7 +6,7 @@ setting; prints how many prompts match the reference on all 32 tokens and the me
 matching prefix. Near-ties flip on a last-bit difference, so compare settings, not single prompts.
 
     .venv/bin/python benchmarks/agreement.py                                  # bf16 and fp16 prefill copies
-    .venv/bin/python benchmarks/agreement.py --settings int4:bf16,fp16:auto --no-native-decode
+    .venv/bin/python benchmarks/agreement.py --settings int4:bf16,fp16-only:auto --no-native-decode
 """
 
 from __future__ import annotations

@@ -35,4 +35,5 @@ cmake -S "$src" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_L
   -DLLAMA_BUILD_SERVER=ON "${flags[@]}" >"$build.cmake.log" 2>&1 || { tail -30 "$build.cmake.log"; exit 1; }
 cmake --build "$build" -j "$(nproc)" --target llama-server llama-quantize llama-perplexity \
   >"$build.build.log" 2>&1 || { tail -30 "$build.build.log"; exit 1; }
+echo "$variant: ${flags[*]}" >"$build/build-flags.txt"  # benchmarks/compare.py reports it with each run
 echo "$build/bin/llama-server"

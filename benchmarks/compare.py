@@ -11,9 +11,8 @@ Servers (`--servers`, default all):
   tricklm      `python -m tricklm serve` with default settings
   tricklm-python  the same with `--no-native-decode` (decode steps in Python: the path before model/native)
   tricklm-bf16-prefill  the same with `--prefill-weights bf16` (the prefill copy before `auto`)
-  tricklm-fp16 the same with `--quantization fp16` (fp16 weights for decode: the default before int4)
   tricklm-fp16-only  the same with `--quantization fp16-only` (no bfloat16 prefill copies)
-  tricklm-MODE the same with `--quantization MODE` (int4, q8_0, fp16, ...)
+  tricklm-MODE the same with `--quantization MODE` (int4, q8_0, fp16-only, ...)
   baseline     the design doc's thread-pool server, `benchmarks/baseline_threadpool.py` (HF model, fp32)
   tf-serve     `transformers serve MODEL`
   tf-serve-cb  `transformers serve MODEL --continuous-batching`
@@ -105,12 +104,6 @@ SPECS: dict[str, ServerSpec] = {
             "prefill reads bfloat16 copies whatever this CPU runs faster (the default before `auto`)",
         ),
         ServerSpec(
-            "tricklm-fp16",
-            "tricklm `--quantization fp16`",
-            False,
-            "packed fp16 weights for decode steps instead of 4-bit: the default before `int4`",
-        ),
-        ServerSpec(
             "tricklm-fp16-only",
             "tricklm `--quantization fp16-only`",
             False,
@@ -149,7 +142,7 @@ SPECS: dict[str, ServerSpec] = {
         ),
         ServerSpec(
             "llama-server",
-            "llama.cpp `llama-server` (native build, Q4_1)",
+            "llama.cpp `llama-server`",
             False,
             "llama.cpp's C++ server, the peer people run: 2 threads, 16 slots, 8,192 tokens of KV cache "
             "(512 a slot); ignores `ignore_eos`, so a request may stop at EOS",
@@ -407,6 +400,7 @@ class Outcome:
     peak_rss: int = 0
     startup_s: float | None = None
     runs: list[dict[str, Any]] = field(default_factory=list)  # one summary per concurrency
+    path: str = ""  # the instruction-set path the server ran (from its log, or the peer's build flags)
 
 
 def run_server(key: str, ctx: Context, args: argparse.Namespace) -> Outcome:
@@ -447,6 +441,7 @@ def run_server(key: str, ctx: Context, args: argparse.Namespace) -> Outcome:
             stop(proc)
     runs: list[dict[str, Any]] = json.loads(json_path.read_text())["runs"] if json_path.is_file() else []
     outcome.runs = [_run_summary(run) for run in runs]
+    outcome.path = kernel_path(key, log_path, ctx)
     if problem is not None:
         errors = [r["error"] for run in runs for r in run["requests"] if r["error"]]
         example = f"; requests failed, e.g. {errors[0]!r}" if errors else ""
@@ -455,6 +450,23 @@ def run_server(key: str, ctx: Context, args: argparse.Namespace) -> Outcome:
         return outcome
     outcome.status = "ok"
     return outcome
+
+
+def kernel_path(key: str, log_path: Path, ctx: Context) -> str:
+    """Which instruction set a server's kernels ran: tricklm logs it at start; llama-server's is how it was
+    built (`benchmarks/build_llama_cpp.sh` leaves its cmake flags beside the binaries)."""
+    if key.startswith("tricklm"):
+        with contextlib.suppress(OSError):
+            for line in log_path.read_text(errors="replace").splitlines():
+                if "int8 kernel" in line:
+                    return line.split(": ", 2)[-1].strip()
+        return "?"
+    if key == "llama-server" and ctx.llama_server is not None:
+        flags = ctx.llama_server.resolve().parent.parent / "build-flags.txt"
+        with contextlib.suppress(OSError):
+            return f"built with {flags.read_text().strip()}"
+        return f"{ctx.llama_server} (build flags unknown)"
+    return ""
 
 
 def run_bench(outcome: Outcome, base_url: str, launch: Launch, json_path: Path, args: argparse.Namespace) -> str | None:
@@ -533,6 +545,11 @@ def machine() -> dict[str, str]:
     with contextlib.suppress(OSError, ValueError, IndexError):
         kb = int(next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal")).split()[1])
         info["memory"] = f"{kb / 2**20:.1f} GiB"
+    with contextlib.suppress(OSError, StopIteration):
+        cpu_flags = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags")).split()
+        wanted = ("avx2", "fma", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8")
+        info["isa"] = " ".join(f for f in wanted if f in cpu_flags)
+    info["TRICKLM_ISA"] = os.environ.get("TRICKLM_ISA", "auto")
     info["python"] = platform.python_version()
     for dist in ("torch", "transformers"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
@@ -549,7 +566,7 @@ def machine() -> dict[str, str]:
 # ---- the report ----------------------------------------------------------------------------------
 
 
-_MACHINE_KEYS = ("cpu", "cores", "threads_per_core", "memory")
+_MACHINE_KEYS = ("cpu", "cores", "threads_per_core", "memory", "isa", "TRICKLM_ISA")
 
 
 def _num(value: float | None, fmt: str = ".1f", scale: float = 1.0) -> str:
@@ -574,7 +591,8 @@ def write_markdown(outcomes: list[Outcome], ctx: Context, args: argparse.Namespa
         f"Written by `benchmarks/compare.py` on {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}.",
         "",
         f"- machine: {info['cpu']} (`lscpu` model name), {info['cores']} CPUs "
-        f"({info.get('threads_per_core', '?')} thread per core), {info['memory']} memory",
+        f"({info.get('threads_per_core', '?')} thread per core), {info['memory']} memory; CPU flags: "
+        f"{info.get('isa', '?')}; TRICKLM_ISA={info.get('TRICKLM_ISA', 'auto')}",
         "- software: " + ", ".join(f"{k} {v}" for k, v in info.items() if k not in _MACHINE_KEYS),
         f"- command: `{shlex.join([_rel(Path(sys.executable)), *sys.argv])}` (from the repository root)",
         f"- model: {model_label(args)} — tricklm folder `{ctx.model_dir}` (transformers peers: its weights in "
@@ -636,6 +654,8 @@ def write_markdown(outcomes: list[Outcome], ctx: Context, args: argparse.Namespa
             lines.append(f"  - bench: `{o.bench_command}`")
         if o.startup_s is not None:
             lines.append(f"  - ready {o.startup_s:.1f} s after start")
+        if o.path:
+            lines.append(f"  - kernels: {o.path}")
         lines.append(f"  - note: {SPECS[o.key].note}")
     lines += [
         "",
@@ -771,6 +791,10 @@ def replot(results: Path) -> int:
         model=None if kept.get("model", "None") == "None" else kept["model"],
     )
     outcomes = [Outcome(**server) for server in saved["servers"]]
+    retired = [o.key for o in outcomes if o.key not in SPECS]
+    if retired:
+        print(f"left out of the chart, servers this script no longer runs: {', '.join(retired)}")
+    outcomes = [o for o in outcomes if o.key in SPECS]
     png = write_chart(outcomes, Context(Path(), None, results, 0.0), args, saved["machine"])
     print(f"wrote {_rel(png)}")
     return 0

@@ -6,7 +6,7 @@ import argparse
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from tricklm.model.weights.modes import PREFILL_FORMATS, QUANT_MODES
+from tricklm.model.weights.modes import PREFILL_FORMATS, check_quantization
 
 if TYPE_CHECKING:
     import torch
@@ -14,7 +14,6 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 DTYPES = ("float32", "bfloat16")  # torch's dtypes of these names
-QUANTIZATIONS = ("auto", "none", *QUANT_MODES)
 
 
 @dataclass(frozen=True)
@@ -26,12 +25,12 @@ class EngineConfig:
     # step through int8 kernels (model/weights/qlinear.py). "q4_0", "q4_1", "q4_k", "q8_0": the same, every
     # projection rounded to that format at load as llama.cpp's `quantize` does (GGUF types that fit are
     # read exactly). "int4": decode steps read 4-bit weights where the checkpoint's already are, packed
-    # fp16 elsewhere; large steps read a bfloat16 copy. "fp16": packed fp16 for every projection's decode
-    # steps, plus the copy. "fp16-only": fp16 weights for every step, no copies. All these keep float32
-    # activations and an fp16 KV cache (model/weights/quant.py). "none": everything in `dtype` (float32 is the
-    # exact reference).
+    # fp16 elsewhere; large steps read a bfloat16 copy. "fp16-only": fp16 weights for every step, no copies.
+    # All these keep float32 activations and an fp16 KV cache (model/weights/quant.py). "none": everything in
+    # `dtype` (float32 is the exact reference). The loader turns the name into a `WeightFormat`
+    # (model/weights/modes.py).
     quantization: str = "auto"
-    # The format of the copy prefill (large) steps read in "int4" and "fp16": "bf16" (oneDNN) or "fp16"
+    # The format of the copy prefill (large) steps read in "int4": "bf16" (oneDNN) or "fp16"
     # (fbgemm), whichever the CPU runs faster; "auto" times both at load (model/weights/quant.py).
     prefill_weights: str = "auto"
     max_model_len: int | None = None  # None: the model's own context length
@@ -51,8 +50,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}")
-        if self.quantization not in QUANTIZATIONS:
-            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}")
+        check_quantization(self.quantization)
         if self.prefill_weights not in PREFILL_FORMATS:
             raise ValueError(f"prefill_weights must be one of {', '.join(PREFILL_FORMATS)}")
         positive = {

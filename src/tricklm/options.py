@@ -11,9 +11,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from tricklm.config import QUANTIZATIONS, EngineConfig, ReplicaPlan, ServerConfig, config_from_args
+from tricklm.config import EngineConfig, ReplicaPlan, ServerConfig, config_from_args
 from tricklm.logs import LOG_FORMATS, LOG_LEVELS
-from tricklm.model.weights.modes import PREFILL_FORMATS
+from tricklm.model.weights.modes import PREFILL_FORMATS, QUANTIZATIONS, check_quantization
 from tricklm.server.middleware.access import KEY_ENV, read_keys
 
 _ENGINE_DEFAULTS = EngineConfig()
@@ -30,6 +30,15 @@ def _parse_size(text: str) -> int:
     return int(lowered)
 
 
+def _quantization(value: str) -> str:
+    """A `--quantization` name; a retired one is refused with what replaced it."""
+    try:
+        check_quantization(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     d = _ENGINE_DEFAULTS
     p.add_argument("--model", default=None, help="HF model folder or .gguf file (default: SmolLM2-135M-Instruct)")
@@ -37,19 +46,20 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quantization",
         default=d.quantization,
-        choices=QUANTIZATIONS,
+        type=_quantization,
+        metavar="{" + ",".join(QUANTIZATIONS) + "}",
         help="auto (default): gguf for a .gguf file, int4 for a safetensors folder; gguf: one copy of the "
         "file's own types (4- or 8-bit blocks) for every step, int8 kernels; q4_0, q4_1, q4_k, q8_0: one copy "
         "rounded to that format at load as llama.cpp's quantize does (GGUF types that fit are kept as they are; "
         "q4_k takes q5_0 where inputs are not a multiple of 256); int4: 4-bit weights for decode where the "
-        "checkpoint's are 4-bit already (fp16 elsewhere) plus a copy for prefill (--prefill-weights); fp16: "
-        "fp16 weights for decode plus the copy; fp16-only: fp16 weights for every step; none: all in --dtype",
+        "checkpoint's are 4-bit already (fp16 elsewhere) plus a copy for prefill (--prefill-weights); "
+        "fp16-only: fp16 weights for every step; none: all in --dtype",
     )
     p.add_argument(
         "--prefill-weights",
         default=d.prefill_weights,
         choices=PREFILL_FORMATS,
-        help="format of the weight copy prefill steps read with int4/fp16: bf16 or fp16, whichever kernel "
+        help="format of the weight copy prefill steps read with int4: bf16 or fp16, whichever kernel "
         "this CPU runs faster (auto, the default: timed at load)",
     )
     p.add_argument("--max-model-len", type=int, default=d.max_model_len, help="context window (default: model's)")

@@ -13,6 +13,7 @@ from agreement import Agreement, margin_of
 from tricklm.config import EngineConfig
 from tricklm.engine.llm import LLM
 from tricklm.model.weights import quant
+from tricklm.model.weights.modes import WeightFormat
 from tricklm.model.weights.quant import (
     DENSE_DTYPE,
     FBGEMM_K_BLOCK,
@@ -214,7 +215,7 @@ class TinyTied(nn.Module):
 
 
 def test_quantize_swaps_every_projection_and_ties_the_head_to_the_table() -> None:
-    model = quantize(TinyTied(), "fp16")
+    model = quantize(TinyTied(), "int4")  # random weights are not 4-bit: packed fp16 and a prefill copy
     assert isinstance(model.mlp["up"], HalfLinear) and isinstance(model.mlp["down"], HalfLinear)
     assert isinstance(model.embed, HalfEmbedding) and isinstance(model.lm_head, HalfLinear)
     assert model.lm_head.weight_dense.data_ptr() == model.embed.weight.data_ptr()  # shared, not copied
@@ -230,9 +231,13 @@ def test_quantize_without_dense_copies_keeps_only_the_free_one() -> None:
     assert model.lm_head.weight_dense.data_ptr() == model.embed.weight.data_ptr()  # the table itself
 
 
-def test_quantize_rejects_an_unknown_mode() -> None:
-    with pytest.raises(ValueError, match="int4, fp16, fp16-only"):
+def test_quantize_rejects_an_unknown_or_retired_format() -> None:
+    with pytest.raises(ValueError, match="none, int4, fp16-only, gguf"):
         quantize(TinyTied(), "int3")
+    with pytest.raises(ValueError, match="fp16 was retired: int4 keeps"):
+        quantize(TinyTied(), "fp16")
+    with pytest.raises(ValueError, match="nothing to quantize"):
+        quantize(TinyTied(), WeightFormat.NONE)
 
 
 def test_default_model_compact_greedy_matches_float() -> None:
@@ -240,7 +245,7 @@ def test_default_model_compact_greedy_matches_float() -> None:
     chat = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
     fp32 = LLM(quantization="none", max_num_seqs=4)
     # the batched prompts make one step of more than MAX_PACKED_ROWS tokens: it reads the prefill copy
-    settings = [("int4", "bf16"), ("int4", "fp16"), ("fp16", "bf16"), ("fp16", "fp16"), ("fp16-only", "auto")]
+    settings = [("int4", "bf16"), ("int4", "fp16"), ("fp16-only", "auto")]
     compact = {s: LLM(quantization=s[0], prefill_weights=s[1], max_num_seqs=4) for s in settings}
     try:
         model = compact["int4", "fp16"].engine.core.runner.model

@@ -28,9 +28,9 @@ from tricklm.model.weights.gguf_file import (
     tensor_type,
     weights_reader,
 )
-from tricklm.model.weights.modes import BLOCK_MODES, QUANT_MODES
+from tricklm.model.weights.modes import WeightFormat, weight_format
 from tricklm.model.weights.qlinear import QEmbedding, QLinear, QWeight
-from tricklm.model.weights.quant import DENSE_DTYPE, block_rounding, quantize, resolve_mode
+from tricklm.model.weights.quant import DENSE_DTYPE, quantize
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -50,8 +50,13 @@ def load_config(model_dir: Path) -> ModelConfig:
 
 
 def load_model(
-    model_dir: Path, dtype: torch.dtype = torch.float32, quantization: str = "none", prefill_weights: str = "auto"
+    model_dir: Path,
+    dtype: torch.dtype = torch.float32,
+    quantization: str | WeightFormat = "none",
+    prefill_weights: str = "auto",
 ) -> CausalLM:
+    """The model of `model_dir`, its projections kept in `quantization` (a `WeightFormat`, or the
+    `--quantization` text)."""
     cfg = load_config(model_dir)
     cls = model_class(cfg.architecture)
     with _MetaParameters():
@@ -61,17 +66,17 @@ def load_model(
         raise ModelLoadError(f"{link} points to {link.readlink()}, which is gone: pass the .gguf file again")
     gguf = weights_reader(link) if link.exists() else None
     try:
-        quantization = resolve_mode(quantization, gguf is not None)
+        fmt = weight_format(quantization, gguf is not None)
     except ValueError as e:
         raise ModelLoadError(f"{model_dir}: {e}") from None
     direct: set[str] = set()
-    if gguf is not None and quantization in BLOCK_MODES:
-        direct = _block_projections_from_gguf(model, gguf, cfg, quantization)
+    if gguf is not None and fmt.blocks:
+        direct = _block_projections_from_gguf(model, gguf, cfg, fmt)
     # Allocated uninitialised and already in the final dtype, so the float32 checkpoint is converted tensor
     # by tensor and never held whole; every parameter is then overwritten (checked below).
-    model = _materialized(_storage_dtypes(model, dtype, quantization))
+    model = _materialized(_storage_dtypes(model, dtype, fmt))
     _reset_buffers(model)
-    staging = torch.float16 if quantization in QUANT_MODES else dtype  # see _storage_dtypes
+    staging = torch.float16 if fmt.compact else dtype  # see _storage_dtypes
     if gguf is not None:
         weights = dense_tensors(gguf, cfg, skip=direct, matrix_dtype=staging)
     else:
@@ -82,8 +87,8 @@ def load_model(
         shown = ", ".join(missing[:4]) + (" ..." if len(missing) > 4 else "")
         raise ModelLoadError(f"{model_dir}: {len(missing)} weights missing from the checkpoint: {shown}")
     model = model.eval().requires_grad_(False)
-    if quantization in QUANT_MODES:
-        model = quantize(model, quantization, prefill_weights)
+    if fmt.compact:
+        model = quantize(model, fmt, prefill_weights)
     release_freed_memory()  # the loader's staging buffers
     return model
 
@@ -116,7 +121,7 @@ class _MetaParameters(TorchFunctionMode):
 TRIM_EVERY = 4  # projections built between two heap trims: one decoder layer's
 
 
-def _block_projections_from_gguf(model: CausalLM, reader: WeightsFile, cfg: ModelConfig, mode: str) -> set[str]:
+def _block_projections_from_gguf(model: CausalLM, reader: WeightsFile, cfg: ModelConfig, fmt: WeightFormat) -> set[str]:
     """Every decoder projection, the token table and the output head of a model still on the meta
     device, built from the file's blocks (see `projection_blocks`) as QLinear / QEmbedding modules: no
     float copy of them ever exists. The table and head are rounded to no fewer than 8 bits, whatever the
@@ -134,14 +139,14 @@ def _block_projections_from_gguf(model: CausalLM, reader: WeightsFile, cfg: Mode
         target = model.map_name(hf_name(t.name, cfg.architecture))[0]
         if target in slots:
             sources.setdefault(target, []).append(t)
-    if mode == "gguf":  # a fused projection with any float part stays float whole
+    if fmt is WeightFormat.GGUF:  # a fused projection with any float part stays float whole
         sources = {k: ts for k, ts in sources.items() if not any(tensor_type(t) in FLOAT_TYPES for t in ts)}
     names = {hf_name(t.name, cfg.architecture) for ts in sources.values() for t in ts}
     tables = {n for n in names if _is_table(n, slots[model.map_name(n)[0]])}
     # The table first: its repacking buffers are the load's largest, best spent before the rest is held
     found = chain(
         projection_blocks(reader, cfg, tables, "q8_0"),
-        projection_blocks(reader, cfg, names - tables, block_rounding(mode)),
+        projection_blocks(reader, cfg, names - tables, fmt.rounding),
     )
     parts: dict[str, list[tuple[int, Blocks]]] = {}
     built = 0
@@ -187,14 +192,14 @@ def _slot_shape(slot: torch.nn.Module) -> tuple[int, int]:
     return slot.out_features, slot.in_features
 
 
-def _storage_dtypes(model: CausalLM, dtype: torch.dtype, quantization: str) -> CausalLM:
+def _storage_dtypes(model: CausalLM, dtype: torch.dtype, fmt: WeightFormat) -> CausalLM:
     """Quantized modes stage projections in float16 (what they are packed from), embedding tables in
     bfloat16 (what they are kept in: no second table exists while quantizing), norms in float32."""
-    if quantization not in QUANT_MODES:
+    if not fmt.compact:
         return model.to(dtype=dtype)
     model = model.to(dtype=torch.float32)
     # A table rounded to blocks is staged in fp16, like the projections (bfloat16 would round it twice)
-    table_dtype = torch.float16 if quantization in BLOCK_MODES[1:] else DENSE_DTYPE
+    table_dtype = torch.float16 if fmt.rounds else DENSE_DTYPE
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             module.to(dtype=torch.float16)

@@ -41,7 +41,7 @@ from torch import nn
 from tricklm.memory import release_freed_memory
 from tricklm.model.base import CausalLM
 from tricklm.model.weights.blocks import BLOCK
-from tricklm.model.weights.modes import BLOCK_MODES, ONE_COPY_MODES, PREFILL_FORMATS, QUANT_MODES
+from tricklm.model.weights.modes import PREFILL_FORMATS, WeightFormat, check_quantization
 from tricklm.model.weights.qlinear import QEmbedding, QLinear, quantize_blocks
 
 log = logging.getLogger(__name__)
@@ -269,19 +269,22 @@ class HalfEmbedding(nn.Module):
         return F.embedding(ids, self.weight).to(ACT_DTYPE)
 
 
-def quantize(model: CausalLM, mode: str = "int4", prefill: str = "auto") -> CausalLM:
+def quantize(model: CausalLM, mode: WeightFormat | str = WeightFormat.INT4, prefill: str = "auto") -> CausalLM:
     """Swap every Linear for a HalfLinear and every Embedding for a HalfEmbedding, in place.
 
     Expects a float32 model: what is left (norms, RoPE tables) stays float32, like the activations.
     A tied output head becomes a HalfLinear over the embedding table. `prefill` is the format of the
-    projections' copies for large steps ("auto": `large_step_format`); "fp16-only" keeps none (a tied
-    head keeps its bfloat16 one: it is the embedding table, so it costs nothing).
+    projections' copies for large steps ("auto": `large_step_format`); the formats without one keep none
+    (a tied head keeps its bfloat16 one: it is the embedding table, so it costs nothing).
     """
-    if mode not in QUANT_MODES:
-        raise ValueError(f"quantization mode must be one of {', '.join(QUANT_MODES)}")
+    if isinstance(mode, str):
+        check_quantization(mode)
+    fmt = WeightFormat(mode)
+    if not fmt.compact:
+        raise ValueError(f"{fmt.value} keeps the model as it is: nothing to quantize")
     if prefill not in PREFILL_FORMATS:
         raise ValueError(f"prefill weights must be one of {', '.join(PREFILL_FORMATS)}")
-    dense, int4 = mode not in ONE_COPY_MODES, mode == "int4"
+    dense = fmt.prefill_copy
     if prefill == "auto":
         prefill = large_step_format() if dense else "bf16"
     tied = model.lm_head is None
@@ -294,7 +297,7 @@ def quantize(model: CausalLM, mode: str = "int4", prefill: str = "auto") -> Caus
         if isinstance(child, nn.Embedding) or (isinstance(child, nn.Linear) and name != "lm_head")
     ]
     for parent, name in slots:
-        setattr(parent, name, _half(getattr(parent, name), mode, prefill))
+        setattr(parent, name, _half(getattr(parent, name), fmt, prefill))
         release_freed_memory()  # glibc keeps freed heap pages resident until asked
     head = model.get_input_embeddings() if tied else model.lm_head
     if isinstance(head, QEmbedding):  # one copy of the table in blocks serves the head too
@@ -303,7 +306,7 @@ def quantize(model: CausalLM, mode: str = "int4", prefill: str = "auto") -> Caus
     if isinstance(head, QLinear):  # built from a GGUF file's blocks already
         head.precise = True
         return model
-    if mode in BLOCK_MODES[1:] and isinstance(head, nn.Linear) and head.in_features % BLOCK == 0:
+    if fmt.rounds and isinstance(head, nn.Linear) and head.in_features % BLOCK == 0:
         model.lm_head = QLinear(quantize_blocks(head.weight.detach(), TABLE_ROUNDING), head.bias, precise=True)
         return model
     assert isinstance(head, HalfEmbedding | nn.Linear)
@@ -311,38 +314,22 @@ def quantize(model: CausalLM, mode: str = "int4", prefill: str = "auto") -> Caus
     # dense copy is the embedding table itself when they are tied, so that costs nothing. Block modes keep
     # one copy: a tied head reads the bfloat16 table alone (more memory for the packed copy than its speed
     # is worth at real sizes).
-    packed = not (mode in BLOCK_MODES and tied)
+    packed = not (fmt.blocks and tied)
+    int4 = fmt is WeightFormat.INT4
     model.lm_head = HalfLinear(head.weight, None, packed=packed, dense=dense or tied, int4=int4, prefill=prefill)
     return model
 
 
-def _half(module: nn.Module, mode: str, prefill: str) -> nn.Module:
+def _half(module: nn.Module, fmt: WeightFormat, prefill: str) -> nn.Module:
     if isinstance(module, nn.Embedding):
-        if mode in BLOCK_MODES[1:] and module.embedding_dim % BLOCK == 0:
+        if fmt.rounds and module.embedding_dim % BLOCK == 0:
             return QEmbedding(quantize_blocks(module.weight.detach(), TABLE_ROUNDING))
         return HalfEmbedding(module.weight)
     assert isinstance(module, nn.Linear)
-    if mode in BLOCK_MODES[1:] and module.in_features % BLOCK == 0:
-        return QLinear(quantize_blocks(module.weight.detach(), mode), module.bias)
-    dense = mode not in ONE_COPY_MODES
-    return HalfLinear(module.weight, module.bias, dense=dense, int4=mode == "int4", prefill=prefill)
-
-
-def resolve_mode(mode: str, gguf: bool) -> str:
-    """ "auto": a GGUF file's own types ("gguf"), else "int4"; "gguf" is refused without a GGUF file."""
-    if mode == "auto":
-        return "gguf" if gguf else "int4"
-    if mode == "gguf" and not gguf:
-        raise ValueError(
-            "--quantization gguf keeps a GGUF file's types: pass a .gguf model, or round a "
-            "safetensors folder with q8_0, q4_k, q4_1 or q4_0"
-        )
-    return mode
-
-
-def block_rounding(mode: str) -> str:
-    """How a block mode rounds a weight its blocks cannot hold exactly (`blocks.ROUNDINGS`)."""
-    return "q8_0" if mode == "gguf" else mode
+    if fmt.rounds and module.in_features % BLOCK == 0:
+        return QLinear(quantize_blocks(module.weight.detach(), fmt.rounding), module.bias)
+    int4 = fmt is WeightFormat.INT4
+    return HalfLinear(module.weight, module.bias, dense=fmt.prefill_copy, int4=int4, prefill=prefill)
 
 
 def model_dtypes(model: nn.Module) -> tuple[torch.dtype, torch.dtype]:
