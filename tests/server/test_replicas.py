@@ -3,6 +3,7 @@ conversations kept on their replica, metrics from both, disconnects cancelled, a
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -121,8 +122,11 @@ def test_streams_token_by_token_through_the_proxy(replicas: str) -> None:
             if line.startswith("data: {"):
                 arrivals.append(time.monotonic())
     assert len(arrivals) >= 40
-    # Buffered output would arrive in a burst at the end; tokens come over the generation's whole span
-    assert arrivals[len(arrivals) // 2] - arrivals[0] > 0.25 * (arrivals[-1] - arrivals[0]) > 0
+    # Buffered output would arrive in one burst (gaps of microseconds); streamed tokens arrive a step apart
+    # (milliseconds). Counted rather than timed against the span: a busy machine may stall one step for
+    # longer than the rest took, or hand the client several events in one read.
+    apart = sum(b - a > 0.001 for a, b in itertools.pairwise(arrivals))
+    assert apart >= 10, apart
 
 
 def _conversation(base: str, i: int, served_by: list[tuple[int, str]]) -> None:
