@@ -2,9 +2,10 @@
 
 The weight is kept in blocks of 32 (a level per weight, a scale d and an offset m per block: w = d
 level + m; `blocks.py` makes them from GGUF types or float weights), in 4 bits where every level
-fits, else 8. The native kernel (`../native/qmatmul.h`) quantizes activations per block of 32 to int8 and
-takes integer dot products (AVX-512 VNNI, else AVX2, chosen at run time). Where it cannot be built, a
-torch fallback dequantizes a slice of rows at a time and multiplies in float32: slower, never wrong.
+fits, else 8. The native kernels (`../native/qkernels.h`) quantize activations per block of 32 to int8 and
+take integer dot products (AVX-512 VNNI, else AVX2, chosen at run time by `../native/qmatmul.h`). Where they
+cannot be built, a torch fallback dequantizes a slice of rows at a time and multiplies in float32: slower,
+never wrong.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def load_qmatmul() -> Any | None:
 
 
 class QWeight:
-    """A [n, k] weight in blocks of 32, repacked for the kernel (see `../native/qmatmul.h`): 16 output
+    """A [n, k] weight in blocks of 32, repacked for the kernel (see `../native/qkernels.h`): 16 output
     columns interleaved, `levels` [groups, k/32, bits, 64] uint8 (bits 4 or 8), `d` and `m` [groups,
     k/32, 16] float16 (as in GGUF's blocks), groups = ceil(n / 16) (the last one padded with zeros)."""
 

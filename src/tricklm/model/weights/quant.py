@@ -2,7 +2,7 @@
 
 The block modes ("gguf", the default for a GGUF file, and "q4_0", "q4_1", "q4_k", "q8_0") keep one copy
 of every projection in blocks of 32 read by every step through int8 kernels (`qlinear.py`,
-`blocks.py`, `../native/qmatmul.h`). The rest of this module is about the older modes, which use
+`blocks.py`, `../native/qkernels.h`). The rest of this module is about the older modes, which use
 torch's own kernels: 4-bit or packed fp16 for decode steps and a second copy for prefill.
 
 A decode step reads every weight once and does little arithmetic, so its time follows the weights'
