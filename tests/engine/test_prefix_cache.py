@@ -237,3 +237,22 @@ def test_sliding_window_model_hits_and_matches(models: dict[str, CausalLM]) -> N
     agreement = Agreement(FLOAT_MARGIN)  # 48 tokens from the cache, computed in other chunks
     check_runs(agreement, on["a"], off["a"], what="a")
     agreement.assert_meaningful()
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def test_the_kv_budget_becomes_resident_as_blocks_are_written(llama: CausalLM) -> None:
+    from tricklm.engine.kv_cache import KVCache
+
+    # 128 MiB: far more than the heap's churn around it, so its pages can be told apart
+    num_blocks = 128 * 2**20 // (bytes_per_token(llama.config, torch.float16) * 16)
+    before = _resident_bytes()
+    cache = KVCache(llama.config, num_blocks=num_blocks, block_size=16, dtype=torch.float16, prefix_caching=True)
+    budget = sum(layer.kv.numel() * layer.kv.element_size() for layer in cache.layers)
+    assert _resident_bytes() - before < budget / 8  # only block 0 of each layer is written
+    for layer in cache.layers:
+        layer.kv[:, 16 : layer.kv.shape[1] // 2].fill_(1.0)  # half the slots handed out and written
+    assert _resident_bytes() - before > budget / 4

@@ -70,7 +70,7 @@ class Engine:
         self.info = LoadInfo(model_dir, name, time.monotonic() - start)
         self._ids = itertools.count()
         logger.info("loaded %s from %s in %.1fs", name, model_dir, self.info.load_seconds)
-        logger.info("memory: %s", memory_summary(model, self.core.kv_cache.nbytes, self.core.kv_cache.prefix_caching))
+        logger.info("memory: %s", memory_summary(model, self.core.kv_cache.nbytes))
 
     @property
     def max_model_len(self) -> int:
@@ -112,7 +112,7 @@ def generation_defaults(model_dir: Path) -> dict[str, Any]:
     return {k: cfg[k] for k in MODEL_DEFAULT_KEYS if isinstance(cfg.get(k), int | float)}
 
 
-def memory_summary(model: CausalLM, kv_bytes: int, kv_resident: bool = True) -> str:
+def memory_summary(model: CausalLM, kv_bytes: int) -> str:
     """One line for the log: weights by format, the KV cache's budget, and the process's resident size."""
     weights = weight_bytes(model)
     by_format = ", ".join(f"{kind} {n / 2**20:.0f}" for kind, n in sorted(weights.items(), key=lambda kv: -kv[1]))
@@ -122,5 +122,4 @@ def memory_summary(model: CausalLM, kv_bytes: int, kv_resident: bool = True) -> 
             rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError):
         return line
-    when = "resident from the start, for the prefix cache" if kv_resident else "resident as it fills"
-    return f"{line} ({when}); process resident now {rss / 2**20:.0f} MiB"
+    return f"{line} (resident as it fills); process resident now {rss / 2**20:.0f} MiB"

@@ -29,9 +29,11 @@ class KVCache:
     """Paged storage: slot s of every layer holds one token's K and V; block b owns slots [b*bs, (b+1)*bs).
 
     Block 0 is zeroed and never handed out: every padded gather index points there, so attention never
-    reads a slot that was not written. That lets the rest stay uninitialised when prefix caching is off:
-    the OS maps its pages on first write, and resident memory grows with the peak of tokens in use, not
-    with the budget. With prefix caching the whole budget is mapped at start (see `__init__`).
+    reads a slot that was not written. That lets the rest stay uninitialised: the OS maps its pages on
+    first write, so resident memory grows with use, as a native server's does, not with the budget. Blocks
+    are handed out lowest first (`_take`): without prefix caching the pages ever touched stay as few as
+    the peak number of blocks in use; with it, cached blocks fill the budget before any is evicted, so
+    resident memory grows to the budget as the cache fills, and no further.
     """
 
     def __init__(
@@ -43,11 +45,7 @@ class KVCache:
         self.num_blocks = num_blocks
         self.prefix_caching = prefix_caching
         shape = (2 * cfg.num_kv_heads, num_blocks * block_size, cfg.head_dim)
-        # With prefix caching the whole budget fills with cached blocks as requests pass, so it is mapped
-        # at start: resident memory is what it will be from the first request on, not creeping up for
-        # thousands of requests. Without it, pages are mapped as blocks are first written.
-        resident = prefix_caching
-        self.layers = [KVCacheLayer(_storage(shape, dtype, block_size, resident)) for _ in range(cfg.num_layers)]
+        self.layers = [KVCacheLayer(_storage(shape, dtype, block_size)) for _ in range(cfg.num_layers)]
         # A min-heap of free blocks that hold no cached prefix: the lowest is handed out first, so without
         # prefix caching the pages ever touched stay as few as the peak number of blocks in use
         self._free = list(range(1, num_blocks))
@@ -184,10 +182,8 @@ def prefix_hashes(req: Request, block_size: int) -> list[bytes]:
     return hashes
 
 
-def _storage(shape: tuple[int, ...], dtype: torch.dtype, block_size: int, resident: bool) -> torch.Tensor:
-    """Block 0 zeroed; the rest zeroed too if `resident` (its pages mapped now, not as they fill)."""
-    if resident:
-        return torch.zeros(shape, dtype=dtype)
+def _storage(shape: tuple[int, ...], dtype: torch.dtype, block_size: int) -> torch.Tensor:
+    """Block 0 zeroed; the rest left unwritten, its pages mapped by the OS as blocks are first written."""
     t = torch.empty(shape, dtype=dtype)
     t[:, :block_size].zero_()
     return t
