@@ -18,8 +18,8 @@ Servers (`--servers`, default all):
   tf-serve-cb  `transformers serve MODEL --continuous-batching`
   llama-cpp    llama.cpp's server through `llama-cpp-python[server]`, on the Q4_1 GGUF
   llama-server llama.cpp's own C++ `llama-server` (`--llama-server PATH` or $TRICKLM_LLAMA_SERVER), built
-               from the llama-cpp-python==0.3.36 sdist's vendor/llama.cpp with AMX off (issue 14 gives
-               the cmake flags); run as `-t 2 -np 16 -c 8192`. Never installed by this script. On a Xeon
+               from the llama-cpp-python==0.3.36 sdist's vendor/llama.cpp by `build_llama_cpp.sh avx2|native`
+               (AMX off); run as `-t 2 -np 16 -c 8192`. Never installed by this script. On a Xeon
                that advertises AMX, GGML_NATIVE=ON compiled ggml's AMX path all the same and the server
                died with SIGILL (ldtilecfg): GGML_NATIVE=OFF with the AVX-512 options named runs.
 
