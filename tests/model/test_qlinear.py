@@ -13,6 +13,7 @@ from gguf.quants import dequantize, quantize
 
 from agreement import margins_of_logits
 from tiny_models import make_tiny_model, random_k_quant
+from tricklm.model.weights import blocks as blocks_module
 from tricklm.model.weights.blocks import gguf_blocks, round_blocks
 from tricklm.model.weights.loader import load_model
 from tricklm.model.weights.qlinear import (
@@ -122,6 +123,17 @@ def test_k_quants_keep_their_levels(qtype: str) -> None:
     _, d, m = weight.blocks()
     tolerance = 2.0**-10 * (d.abs() * 31 + m.abs()).unsqueeze(-1)
     assert ((weight.dequantize() - want).view(20, -1, 32).abs() <= tolerance).all()
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K"])
+def test_k_quant_levels_read_from_the_bytes_are_those_dequantizing_finds(
+    qtype: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw = random_k_quant(40, 512, qtype)
+    direct = blocks_module._exact_rows(raw, qtype)
+    monkeypatch.delitem(blocks_module.K_LEVELS, qtype)  # the path every other type takes
+    divided = blocks_module._exact_rows(raw, qtype)
+    assert all(torch.equal(a, b) for a, b in zip(direct, divided, strict=True))
 
 
 def test_other_gguf_types_are_not_read_as_blocks() -> None:

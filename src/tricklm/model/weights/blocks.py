@@ -53,12 +53,37 @@ def _exact_rows(data: np.ndarray, qtype: str) -> Blocks:
     if qtype == "Q8_0":  # the levels are the stored int8 values, offset
         quants = raw.reshape(n, -1, 34)[..., 2:].view(np.int8).astype(np.int16) + 128
         return torch.from_numpy(quants.astype(np.uint8).reshape(n, -1)), _half(d), _half(m)
-    values = dequantize_rows(raw, qtype).reshape(n, -1, BLOCK)
-    # The values are d level + m exactly (or within float32 rounding): dividing back finds each level
-    safe = np.where(d != 0, d, 1)[..., None]  # Q5_0 scales may be negative, as Q4_0 ones
-    levels = np.rint((values - m[..., None]) / safe).clip(0, (1 << EXACT_BITS[qtype]) - 1)
-    levels = np.where(d[..., None] != 0, levels, 0).astype(np.uint8).reshape(n, -1)
+    if qtype in K_LEVELS:
+        found = K_LEVELS[qtype](raw.reshape(n, -1, _type_size(qtype))).reshape(n, -1, BLOCK)
+    else:
+        values = dequantize_rows(raw, qtype).reshape(n, -1, BLOCK)
+        # The values are d level + m exactly (or within float32 rounding): dividing back finds each level
+        safe = np.where(d != 0, d, 1)[..., None]  # Q5_0 scales may be negative, as Q4_0 ones
+        found = np.rint((values - m[..., None]) / safe).clip(0, (1 << EXACT_BITS[qtype]) - 1)
+    levels = np.where(d[..., None] != 0, found, 0).astype(np.uint8).reshape(n, -1)
     return torch.from_numpy(levels), _half(d), _half(m)
+
+
+def _q4_k_levels(blocks: np.ndarray) -> np.ndarray:
+    """The stored levels of Q4_K super-blocks [..., 144 bytes] as [..., 8 blocks, 32]: each 32 bytes of
+    `qs` hold two blocks, the first in the low nibbles (as ggml's dequantize_row_q4_K reads them)."""
+    qs = blocks[..., 16:].reshape(*blocks.shape[:-1], 4, 1, BLOCK)
+    nibbles: np.ndarray = (qs >> np.array([0, 4], dtype=np.uint8).reshape(2, 1)) & 0x0F
+    return nibbles.reshape(*blocks.shape[:-1], 8, BLOCK)
+
+
+def _q5_k_levels(blocks: np.ndarray) -> np.ndarray:
+    """Q5_K super-blocks [..., 176 bytes]: Q4_K's nibbles, plus block i's fifth bit in bit i of `qh`."""
+    low = _q4_k_levels(np.concatenate((blocks[..., :16], blocks[..., 48:]), axis=-1))
+    qh = blocks[..., 16:48].reshape(*blocks.shape[:-1], 1, BLOCK)
+    high = (qh >> np.arange(8, dtype=np.uint8).reshape(8, 1)) & 0x01
+    levels: np.ndarray = low | (high << 4)
+    return levels
+
+
+# K-quant levels read straight from the bytes: dequantizing and dividing back gives the same levels and took
+# most of a Q4_K_M file's load time
+K_LEVELS = {"Q4_K": _q4_k_levels, "Q5_K": _q5_k_levels}
 
 
 def dequantize_rows(raw: np.ndarray, qtype: str) -> np.ndarray:
