@@ -14,8 +14,8 @@ modes, or a mode with `-float`:
     MODE-float  a block mode's weights with float32 activations: the reference its int8 path is judged by
     MODE@PATH   a setting on another model of the same tokenizer (a folder or a .gguf file), e.g. one
                 GGUF file per llama.cpp type (benchmarks/gguf_formats.py)
-    int4, fp16, fp16-only   the other modes (a teacher-forced chunk is one large step: int4 and fp16 read
-                their prefill copy here)
+    int4, fp16-only   the other formats (a teacher-forced chunk is one large step: int4 reads its prefill
+                copy here)
 
 The text: docstrings of a fixed list of Python standard-library modules (real English prose, PSF
 license), about 67,000 tokens for SmolLM2's tokenizer, of which `--tokens` are used; or `--text FILE`.

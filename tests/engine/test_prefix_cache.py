@@ -3,6 +3,7 @@ cache on and off through every engine path (chunked prefill, preemption, aborts,
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -241,7 +242,7 @@ def test_sliding_window_model_hits_and_matches(models: dict[str, CausalLM]) -> N
 
 def _resident_bytes() -> int:
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def test_the_kv_budget_becomes_resident_as_blocks_are_written(llama: CausalLM) -> None:

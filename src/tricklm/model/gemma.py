@@ -14,8 +14,6 @@ layers through the config (`ModelConfig`), so the two classes differ only in the
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-
 import torch
 from torch import nn
 
@@ -61,17 +59,8 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         cap = self.config.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return super().load_weights(_norm_scales(weights, self.family.norm_offset))
-
 
 class Gemma3ForCausalLM(Gemma2ForCausalLM):
     """Gemma 2 plus per-head q/k norms and a RoPE base of its own on the sliding layers."""
 
     family = registry.GEMMA3
-
-
-def _norm_scales(weights: Iterable[tuple[str, torch.Tensor]], offset: float) -> Iterator[tuple[str, torch.Tensor]]:
-    """Hugging Face's Gemma norm weights w as the scales (offset + w) that `RMSNorm` multiplies by."""
-    for name, tensor in weights:
-        yield name, tensor + offset if name.endswith("norm.weight") else tensor

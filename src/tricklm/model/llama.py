@@ -7,7 +7,7 @@ into them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -163,6 +163,8 @@ class LlamaForCausalLM(CausalLM):
         return output_logits(hidden, self.lm_head, self.model.embed_tokens)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        if self.family.norm_offset:
+            weights = _norm_scales(weights, self.family.norm_offset)
         params = dict(self.named_parameters())
         rows_seen: dict[str, int] = {}
         for name, tensor in weights:
@@ -211,3 +213,10 @@ class Phi3ForCausalLM(LlamaForCausalLM):
     config)."""
 
     family = registry.PHI3
+
+
+def _norm_scales(weights: Iterable[tuple[str, torch.Tensor]], offset: float) -> Iterator[tuple[str, torch.Tensor]]:
+    """Checkpoint norm weights w as the scales (offset + w) that `RMSNorm` multiplies by (the family spec's
+    `norm_offset`: Gemma stores scale - 1)."""
+    for name, tensor in weights:
+        yield name, tensor + offset if name.endswith("norm.weight") else tensor

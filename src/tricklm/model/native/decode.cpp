@@ -3,7 +3,7 @@
 // The family's variants are options of the stack or of a layer: Qwen3's and Gemma 3's per-head q/k norms,
 // Gemma's norms around the attention and MLP outputs, GeGLU, a window and RoPE table per layer, a query
 // scale, attention soft-capping (Gemma 2), partial rotary (Phi-3). What is not here runs in Python
-// (`missing_operations` in __init__.py names it).
+// (`missing_operations` in decoder.py names it).
 //
 // A decode step does little arithmetic per op. At one row the Python path spent more time dispatching
 // ~45 small torch ops per layer than computing them. Here the projections still go through torch's

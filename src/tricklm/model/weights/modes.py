@@ -63,7 +63,7 @@ QUANTIZATIONS = (AUTO, *(f.value for f in WeightFormat))  # the `--quantization`
 # Names that are no longer formats, with what replaced them
 RETIRED = {
     "fp16": "--quantization fp16 was retired: int4 keeps the same packed fp16 decode weights and prefill copy "
-    "(and 4-bit ones where the checkpoint is 4-bit) in less memory; fp16-only keeps one fp16 copy",
+    "(and 4-bit ones where the checkpoint is 4-bit) in less memory once loaded; fp16-only keeps one fp16 copy",
 }
 GGUF_NEEDS_A_FILE = (
     "--quantization gguf keeps a GGUF file's types: pass a .gguf model, or round a safetensors folder with "
