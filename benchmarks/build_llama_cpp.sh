@@ -3,7 +3,9 @@
 # the llama-cpp-python==0.3.36 sdist: the peer benchmarks/compare.py runs against. Never a tricklm dependency.
 #
 #   bash benchmarks/build_llama_cpp.sh avx2     # GGML_NATIVE=OFF, AVX2+FMA+F16C, no AVX-512: the common CPU's path
-#   bash benchmarks/build_llama_cpp.sh native   # this CPU's best, AMX off (native AMX builds died with SIGILL on a Xeon)
+#   bash benchmarks/build_llama_cpp.sh native   # this CPU's best (GGML_NATIVE=ON), AMX off
+#   bash benchmarks/build_llama_cpp.sh avx512   # AVX-512 with VNNI/BF16/VBMI named, no AMX: on a Xeon that has AMX,
+#                                               # GGML_NATIVE=ON compiled AMX code all the same and died with SIGILL
 #
 # Binaries go to benchmarks/.llama.cpp/<variant>/bin (ignored by git). Prints the llama-server path last.
 set -euo pipefail
@@ -19,7 +21,10 @@ case "$variant" in
   avx2) flags=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF
                -DGGML_AVX_VNNI=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF) ;;
   native) flags=(-DGGML_NATIVE=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF) ;;
-  *) echo "usage: $0 avx2|native" >&2; exit 2 ;;
+  avx512) flags=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON
+                 -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX512_VBMI=ON -DGGML_AMX_TILE=OFF
+                 -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF) ;;
+  *) echo "usage: $0 avx2|native|avx512" >&2; exit 2 ;;
 esac
 
 if [ ! -f "$src/CMakeLists.txt" ]; then
