@@ -328,6 +328,24 @@ def test_json_logs_carry_the_fields_as_keys() -> None:
     assert entry["level"] == "INFO" and entry["time"].endswith("Z")
 
 
+def _wait_until_idle(engine: Engine, timeout: float = 30.0) -> None:
+    """Until the engine runs nothing and its token counters stand still between two reads a step apart."""
+    deadline = time.monotonic() + timeout
+    before = engine.loop.stats()
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = engine.loop.stats()
+        counts = (now.num_prompt_tokens, now.num_generation_tokens)
+        if (
+            not now.num_running
+            and not now.num_waiting
+            and counts == (before.num_prompt_tokens, before.num_generation_tokens)
+        ):
+            return
+        before = now
+    raise AssertionError("the shared engine did not go idle")
+
+
 def test_the_stats_line_reports_throughput_then_goes_quiet(
     tiny_engine: Engine, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -335,9 +353,11 @@ def test_the_stats_line_reports_throughput_then_goes_quiet(
     state = ServerState()
     state.set_engine(tiny_engine)
     stats = StatsLogger(state, interval=1.0)
+    _wait_until_idle(tiny_engine)  # the shared engine may still be finishing an earlier test's request
     stats.log_once()  # whatever the shared engine did before, counted from zero
     with running_server(create_app(engine=tiny_engine)) as base:
         httpx.post(base + "/v1/completions", json={"prompt": "a b c", "max_tokens": 8, "ignore_eos": True})
+    _wait_until_idle(tiny_engine)
     stats.log_once()
     stats.log_once()
     stats.log_once()
