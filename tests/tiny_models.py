@@ -223,3 +223,41 @@ def random_k_quant(rows: int, cols: int, qtype: str, seed: int = 0) -> np.ndarra
         factors = (rng.random(len(raw)) * 0.01 + 1e-3).astype(np.float16)
         raw[:, at : at + 2] = factors.view(np.uint8).reshape(-1, 2)
     return raw.reshape(rows, -1)
+
+
+THINK_TAGS = ("<think>", "</think>")
+# Qwen3's shape: the model opens its thinking itself, and `enable_thinking` false writes an empty one
+QWEN3_STYLE_TEMPLATE = CHAT_TEMPLATE.replace(
+    "{{ '<|im_start|>assistant\\n' }}",
+    "{{ '<|im_start|>assistant\\n' }}{% if enable_thinking is defined and enable_thinking is false %}"
+    "{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}",
+)
+# The DeepSeek-R1 distills' shape: the template opens the thinking, the reply begins inside it
+R1_STYLE_TEMPLATE = CHAT_TEMPLATE.replace(
+    "{{ '<|im_start|>assistant\\n' }}", "{{ '<|im_start|>assistant\\n<think>\\n' }}"
+)
+
+
+def make_thinking_model(path: Path, template: str = R1_STYLE_TEMPLATE) -> Path:
+    """A tiny random Qwen3 whose vocabulary has `<think>` and `</think>` as added (non-special) tokens, as
+    Qwen3's has, and whose chat template writes them: `template` decides who opens the thinking."""
+    base = tokenizer_vocab_size()
+    make_tiny_model(path, "Qwen3ForCausalLM", vocab_size=base + len(THINK_TAGS))
+    tokenizer = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
+    for k, tag in enumerate(THINK_TAGS):
+        tokenizer["added_tokens"].append(
+            {
+                "id": base + k,
+                "content": tag,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": False,
+            }
+        )
+    (path / "tokenizer.json").write_text(json.dumps(tokenizer), encoding="utf-8")
+    config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config["chat_template"] = template
+    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return path

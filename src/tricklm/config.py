@@ -108,8 +108,15 @@ class ServerConfig:
     # Slow clients: a request's headers, then its body, must arrive within these (else 408 and close)
     header_timeout: float = 20.0
     body_timeout: float = 60.0
+    # A thinking model's reasoning: "auto" returns it apart from the answer, "none" leaves it in the answer
+    reasoning_format: str = "auto"
+    reasoning_budget: int | None = None  # reasoning tokens before the thinking is closed; None: no limit
 
     def __post_init__(self) -> None:
+        if self.reasoning_format not in ("auto", "none"):
+            raise ValueError("reasoning_format must be auto or none")
+        if self.reasoning_budget is not None and self.reasoning_budget < 0:
+            raise ValueError("reasoning_budget must be 0 or more (0 turns thinking off)")
         if not 0 <= self.port <= 65535:
             raise ValueError("port must be between 0 and 65535")
         if self.max_request_bytes < 1024:

@@ -143,6 +143,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a request may run; longer ones end with an error and free their slot (default: none)",
     )
     serve.add_argument(
+        "--reasoning-format",
+        choices=("auto", "none"),
+        default=_SERVER_DEFAULTS.reasoning_format,
+        help="a thinking model's reasoning: 'auto' returns it as reasoning_content, apart from the answer; "
+        "'none' leaves it in the content (default: auto)",
+    )
+    serve.add_argument(
+        "--reasoning-budget",
+        type=int,
+        default=None,
+        help="reasoning tokens a reply may spend before its thinking is closed and the answer follows; 0 "
+        "turns thinking off where the template can (default: no limit; a request's reasoning_budget wins)",
+    )
+    serve.add_argument(
         "--header-timeout",
         type=float,
         default=_SERVER_DEFAULTS.header_timeout,

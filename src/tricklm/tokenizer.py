@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
 from tricklm.model.config import ModelLoadError
+
+# The variables a chat template gets from the server itself, which a request's template kwargs cannot replace
+TEMPLATE_NAMES = frozenset({"messages", "add_generation_prompt", "tools", "bos_token", "eos_token"})
 
 
 class ChatTemplateError(ValueError):
@@ -81,7 +84,11 @@ class Tokenizer:
         return list(tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids)
 
     def encode_chat(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, tools: list[Any] | None = None
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[Any] | None = None,
+        template_kwargs: Mapping[str, Any] | None = None,
     ) -> list[int]:
         """The rendered chat, where the template's markup is control tokens and the messages' text never is.
 
@@ -89,9 +96,9 @@ class Tokenizer:
         rendering is tokenized whole (as any server would) unless a control token came out of message
         text; then the template's pieces and the messages' strings are tokenized apart.
         """
-        text = self.apply_chat_template(messages, add_generation_prompt, tools)
+        text = self.apply_chat_template(messages, add_generation_prompt, tools, template_kwargs)
         encoding = self._tok.encode_batch([text], add_special_tokens=False)[0]
-        pieces = self._pieces(messages, add_generation_prompt, text, tools)
+        pieces = self._pieces(messages, add_generation_prompt, text, tools, template_kwargs)
         if pieces is None:  # the template changed the strings, so where they stand is unknown
             if any(c in value for value in [*_strings(messages), *_strings(tools)] for c in self.control_tokens):
                 raise ChatTemplateError("message text may not spell the model's control tokens with this chat template")
@@ -115,7 +122,12 @@ class Tokenizer:
         return ids
 
     def _pieces(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool, text: str, tools: list[Any] | None
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool,
+        text: str,
+        tools: list[Any] | None,
+        template_kwargs: Mapping[str, Any] | None,
     ) -> list[tuple[str, bool]] | None:
         """`text` cut into (piece, is message text), found by rendering again with a marker for every string
         of the messages; None if the template does not place the strings as they are (trims them, say)."""
@@ -123,7 +135,7 @@ class Tokenizer:
         try:
             marked = [_marked(m, values) for m in messages]
             # A tool's name, description and schema are the client's text too, never the template's markup
-            template = self.apply_chat_template(marked, add_generation_prompt, _marked(tools, values))
+            template = self.apply_chat_template(marked, add_generation_prompt, _marked(tools, values), template_kwargs)
         except ChatTemplateError:  # a template that inspects the strings themselves
             return None
         pieces: list[tuple[str, bool]] = []
@@ -144,6 +156,11 @@ class Tokenizer:
         """The tokenizer as `tokenizer.json` text (what grammar engines build their token tables from)."""
         return str(self._tok.to_str())
 
+    def token_id(self, piece: str) -> int | None:
+        """The id of a vocabulary entry (an added token's text, or a piece as the vocabulary spells it)."""
+        found = self._tok.token_to_id(piece)
+        return int(found) if found is not None else None
+
     def id_to_token(self, token_id: int) -> str:
         return self._tok.id_to_token(token_id) or ""
 
@@ -158,9 +175,14 @@ class Tokenizer:
         return bool(self.chat_template and "tools" in self.chat_template)
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, tools: list[Any] | None = None
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[Any] | None = None,
+        template_kwargs: Mapping[str, Any] | None = None,
     ) -> str:
-        """The chat rendered by the model's template.
+        """The chat rendered by the model's template, with `template_kwargs` as further variables (Qwen3's
+        `enable_thinking`, say).
 
         A template that refuses a system role (Gemma 2's raises "System role not supported") gets the system
         prompt folded into the first user turn, followed by a blank line, as Gemma 3's own template does.
@@ -168,19 +190,26 @@ class Tokenizer:
         if not self.chat_template:
             raise ChatTemplateError("this model has no chat template; use /v1/completions with a plain prompt")
         try:
-            return self._render(messages, add_generation_prompt, tools)
+            return self._render(messages, add_generation_prompt, tools, template_kwargs)
         except jinja2.TemplateError as e:
             error = e
         folded = _system_folded(messages) if "system" in str(error).lower() else None
         if folded is not None:
             try:
-                return self._render(folded, add_generation_prompt, tools)
+                return self._render(folded, add_generation_prompt, tools, template_kwargs)
             except jinja2.TemplateError as e:
                 error = e
         raise ChatTemplateError(f"chat template failed: {error}") from None
 
-    def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool, tools: list[Any] | None) -> str:
+    def _render(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool,
+        tools: list[Any] | None,
+        template_kwargs: Mapping[str, Any] | None,
+    ) -> str:
         return self._compiled_template.render(
+            **{k: v for k, v in (template_kwargs or {}).items() if k not in TEMPLATE_NAMES},
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             tools=tools or None,
@@ -328,16 +357,18 @@ class StopStringMatcher:
     def __init__(self, stop: Sequence[str]) -> None:
         self._stop = [s for s in stop if s]
         self._held = ""
+        self.matched: str | None = None  # the stop string that ended the text (Anthropic's `stop_sequence`)
 
     def push(self, text: str) -> tuple[str, bool]:
         """Return (text safe to emit, whether a stop string was hit)."""
         if not self._stop:
             return text, False
         buf = self._held + text
-        hits = [i for i in (buf.find(s) for s in self._stop) if i >= 0]
+        hits = [(i, s) for s in self._stop if (i := buf.find(s)) >= 0]
         if hits:
             self._held = ""
-            return buf[: min(hits)], True
+            at, self.matched = min(hits, key=lambda hit: hit[0])
+            return buf[:at], True
         keep = self._holdback(buf)
         self._held = buf[len(buf) - keep :] if keep else ""
         return buf[: len(buf) - keep], False

@@ -129,10 +129,11 @@ def chat(browser: Browser, default_server: str) -> Iterator[ChatPage]:
     page.check_console()
 
 
-def sse(pieces: list[str], finish: str | None = "stop", done: bool = True) -> str:
-    """A chat stream as the server sends it: role, content deltas, finish reason, usage, [DONE]."""
+def sse(pieces: list[str], finish: str | None = "stop", done: bool = True, reasoning: tuple[str, ...] = ()) -> str:
+    """A chat stream as the server sends it: role, reasoning and content deltas, finish reason, usage, [DONE]."""
     choice = {"index": 0, "logprobs": None, "finish_reason": None}
     events: list[dict[str, Any]] = [{"choices": [{**choice, "delta": {"role": "assistant"}}]}]
+    events += [{"choices": [{**choice, "delta": {"reasoning_content": piece}}]} for piece in reasoning]
     events += [{"choices": [{**choice, "delta": {"content": piece}}]} for piece in pieces]
     if finish is not None:
         events.append({"choices": [{**choice, "delta": {}, "finish_reason": finish}]})
@@ -341,6 +342,27 @@ def test_markdown_renders_and_html_from_the_model_or_the_user_never_runs(chat: C
     assert page.evaluate("navigator.clipboard.readText()") == "print('hi')\n"
     reply.get_by_role("button", name="Copy the reply").click()
     assert page.evaluate("navigator.clipboard.readText()") == "".join(HOSTILE_REPLY)
+
+
+def test_reasoning_is_folded_away_and_single_line_breaks_stay(chat: ChatPage) -> None:
+    chat.open()
+    thoughts = ("The user wants", " a haiku.\nThree lines.")
+    chat.page.route("**/v1/chat/completions", fulfil_stream(["Line A\nLine B", "\nLine C"], reasoning=thoughts))
+    reply = chat.reply("A haiku, please")
+    thinking = reply.locator("details.thinking")
+    expect(thinking).to_be_visible()
+    assert thinking.get_attribute("open") is None  # folded until the reader opens it
+    expect(thinking.locator("summary")).to_have_text("Thinking")
+    thinking.locator("summary").click()
+    expect(thinking.locator(".reasoning")).to_have_text("".join(thoughts))
+    content = reply.locator(".content")
+    expect(content.locator("br")).to_have_count(2)  # three lines, not one
+    expect(content).not_to_contain_text("The user wants")
+    # The reasoning is kept with the chat, and not sent back as the answer
+    chat.send("Another")
+    chat.wait_done()
+    sent = chat.bodies[-1]["messages"]
+    assert [m["content"] for m in sent if m["role"] == "assistant"] == ["Line A\nLine B\nLine C"]
 
 
 # ---- errors: plain words, the status, and the failed turn is not kept --------------------------------------

@@ -49,7 +49,13 @@ def fuzz_server(tiny_model_dir: Path) -> Iterator[str]:
 
 def test_the_schema_has_every_route() -> None:
     labels = {op.label for op in OPERATIONS}
-    assert {"POST /v1/chat/completions", "POST /v1/completions", "POST /generate", "GET /health"} <= labels
+    assert {
+        "POST /v1/chat/completions",
+        "POST /v1/completions",
+        "POST /v1/messages",
+        "POST /generate",
+        "GET /health",
+    } <= labels
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])

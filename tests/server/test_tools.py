@@ -122,7 +122,7 @@ def _stream(pieces: list[str]) -> dict[str, Any]:
 def _whole(text: str) -> dict[str, Any]:
     class Done:
         def __init__(self) -> None:
-            self.text, self.finish_reason, self.logprobs = text, "stop", None
+            self.text, self.finish_reason, self.logprobs, self.reasoning = text, "stop", None, ""
 
     choice = _renderer().choice(0, Done())  # type: ignore[arg-type]
     message = choice["message"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from tricklm.engine.reasoning import Part, ReasoningState
 from tricklm.engine.request import EngineOutput, TokenLogprob
 from tricklm.engine.sampling_params import SamplingParams
 from tricklm.tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
@@ -19,10 +20,59 @@ class Delta:
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
     error: str | None = None
+    reasoning: str = ""  # a thinking model's reasoning text (`text` is then the answer's)
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None or self.error is not None
+
+
+class _Trimmed:
+    """Text passed on without its leading whitespace, and with trailing whitespace held until more text
+    follows it (dropped at the end): the reasoning as the client sees it, streamed or whole."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self._held = ""
+
+    def push(self, text: str, final: bool = False) -> str:
+        if not self.started:
+            text = text.lstrip()
+            self.started = bool(text)
+        text = self._held + text
+        body = text.rstrip()
+        self._held = "" if final else text[len(body) :]
+        return body
+
+
+class _ThinkingSplit:
+    """A thinking model's tokens into reasoning text and answer tokens, by the engine's own rule."""
+
+    def __init__(self, state: ReasoningState, tokenizer: Tokenizer) -> None:
+        self.state = state
+        self._detok = IncrementalDetokenizer(tokenizer)
+        self._text = _Trimmed()
+        self._answer_started = False
+
+    def push(self, token_ids: list[int], final: bool) -> tuple[str, list[int]]:
+        """The reasoning text these tokens add, and the answer's tokens among them."""
+        thought, answer = [], []
+        for t in token_ids:
+            part = self.state.advance(t)
+            if part is Part.THOUGHT:
+                thought.append(t)
+            elif part is Part.ANSWER:
+                answer.append(t)
+        raw = self._detok.push(thought) + (self._detok.flush() if final else "")
+        return self._text.push(raw, final), answer
+
+    def answer_text(self, text: str) -> str:
+        """After a reasoning, the answer without the blank lines the template puts after the closing tag."""
+        if self._answer_started or not self._text.started:
+            return text
+        text = text.lstrip()
+        self._answer_started = bool(text)
+        return text
 
 
 @dataclass
@@ -44,6 +94,9 @@ class OutputProcessor:
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.text = ""
+        self.reasoning = ""
+        reasoning = params.reasoning
+        self._thinking = _ThinkingSplit(ReasoningState(reasoning), tokenizer) if reasoning is not None else None
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.stop_hit = False
@@ -62,9 +115,14 @@ class OutputProcessor:
         if out.error is not None:
             self.error = out.error
             return Delta("", list(out.new_token_ids), error=out.error)
-        raw = self._detok.push(out.new_token_ids)
-        if out.finish_reason is not None:
-            raw += self._detok.flush()
+        final = out.finish_reason is not None
+        answer, thought = out.new_token_ids, ""
+        if self._thinking is not None:
+            thought, answer = self._thinking.push(out.new_token_ids, final)
+            self.reasoning += thought
+        raw = self._detok.push(answer) + (self._detok.flush() if final else "")
+        if self._thinking is not None:
+            raw = self._thinking.answer_text(raw)
         text, hit = self._stop.push(raw)
         if hit:
             self.stop_hit = True
@@ -73,4 +131,14 @@ class OutputProcessor:
             text += self._stop.flush()
             self.finish_reason = str(out.finish_reason)
         self.text += text
-        return Delta(text, list(out.new_token_ids), out.logprobs, self.finish_reason)
+        return Delta(text, list(out.new_token_ids), out.logprobs, self.finish_reason, reasoning=thought)
+
+    @property
+    def stop_string(self) -> str | None:
+        """The stop string that ended the reply, if one did."""
+        return self._stop.matched
+
+    @property
+    def reasoning_tokens(self) -> int:
+        """Tokens of the reply spent thinking, its tags included."""
+        return self._thinking.state.tokens if self._thinking is not None else 0

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from tricklm.engine.reasoning import Part, ReasoningState
 from tricklm.engine.sampling_params import SamplingParams
 
 
@@ -64,13 +65,40 @@ class Request:
     first_scheduled_time: float | None = None
     block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks: see kv_cache.prefix_hashes
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at its first admission
-    matcher: Any = None  # its grammar's state (structured.py), advanced by each sampled token
+    matcher: Any = None  # its grammar's state (structured.py), advanced by each token of the answer
+    reasoning: ReasoningState | None = None  # where a thinking model's reply is (reasoning.py)
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:
             self.generator = torch.Generator().manual_seed(self.params.seed)
         if self.params.grammar is not None:
             self.matcher = self.params.grammar.matcher()
+        if self.params.reasoning is not None:
+            self.reasoning = ReasoningState(self.params.reasoning)
+
+    @property
+    def constrained(self) -> bool:
+        """Whether its grammar masks the next token (a thinking model's answer only)."""
+        r = self.reasoning
+        return self.matcher is not None and (r is None or r.constrains or r.may_open)
+
+    def opening_tag(self) -> int | None:
+        """The thinking's opening tag while the next token may be it: a grammar must leave it allowed."""
+        r = self.reasoning
+        return r.spec.tags.start_id if r is not None and r.may_open else None
+
+    def forced_token(self) -> int | None:
+        """The token the next step must produce (a spent reasoning budget closing the thinking)."""
+        return self.reasoning.next_forced() if self.reasoning is not None else None
+
+    def commit(self, token_id: int) -> bool:
+        """Take a sampled token; False if its grammar refuses it (the grammar failing, since the mask
+        allowed only what it takes)."""
+        answer = self.reasoning is None or self.reasoning.advance(token_id) is Part.ANSWER
+        if answer and self.matcher is not None and not self.matcher.consume_token(token_id):
+            return False
+        self.output_token_ids.append(token_id)  # the matcher took it too: both advance together
+        return True
 
     @property
     def num_prompt_tokens(self) -> int:

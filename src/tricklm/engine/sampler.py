@@ -20,9 +20,7 @@ NON_FINITE = "the model produced non-finite logits for this request"
 def sample(logits: torch.Tensor, requests: list[Request]) -> list[Sampled]:
     logits = logits.float()
     constrained = [
-        (i, grammar, r.matcher)
-        for i, r in enumerate(requests)
-        if (grammar := r.params.grammar) is not None and r.matcher is not None
+        (i, grammar, r.matcher) for i, r in enumerate(requests) if (grammar := r.params.grammar) and r.constrained
     ]
     if constrained or any(r.params.needs_penalties for r in requests):
         logits = logits.clone()
@@ -33,7 +31,12 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> list[Sampled]:
     top, best = logits.max(dim=-1)
     errors = dict.fromkeys(_bad_rows(top), NON_FINITE)
     if constrained:  # after the finiteness check: a masked row is all -inf but where the grammar allows
+        opening = {
+            i: (tag, float(logits[i, tag])) for i, r in enumerate(requests) if (tag := r.opening_tag()) is not None
+        }
         errors |= mask_logits(logits, constrained)
+        for i, (tag, value) in opening.items():  # a thinking model may open its reasoning before the answer
+            logits[i, tag] = value
         best = logits.argmax(dim=-1)
     token_ids: list[int] = best.tolist()
     random_rows = [i for i, r in enumerate(requests) if not r.params.is_greedy and i not in errors]
@@ -43,6 +46,10 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> list[Sampled]:
                 errors[i] = drawn
             else:
                 token_ids[i] = drawn
+    for i, req in enumerate(requests):
+        forced = req.forced_token()
+        if forced is not None and i not in errors:
+            token_ids[i] = forced  # a spent reasoning budget closes the thinking
     return [
         Sampled(-1, error=errors[i]) if i in errors else Sampled(tid, _logprob(logits[i], tid, req))
         for i, (tid, req) in enumerate(zip(token_ids, requests, strict=True))

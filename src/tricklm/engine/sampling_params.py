@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from tricklm.engine.reasoning import Reasoning
 from tricklm.engine.structured import Grammar
 
 _MAX_STOP = 16
@@ -38,6 +39,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None  # None: none; k >= 0: the sampled token's plus the top k
     grammar: Grammar | None = None  # constrained decoding: only tokens the grammar allows are drawn
+    reasoning: Reasoning | None = None  # a thinking model's tags: the grammar waits for the answer
 
     def __post_init__(self) -> None:
         for message in self._problems():

@@ -172,12 +172,10 @@ class Scheduler:
                 self._finish(req, FinishReason.ABORT)
                 outputs.append(EngineOutput.failed(req, draw.error))
                 continue
-            if req.matcher is not None and not req.matcher.consume_token(draw.token_id):
-                # The mask allowed only what the grammar takes, so this is the grammar failing, not the draw
+            if not req.commit(draw.token_id):
                 self._finish(req, FinishReason.ABORT)
                 outputs.append(EngineOutput.failed(req, f"the grammar failed: {req.matcher.get_error()}"))
                 continue
-            req.output_token_ids.append(draw.token_id)  # the matcher took it too: both advance together
             reason = req.finish_reason_for(draw.token_id)
             if reason is not None:
                 self._finish(req, reason)

@@ -20,6 +20,7 @@ from tricklm import __version__
 from tricklm.config import ServerConfig
 from tricklm.engine.engine import Engine
 from tricklm.server import generate
+from tricklm.server.anthropic import routes as anthropic_routes
 from tricklm.server.errors import (
     APIError,
     documented_errors,
@@ -55,7 +56,9 @@ def create_app(
     (with its prompt and output text if `log_requests`), and every `stats_interval` seconds a stats line.
     """
     config = config or ServerConfig()
-    state = ServerState(config.served_model_name, config.request_timeout)
+    state = ServerState(
+        config.served_model_name, config.request_timeout, config.reasoning_format, config.reasoning_budget
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -78,6 +81,7 @@ def create_app(
     app.state.server = state
     app.include_router(generate.router)
     app.include_router(openai_routes.router)
+    app.include_router(anthropic_routes.router)
     # Outermost last: headers on everything, CORS preflight before the key check, the key before the body
     app.add_middleware(BodyGuard, max_bytes=config.max_request_bytes, body_timeout=config.body_timeout)
     app.add_middleware(KeyGuard, keys=config.api_keys, metrics_public=config.metrics_public)
@@ -96,7 +100,7 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError) -> Response:
         if is_openai_path(request.url.path):
-            return validation_error_to_openai(list(exc.errors())).openai_response()
+            return error_response(request.url.path, validation_error_to_openai(list(exc.errors())))
         return JSONResponse({"detail": validation_details(exc.errors())}, status_code=422)
 
     @app.exception_handler(APIError)

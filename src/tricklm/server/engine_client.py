@@ -8,6 +8,7 @@ its line in the access log) is done here, once, instead of in each route.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from tricklm.engine.async_llm import AsyncEngine, RequestStream
 from tricklm.engine.engine import Engine
 from tricklm.engine.loop import EngineStats
+from tricklm.engine.reasoning import ThinkTags
 from tricklm.engine.sampling_params import SamplingParams
 from tricklm.engine.structured import Grammar, GrammarError, GrammarUnavailable
 from tricklm.server.errors import APIError
@@ -68,6 +70,11 @@ class EngineClient:
     def generation_defaults(self) -> dict[str, Any]:
         return self._engine.generation_defaults
 
+    @functools.cached_property
+    def think_tags(self) -> ThinkTags | None:
+        """The model's thinking tags, if its template and vocabulary have them."""
+        return ThinkTags.of(self.tokenizer)
+
     @property
     def model_name(self) -> str:
         return self._engine.info.model_name
@@ -93,13 +100,19 @@ class EngineClient:
         return await run_in_threadpool(self.tokenizer.encode, text, add_special_tokens)
 
     async def encode_chat(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool, tools: list[dict[str, Any]] | None = None
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool,
+        tools: list[dict[str, Any]] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
     ) -> list[int]:
         """The chat rendered by the model's template: its markup as control tokens, the messages' text as text."""
         text_chars = sum(len(v) for m in messages for v in m.values() if isinstance(v, str))
-        check_length(self.max_model_len, self.tokenizer.max_token_chars, text_chars + len(str(tools or "")), "messages")
+        extra = len(str(tools or "")) + len(str(template_kwargs or ""))
+        check_length(self.max_model_len, self.tokenizer.max_token_chars, text_chars + extra, "messages")
+        encode = self.tokenizer.encode_chat
         try:
-            return await run_in_threadpool(self.tokenizer.encode_chat, messages, add_generation_prompt, tools)
+            return await run_in_threadpool(encode, messages, add_generation_prompt, tools, template_kwargs)
         except (ChatTemplateError, ValueError) as e:
             raise APIError(400, str(e), param="messages", code="chat_template_error") from None
 

@@ -41,6 +41,29 @@ class APIError(Exception):
     def detail_response(self) -> JSONResponse:
         return JSONResponse({"detail": self.message}, status_code=self.status_code, headers=self.headers)
 
+    def anthropic_body(self) -> dict[str, Any]:
+        kind = _ANTHROPIC_TYPES.get(
+            self.status_code, "api_error" if self.status_code >= 500 else "invalid_request_error"
+        )
+        return {"type": "error", "error": {"type": kind, "message": self.message}}
+
+    def anthropic_response(self) -> JSONResponse:
+        return JSONResponse(self.anthropic_body(), status_code=self.status_code, headers=self.headers)
+
+
+# Anthropic's error types by status (its API reference, "Errors")
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+}
+
 
 # ---- what /openapi.json says about errors -------------------------------------------------------
 
@@ -54,6 +77,16 @@ class OpenAIErrorBody(BaseModel):
 
 class OpenAIError(BaseModel):
     error: OpenAIErrorBody
+
+
+class AnthropicErrorBody(BaseModel):
+    type: str
+    message: str
+
+
+class AnthropicError(BaseModel):
+    type: str = "error"
+    error: AnthropicErrorBody
 
 
 class DetailError(BaseModel):
@@ -86,8 +119,15 @@ def is_openai_path(path: str) -> bool:
     return path.startswith("/v1/") or path in ("/tokenize", "/detokenize")
 
 
+def is_anthropic_path(path: str) -> bool:
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
 def error_response(path: str, error: APIError) -> JSONResponse:
-    """The error in the shape its route speaks: OpenAI's for /v1/*, FastAPI's `detail` elsewhere."""
+    """The error in the shape its route speaks: Anthropic's for /v1/messages, OpenAI's for the rest of
+    /v1/*, FastAPI's `detail` elsewhere."""
+    if is_anthropic_path(path):
+        return error.anthropic_response()
     return error.openai_response() if is_openai_path(path) else error.detail_response()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from tricklm.engine.reasoning import Reasoning
 from tricklm.engine.sampling_params import SamplingParams, with_model_defaults
 from tricklm.engine.structured import Grammar
 from tricklm.server.engine_client import EngineClient
@@ -22,12 +23,16 @@ class SamplingSource(Protocol):
         ...
 
 
-def to_sampling_params(client: EngineClient, body: SamplingSource, grammar: Grammar | None = None) -> SamplingParams:
+def to_sampling_params(
+    client: EngineClient, body: SamplingSource, grammar: Grammar | None = None, reasoning: Reasoning | None = None
+) -> SamplingParams:
     values = body.sampling_values()
     max_tokens = values.pop("max_tokens", None)
     values["logit_bias"] = _logit_bias(values.pop("logit_bias", None), client.vocab_size)
     with engine_errors():
-        return with_model_defaults(client.generation_defaults, max_tokens, grammar=grammar, **values)
+        return with_model_defaults(
+            client.generation_defaults, max_tokens, grammar=grammar, reasoning=reasoning, **values
+        )
 
 
 def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, float]:

@@ -43,6 +43,8 @@ class Job:
 class Renderer(ABC):
     """How one route writes a job: its streamed events and its whole response."""
 
+    done: bytes | None = DONE  # the stream's last event (OpenAI's [DONE]; Anthropic's API has none)
+
     def opening(self, job: Job) -> list[bytes]:
         """Events before any token (chat's role deltas, an echoed prompt)."""
         return []
@@ -129,7 +131,8 @@ async def _events(job: Job, renderer: Renderer) -> AsyncIterator[bytes]:
                 yield event
     finally:  # a client that left counts as an abort, as in vLLM
         job.close()
-    yield DONE
+    if renderer.done is not None:
+        yield renderer.done
 
 
 async def _collect(job: Job) -> list[OutputProcessor]:

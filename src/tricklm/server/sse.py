@@ -29,9 +29,11 @@ EVENT_STREAM = {
 }
 
 
-def sse_event(payload: dict[str, Any]) -> bytes:
-    """One `data:` event; compact JSON never contains a raw newline, so one line is always enough."""
-    return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(", ", ": ")).encode() + b"\n\n"
+def sse_event(payload: dict[str, Any], name: str | None = None) -> bytes:
+    """One `data:` event (named, for APIs whose events say their type); compact JSON never contains a raw
+    newline, so one line is always enough."""
+    data = b"data: " + json.dumps(payload, ensure_ascii=False, separators=(", ", ": ")).encode() + b"\n\n"
+    return b"event: " + name.encode() + b"\n" + data if name is not None else data
 
 
 class SSEResponse(StreamingResponse):

@@ -16,7 +16,15 @@ from tricklm.server.observability.metrics import Metrics
 
 
 class ServerState:
-    def __init__(self, served_model_name: str | None = None, request_timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        served_model_name: str | None = None,
+        request_timeout: float | None = None,
+        reasoning_format: str = "auto",
+        reasoning_budget: int | None = None,
+    ) -> None:
+        self.reasoning_format = reasoning_format
+        self.reasoning_budget = reasoning_budget
         self.engine: Engine | None = None  # its owner's, to shut it down; everything else uses `client`
         self.client: EngineClient | None = None
         self.load_error: str | None = None

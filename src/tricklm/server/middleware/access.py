@@ -68,7 +68,8 @@ def is_loopback(host: str) -> bool:
 
 
 class KeyGuard:
-    """ASGI middleware: a request without a valid `Authorization: Bearer KEY` gets a 401."""
+    """ASGI middleware: a request without a valid `Authorization: Bearer KEY` (or `x-api-key: KEY`, as
+    Anthropic's clients send it) gets a 401."""
 
     def __init__(self, app: ASGIApp, keys: Sequence[str], metrics_public: bool = False) -> None:
         self.app = app
@@ -91,20 +92,20 @@ class KeyGuard:
     def refusal() -> APIError:
         return APIError(
             401,
-            "a valid API key is required: send it as 'Authorization: Bearer KEY'",
+            "a valid API key is required: send it as 'Authorization: Bearer KEY' (or 'x-api-key: KEY')",
             "invalid_request_error",
             code="invalid_api_key",
             headers={"WWW-Authenticate": "Bearer"},
         )
 
     def _authorized(self, scope: Scope) -> bool:
-        header = dict(scope["headers"]).get(b"authorization", b"")
-        scheme, _, token = header.partition(b" ")
-        if scheme.lower() != b"bearer":
-            return False
-        digest = hashlib.sha256(token.strip()).digest()
+        headers = dict(scope["headers"])
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+        # Anthropic's clients send the key as `x-api-key` (or as a Bearer token): either may carry it
+        tokens = [t.strip() for t in (token if scheme.lower() == b"bearer" else b"", headers.get(b"x-api-key", b""))]
+        digests = [hashlib.sha256(t).digest() for t in tokens if t]
         # Every key is compared, so which one matched does not show either
-        matches = [hmac.compare_digest(digest, key) for key in self.keys]
+        matches = [hmac.compare_digest(digest, key) for digest in digests for key in self.keys]
         return any(matches)
 
 

@@ -92,6 +92,7 @@ def usage_of(job: Job, done: list[OutputProcessor]) -> dict[str, Any]:
         "completion_tokens": completion,
         "total_tokens": job.prompt_tokens + completion,
         "prompt_tokens_details": {"cached_tokens": cached},
+        "completion_tokens_details": {"reasoning_tokens": sum(p.reasoning_tokens for p in done)},
     }
 
 

@@ -161,9 +161,24 @@
     else renderMarkdown(content, m.content, true);
     const meta = document.createElement("div");
     meta.className = "meta";
+    if (m.role === "assistant") el.append(thinkingElement(m));
     el.append(content, meta);
     fillMeta(meta, m, index);
     return el;
+  }
+
+  // A thinking model's reasoning: folded away under its summary, shown as the plain text it is
+  function thinkingElement(m) {
+    const details = document.createElement("details");
+    details.className = "thinking";
+    details.hidden = !m.reasoning;
+    const summary = document.createElement("summary");
+    summary.textContent = "Thinking";
+    const text = document.createElement("div");
+    text.className = "reasoning";
+    text.textContent = m.reasoning || "";
+    details.append(summary, text);
+    return details;
   }
 
   function fillMeta(meta, m, index) {
@@ -231,7 +246,8 @@
       if (data.attrName === "class") data.keepAttr = node.nodeName === "CODE" && /^language-[\w+#.-]+$/.test(data.attrValue);
     });
     // Raw HTML in a reply is shown as the text it is, like any other characters the model wrote
-    marked.use({ gfm: true, breaks: false, renderer: { html: ({ text }) => escapeHtml(text) } });
+    // A single line break stays one (a poem's lines), as chat pages show replies
+    marked.use({ gfm: true, breaks: true, renderer: { html: ({ text }) => escapeHtml(text) } });
   }
 
   function escapeHtml(text) {
@@ -463,7 +479,7 @@
   // again) and `draft`, the user's words, goes back into the message box.
   async function respond(snapshot, draft) {
     hideNotice();
-    const reply = { role: "assistant", content: "", finish: null, numbers: null };
+    const reply = { role: "assistant", content: "", reasoning: "", finish: null, numbers: null };
     const body = requestBody();
     chat.messages.push(reply);
     renderChat();
@@ -485,6 +501,7 @@
     element.classList.add("streaming");
     const t = {
       reply, element, content: element.querySelector(".content"), meta: element.querySelector(".meta"),
+      thinking: element.querySelector(".thinking"),
       controller: new AbortController(), started: performance.now(), first: null, usage: null, finish: null,
       pending: false,
     };
@@ -535,6 +552,8 @@
     if (chunk.error) throw new ApiError(`The server stopped the reply: ${chunk.error.message || "unknown error"}`);
     if (chunk.usage) t.usage = chunk.usage;
     for (const choice of chunk.choices || []) {
+      const thought = choice.delta?.reasoning_content || "";
+      if (thought) addThought(t, thought);
       const piece = choice.delta?.content || "";
       if (piece) addText(t, piece);
       if (choice.finish_reason) t.finish = choice.finish_reason;
@@ -557,6 +576,14 @@
     });
   }
 
+  function addThought(t, piece) {
+    if (t.first === null) t.first = performance.now();
+    t.reply.reasoning += piece;
+    t.thinking.hidden = false;
+    t.thinking.querySelector("summary").textContent = "Thinking…";
+    t.thinking.querySelector(".reasoning").textContent = t.reply.reasoning;
+  }
+
   function showLiveNumbers(t) {
     const now = performance.now();
     const n = { elapsed: now - t.started };
@@ -566,6 +593,7 @@
   }
 
   function finishTurn(t) {
+    t.thinking.querySelector("summary").textContent = "Thinking";
     t.reply.finish = t.finish;
     t.reply.numbers = finalNumbers(t);
     storeChat();
