@@ -25,7 +25,7 @@ def _setup(choice: Any = "auto") -> ToolSetup:
     body = ChatCompletionRequest.model_validate(
         {"messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER], "tool_choice": choice}
     )
-    setup = ToolSetup.of(body)
+    setup = ToolSetup.of(body.tools, body.tool_choice, body.parallel_tool_calls)
     assert setup is not None
     return setup
 
@@ -183,7 +183,7 @@ def test_required_keeps_each_tools_definitions_reachable() -> None:
             "tool_choice": "required",
         }
     )
-    setup = ToolSetup.of(body)
+    setup = ToolSetup.of(body.tools, body.tool_choice, body.parallel_tool_calls)
     assert setup is not None
     schema = setup.constraint()
     assert schema is not None and schema["$defs"] == {"tool0_Address": address}
@@ -227,7 +227,7 @@ def test_auto_constrains_a_call_once_it_has_begun() -> None:
             "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": city}}],
         }
     )
-    setup = ToolSetup.of(body)
+    setup = ToolSetup.of(body.tools, body.tool_choice, body.parallel_tool_calls)
     assert setup is not None and setup.mode is ToolMode.AUTO
     grammar = compiler.lark(setup.call_grammar(special_trigger=False), "tools")
 

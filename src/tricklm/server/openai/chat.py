@@ -32,7 +32,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     client = state.require_engine()
     check_model(state, body.model)
     check_supported(body)
-    tools = ToolSetup.of(body)
+    tools = ToolSetup.of(body.tools, body.tool_choice, body.parallel_tool_calls)
     thinking = Thinking(body.chat_template_kwargs, body.reasoning_effort, body.reasoning_budget)
     messages = chat_messages(body.messages)
     kwargs = thinking.kwargs(client, state)

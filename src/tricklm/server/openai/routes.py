@@ -1,4 +1,5 @@
-"""OpenAI-compatible routes: chat and text completions (chat.py, completions.py), models, tokenize."""
+"""OpenAI-compatible routes: chat and text completions, responses (chat.py, completions.py, responses.py),
+models, tokenize."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from tricklm.server.openai.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from tricklm.server.openai.responses import create_response
+from tricklm.server.openai.responses_protocol import ResponsesRequest
 from tricklm.server.openai.serving import check_model
 from tricklm.server.sse import EVENT_STREAM
 from tricklm.server.state import ServerState, get_state
@@ -84,3 +87,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 @router.post("/v1/completions", responses=_generation_responses(TextCompletion))
 async def completions(body: CompletionRequest, request: Request) -> Response:
     return await create_completion(body, request, get_state(request))
+
+
+@router.post("/v1/responses", responses={200: {"content": EVENT_STREAM}, **documented_errors(*GENERATION_ERRORS)})
+async def responses(body: ResponsesRequest, request: Request) -> Response:
+    return await create_response(body, request, get_state(request))

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tricklm.engine.structured import JSON_OPTIONS
-from tricklm.server.openai.protocol import ChatCompletionRequest, NamedToolChoice, Tool
+from tricklm.server.openai.protocol import NamedToolChoice, Tool
 
 # Where a call begins in each format; text before the first of them is the reply's content
 _MARKERS = ("<tool_call>", "[TOOL_CALLS]", "<|python_tag|>")
@@ -58,13 +58,13 @@ class ToolSetup:
     parallel: bool = True
 
     @classmethod
-    def of(cls, body: ChatCompletionRequest) -> ToolSetup | None:
-        if not body.tools:
+    def of(cls, tools: list[Tool] | None, choice: str | NamedToolChoice | None, parallel: bool) -> ToolSetup | None:
+        """From a request's `tools`, `tool_choice` and `parallel_tool_calls` (None without tools)."""
+        if not tools:
             return None
-        choice = body.tool_choice or "auto"
         if isinstance(choice, NamedToolChoice):
-            return cls(body.tools, ToolMode.NAMED, choice.function.name, body.parallel_tool_calls)
-        return cls(body.tools, ToolMode(choice), None, body.parallel_tool_calls)
+            return cls(tools, ToolMode.NAMED, choice.function.name, parallel)
+        return cls(tools, ToolMode(choice or "auto"), None, parallel)
 
     @property
     def names(self) -> set[str]:
