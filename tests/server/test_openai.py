@@ -788,3 +788,19 @@ def test_completion_top_logprobs_keep_the_likelier_of_two_tokens_of_one_text() -
     step = TokenLogprob(1, -0.1, [(1, -0.1), (2, -1.0), (3, -3.0)])
     out = text_logprobs(Pieces(), [step], 0)  # type: ignore[arg-type]
     assert out is not None and out["top_logprobs"] == [{"a": -0.1, "\ufffd": -1.0}]
+
+
+def test_routes_answer_without_v1_and_carry_a_stable_fingerprint(tiny_server: str) -> None:
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    bare = httpx.post(f"{tiny_server}/chat/completions", json=body, timeout=30)
+    versioned = httpx.post(f"{tiny_server}/v1/chat/completions", json=body, timeout=30)
+    assert bare.status_code == versioned.status_code == 200
+    fingerprint = bare.json()["system_fingerprint"]
+    assert fingerprint.startswith("fp_") and versioned.json()["system_fingerprint"] == fingerprint
+    text = httpx.post(f"{tiny_server}/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=30).json()
+    assert text["system_fingerprint"] == fingerprint
+    assert httpx.get(f"{tiny_server}/models", timeout=30).json()["data"]
+    missing = httpx.post(f"{tiny_server}/completions", json={}, timeout=30)
+    assert missing.status_code == 400 and "error" in missing.json()  # OpenAI's shape there too
+    messages = httpx.post(f"{tiny_server}/messages", json={"messages": body["messages"]}, timeout=30)
+    assert messages.status_code == 400 and messages.json()["type"] == "error"  # and Anthropic's

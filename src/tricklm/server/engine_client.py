@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import json
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
+from tricklm import __version__
 from tricklm.engine.async_llm import AsyncEngine, RequestStream
 from tricklm.engine.engine import Engine
 from tricklm.engine.loop import EngineStats
@@ -74,6 +77,17 @@ class EngineClient:
     def think_tags(self) -> ThinkTags | None:
         """The model's thinking tags, if its template and vocabulary have them."""
         return ThinkTags.of(self.tokenizer)
+
+    @functools.cached_property
+    def system_fingerprint(self) -> str:
+        """OpenAI's `system_fingerprint`: stable for one build serving one model file the same way, so that
+        clients that log it can tell servers apart."""
+        engine = self._engine
+        source = Path(engine.config.model) if engine.config.model else engine.info.model_dir
+        files = [source] if source.is_file() else sorted(p for p in source.iterdir() if p.is_file())
+        sizes = [(p.name, p.stat().st_size) for p in files]
+        text = f"{__version__}|{engine.info.model_name}|{engine.config.quantization}|{sizes}"
+        return "fp_" + hashlib.sha256(text.encode()).hexdigest()[:12]
 
     @property
     def model_name(self) -> str:

@@ -115,12 +115,17 @@ def documented_errors(*codes: int, model: type[BaseModel] = OpenAIError) -> dict
     return {code: {"model": model, "description": _STATUS_MEANINGS[code]} for code in (*COMMON_ERRORS, *codes)}
 
 
+# The API routes' paths without /v1 (as llama-server answers them)
+_BARE_PREFIXES = ("/chat/completions", "/completions", "/models", "/responses", "/messages")
+
+
 def is_openai_path(path: str) -> bool:
-    return path.startswith("/v1/") or path in ("/tokenize", "/detokenize")
+    bare = any(path == p or path.startswith(p + "/") for p in _BARE_PREFIXES)
+    return path.startswith("/v1/") or bare or path in ("/tokenize", "/detokenize")
 
 
 def is_anthropic_path(path: str) -> bool:
-    return path == "/v1/messages" or path.startswith("/v1/messages/")
+    return any(path == p or path.startswith(p + "/") for p in ("/v1/messages", "/messages"))
 
 
 def error_response(path: str, error: APIError) -> JSONResponse:

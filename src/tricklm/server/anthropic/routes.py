@@ -14,6 +14,7 @@ from tricklm.server.state import get_state
 router = APIRouter()
 
 
+@router.post("/messages", include_in_schema=False)  # for a base URL without /v1
 @router.post(
     "/v1/messages",
     responses={200: {"content": EVENT_STREAM}, **documented_errors(*GENERATION_ERRORS, model=AnthropicError)},
@@ -22,6 +23,7 @@ async def messages(body: MessagesRequest, request: Request) -> Response:
     return await create_message(body, request, get_state(request))
 
 
+@router.post("/messages/count_tokens", include_in_schema=False)
 @router.post("/v1/messages/count_tokens", responses=documented_errors(400, 404, 503, model=AnthropicError))
 async def messages_count_tokens(body: CountTokensRequest, request: Request) -> JSONResponse:
     return await count_tokens(body, get_state(request))

@@ -42,6 +42,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     job = start_job(client, [prompt_ids], params, body.n, prefix="chat", prompt_param="messages")
     shows_reasoning = reasoning is not None and body.include_reasoning
     renderer = ChatRenderer(state.served_model_name, client.tokenizer, body.include_usage, tools, shows_reasoning)
+    renderer.fingerprint = client.system_fingerprint
     return await respond(job, renderer, body.stream, request)
 
 

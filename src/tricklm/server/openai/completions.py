@@ -34,6 +34,7 @@ async def create_completion(body: CompletionRequest, request: Request, state: Se
     job = start_job(client, prompts, params, body.n, prefix="text", prompt_param="prompt")
     echo = [client.tokenizer.decode(p) for p in prompts for _ in range(body.n)] if body.echo else []
     renderer = CompletionRenderer(state.served_model_name, client.tokenizer, body.include_usage, echo)
+    renderer.fingerprint = client.system_fingerprint
     return await respond(job, renderer, body.stream, request)
 
 

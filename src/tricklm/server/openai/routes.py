@@ -33,12 +33,15 @@ from tricklm.server.state import ServerState, get_state
 router = APIRouter()
 
 
+# Clients configured with a bare base URL (no /v1) call these paths, as llama-server answers them
+@router.get("/models", include_in_schema=False)
 @router.get("/v1/models", responses={200: {"model": ModelList}, **documented_errors(503)})
 async def list_models(request: Request) -> JSONResponse:
     state = get_state(request)
     return JSONResponse({"object": "list", "data": [_model_card(state)]})
 
 
+@router.get("/models/{model_id:path}", include_in_schema=False)
 @router.get("/v1/models/{model_id:path}", responses={200: {"model": ModelCard}, **documented_errors(404, 503)})
 async def get_model(model_id: str, request: Request) -> JSONResponse:
     state = get_state(request)
@@ -79,16 +82,19 @@ def _generation_responses(body: type[BaseModel]) -> dict[int | str, dict[str, An
     return {200: {"model": body, "content": EVENT_STREAM}, **documented_errors(*GENERATION_ERRORS)}
 
 
+@router.post("/chat/completions", include_in_schema=False)
 @router.post("/v1/chat/completions", responses=_generation_responses(ChatCompletion))
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     return await create_chat_completion(body, request, get_state(request))
 
 
+@router.post("/completions", include_in_schema=False)
 @router.post("/v1/completions", responses=_generation_responses(TextCompletion))
 async def completions(body: CompletionRequest, request: Request) -> Response:
     return await create_completion(body, request, get_state(request))
 
 
+@router.post("/responses", include_in_schema=False)
 @router.post("/v1/responses", responses={200: {"content": EVENT_STREAM}, **documented_errors(*GENERATION_ERRORS)})
 async def responses(body: ResponsesRequest, request: Request) -> Response:
     return await create_response(body, request, get_state(request))

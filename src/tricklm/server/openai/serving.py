@@ -49,10 +49,11 @@ class OpenAIRenderer(Renderer):
     chunk_object = ""
     id_prefix = ""
 
-    def __init__(self, model: str, tokenizer: Tokenizer, include_usage: bool) -> None:
+    def __init__(self, model: str, tokenizer: Tokenizer, include_usage: bool, fingerprint: str | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.include_usage = include_usage
+        self.fingerprint = fingerprint
         self.id = self.id_prefix + uuid.uuid4().hex
         self.created = int(time.time())
 
@@ -80,7 +81,8 @@ class OpenAIRenderer(Renderer):
         raise NotImplementedError
 
     def _envelope(self, obj: str) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+        envelope = {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+        return {**envelope, "system_fingerprint": self.fingerprint}
 
 
 def usage_of(job: Job, done: list[OutputProcessor]) -> dict[str, Any]:
