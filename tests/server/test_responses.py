@@ -11,12 +11,14 @@ import httpx
 import jsonschema
 import openai
 import pytest
+from pydantic import BaseModel, ConfigDict, Field
 
 from tiny_models import R1_STYLE_TEMPLATE, make_thinking_model
 from tricklm.config import EngineConfig
 from tricklm.engine.engine import Engine
 from tricklm.model.resolve import DEFAULT_MODEL_NAME as MODEL
 from tricklm.server.app import create_app
+from tricklm.server.openai.response_store import ResponseStore
 from tricklm.server.testing import running_server
 
 WEATHER = {
@@ -130,7 +132,6 @@ def test_text_format_json_schema_constrains_the_answer(client: openai.OpenAI) ->
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"input": "hi", "previous_response_id": "resp_1"}, None),
         ({"input": []}, "input"),
         ({"input": "hi", "tools": [{"type": "web_search"}]}, None),
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input"),
@@ -169,3 +170,53 @@ def test_a_thinking_model_returns_a_reasoning_item_first(tmp_path_factory: pytes
             assert "reasoning" not in [item.type for item in off.output]
     finally:
         engine.shutdown()
+
+
+class City(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(max_length=20)
+    country: str = Field(max_length=20)
+
+
+def test_parse_with_a_pydantic_model(client: openai.OpenAI) -> None:
+    parsed = client.responses.parse(model=MODEL, input="Name a city as JSON.", text_format=City, max_output_tokens=60)
+    assert isinstance(parsed.output_parsed, City)
+
+
+def test_a_stored_response_carries_the_conversation_and_can_be_read_and_deleted(client: openai.OpenAI) -> None:
+    first = client.responses.create(model=MODEL, input="My name is Ana.", max_output_tokens=4, temperature=0)
+    follow = client.responses.create(
+        model=MODEL, input="What is my name?", previous_response_id=first.id, max_output_tokens=4, temperature=0
+    )
+    fresh = client.responses.create(
+        model=MODEL, input="What is my name?", max_output_tokens=4, temperature=0, store=False
+    )
+    assert follow.previous_response_id == first.id
+    assert follow.usage is not None and fresh.usage is not None and first.usage is not None
+    # the stored turn (its input and its answer) precedes the new input, and its prefix is cached
+    assert follow.usage.input_tokens > fresh.usage.input_tokens + first.usage.output_tokens
+    assert follow.usage.input_tokens_details.cached_tokens > 0
+    assert client.responses.retrieve(first.id).output_text == first.output_text
+    client.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
+    with pytest.raises(openai.NotFoundError) as gone:
+        client.responses.create(model=MODEL, input="And now?", previous_response_id=first.id, max_output_tokens=2)
+    assert "not found" in str(gone.value)
+    with pytest.raises(openai.NotFoundError):  # store=False kept nothing
+        client.responses.retrieve(fresh.id)
+
+
+def test_the_store_is_bounded_by_count_and_bytes() -> None:
+    store = ResponseStore(max_items=3, max_bytes=2_000)
+    for k in range(5):
+        store.put({"id": f"r{k}", "output": []}, [{"role": "user", "content": "x"}])
+    with pytest.raises(Exception, match="not found"):
+        store.get("r1")
+    assert store.get("r4").body["id"] == "r4"
+    store.put({"id": "big", "output": ["y" * 1_500]}, [])
+    with pytest.raises(Exception, match="not found"):
+        store.get("r2")  # evicted to make room for the big one
+    store.put({"id": "huge", "output": ["z" * 5_000]}, [])  # larger than the whole store: kept nowhere
+    with pytest.raises(Exception, match="not found"):
+        store.get("huge")

@@ -13,6 +13,7 @@ from tricklm.engine.loop import EngineDeadError, QueueFullError
 from tricklm.server.engine_client import EngineClient
 from tricklm.server.errors import APIError, overloaded, unavailable
 from tricklm.server.observability.metrics import Metrics
+from tricklm.server.openai.response_store import ResponseStore
 
 
 class ServerState:
@@ -25,6 +26,7 @@ class ServerState:
     ) -> None:
         self.reasoning_format = reasoning_format
         self.reasoning_budget = reasoning_budget
+        self.responses = ResponseStore()  # the Responses API's stored responses
         self.engine: Engine | None = None  # its owner's, to shut it down; everything else uses `client`
         self.client: EngineClient | None = None
         self.load_error: str | None = None

@@ -20,7 +20,8 @@ from fastapi.responses import JSONResponse, Response
 from tricklm.engine.output import Delta, OutputProcessor
 from tricklm.server.errors import APIError
 from tricklm.server.openai.chat import encode_messages, reply_grammar
-from tricklm.server.openai.responses_protocol import ResponsesRequest, chat_dicts
+from tricklm.server.openai.response_store import ResponseStore
+from tricklm.server.openai.responses_protocol import ResponsesRequest, chat_dicts, json_or_text
 from tricklm.server.openai.serving import check_model
 from tricklm.server.openai.tools import ParsedCall, ToolMode, ToolSetup, new_call_id
 from tricklm.server.sampling import to_sampling_params
@@ -37,16 +38,23 @@ async def create_response(body: ResponsesRequest, request: Request, state: Serve
     tools = ToolSetup.of(chat_tools, body.chat_tool_choice(), body.parallel_tool_calls)
     effort = body.reasoning.effort if body.reasoning else None
     thinking = Thinking(body.chat_template_kwargs, effort)
+    history = []
+    if body.previous_response_id is not None:
+        history = state.responses.get(body.previous_response_id, "previous_response_id").conversation
     try:
-        messages = chat_dicts(body.instructions, body.input)
+        conversation = history + chat_dicts(None, body.input)
     except ValueError as e:
         raise APIError(400, str(e), param="input", code="unsupported_content") from None
-    prompt_ids = await encode_messages(client, messages, tools, thinking.kwargs(client, state))
+    system = [{"role": "system", "content": body.instructions}] if body.instructions else []
+    prompt_ids = await encode_messages(client, system + conversation, tools, thinking.kwargs(client, state))
     reasoning = thinking.reasoning(client, state, prompt_ids)
     grammar = await reply_grammar(client, tools, body.response_format())
     params = to_sampling_params(client, body, grammar, reasoning)
     job = start_job(client, [prompt_ids], params, prefix="resp", prompt_param="input")
-    return await respond(job, ResponsesRenderer(state.served_model_name, body, tools), body.stream, request)
+    renderer = ResponsesRenderer(state.served_model_name, body, tools)
+    if body.store:
+        renderer.keep_in(state.responses, conversation)
+    return await respond(job, renderer, body.stream, request)
 
 
 @dataclass
@@ -81,6 +89,17 @@ class ResponsesRenderer(Renderer):
         self._sequence = 0
         self._stream = _Stream()
         self._call_ids: list[str] = []
+        self._store: ResponseStore | None = None
+        self._conversation: list[dict[str, Any]] = []
+
+    def keep_in(self, store: ResponseStore, conversation: list[dict[str, Any]]) -> None:
+        """Store the finished response with the conversation (chat messages) that led to it."""
+        self._store, self._conversation = store, conversation
+
+    def _finished(self, body: dict[str, Any]) -> dict[str, Any]:
+        if self._store is not None:
+            self._store.put(body, [*self._conversation, _assistant_turn(body["output"])])
+        return body
 
     # ---- streamed -----------------------------------------------------------------------------------
 
@@ -110,7 +129,7 @@ class ResponsesRenderer(Renderer):
     def closing(self, job: Job) -> list[bytes]:
         proc = job.streams[0].processor
         status, details = _status(proc)
-        response = self._envelope(status, self._stream.items, _usage(job, proc), details)
+        response = self._finished(self._envelope(status, self._stream.items, _usage(job, proc), details))
         return [self._event(f"response.{status}", response=response)]
 
     def error_event(self, error: APIError) -> bytes:
@@ -201,7 +220,7 @@ class ResponsesRenderer(Renderer):
             opened = _Open(len(items), "function_call", "fc_" + uuid.uuid4().hex[:24], call.arguments, call)
             items.append(_item(opened, "completed", self._call_id(k)))
         status, details = _status(proc)
-        return JSONResponse(self._envelope(status, items, _usage(job, proc), details))
+        return JSONResponse(self._finished(self._envelope(status, items, _usage(job, proc), details)))
 
     def _envelope(
         self, status: str, output: list[dict[str, Any]], usage: dict[str, Any] | None, details: Any = None
@@ -232,8 +251,8 @@ class ResponsesRenderer(Renderer):
             "text": {"format": fmt},
             "reasoning": {"effort": b.reasoning.effort if b.reasoning else None, "summary": None},
             "metadata": b.metadata or {},
-            "previous_response_id": None,
-            "store": False,
+            "previous_response_id": b.previous_response_id,
+            "store": b.store,
         }
 
     def _call_id(self, k: int) -> str:
@@ -262,6 +281,20 @@ def _item(opened: _Open, status: str, call_id: str) -> dict[str, Any]:
         "name": opened.call.name,
         "arguments": arguments,
     }
+
+
+def _assistant_turn(output: list[dict[str, Any]]) -> dict[str, Any]:
+    """A response's output items as the assistant's chat message (what the next turn's template renders)."""
+    turn: dict[str, Any] = {"role": "assistant", "content": ""}
+    for item in output:
+        if item["type"] == "message":
+            turn["content"] += "".join(part["text"] for part in item["content"])
+        elif item["type"] == "reasoning":
+            turn["reasoning_content"] = "".join(part["text"] for part in item["content"])
+        elif item["type"] == "function_call":
+            function = {"name": item["name"], "arguments": json_or_text(item["arguments"])}
+            turn.setdefault("tool_calls", []).append({"id": item["call_id"], "type": "function", "function": function})
+    return turn
 
 
 def _status(proc: OutputProcessor) -> tuple[str, dict[str, str] | None]:

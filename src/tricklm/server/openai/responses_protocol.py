@@ -1,8 +1,7 @@
 """Request body of OpenAI's Responses API (`POST /v1/responses`).
 
-Stateless, as this server keeps no conversations: the client sends the whole input each time
-(`previous_response_id` and stored responses are refused by name, never ignored). Input items become
-chat messages; function tools, `tool_choice` and `text.format` become what chat completions use.
+Input items become chat messages (after the stored conversation of `previous_response_id`, if named);
+function tools, `tool_choice` and `text.format` become what chat completions use.
 """
 
 from __future__ import annotations
@@ -119,7 +118,7 @@ class ResponsesRequest(OpenAIBody):
     top_k: int | None = Field(None, ge=-1)
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     stream: bool = False
-    store: bool = False
+    store: bool = True  # kept in memory, bounded (response_store.py), as OpenAI's API stores by default
     previous_response_id: str | None = None
     metadata: dict[str, str] | None = None
     user: str | None = None
@@ -127,10 +126,6 @@ class ResponsesRequest(OpenAIBody):
 
     @model_validator(mode="after")
     def _consistent(self) -> ResponsesRequest:
-        if self.previous_response_id is not None:
-            raise ValueError(
-                "previous_response_id is not supported: this server stores no responses; send the whole input"
-            )
         choice = self.tool_choice
         names = {t.name for t in self.tools or []}
         if (choice == "required" or isinstance(choice, FunctionChoice)) and not names:
@@ -177,7 +172,7 @@ def chat_dicts(instructions: str | None, items: str | list[InputItem]) -> list[d
             call = {
                 "id": item.call_id,
                 "type": "function",
-                "function": {"name": item.name, "arguments": _json_or_text(item.arguments or "")},
+                "function": {"name": item.name, "arguments": json_or_text(item.arguments or "")},
             }
             if out and out[-1]["role"] == "assistant" and "tool_calls" in out[-1]:
                 out[-1]["tool_calls"].append(call)
@@ -198,7 +193,7 @@ def _text(content: str | list[ContentPart] | None) -> str:
     return "".join(part.text or "" for part in content)
 
 
-def _json_or_text(text: str) -> Any:
+def json_or_text(text: str) -> Any:
     import json
 
     try:

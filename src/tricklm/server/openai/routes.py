@@ -98,3 +98,17 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
 @router.post("/v1/responses", responses={200: {"content": EVENT_STREAM}, **documented_errors(*GENERATION_ERRORS)})
 async def responses(body: ResponsesRequest, request: Request) -> Response:
     return await create_response(body, request, get_state(request))
+
+
+@router.get("/responses/{response_id}", include_in_schema=False)
+@router.get("/v1/responses/{response_id}", responses=documented_errors(404))
+async def get_response(response_id: str, request: Request) -> JSONResponse:
+    """A stored response, as it was returned."""
+    return JSONResponse(get_state(request).responses.get(response_id).body)
+
+
+@router.delete("/responses/{response_id}", include_in_schema=False)
+@router.delete("/v1/responses/{response_id}", responses=documented_errors(404))
+async def delete_response(response_id: str, request: Request) -> JSONResponse:
+    get_state(request).responses.delete(response_id)
+    return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
