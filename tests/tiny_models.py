@@ -238,11 +238,21 @@ R1_STYLE_TEMPLATE = CHAT_TEMPLATE.replace(
 )
 
 
-def make_thinking_model(path: Path, template: str = R1_STYLE_TEMPLATE) -> Path:
+def real_template(name: str) -> str:
+    """A model family's published chat template (tests/fixtures/chat_templates)."""
+    return (Path(__file__).parent / "fixtures" / "chat_templates" / f"{name}.jinja").read_text(encoding="utf-8")
+
+
+def make_thinking_model(path: Path, template: str = R1_STYLE_TEMPLATE, opens: bool = False) -> Path:
     """A tiny random Qwen3 whose vocabulary has `<think>` and `</think>` as added (non-special) tokens, as
-    Qwen3's has, and whose chat template writes them: `template` decides who opens the thinking."""
+    Qwen3's has, and whose chat template writes them: `template` decides who opens the thinking. With
+    `opens`, the model writes `<think>` wherever nothing stops it (its first token, so it opens its
+    thinking as Qwen3 does; a budget or a grammar then decides the rest)."""
     base = tokenizer_vocab_size()
-    make_tiny_model(path, "Qwen3ForCausalLM", vocab_size=base + len(THINK_TAGS))
+    # Room for Qwen3's tool prompt, long in this tiny vocabulary
+    make_tiny_model(path, "Qwen3ForCausalLM", vocab_size=base + len(THINK_TAGS), max_position_embeddings=1024)
+    if opens:
+        _prefer_token(path, base)
     tokenizer = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
     for k, tag in enumerate(THINK_TAGS):
         tokenizer["added_tokens"].append(
@@ -261,3 +271,19 @@ def make_thinking_model(path: Path, template: str = R1_STYLE_TEMPLATE) -> Path:
     config["chat_template"] = template
     (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     return path
+
+
+def _prefer_token(path: Path, token_id: int) -> None:
+    """Make `token_id` the likeliest next token everywhere: every embedding gets a large constant in one
+    dimension, which the residual stream carries to the final norm, and the token's output row reads
+    only that dimension."""
+    from safetensors.torch import load_file, save_file
+
+    file = path / "model.safetensors"
+    weights = load_file(str(file))
+    weights["model.embed_tokens.weight"][:, 0] = 100.0  # far above what the layers add
+    head = weights["lm_head.weight"]
+    head[:, 0] = 0.0  # no other token reads that dimension
+    head[token_id] = 0.0
+    head[token_id, 0] = 4.0
+    save_file(weights, str(file), metadata={"format": "pt"})

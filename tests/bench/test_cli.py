@@ -64,6 +64,30 @@ def test_chat_sweep_with_the_prompt_set(tiny_server: str, tmp_path: Path, capsys
     assert "TTFT p99" in table and "out tok/s" in table
 
 
+@pytest.mark.parametrize("endpoint", ["messages", "responses"])
+def test_the_agent_apis_are_measured_the_same_way(tiny_server: str, tmp_path: Path, endpoint: str) -> None:
+    args = [
+        "--endpoint",
+        endpoint,
+        "--num-prompts",
+        "4",
+        "--max-concurrency",
+        "2",
+        "--input-len",
+        "16",
+        "--output-len",
+        "6",
+    ]
+    code, doc = bench(tiny_server, tmp_path, *args)
+    assert code == 0
+    (run,) = doc["runs"]
+    assert (run["summary"]["completed"], run["summary"]["failed"]) == (4, 0)
+    assert run["summary"]["total_output_tokens"] == 4 * 6  # ignore_eos honoured, counted from usage
+    for req in run["requests"]:
+        assert req["usage_output_tokens"] == 6 and req["prompt_tokens"] > 0
+        assert len(req["itl_ms"]) == req["content_chunks"] - 1
+
+
 def test_open_loop_request_rate(tiny_server: str, tmp_path: Path) -> None:
     code, doc = bench(tiny_server, tmp_path, "--num-prompts", "4", "--request-rate", "50", "--output-len", "2")
     assert code == 0

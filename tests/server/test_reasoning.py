@@ -11,7 +11,7 @@ import httpx
 import pytest
 from server_helpers import sse_payloads
 
-from tiny_models import QWEN3_STYLE_TEMPLATE, R1_STYLE_TEMPLATE, make_thinking_model
+from tiny_models import QWEN3_STYLE_TEMPLATE, R1_STYLE_TEMPLATE, make_thinking_model, real_template
 from tricklm.config import EngineConfig, ServerConfig
 from tricklm.engine.engine import Engine
 from tricklm.server.app import create_app
@@ -144,3 +144,83 @@ def test_bad_reasoning_fields_are_400s_naming_them(r1: str, body: dict[str, Any]
     r = httpx.post(f"{r1}/v1/chat/completions", json={**BASE, "max_tokens": 2, **body}, timeout=30)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+
+
+# ---- Qwen3's own chat template, on all three APIs ------------------------------------------------------
+
+PICK = {"type": "object", "properties": {"a": {"enum": ["x", "y"]}}, "required": ["a"], "additionalProperties": False}
+CHOOSE = {
+    "type": "function",
+    "function": {"name": "choose", "description": "Choose one", "parameters": PICK},
+}
+
+
+@pytest.fixture(scope="module")
+def qwen3_real(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Qwen3's published template; the model opens its thinking itself (as Qwen3 does), the server's
+    budget of 3 closes it."""
+    path = make_thinking_model(tmp_path_factory.mktemp("q3") / "m", real_template("Qwen-Qwen3-0.6B"), opens=True)
+    engine = _engine(path)
+    with running_server(create_app(ServerConfig(reasoning_budget=3), engine=engine)) as base:
+        yield base
+    engine.shutdown()
+
+
+def test_qwen3s_template_chat_completions(qwen3_real: str) -> None:
+    whole = chat(qwen3_real, max_tokens=10)
+    assert whole["usage"]["completion_tokens_details"]["reasoning_tokens"] == 5  # tag, 3 thoughts, tag
+    message = whole["choices"][0]["message"]
+    assert message["reasoning_content"]
+    reasoning, content, _ = streamed(qwen3_real, max_tokens=10)
+    assert (reasoning, content) == (message["reasoning_content"], message["content"])
+    off = chat(qwen3_real, max_tokens=4, chat_template_kwargs={"enable_thinking": False})
+    assert off["usage"]["completion_tokens_details"]["reasoning_tokens"] == 0
+    assert "reasoning_content" not in off["choices"][0]["message"]
+
+
+def test_qwen3s_template_json_and_required_calls_after_thinking(qwen3_real: str) -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "pick", "schema": PICK}}
+    answer = chat(qwen3_real, max_tokens=30, response_format=fmt, ignore_eos=False)
+    assert answer["usage"]["completion_tokens_details"]["reasoning_tokens"] == 5
+    assert json.loads(answer["choices"][0]["message"]["content"])["a"] in ("x", "y")
+    called = chat(qwen3_real, max_tokens=120, tools=[CHOOSE], tool_choice="required", parallel_tool_calls=False)
+    message = called["choices"][0]["message"]
+    assert message["reasoning_content"] and called["choices"][0]["finish_reason"] == "tool_calls"
+    assert json.loads(message["tool_calls"][0]["function"]["arguments"])["a"] in ("x", "y")
+
+
+def test_qwen3s_template_anthropic_messages(qwen3_real: str) -> None:
+    body = {"max_tokens": 10, "messages": CHAT, "temperature": 0, "ignore_eos": True}
+    whole = httpx.post(f"{qwen3_real}/v1/messages", json=body, timeout=60).json()
+    kinds = [b["type"] for b in whole["content"]]
+    assert kinds[0] == "thinking"
+    r = httpx.post(f"{qwen3_real}/v1/messages", json={**body, "stream": True}, timeout=60)
+    datas = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+    thought = "".join(d["delta"].get("thinking", "") for d in datas if d["type"] == "content_block_delta")
+    assert thought == whole["content"][0]["thinking"]
+    off = httpx.post(f"{qwen3_real}/v1/messages", json={**body, "thinking": {"type": "disabled"}}, timeout=60).json()
+    assert [b["type"] for b in off["content"]] == ["text"]
+
+
+def test_qwen3s_template_responses(qwen3_real: str) -> None:
+    body = {"input": "Hello", "max_output_tokens": 10, "temperature": 0, "ignore_eos": True, "store": False}
+    whole = httpx.post(f"{qwen3_real}/v1/responses", json=body, timeout=60).json()
+    assert [item["type"] for item in whole["output"]] == ["reasoning", "message"]
+    assert whole["usage"]["output_tokens_details"]["reasoning_tokens"] == 5
+    r = httpx.post(f"{qwen3_real}/v1/responses", json={**body, "stream": True}, timeout=60)
+    datas = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+    thought = "".join(d["delta"] for d in datas if d["type"] == "response.reasoning_text.delta")
+    assert thought == whole["output"][0]["content"][0]["text"]
+    off = httpx.post(f"{qwen3_real}/v1/responses", json={**body, "reasoning": {"effort": "none"}}, timeout=60).json()
+    assert [item["type"] for item in off["output"]] == ["message"]
+
+
+def test_the_next_turn_of_a_thinking_chat_finds_the_last_prompt_in_the_cache(qwen3_real: str) -> None:
+    first = [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. " * 6}]
+    turn1 = chat(qwen3_real, messages=first, max_tokens=8)
+    message = turn1["choices"][0]["message"]
+    again = [*first, {"role": "assistant", **message}, {"role": "user", "content": "And then?"}]
+    turn2 = chat(qwen3_real, messages=again, max_tokens=4)
+    prompt1 = turn1["usage"]["prompt_tokens"]
+    # the template drops the earlier reasoning, so the first prompt's full blocks are what can match
+    assert turn2["usage"]["prompt_tokens_details"]["cached_tokens"] >= prompt1 // 16 * 16 > 0

@@ -34,7 +34,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
         "--endpoint",
         choices=ENDPOINTS,
         default=_D.endpoint,
-        help="/v1/completions or /v1/chat/completions (%(default)s)",
+        help="/v1/completions, /v1/chat/completions, /v1/messages (Anthropic's) or /v1/responses (%(default)s)",
     )
     p.add_argument(
         "--dataset",

@@ -17,7 +17,12 @@ import httpx
 
 from tricklm.bench.metrics import HealthSample, RequestRecord
 
-ENDPOINT_PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+ENDPOINT_PATHS = {
+    "completions": "/v1/completions",
+    "chat": "/v1/chat/completions",
+    "messages": "/v1/messages",
+    "responses": "/v1/responses",
+}
 _ERROR_BODY_CHARS = 300
 
 
@@ -54,6 +59,8 @@ Messages = list[dict[str, str]]
 
 def request_body(target: Target, prompt: str | Messages) -> dict[str, Any]:
     """`prompt` is the text of one user message, or a whole conversation (chat only)."""
+    if target.endpoint in ("messages", "responses"):
+        return _agent_api_body(target, prompt)
     body: dict[str, Any] = {"model": target.model}
     if isinstance(prompt, list):
         body["messages"] = prompt
@@ -67,6 +74,20 @@ def request_body(target: Target, prompt: str | Messages) -> dict[str, Any]:
         body["ignore_eos"] = True
     if target.response_format is not None:
         body["response_format"] = target.response_format
+    return body
+
+
+def _agent_api_body(target: Target, prompt: str | Messages) -> dict[str, Any]:
+    """Anthropic's Messages or OpenAI's Responses body for the same request (`ignore_eos` is an extension
+    that tricklm and vLLM read)."""
+    messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    body: dict[str, Any] = {"model": target.model, "temperature": target.temperature, "stream": True}
+    if target.endpoint == "messages":
+        body |= {"messages": messages, "max_tokens": target.output_len}
+    else:
+        body |= {"input": messages, "max_output_tokens": target.output_len, "store": False}
+    if target.ignore_eos:
+        body["ignore_eos"] = True
     return body
 
 
@@ -127,10 +148,50 @@ def apply_event(data: str, record: RequestRecord, now: float) -> None:
         return
     if not isinstance(event, dict):
         record.fail("bad_event", f"not a JSON object: {data[:_ERROR_BODY_CHARS]!r}")
-    elif event.get("error"):
+    elif event.get("error") or event.get("type") == "error":
         record.fail("stream_error", error_message(data))
+    elif str(event.get("type", "")).startswith("response."):
+        _apply_response_event(event, record, now)
+    elif "type" in event:
+        _apply_message_event(event, record, now)
     else:
         _apply_chunk(event, record, now)
+
+
+def _apply_message_event(event: dict[str, Any], record: RequestRecord, now: float) -> None:
+    """One event of Anthropic's Messages stream."""
+    kind, delta = event["type"], event.get("delta")
+    if kind == "content_block_delta" and isinstance(delta, dict) and isinstance(delta.get("text"), str):
+        record.chunk_times.append(now)
+        record.text += delta["text"]
+    elif kind == "message_delta":
+        usage = event.get("usage") or {}
+        record.usage_output_tokens = _int_or_none(usage.get("output_tokens"))
+        cached = _int_or_none(usage.get("cache_read_input_tokens")) or 0
+        uncached = _int_or_none(usage.get("input_tokens"))
+        record.prompt_tokens = None if uncached is None else uncached + cached
+        record.cached_tokens = cached
+        if isinstance(delta, dict) and delta.get("stop_reason"):
+            record.finish_reason = str(delta["stop_reason"])
+
+
+def _apply_response_event(event: dict[str, Any], record: RequestRecord, now: float) -> None:
+    """One event of OpenAI's Responses stream."""
+    kind = event["type"]
+    if kind == "response.output_text.delta" and isinstance(event.get("delta"), str):
+        record.chunk_times.append(now)
+        record.text += event["delta"]
+    elif kind in ("response.completed", "response.incomplete"):
+        response = event.get("response") or {}
+        usage = response.get("usage") or {}
+        record.usage_output_tokens = _int_or_none(usage.get("output_tokens"))
+        record.prompt_tokens = _int_or_none(usage.get("input_tokens"))
+        details = usage.get("input_tokens_details")
+        if isinstance(details, dict):
+            record.cached_tokens = _int_or_none(details.get("cached_tokens"))
+        record.finish_reason = str(response.get("status", kind))
+    elif kind == "response.failed":
+        record.fail("stream_error", error_message(json.dumps(event.get("response", {}).get("error") or event)))
 
 
 def _apply_chunk(event: dict[str, Any], record: RequestRecord, now: float) -> None:

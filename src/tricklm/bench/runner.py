@@ -39,7 +39,7 @@ from tricklm.bench.workload import CALIBRATION_WORDS, Prompt, calibration_text, 
 
 log = logging.getLogger(__name__)
 
-ENDPOINTS = ("completions", "chat")
+ENDPOINTS = ("completions", "chat", "messages", "responses")
 DATASETS = ("random", "prompts", "multi-turn")
 PROBE_GRACE_S = 5.0  # how long the health probe in flight at the end of a run may take to answer
 

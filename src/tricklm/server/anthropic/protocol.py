@@ -137,9 +137,11 @@ class MessagesRequest(CountTokensRequest):
     top_k: int | None = Field(None, ge=0)
     stream: bool = False
     metadata: dict[str, Any] | None = None
+    ignore_eos: bool = False  # an extension (as on the OpenAI routes): benchmarks ask for fixed lengths
 
     def sampling_values(self) -> dict[str, Any]:
         return {
+            "ignore_eos": self.ignore_eos,
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,

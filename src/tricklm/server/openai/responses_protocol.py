@@ -123,6 +123,7 @@ class ResponsesRequest(OpenAIBody):
     metadata: dict[str, str] | None = None
     user: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    ignore_eos: bool = False  # an extension (as on the other routes): benchmarks ask for fixed lengths
 
     @model_validator(mode="after")
     def _consistent(self) -> ResponsesRequest:
@@ -143,6 +144,7 @@ class ResponsesRequest(OpenAIBody):
 
     def sampling_values(self) -> dict[str, Any]:
         return {
+            "ignore_eos": self.ignore_eos,
             "max_tokens": self.max_output_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
