@@ -41,8 +41,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(model: str | None, port: int) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "tricklm", "serve", "--host", "127.0.0.1", "--port", str(port)]
+def start_server(model: str | None, port: int, *extra: str) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "tricklm", "serve", "--host", "127.0.0.1", "--port", str(port), *extra]
     if model:
         cmd += ["--model", model]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

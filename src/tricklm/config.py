@@ -46,6 +46,10 @@ class EngineConfig:
     native_decode: bool = True
     # Requests start after the longest prefix of their tokens already in the KV cache (kv_cache.py)
     enable_prefix_caching: bool = True
+    # "ngram": decoding requests draft tokens from their own prompt and output, verified in the step
+    # (engine/speculative.py); "none": one token per step
+    speculative: str = "none"
+    num_speculative_tokens: int = 6  # the longest draft
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -69,6 +73,10 @@ class EngineConfig:
             raise ValueError("max_model_len must be at least 2")
         if self.kv_cache_memory is not None and self.kv_cache_memory < 1:
             raise ValueError("kv_cache_memory must be positive")
+        if self.speculative not in ("none", "ngram"):
+            raise ValueError("speculative must be none or ngram")
+        if not 1 <= self.num_speculative_tokens <= 32:
+            raise ValueError("num_speculative_tokens must be between 1 and 32")
 
     @property
     def torch_dtype(self) -> torch.dtype:

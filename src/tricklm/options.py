@@ -89,6 +89,19 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         default=d.enable_prefix_caching,
         help="reuse the KV cache of a prompt's longest already-computed prefix (default: on)",
     )
+    p.add_argument(
+        "--speculative",
+        choices=("none", "ngram"),
+        default=d.speculative,
+        help="ngram: a decoding request drafts tokens from its own prompt and output (prompt lookup), verified "
+        "in the next step; several tokens a step where the text repeats its input (default: none)",
+    )
+    p.add_argument(
+        "--num-speculative-tokens",
+        type=int,
+        default=d.num_speculative_tokens,
+        help="the longest draft, in tokens (default: %(default)s; each request adapts its own below it)",
+    )
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:

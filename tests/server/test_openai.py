@@ -804,3 +804,11 @@ def test_routes_answer_without_v1_and_carry_a_stable_fingerprint(tiny_server: st
     assert missing.status_code == 400 and "error" in missing.json()  # OpenAI's shape there too
     messages = httpx.post(f"{tiny_server}/messages", json={"messages": body["messages"]}, timeout=30)
     assert messages.status_code == 400 and messages.json()["type"] == "error"  # and Anthropic's
+
+
+def test_speculative_decoding_is_counted_and_can_be_refused_per_request(default_server: str) -> None:
+    """The shared default server does not speculate: its counters stay at zero, and the opt-out is accepted."""
+    body = {"prompt": "Hello Hello Hello Hello", "max_tokens": 4, "speculative": False}
+    assert httpx.post(f"{default_server}/v1/completions", json=body, timeout=60).status_code == 200
+    metrics = httpx.get(f"{default_server}/metrics", timeout=10).text
+    assert "tricklm:spec_decode_num_draft_tokens_total 0.0" in metrics

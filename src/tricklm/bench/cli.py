@@ -40,7 +40,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
         "--dataset",
         choices=DATASETS,
         default=_D.dataset,
-        help="random words, the shipped prompt set, or chats resending their history (%(default)s)",
+        help="random words, a shipped prompt set (prompts: free-form; rewrite: rewrite, summarize or fix a given "
+        "text or code), or chats resending their history (%(default)s)",
     )
     p.add_argument(
         "--num-prompts",

@@ -327,3 +327,24 @@ async def count_tokens(client: httpx.AsyncClient, base_url: str, model: str, tex
         return int(result["count"])
     tokens = result.get("tokens")
     return len(tokens) if isinstance(tokens, list) else None
+
+
+_SPEC_COUNTERS = ("tricklm:spec_decode_num_draft_tokens_total", "tricklm:spec_decode_num_accepted_tokens_total")
+
+
+async def speculation_counters(client: httpx.AsyncClient, base_url: str) -> tuple[float, float] | None:
+    """The server's draft tokens verified and kept so far (tricklm's /metrics), or None if it has none."""
+    try:
+        response = await client.get(base_url + "/metrics", timeout=10)
+    except httpx.HTTPError:
+        return None
+    if response.status_code != 200:
+        return None
+    values: dict[str, float] = {}
+    for line in response.text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in _SPEC_COUNTERS:
+            values[name] = float(value)
+    if len(values) < len(_SPEC_COUNTERS):
+        return None
+    return values[_SPEC_COUNTERS[0]], values[_SPEC_COUNTERS[1]]

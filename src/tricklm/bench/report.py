@@ -65,6 +65,9 @@ def format_run(run: RunResult, output_len: int) -> str:
     lines += [_stats_row(name, st) for name, st in rows]
     lines.append(_health_line(run))
     lines += _turn_lines(run)
+    if run.speculation is not None and run.speculation[0] > 0:
+        drafted, kept = run.speculation
+        lines.append(f"speculative {kept:.0f} of {drafted:.0f} draft tokens kept ({kept / drafted:.1%} acceptance)")
     return "\n".join(lines)
 
 
@@ -201,6 +204,9 @@ def run_json(run: RunResult) -> dict[str, Any]:
         "summary": dataclasses.asdict(run.summary),
         "requests": [request_json(r, run.start, run.prompts[r.index].target_len) for r in run.records],
         "health_supported": run.is_health_supported,
+        "speculation": None
+        if run.speculation is None
+        else {"draft_tokens": run.speculation[0], "accepted_tokens": run.speculation[1]},
         "health": [
             {"t_s": _r(h.sent - run.start), "latency_ms": _ms(h.latency), "status": h.status, "error": h.error}
             for h in run.health

@@ -32,15 +32,23 @@ from tricklm.bench.client import (
     first_model_id,
     normalize_base_url,
     send_request,
+    speculation_counters,
 )
 from tricklm.bench.conversation import Conversation, make_conversations, run_conversations
 from tricklm.bench.metrics import HealthSample, RequestRecord, Summary, summarize
-from tricklm.bench.workload import CALIBRATION_WORDS, Prompt, calibration_text, random_prompts, real_prompts
+from tricklm.bench.workload import (
+    CALIBRATION_WORDS,
+    PROMPT_SETS,
+    Prompt,
+    calibration_text,
+    random_prompts,
+    real_prompts,
+)
 
 log = logging.getLogger(__name__)
 
 ENDPOINTS = ("completions", "chat", "messages", "responses")
-DATASETS = ("random", "prompts", "multi-turn")
+DATASETS = ("random", "prompts", "rewrite", "multi-turn")
 PROBE_GRACE_S = 5.0  # how long the health probe in flight at the end of a run may take to answer
 
 
@@ -106,6 +114,8 @@ class RunResult:
     records: list[RequestRecord]
     health: list[HealthSample]
     is_health_supported: bool
+    # Draft tokens verified and kept during the run (the server's speculative-decoding counters), if it has them
+    speculation: tuple[float, float] | None = None
     summary: Summary = field(init=False)
 
     def __post_init__(self) -> None:
@@ -180,6 +190,7 @@ async def measure(
     probe = HealthProbe(clients[1], health_url, config.health_interval, config.timeout)
     probe_task = asyncio.create_task(probe.run()) if config.health_path else None
     label = f"concurrency {max_concurrency}" if max_concurrency else f"rate {config.request_rate:g}/s"
+    spec_before = await speculation_counters(clients[1], config.base_url)
     with tqdm(total=len(prompts), desc=label, unit="req", file=sys.stderr, disable=not progress) as bar:
         start = time.perf_counter()
         if conversations:
@@ -196,8 +207,12 @@ async def measure(
         with contextlib.suppress(asyncio.CancelledError):
             await probe_task
     health = probe.finish()
+    spec_after = await speculation_counters(clients[1], config.base_url)
+    speculation = None
+    if spec_before is not None and spec_after is not None:
+        speculation = (spec_after[0] - spec_before[0], spec_after[1] - spec_before[1])
     return RunResult(
-        max_concurrency, config.request_rate, start, duration, prompts, records, health, probe.is_supported
+        max_concurrency, config.request_rate, start, duration, prompts, records, health, probe.is_supported, speculation
     )
 
 
@@ -253,7 +268,7 @@ def response_format(config: BenchConfig) -> dict[str, Any] | None:
 
 async def _calibrate(client: httpx.AsyncClient, config: BenchConfig) -> float | None:
     """Tokens per word of the random-prompt vocabulary, if the server can tokenize."""
-    if config.dataset == "prompts":
+    if config.dataset in PROMPT_SETS:
         return None
     assert config.model is not None
     count = await count_tokens(client, config.base_url, config.model, calibration_text(config.seed))
@@ -264,8 +279,8 @@ def _prompt_batches(config: BenchConfig, tokens_per_word: float) -> list[list[Pr
     """Distinct prompts for the warm-up and for each run (so no run hits another's prefix cache)."""
     sizes = [config.warmup] + [config.num_prompts] * len(config.concurrencies)
     total = sum(sizes)
-    if config.dataset == "prompts":
-        pool = real_prompts(total, config.seed)
+    if config.dataset in PROMPT_SETS:
+        pool = real_prompts(total, config.seed, config.dataset)
     else:  # multi-turn warms up with random prompts; its runs are conversations
         pool = random_prompts(total, config.input_len, config.input_len_spread, config.seed, tokens_per_word)
     bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]

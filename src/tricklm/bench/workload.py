@@ -65,14 +65,19 @@ def random_prompts(
     return [Prompt(random_words(rng, max(1, round(n / tokens_per_word))), n) for n in lengths]
 
 
-def load_prompt_set() -> list[str]:
-    """The shipped real prompts (`data/prompts.jsonl`, Apache-2.0, written for tricklm)."""
-    text = resources.files("tricklm.bench").joinpath("data/prompts.jsonl").read_text("utf-8")
+# The shipped prompt sets (data/, Apache-2.0, written for tricklm): free-form requests, and tasks whose
+# answer repeats much of their input (rewrite, summarize, fix this text or code)
+PROMPT_SETS = {"prompts": "prompts.jsonl", "rewrite": "rewrite.jsonl"}
+
+
+def load_prompt_set(name: str = "prompts") -> list[str]:
+    """A shipped prompt set's prompts."""
+    text = resources.files("tricklm.bench").joinpath("data", PROMPT_SETS[name]).read_text("utf-8")
     return [json.loads(line)["prompt"] for line in text.splitlines() if line.strip()]
 
 
-def real_prompts(num: int, seed: int = 0) -> list[Prompt]:
-    """`num` prompts from the shipped set, shuffled with `seed` and repeated when `num` exceeds it."""
-    texts = load_prompt_set()
+def real_prompts(num: int, seed: int = 0, name: str = "prompts") -> list[Prompt]:
+    """`num` prompts from a shipped set, shuffled with `seed` and repeated when `num` exceeds it."""
+    texts = load_prompt_set(name)
     random.Random(seed).shuffle(texts)
     return [Prompt(texts[i % len(texts)]) for i in range(num)]

@@ -10,6 +10,7 @@ from tricklm.engine.kv_cache import KVCache, bytes_per_token
 from tricklm.engine.model_runner import ModelRunner, ThreadPolicy
 from tricklm.engine.request import EngineOutput, FinishReason, Request
 from tricklm.engine.scheduler import Scheduler
+from tricklm.engine.speculative import SpecConfig
 from tricklm.memory import after_step
 from tricklm.model.base import CausalLM
 from tricklm.model.weights.quant import model_dtypes
@@ -29,7 +30,8 @@ class EngineCore:
         if self.kv_cache.capacity_tokens < self.max_model_len:
             # One request of full length must always fit, or it could wait forever.
             self.max_model_len = self.kv_cache.capacity_tokens
-        self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens)
+        spec = SpecConfig(config.speculative, config.num_speculative_tokens)
+        self.scheduler = Scheduler(self.kv_cache, config.max_num_seqs, config.max_num_batched_tokens, spec)
         threads = ThreadPolicy(config.num_threads, config.decode_threads)
         self.runner = ModelRunner(model, self.kv_cache, threads, native=config.native_decode)
         self.num_prompt_tokens = 0
@@ -98,5 +100,5 @@ class EngineCore:
         sampled = self.runner.run(batch)
         after_step(time.perf_counter() - start)
         outputs = self.scheduler.update(batch, sampled)
-        self.num_generation_tokens += len(outputs)
+        self.num_generation_tokens += sum(len(o.new_token_ids) for o in outputs)
         return outputs

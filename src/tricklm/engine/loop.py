@@ -44,6 +44,9 @@ class EngineStats:
     num_step_failures: int
     prefix_cache_queries: int = 0  # tokens looked up at admission
     prefix_cache_hits: int = 0  # of those, found cached
+    spec_drafts: int = 0  # drafts verified (speculative decoding), their tokens, and those kept
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
 
 
 class EngineLoop:
@@ -109,6 +112,9 @@ class EngineLoop:
             self.num_step_failures,
             self.core.kv_cache.num_queried_tokens,
             self.core.kv_cache.num_hit_tokens,
+            self.core.scheduler.num_drafts,
+            self.core.scheduler.num_draft_tokens,
+            self.core.scheduler.num_accepted_tokens,
         )
 
     def shutdown(self) -> None:

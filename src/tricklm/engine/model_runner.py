@@ -11,6 +11,7 @@ from tricklm.engine.kv_cache import KVCache
 from tricklm.engine.request import Request, Sampled
 from tricklm.engine.sampler import sample
 from tricklm.engine.scheduler import ScheduledBatch
+from tricklm.engine.speculative import verify
 from tricklm.model.attention import AttentionMetadata, PrefillSegment, chunk_mask, decode_mask
 from tricklm.model.base import CausalLM
 from tricklm.model.native.decoder import NativeDecoder
@@ -67,12 +68,23 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> dict[str, Sampled]:
         order = self._decodes_first(batch)
         hidden = self._hidden(order, native=self._runs_native(order))
-        rows, sampling = self._sampling_rows(order)
-        if not rows:
+        picks = self._sampling_rows(order)
+        if not picks:
             return {}
-        logits = self.model.compute_logits(hidden[rows])
-        results = sample(logits, sampling)
-        return {req.request_id: res for req, res in zip(sampling, results, strict=True)}
+        logits = self.model.compute_logits(hidden[[row for _, rows in picks for row in rows]])
+        out: dict[str, Sampled] = {}
+        plain: list[int] = []  # logits rows of the requests without a draft, sampled together
+        offset = 0
+        for req, rows in picks:
+            if req.draft:
+                out[req.request_id] = verify(logits[offset : offset + len(rows)], req, req.draft)
+            else:
+                plain.append(offset)
+            offset += len(rows)
+        if plain:
+            reqs = [picks[i][0] for i in range(len(picks)) if not picks[i][0].draft]
+            out |= {req.request_id: res for req, res in zip(reqs, sample(logits[plain], reqs), strict=True)}
+        return out
 
     def forward_logits(self, batch: ScheduledBatch, native: bool = False) -> torch.Tensor:
         """Logits of every token of the step, in batch order (for tests against a reference model).
@@ -189,11 +201,12 @@ class ModelRunner:
         return index
 
     @staticmethod
-    def _sampling_rows(order: list[tuple[Request, int]]) -> tuple[list[int], list[Request]]:
-        rows, reqs, offset = [], [], 0
+    def _sampling_rows(order: list[tuple[Request, int]]) -> list[tuple[Request, range]]:
+        """The requests that sample this step and the rows they sample from: the last one, or with a
+        draft of k tokens the last k + 1 (after the last known token and after each draft token)."""
+        picks, offset = [], 0
         for req, n in order:
             offset += n
-            if req.num_computed_tokens + n == req.num_tokens:
-                rows.append(offset - 1)
-                reqs.append(req)
-        return rows, reqs
+            if req.num_computed_tokens + n == req.num_scheduled_tokens:
+                picks.append((req, range(offset - len(req.draft) - 1, offset)))
+        return picks

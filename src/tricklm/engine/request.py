@@ -5,12 +5,15 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from tricklm.engine.reasoning import Part, ReasoningState
 from tricklm.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from tricklm.engine.speculative import SpecState
 
 
 class RequestStatus(enum.IntEnum):
@@ -47,6 +50,8 @@ class Sampled:
     token_id: int
     logprob: TokenLogprob | None = None
     error: str | None = None
+    accepted: list[int] = field(default_factory=list)  # draft tokens kept before `token_id` (speculative.py)
+    accepted_logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -67,6 +72,8 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at its first admission
     matcher: Any = None  # its grammar's state (structured.py), advanced by each token of the answer
     reasoning: ReasoningState | None = None  # where a thinking model's reply is (reasoning.py)
+    draft: list[int] = field(default_factory=list)  # tokens proposed after the known ones, verified this step
+    spec: SpecState | None = None  # its drafting (speculative.py), once it has drafted
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:
@@ -108,12 +115,27 @@ class Request:
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
+    @property
+    def may_speculate(self) -> bool:
+        """Whether its tokens may be drafted: not where a grammar, a penalty that depends on the tokens
+        before, or a reasoning budget decides a token from more than the model's logits."""
+        p = self.params
+        budgeted = p.reasoning is not None and p.reasoning.budget is not None
+        return p.speculative and p.grammar is None and not p.needs_penalties and not budgeted
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        """Its known tokens and its draft: what a step may compute."""
+        return self.num_tokens + len(self.draft)
+
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
     def token_id(self, position: int) -> int:
-        n = len(self.prompt_token_ids)
-        return self.prompt_token_ids[position] if position < n else self.output_token_ids[position - n]
+        n, m = len(self.prompt_token_ids), self.num_tokens
+        if position < n:
+            return self.prompt_token_ids[position]
+        return self.output_token_ids[position - n] if position < m else self.draft[position - m]
 
     def finish_reason_for(self, token_id: int) -> FinishReason | None:
         if not self.params.ignore_eos and token_id in self.eos_token_ids:

@@ -40,6 +40,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k >= 0: the sampled token's plus the top k
     grammar: Grammar | None = None  # constrained decoding: only tokens the grammar allows are drawn
     reasoning: Reasoning | None = None  # a thinking model's tags: the grammar waits for the answer
+    speculative: bool = True  # False: never drafted, even when the server speculates
 
     def __post_init__(self) -> None:
         for message in self._problems():

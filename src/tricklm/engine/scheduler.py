@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from tricklm.engine.kv_cache import KVCache, prefix_hashes
 from tricklm.engine.request import EngineOutput, FinishReason, Request, RequestStatus, Sampled
+from tricklm.engine.speculative import SpecConfig, SpecState, propose
 
 
 @dataclass
@@ -30,17 +31,23 @@ class ScheduledBatch:
     def samples(self, i: int) -> bool:
         """Whether request i has computed all its known tokens after this step (so it samples one)."""
         req = self.requests[i]
-        return req.num_computed_tokens + self.num_tokens[i] == req.num_tokens
+        return req.num_computed_tokens + self.num_tokens[i] == req.num_scheduled_tokens
 
 
 class Scheduler:
-    def __init__(self, kv_cache: KVCache, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self, kv_cache: KVCache, max_num_seqs: int, max_num_batched_tokens: int, spec: SpecConfig | None = None
+    ) -> None:
         self.kv = kv_cache
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.spec = spec or SpecConfig()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.num_drafts = 0  # verified drafts, their tokens, and how many of those were kept
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
 
     @property
     def has_work(self) -> bool:
@@ -51,6 +58,7 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
+        self._draft()
         budget = self._schedule_running(batch, self.max_num_batched_tokens)
         self._admit_waiting(batch, budget)
         return batch
@@ -62,7 +70,9 @@ class Scheduler:
                 break
             if req.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if req.num_scheduled_tokens - req.num_computed_tokens > budget:
+                req.draft = []  # a draft is verified whole or not at all
+            n = min(req.num_scheduled_tokens - req.num_computed_tokens, budget)
             if not self._make_room(req, n, batch):
                 continue
             self.kv.allocate(req, n)
@@ -70,6 +80,26 @@ class Scheduler:
             batch.num_tokens.append(n)
             budget -= n
         return budget
+
+    def _draft(self) -> None:
+        """Drafts for the decoding requests that may speculate, when few enough decode (speculative.py)."""
+        for req in self.running:
+            req.draft = []
+        spec = self.spec
+        if spec.mode == "none":
+            return
+        decoding = [r for r in self.running if r.num_tokens - r.num_computed_tokens == 1]
+        if len(decoding) > spec.max_decoding:
+            return
+        for req in decoding:
+            if not req.may_speculate:
+                continue
+            state = req.spec = req.spec or SpecState(spec.max_draft)
+            if state.cooldown:
+                state.cooldown -= 1
+                continue
+            room = req.max_tokens - len(req.output_token_ids) - 1  # the verified step adds one more
+            req.draft = propose(req.all_token_ids(), min(state.k, room), spec.min_ngram, spec.max_ngram)
 
     def _make_room(self, req: Request, n: int, batch: ScheduledBatch) -> bool:
         """Preempt the newest unscheduled running requests until `req` fits; False if `req` had to go."""
@@ -99,6 +129,7 @@ class Scheduler:
         self.kv.reset()
         for req in live:
             req.block_table = []
+            req.draft = []
             req.num_computed_tokens = 0
             req.status = RequestStatus.WAITING
         self.running = []
@@ -159,38 +190,57 @@ class Scheduler:
         return False
 
     def update(self, batch: ScheduledBatch, sampled: dict[str, Sampled]) -> list[EngineOutput]:
-        """Advance every scheduled request; return a delta for each one that produced a token (or failed)."""
+        """Advance every scheduled request; return a delta for each one that produced tokens (or failed)."""
         outputs = []
         for req, n in zip(batch.requests, batch.num_tokens, strict=True):
-            req.num_computed_tokens += n
+            before, drafted = req.num_computed_tokens, req.draft
+            req.draft = []
+            # The known tokens are computed; a draft's, only as far as it is kept (the rest is overwritten)
+            req.num_computed_tokens += n - len(drafted)
             draw = sampled.get(req.request_id)
-            if draw is None or draw.error is None:  # KV of a step whose logits failed is not shared
-                self.kv.cache_full_blocks(req, req.num_computed_tokens - n)
             if draw is None:
+                self.kv.cache_full_blocks(req, before)
                 continue
-            if draw.error is not None:
+            if draw.error is not None:  # KV of a step whose logits failed is not shared
                 self._finish(req, FinishReason.ABORT)
                 outputs.append(EngineOutput.failed(req, draw.error))
                 continue
-            if not req.commit(draw.token_id):
-                self._finish(req, FinishReason.ABORT)
-                outputs.append(EngineOutput.failed(req, f"the grammar failed: {req.matcher.get_error()}"))
-                continue
-            reason = req.finish_reason_for(draw.token_id)
-            if reason is not None:
-                self._finish(req, reason)
-            logprobs = [draw.logprob] if draw.logprob is not None else None
-            outputs.append(
-                EngineOutput(
-                    req.request_id,
-                    [draw.token_id],
-                    reason,
-                    logprobs,
-                    req.num_prompt_tokens,
-                    num_cached_tokens=req.num_cached_tokens,
-                )
-            )
+            if drafted:
+                self._count_draft(req, len(drafted), len(draw.accepted))
+            output = self._commit(req, before, draw)
+            if output is not None:
+                outputs.append(output)
         return outputs
+
+    def _commit(self, req: Request, computed_before: int, draw: Sampled) -> EngineOutput | None:
+        """Take a draw's tokens (kept draft tokens, then the sampled one) up to the first that ends it."""
+        tokens = [*draw.accepted, draw.token_id]
+        logprobs = [*draw.accepted_logprobs, draw.logprob] if draw.logprob is not None else None
+        reason = None
+        for i, token in enumerate(tokens):
+            if i:
+                req.num_computed_tokens += 1  # the kept draft token before this one: its KV was computed
+            if not req.commit(token):
+                self.kv.cache_full_blocks(req, computed_before)
+                self._finish(req, FinishReason.ABORT)
+                return EngineOutput.failed(req, f"the grammar failed: {req.matcher.get_error()}")
+            reason = req.finish_reason_for(token)
+            if reason is not None:
+                tokens, logprobs = tokens[: i + 1], logprobs[: i + 1] if logprobs is not None else None
+                break
+        self.kv.cache_full_blocks(req, computed_before)
+        if reason is not None:
+            self._finish(req, reason)
+        return EngineOutput(
+            req.request_id, tokens, reason, logprobs, req.num_prompt_tokens, num_cached_tokens=req.num_cached_tokens
+        )
+
+    def _count_draft(self, req: Request, drafted: int, accepted: int) -> None:
+        assert req.spec is not None
+        req.spec.after(drafted, accepted, self.spec.max_draft)
+        self.num_drafts += 1
+        self.num_draft_tokens += drafted
+        self.num_accepted_tokens += accepted
 
     def abort(self, request_id: str) -> Request | None:
         for queue in (self.waiting, self.running):

@@ -41,6 +41,13 @@ class Metrics:
         self.prefix_queries = Counter("tricklm:prefix_cache_queries", "Prefix-cache lookups, in tokens", registry=r)
         self.prefix_hits = Counter("tricklm:prefix_cache_hits", "Prefix-cache hits, in tokens", registry=r)
         self._counted = (0, 0)
+        # Speculative decoding, under vLLM's names: drafts verified, their tokens, and those kept
+        self.spec_drafts = Counter("tricklm:spec_decode_num_drafts", "Drafts verified", registry=r)
+        self.spec_draft_tokens = Counter("tricklm:spec_decode_num_draft_tokens", "Draft tokens verified", registry=r)
+        self.spec_accepted = Counter(
+            "tricklm:spec_decode_num_accepted_tokens", "Draft tokens kept by verification", registry=r
+        )
+        self._spec_counted = (0, 0, 0)
         self._stats: Callable[[], EngineStats] | None = None
 
     def bind(self, stats: Callable[[], EngineStats]) -> None:
@@ -71,4 +78,10 @@ class Metrics:
             self.prefix_queries.inc(max(0, stats.prefix_cache_queries - queries))
             self.prefix_hits.inc(max(0, stats.prefix_cache_hits - hits))
             self._counted = (stats.prefix_cache_queries, stats.prefix_cache_hits)
+            spec = (stats.spec_drafts, stats.spec_draft_tokens, stats.spec_accepted_tokens)
+            for counter, now, then in zip(
+                (self.spec_drafts, self.spec_draft_tokens, self.spec_accepted), spec, self._spec_counted, strict=True
+            ):
+                counter.inc(max(0, now - then))
+            self._spec_counted = spec
         return generate_latest(self.registry)

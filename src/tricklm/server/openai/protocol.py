@@ -120,6 +120,7 @@ class SamplingFields(OpenAIBody):
     ignore_eos: bool = False
     user: str | None = None
     response_format: ResponseFormat | None = None
+    speculative: bool = True  # an extension: false keeps this request out of speculative decoding
 
     # Field validators (not model validators) so that the error names the parameter; `stream` is declared
     # before `stream_options`, so it is already in `info.data`.
@@ -156,6 +157,7 @@ class SamplingFields(OpenAIBody):
             "frequency_penalty": self.frequency_penalty,
             "repetition_penalty": self.repetition_penalty,
             "logit_bias": self.logit_bias,
+            "speculative": self.speculative,
         }
 
 
