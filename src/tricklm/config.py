@@ -49,7 +49,7 @@ class EngineConfig:
     # "ngram": decoding requests draft tokens from their own prompt and output, verified in the step
     # (engine/speculative.py); "none": one token per step
     speculative: str = "none"
-    num_speculative_tokens: int = 6  # the longest draft
+    num_speculative_tokens: int = 10  # the longest draft
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

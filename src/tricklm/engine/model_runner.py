@@ -118,7 +118,13 @@ class ModelRunner:
             return False
         if len(order) <= MAX_PACKED_ROWS and all(n == 1 for _, n in order):
             return True
-        return self.native.runs_any_step and self._native_attention_fits(order)
+        if not self.native.runs_any_step:
+            return False
+        # Decodes and drafts being verified: a few tokens a sequence, each attending over its context as a
+        # decode row does, whatever that context's length (the cut below is for prefill chunks)
+        if all(n == len(req.draft) + 1 for req, n in order):
+            return True
+        return self._native_attention_fits(order)
 
     def _native_attention_fits(self, order: list[tuple[Request, int]]) -> bool:
         """The native step attends one token at a time (each over its own context); past this many context

@@ -31,7 +31,7 @@ MODES = ("none", "ngram")
 @dataclass(frozen=True)
 class SpecConfig:
     mode: str = "none"  # "ngram": prompt-lookup drafts
-    max_draft: int = 6  # tokens a draft may have
+    max_draft: int = 10  # tokens a draft may have
     min_ngram: int = 2  # the shortest suffix looked up (a single token matches too much by chance)
     max_ngram: int = 4
     # No step drafts when more requests than this decode at once: past it a step's time grows with its
