@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import mmap
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,10 @@ SOURCE = Path(__file__).parent.parent / "native" / "qmatmul.cpp"
 EXTENSION_NAME = "tricklm_qmatmul"
 # The fallback dequantizes this many column groups (1,024 output rows) at a time: a few MB of float32
 FALLBACK_GROUPS = 64
+# A decode step streams every weight once: on 4 KiB pages that is a page walk every 4 KiB (two-level in a
+# VM), and how fast a process decoded depended on where its pages landed; on transparent huge pages it was
+# as fast in every process (benchmarks/README.md, "Weights on huge pages")
+HUGE_PAGE = 2 << 20
 
 
 def check_isa() -> None:
@@ -86,7 +91,11 @@ class QWeight:
         n, k = levels.shape
         groups, blocks = -(-n // GROUP), k // BLOCK
         bits = 4 if int(levels.max()) <= 15 else 8
-        packed = torch.empty(groups, blocks, bits, 64, dtype=torch.uint8)
+        # levels, d and m one after the other in one buffer on huge pages (see HUGE_PAGE)
+        sizes = (groups * blocks * bits * 64, groups * blocks * GROUP * 2, groups * blocks * GROUP * 2)
+        buffer = huge_page_buffer(sum(sizes))
+        packed_bytes, d_bytes, m_bytes = buffer.split(sizes)
+        packed = packed_bytes.view(groups, blocks, bits, 64)
         for start in range(0, groups, PACK_GROUPS):
             rows = levels[start * GROUP : (start + PACK_GROUPS) * GROUP]
             count = -(-rows.shape[0] // GROUP)
@@ -95,7 +104,11 @@ class QWeight:
             part = lv[:, :, :4] | (lv[:, :, 4:] << 4) if bits == 4 else lv
             packed[start : start + count] = part.reshape(count, blocks, bits, 64)
         pad = groups * GROUP - n
-        return cls(packed, _interleave(d, groups, pad), _interleave(m, groups, pad), n)
+        d_out = d_bytes.view(torch.float16).view(groups, blocks, GROUP)
+        m_out = m_bytes.view(torch.float16).view(groups, blocks, GROUP)
+        d_out.copy_(_interleave(d, groups, pad))
+        m_out.copy_(_interleave(m, groups, pad))
+        return cls(packed, d_out, m_out, n)
 
     def blocks(self) -> Blocks:
         """(levels [n, k], d [n, k/32], m [n, k/32]): `from_blocks`' inputs back."""
@@ -148,6 +161,25 @@ def qweight_from_gguf(data: Any, qtype: str) -> QWeight:
 def quantize_blocks(weight: torch.Tensor, fmt: str) -> QWeight:
     """A float weight rounded to nearest in `fmt` (q4_0, q4_1, q4_k, q8_0), as llama.cpp's `quantize`."""
     return QWeight.from_blocks(*round_blocks(weight, fmt))
+
+
+def huge_page_buffer(nbytes: int) -> torch.Tensor:
+    """A new uint8 tensor [nbytes] whose whole 2 MiB pages Linux is asked to back with transparent huge pages
+    (MADV_HUGEPAGE, before anything touches them: with THP in "madvise" mode, the common default, only so
+    advised memory gets them). A fresh anonymous mapping, 2 MiB longer than asked so that the tensor starts on
+    a huge page; the slack before and after the tensor is never touched, so never resident, and a last partial
+    huge page of the tensor stays on small pages. Elsewhere, or for less than a huge page, plain torch memory."""
+    if nbytes < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(nbytes, dtype=torch.uint8)
+    # private: a shared anonymous mapping is shmem, whose huge pages are a separate setting (off by default)
+    area = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    whole = torch.frombuffer(area, dtype=torch.uint8)  # holds `area` (the mapping) as long as it lives
+    start = -whole.data_ptr() % HUGE_PAGE
+    try:
+        area.madvise(mmap.MADV_HUGEPAGE, start, nbytes // HUGE_PAGE * HUGE_PAGE)
+    except OSError:  # THP compiled out: 4 KiB pages, as before
+        pass
+    return whole[start : start + nbytes]
 
 
 def _interleave(values: torch.Tensor, groups: int, pad: int) -> torch.Tensor:
