@@ -10,6 +10,7 @@ never wrong.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import mmap
@@ -175,10 +176,8 @@ def huge_page_buffer(nbytes: int) -> torch.Tensor:
     area = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     whole = torch.frombuffer(area, dtype=torch.uint8)  # holds `area` (the mapping) as long as it lives
     start = -whole.data_ptr() % HUGE_PAGE
-    try:
+    with contextlib.suppress(OSError):  # THP compiled out: 4 KiB pages, as before
         area.madvise(mmap.MADV_HUGEPAGE, start, nbytes // HUGE_PAGE * HUGE_PAGE)
-    except OSError:  # THP compiled out: 4 KiB pages, as before
-        pass
     return whole[start : start + nbytes]
 
 
