@@ -294,3 +294,21 @@ def test_a_weight_larger_than_one_packing_slice_round_trips(bits: int) -> None:
     weight, levels = _random_weight(4096 + 37, 64, bits=bits)  # two slices, the second one ragged
     back, _, _ = weight.blocks()
     assert torch.equal(back, levels)
+
+
+def test_large_block_weights_start_on_a_huge_page_and_round_trip() -> None:
+    import mmap
+
+    from tricklm.model.weights.qlinear import HUGE_PAGE, QWeight, huge_page_buffer
+
+    small = huge_page_buffer(4096)
+    assert small.numel() == 4096  # under a huge page: plain memory
+    rng = np.random.default_rng(0)
+    levels = torch.from_numpy(rng.integers(0, 16, size=(4096, 2048), dtype=np.uint8))  # 4 MiB of 4-bit blocks
+    d = torch.from_numpy(rng.random((4096, 64), dtype=np.float32)).half()
+    m = torch.from_numpy(rng.random((4096, 64), dtype=np.float32)).half()
+    weight = QWeight.from_blocks(levels, d, m)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        assert weight.levels.data_ptr() % HUGE_PAGE == 0  # advised before anything was written to it
+    back = weight.blocks()
+    assert torch.equal(back[0], levels) and torch.equal(back[1], d) and torch.equal(back[2], m)
