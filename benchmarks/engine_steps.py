@@ -13,6 +13,8 @@ and `--prefill-weights` values to see what the weight formats buy.
     .venv/bin/python benchmarks/engine_steps.py --prefill-weights bf16 --batch-sizes 16   # prefill copy format
     .venv/bin/python benchmarks/engine_steps.py --model big.gguf --quantization q4_1 --kv-cache-memory-mib 1024
     .venv/bin/python benchmarks/engine_steps.py --prompt-len 2000 --batch-sizes 1 --prefill-in-python  # A/B
+    .venv/bin/python benchmarks/engine_steps.py --draft 4    # every decode step verifies a 4-token draft
+                                                             # that is rejected: what a failed draft costs
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import statistics
 import time
 
 from tricklm.config import EngineConfig
-from tricklm.engine import model_runner
+from tricklm.engine import model_runner, scheduler, speculative
 from tricklm.engine.engine import Engine
 from tricklm.engine.sampling_params import SamplingParams
 from tricklm.memory import limit_fragmentation
@@ -73,9 +75,16 @@ def main() -> None:
     p.add_argument(
         "--prefill-in-python", action="store_true", help="prefill chunks in torch even where the native step runs them"
     )
+    p.add_argument(
+        "--draft", type=int, default=0, help="every decode step verifies a draft of N tokens the model rejects"
+    )
     args = p.parse_args()
     if args.prefill_in_python:
         model_runner.NATIVE_MAX_MEAN_CONTEXT = 0
+    if args.draft:
+        # Drafts of a token the model (almost) never picks, on every step: no back-off, no length change
+        scheduler.propose = lambda tokens, k, *_: [tokens[-1] ^ 1] * args.draft  # type: ignore[assignment]
+        speculative.SpecState.after = lambda self, *_: None  # type: ignore[method-assign]
     limit_fragmentation()  # the server's malloc settings, so the step costs match
     config = EngineConfig(
         model=args.model,
@@ -84,6 +93,8 @@ def main() -> None:
         prefill_weights=args.prefill_weights,
         kv_cache_memory=args.kv_cache_memory_mib and args.kv_cache_memory_mib * 2**20,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        speculative="ngram" if args.draft else "none",
+        num_speculative_tokens=max(args.draft, 1),
     )
     engine = Engine(config, progress=False)
     engine.loop.shutdown()  # this script is the only one stepping the core
@@ -93,7 +104,7 @@ def main() -> None:
             f"# engine step, quantization={args.quantization}, native decode {'on' if native else 'off'}, "
             f"prefill weights {args.prefill_weights}, prefill in {'torch' if args.prefill_in_python else 'auto'}, "
             f"{args.prompt_len}-token prompts, {args.max_num_batched_tokens} tokens a step; "
-            "decode only, after prefilling all"
+            f"decode only, after prefilling all; a rejected {args.draft}-token draft a step"
         )
         for b in (int(x) for x in args.batch_sizes.split(",")):
             prefill, ms = step_ms(engine, b, args.prompt_len)

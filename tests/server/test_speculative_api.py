@@ -49,6 +49,9 @@ def test_drafts_are_counted_and_opting_out_drafts_nothing(speculating: str) -> N
         after["tricklm:spec_decode_num_accepted_tokens_total"] - before["tricklm:spec_decode_num_accepted_tokens_total"]
     )
     assert drafted > 0 and 0 < kept <= drafted
+    details = out.json()["usage"]["completion_tokens_details"]  # the request's own drafts, as OpenAI names them
+    assert details["accepted_prediction_tokens"] == kept
+    assert details["rejected_prediction_tokens"] == drafted - kept
 
 
 def test_bench_prints_the_acceptance(speculating: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

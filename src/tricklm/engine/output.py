@@ -91,6 +91,8 @@ class OutputProcessor:
         self._stop = StopStringMatcher(params.stop)
         self.num_prompt_tokens = num_prompt_tokens
         self.num_cached_tokens = 0  # of the prompt, found in the prefix cache
+        self.num_draft_tokens = 0  # drafted for it (speculative decoding), and of those kept
+        self.num_accepted_tokens = 0
         self.token_ids: list[int] = []
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.text = ""
@@ -110,6 +112,8 @@ class OutputProcessor:
             self.timings.token_times.append(now)
         self.token_ids.extend(out.new_token_ids)
         self.num_cached_tokens = max(self.num_cached_tokens, out.num_cached_tokens)
+        self.num_draft_tokens = max(self.num_draft_tokens, out.num_draft_tokens)
+        self.num_accepted_tokens = max(self.num_accepted_tokens, out.num_accepted_tokens)
         if self.logprobs is not None and out.logprobs:
             self.logprobs.extend(out.logprobs)
         if out.error is not None:

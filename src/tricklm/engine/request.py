@@ -160,6 +160,8 @@ class EngineOutput:
     num_prompt_tokens: int = 0
     error: str | None = None
     num_cached_tokens: int = 0
+    num_draft_tokens: int = 0  # so far, of the request's drafts (speculative decoding), and of those kept
+    num_accepted_tokens: int = 0
 
     @classmethod
     def failed(cls, req: Request, message: str) -> EngineOutput:

@@ -231,8 +231,16 @@ class Scheduler:
         self.kv.cache_full_blocks(req, computed_before)
         if reason is not None:
             self._finish(req, reason)
+        spec = req.spec
         return EngineOutput(
-            req.request_id, tokens, reason, logprobs, req.num_prompt_tokens, num_cached_tokens=req.num_cached_tokens
+            req.request_id,
+            tokens,
+            reason,
+            logprobs,
+            req.num_prompt_tokens,
+            num_cached_tokens=req.num_cached_tokens,
+            num_draft_tokens=spec.num_drafted if spec is not None else 0,
+            num_accepted_tokens=spec.num_accepted if spec is not None else 0,
         )
 
     def _count_draft(self, req: Request, drafted: int, accepted: int) -> None:

@@ -94,7 +94,12 @@ def usage_of(job: Job, done: list[OutputProcessor]) -> dict[str, Any]:
         "completion_tokens": completion,
         "total_tokens": job.prompt_tokens + completion,
         "prompt_tokens_details": {"cached_tokens": cached},
-        "completion_tokens_details": {"reasoning_tokens": sum(p.reasoning_tokens for p in done)},
+        "completion_tokens_details": {
+            "reasoning_tokens": sum(p.reasoning_tokens for p in done),
+            # speculative decoding's drafts, as OpenAI reports a predicted output's tokens
+            "accepted_prediction_tokens": sum(p.num_accepted_tokens for p in done),
+            "rejected_prediction_tokens": sum(p.num_draft_tokens - p.num_accepted_tokens for p in done),
+        },
     }
 
 
