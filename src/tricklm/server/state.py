@@ -8,6 +8,7 @@ from contextlib import contextmanager
 
 from fastapi import Request
 
+from tricklm.engine.embedder import Embedder
 from tricklm.engine.engine import ContextLengthError, Engine
 from tricklm.engine.loop import EngineDeadError, QueueFullError
 from tricklm.server.engine_client import EngineClient
@@ -29,6 +30,7 @@ class ServerState:
         self.responses = ResponseStore()  # the Responses API's stored responses
         self.engine: Engine | None = None  # its owner's, to shut it down; everything else uses `client`
         self.client: EngineClient | None = None
+        self.embedder: Embedder | None = None  # an embedding model, served instead of a generating one
         self.load_error: str | None = None
         self.load_thread: threading.Thread | None = None
         self._served_model_name = served_model_name
@@ -43,10 +45,19 @@ class ServerState:
         self.metrics.bind(self.client.stats)
         self._ready.set()
 
-    def load_in_background(self, factory: Callable[[], Engine]) -> threading.Thread:
+    def set_embedder(self, embedder: Embedder) -> None:
+        """Serve an embedding model (no generating engine: the generating routes refuse with a 400)."""
+        self.embedder = embedder
+        self._ready.set()
+
+    def load_in_background(self, factory: Callable[[], Engine | Embedder]) -> threading.Thread:
         def load() -> None:
             try:
-                self.set_engine(factory())
+                model = factory()
+                if isinstance(model, Engine):
+                    self.set_engine(model)
+                else:
+                    self.set_embedder(model)
             except Exception as e:  # reported by /health and every route, never a crash
                 self.load_error = f"{type(e).__name__}: {e}"
 
@@ -59,12 +70,16 @@ class ServerState:
     def served_model_name(self) -> str:
         if self._served_model_name:
             return self._served_model_name
+        if self.embedder is not None:
+            return self.embedder.model_name
         return self.client.model_name if self.client else "unknown"
 
     def health(self) -> tuple[int, dict[str, str]]:
         if self.draining:
             return 503, {"status": "draining", "detail": "the server is shutting down"}
         if self.client is None:
+            if self.embedder is not None:
+                return 200, {"status": "ok"}
             if self.load_error:
                 return 503, {"status": "error", "detail": f"model failed to load: {self.load_error}"}
             return 503, {"status": "loading"}
@@ -73,7 +88,28 @@ class ServerState:
             return 503, {"status": problem[0], "detail": problem[1]}
         return 200, {"status": "ok"}
 
+    def require_embedder(self) -> Embedder:
+        if self.embedder is not None:
+            return self.embedder
+        if self.client is not None:
+            raise APIError(
+                400,
+                f"the model `{self.served_model_name}` generates text; embeddings need an embedding model "
+                "(tricklm serve --model all-MiniLM-L6-v2, or a sentence-transformers folder)",
+                param="model",
+                code="model_not_embedding",
+            )
+        _, body = self.health()
+        raise unavailable(body.get("detail", "the model is still loading"))
+
     def require_engine(self) -> EngineClient:
+        if self.embedder is not None and self.client is None:
+            raise APIError(
+                400,
+                f"the model `{self.served_model_name}` makes embeddings, not text: use /v1/embeddings",
+                param="model",
+                code="model_not_generative",
+            )
         code, body = self.health()
         # While the engine restarts after a failed step, a new request just waits in its queue
         if (code != 200 and body["status"] != "restarting") or self.client is None:

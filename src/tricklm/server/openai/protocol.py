@@ -280,6 +280,8 @@ class PromptTokensDetails(BaseModel):
 
 class CompletionTokensDetails(BaseModel):
     reasoning_tokens: int
+    accepted_prediction_tokens: int = 0  # speculative decoding: draft tokens kept, and rejected
+    rejected_prediction_tokens: int = 0
 
 
 class Usage(BaseModel):

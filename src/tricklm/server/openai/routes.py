@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from tricklm.server.errors import GENERATION_ERRORS, APIError, documented_errors
 from tricklm.server.openai.chat import chat_messages, create_chat_completion
 from tricklm.server.openai.completions import create_completion
+from tricklm.server.openai.embeddings import EmbeddingRequest, create_embeddings
 from tricklm.server.openai.protocol import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -53,6 +54,8 @@ def _model_card(state: ServerState) -> dict[str, Any]:
     card: dict[str, Any] = {"id": state.served_model_name, "object": "model", "created": 0, "owned_by": "tricklm"}
     if state.client is not None:
         card["max_model_len"] = state.client.max_model_len
+    if state.embedder is not None:
+        card["max_model_len"] = state.embedder.max_tokens
     return card
 
 
@@ -112,3 +115,10 @@ async def get_response(response_id: str, request: Request) -> JSONResponse:
 async def delete_response(response_id: str, request: Request) -> JSONResponse:
     get_state(request).responses.delete(response_id)
     return JSONResponse({"id": response_id, "object": "response.deleted", "deleted": True})
+
+
+@router.post("/embeddings", include_in_schema=False)
+@router.post("/v1/embeddings", responses=documented_errors(400, 404, 503))
+async def embeddings(body: EmbeddingRequest, request: Request) -> JSONResponse:
+    """Vectors of texts or token ids, from an embedding model (`tricklm serve --model all-MiniLM-L6-v2`)."""
+    return await create_embeddings(body, get_state(request))

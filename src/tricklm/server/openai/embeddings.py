@@ -1,0 +1,96 @@
+"""`POST /v1/embeddings`: OpenAI's embeddings API over an embedding model (engine/embedder.py).
+
+`input` is a string, a list of strings, a list of token ids, or a list of such lists (token ids are
+taken as they are, special tokens included or not as the caller chose). An input longer than the model
+reads is refused, or cut to its length with `truncate: true` (as text-embeddings-inference does);
+`dimensions` keeps the first N values and scales them back to unit length (Matryoshka models);
+`encoding_format: "base64"` sends each vector as little-endian float32 bytes, as OpenAI's client asks by
+default.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any, Literal
+
+import torch
+from fastapi.responses import JSONResponse
+from pydantic import Field, field_validator
+from starlette.concurrency import run_in_threadpool
+
+from tricklm.engine.embedder import Embedder, InputTooLong
+from tricklm.server.errors import APIError
+from tricklm.server.openai.protocol import OpenAIBody
+from tricklm.server.openai.serving import check_model
+from tricklm.server.state import ServerState
+
+MAX_INPUTS = 2048  # OpenAI's limit per request
+
+EmbeddingInput = str | list[str] | list[int] | list[list[int]]
+
+
+class EmbeddingRequest(OpenAIBody):
+    model: str | None = None
+    input: EmbeddingInput
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    truncate: bool = False
+    user: str | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _some_input(cls, value: EmbeddingInput) -> EmbeddingInput:
+        items = [value] if isinstance(value, str) else value
+        if not items or any(len(item) == 0 for item in items if isinstance(item, str | list)):
+            raise ValueError("input must not be empty, nor hold an empty string or list")
+        if len(items) > MAX_INPUTS and not all(isinstance(i, int) for i in items):
+            raise ValueError(f"at most {MAX_INPUTS} inputs a request")
+        return value
+
+
+async def create_embeddings(body: EmbeddingRequest, state: ServerState) -> JSONResponse:
+    embedder = state.require_embedder()
+    check_model(state, body.model)
+    if body.dimensions is not None and body.dimensions > embedder.dimensions:
+        message = f"dimensions must be at most {embedder.dimensions}, this model's"
+        raise APIError(400, message, param="dimensions")
+    inputs = await run_in_threadpool(_token_inputs, embedder, body)
+    vectors = await run_in_threadpool(embedder.embed, inputs)
+    if body.dimensions is not None:
+        vectors = vectors[:, : body.dimensions]
+        if embedder.config.normalize:
+            vectors = torch.nn.functional.normalize(vectors, dim=-1)
+    tokens = sum(len(ids) for ids in inputs)
+    data = [
+        {"object": "embedding", "index": i, "embedding": _encoded(v, body.encoding_format)}
+        for i, v in enumerate(vectors)
+    ]
+    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+    return JSONResponse({"object": "list", "data": data, "model": state.served_model_name, "usage": usage})
+
+
+def _token_inputs(embedder: Embedder, body: EmbeddingRequest) -> list[list[int]]:
+    value = body.input
+    if isinstance(value, str):
+        raw = embedder.tokenize([value])
+    elif all(isinstance(v, str) for v in value):
+        raw = embedder.tokenize([str(v) for v in value])
+    elif all(isinstance(v, int) for v in value):
+        raw = [[int(v) for v in value]]  # type: ignore[arg-type]
+    else:
+        raw = [list(v) for v in value]  # type: ignore[arg-type]
+    for ids in raw:
+        if any(not 0 <= t < embedder.vocab_size for t in ids):
+            raise APIError(400, f"token ids must be in [0, {embedder.vocab_size})", param="input")
+    try:
+        return [embedder.fit(ids, body.truncate) for ids in raw]
+    except InputTooLong as e:
+        raise APIError(
+            400, f"{e}; send truncate: true to cut it", param="input", code="context_length_exceeded"
+        ) from None
+
+
+def _encoded(vector: torch.Tensor, fmt: str) -> Any:
+    if fmt == "base64":
+        return base64.b64encode(vector.numpy().astype("<f4").tobytes()).decode()
+    return vector.tolist()

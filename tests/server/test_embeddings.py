@@ -1,0 +1,93 @@
+"""Embeddings from all-MiniLM-L6-v2 (shipped offline in a PyPI package) through the official `openai`
+client, against sentence-transformers' own vectors for 102 varied texts (stored: computed with
+`SentenceTransformer(folder).encode(texts, normalize_embeddings=True)`, sentence-transformers 6.3.0)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from tricklm.engine.embedder import Embedder
+from tricklm.model.resolve import resolve_model
+from tricklm.server.app import create_app
+from tricklm.server.testing import running_server
+
+MODEL = "all-MiniLM-L6-v2"
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "embeddings"
+
+
+@pytest.fixture(scope="module")
+def embedding_server() -> Iterator[str]:
+    embedder = Embedder(resolve_model(MODEL), MODEL)
+    with running_server(create_app(embedder=embedder)) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(embedding_server: str) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{embedding_server}/v1", api_key="x", max_retries=0) as c:
+        yield c
+
+
+def test_vectors_match_sentence_transformers(client: openai.OpenAI) -> None:
+    texts = json.loads((FIXTURES / f"{MODEL}-texts.json").read_text(encoding="utf-8"))
+    want = np.load(FIXTURES / f"{MODEL}-vectors.npy")
+    assert len(texts) >= 100
+    # the last text is over the model's 256 tokens: sentence-transformers cut it, as truncate does
+    got = client.embeddings.create(model=MODEL, input=texts, extra_body={"truncate": True})
+    vectors = np.array([d.embedding for d in sorted(got.data, key=lambda d: d.index)], dtype=np.float32)
+    cosines = (vectors * want).sum(axis=1) / np.linalg.norm(vectors, axis=1) / np.linalg.norm(want, axis=1)
+    assert cosines.min() >= 0.9999, cosines.argmin()
+    assert got.usage.prompt_tokens > len(texts) and got.model == MODEL
+
+
+def test_formats_dimensions_and_token_inputs(client: openai.OpenAI, embedding_server: str) -> None:
+    text = "The cat sat on the mat."
+    plain = np.array(client.embeddings.create(model=MODEL, input=text, encoding_format="float").data[0].embedding)
+    raw = httpx.post(f"{embedding_server}/v1/embeddings", json={"input": text, "encoding_format": "base64"}).json()
+    decoded = np.frombuffer(base64.b64decode(raw["data"][0]["embedding"]), dtype="<f4")
+    np.testing.assert_allclose(decoded, plain, rtol=0, atol=1e-7)
+    short = np.array(client.embeddings.create(model=MODEL, input=text, dimensions=64).data[0].embedding)
+    assert len(short) == 64 and abs(np.linalg.norm(short) - 1) < 1e-5
+    np.testing.assert_allclose(short, plain[:64] / np.linalg.norm(plain[:64]), atol=1e-6)
+    ids = httpx.post(f"{embedding_server}/tokenize", json={"prompt": text}).status_code  # a generating route
+    assert ids == 400
+    tokens = [101, 1996, 4937, 2938, 2006, 1996, 13523, 1012, 102]  # [CLS] the cat sat on the mat . [SEP]
+    by_ids = np.array(client.embeddings.create(model=MODEL, input=[tokens]).data[0].embedding)
+    np.testing.assert_allclose(by_ids, plain, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({"input": ""}, "empty"),
+        ({"input": []}, "empty"),
+        ({"input": ["ok", ""]}, "empty"),
+        ({"input": "word " * 400}, "truncate"),
+        ({"input": "x", "dimensions": 1000}, "at most 384"),
+        ({"input": [[1, 2, 999999]]}, "token ids"),
+        ({"input": "x", "encoding_format": "int8"}, "encoding_format"),
+    ],
+)
+def test_bad_input_is_a_400(embedding_server: str, body: dict[str, object], words: str) -> None:
+    r = httpx.post(f"{embedding_server}/v1/embeddings", json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    assert words in json.dumps(r.json())
+
+
+def test_generating_routes_refuse_an_embedding_model_and_back(embedding_server: str, tiny_server: str) -> None:
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    r = httpx.post(f"{embedding_server}/v1/chat/completions", json=chat, timeout=30)
+    assert r.status_code == 400 and "/v1/embeddings" in r.json()["error"]["message"]
+    models = httpx.get(f"{embedding_server}/v1/models", timeout=30).json()["data"]
+    assert models[0]["id"] == MODEL and models[0]["max_model_len"] == 256
+    assert httpx.get(f"{embedding_server}/health", timeout=30).status_code == 200
+    r = httpx.post(f"{tiny_server}/v1/embeddings", json={"input": "hi"}, timeout=30)
+    assert r.status_code == 400 and "embedding model" in r.json()["error"]["message"]
