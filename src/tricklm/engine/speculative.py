@@ -37,7 +37,7 @@ class SpecConfig:
     # No step drafts when more requests than this decode at once: past it a step's time grows with its
     # rows (the weights are read once however many there are), so verifying drafts costs more than it
     # saves. Measured: benchmarks/README.md
-    max_decoding: int = 4
+    max_decoding: int = 2
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
