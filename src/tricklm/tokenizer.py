@@ -24,7 +24,9 @@ from tokenizers import Tokenizer as HFTokenizer
 from tricklm.model.config import ModelLoadError
 
 # The variables a chat template gets from the server itself, which a request's template kwargs cannot replace
-TEMPLATE_NAMES = frozenset({"messages", "add_generation_prompt", "tools", "bos_token", "eos_token"})
+TEMPLATE_NAMES = frozenset(
+    {"messages", "add_generation_prompt", "tools", "bos_token", "eos_token", "raise_exception", "strftime_now"}
+)
 
 
 class ChatTemplateError(ValueError):
@@ -191,13 +193,13 @@ class Tokenizer:
             raise ChatTemplateError("this model has no chat template; use /v1/completions with a plain prompt")
         try:
             return self._render(messages, add_generation_prompt, tools, template_kwargs)
-        except jinja2.TemplateError as e:
+        except (jinja2.TemplateError, TypeError, AttributeError) as e:  # a kwarg of the wrong type too
             error = e
         folded = _system_folded(messages) if "system" in str(error).lower() else None
         if folded is not None:
             try:
                 return self._render(folded, add_generation_prompt, tools, template_kwargs)
-            except jinja2.TemplateError as e:
+            except (jinja2.TemplateError, TypeError, AttributeError) as e:  # a kwarg of the wrong type too
                 error = e
         raise ChatTemplateError(f"chat template failed: {error}") from None
 
@@ -358,6 +360,10 @@ class StopStringMatcher:
         self._stop = [s for s in stop if s]
         self._held = ""
         self.matched: str | None = None  # the stop string that ended the text (Anthropic's `stop_sequence`)
+
+    @property
+    def active(self) -> bool:
+        return bool(self._stop)
 
     def push(self, text: str) -> tuple[str, bool]:
         """Return (text safe to emit, whether a stop string was hit)."""

@@ -130,6 +130,10 @@ def test_sampled_and_stopped_requests_end_where_they_should(llm: LLM) -> None:
     assert sampled["completion_tokens"] == 40  # a draft never runs past max_tokens
     stopped = llm.generate(REWRITE, max_tokens=96, temperature=0, stop=["batches"])
     assert "batches" not in stopped["text"] and stopped["finish_reason"] == "stop"
+    # a kept draft may run past the stop: the reply ends at the token that completed it, and counts no more
+    tokenizer = llm.engine.tokenizer
+    assert "batches" in tokenizer.decode(stopped["token_ids"])
+    assert "batches" not in tokenizer.decode(stopped["token_ids"][:-1])
     streamed = list(llm.generate_stream(REWRITE, max_tokens=48, temperature=0))
     whole = llm.generate(REWRITE, max_tokens=48, temperature=0)
     assert [t["token_id"] for t in streamed] == whole["token_ids"]  # several tokens a delta, none lost

@@ -136,6 +136,7 @@ def test_include_reasoning_false_drops_it(r1: str) -> None:
     ("body", "param"),
     [
         ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs"),
+        ({"chat_template_kwargs": {"strftime_now": 1}}, "chat_template_kwargs"),
         ({"reasoning_budget": -1}, "reasoning_budget"),
         ({"reasoning_effort": "extreme"}, "reasoning_effort"),
     ],

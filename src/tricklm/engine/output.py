@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tricklm.engine.reasoning import Part, ReasoningState
 from tricklm.engine.request import EngineOutput, TokenLogprob
@@ -105,6 +105,31 @@ class OutputProcessor:
         self.timings = RequestTimings()
 
     def process(self, out: EngineOutput) -> Delta:
+        if len(out.new_token_ids) > 1 and self._stop.active and out.error is None:
+            return self._process_each(out)
+        return self._process(out)
+
+    def _process_each(self, out: EngineOutput) -> Delta:
+        """Several tokens of one step (a kept draft) taken one at a time, so that a stop string ends the
+        reply at its own token and the tokens after it are neither counted nor shown."""
+        deltas = []
+        n = len(out.new_token_ids)
+        for i, token in enumerate(out.new_token_ids):
+            logprobs = out.logprobs[i : i + 1] if out.logprobs else None
+            reason = out.finish_reason if i == n - 1 else None
+            deltas.append(self._process(replace(out, new_token_ids=[token], logprobs=logprobs, finish_reason=reason)))
+            if self.stop_hit:
+                break
+        logprobs = [lp for d in deltas for lp in d.logprobs or []] if out.logprobs else None
+        return Delta(
+            "".join(d.text for d in deltas),
+            [t for d in deltas for t in d.token_ids],
+            logprobs,
+            self.finish_reason,
+            reasoning="".join(d.reasoning for d in deltas),
+        )
+
+    def _process(self, out: EngineOutput) -> Delta:
         now = time.monotonic()
         if out.new_token_ids:
             self.timings.first_token = self.timings.first_token or now

@@ -70,8 +70,9 @@ class Scheduler:
                 break
             if req.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            if req.num_scheduled_tokens - req.num_computed_tokens > budget:
-                req.draft = []  # a draft is verified whole or not at all
+            need = req.num_scheduled_tokens - req.num_computed_tokens
+            if req.draft and (need > budget or not self.kv.can_allocate(req, need)):
+                req.draft = []  # verified whole or not at all, and never at the cost of preempting another
             n = min(req.num_scheduled_tokens - req.num_computed_tokens, budget)
             if not self._make_room(req, n, batch):
                 continue
@@ -114,6 +115,7 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self.kv.free(req)
+        req.draft = []
         req.num_computed_tokens = 0
         req.status = RequestStatus.WAITING
         self.waiting.appendleft(req)
@@ -207,12 +209,10 @@ class Scheduler:
                 continue
             if drafted:
                 self._count_draft(req, len(drafted), len(draw.accepted))
-            output = self._commit(req, before, draw)
-            if output is not None:
-                outputs.append(output)
+            outputs.append(self._commit(req, before, draw))
         return outputs
 
-    def _commit(self, req: Request, computed_before: int, draw: Sampled) -> EngineOutput | None:
+    def _commit(self, req: Request, computed_before: int, draw: Sampled) -> EngineOutput:
         """Take a draw's tokens (kept draft tokens, then the sampled one) up to the first that ends it."""
         tokens = [*draw.accepted, draw.token_id]
         logprobs = [*draw.accepted_logprobs, draw.logprob] if draw.logprob is not None else None

@@ -47,7 +47,8 @@ class EncoderConfig:
         roberta = cfg.get("model_type") in ("roberta", "xlm-roberta")
         max_positions = int(cfg["max_position_embeddings"])
         offset = int(cfg.get("pad_token_id", 1)) + 1 if roberta else 0
-        st = _json(folder / "sentence_bert_config.json")
+        st_file = folder / "sentence_bert_config.json"
+        st = _json(st_file) if st_file.exists() else {}
         modules = _json(folder / "modules.json") if (folder / "modules.json").exists() else []
         return cls(
             vocab_size=int(cfg["vocab_size"]),

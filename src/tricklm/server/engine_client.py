@@ -14,7 +14,6 @@ import json
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -83,8 +82,8 @@ class EngineClient:
         """OpenAI's `system_fingerprint`: stable for one build serving one model file the same way, so that
         clients that log it can tell servers apart."""
         engine = self._engine
-        source = Path(engine.config.model) if engine.config.model else engine.info.model_dir
-        files = [source] if source.is_file() else sorted(p for p in source.iterdir() if p.is_file())
+        source = engine.info.model_dir  # a GGUF's folder links the file itself
+        files = sorted(p.resolve() for p in source.iterdir() if p.is_file())
         sizes = [(p.name, p.stat().st_size) for p in files]
         text = f"{__version__}|{engine.info.model_name}|{engine.config.quantization}|{sizes}"
         return "fp_" + hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -11,10 +11,11 @@ default.
 from __future__ import annotations
 
 import base64
+import json
 from typing import Any, Literal
 
 import torch
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from pydantic import Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
@@ -48,14 +49,20 @@ class EmbeddingRequest(OpenAIBody):
         return value
 
 
-async def create_embeddings(body: EmbeddingRequest, state: ServerState) -> JSONResponse:
+async def create_embeddings(body: EmbeddingRequest, state: ServerState) -> Response:
     embedder = state.require_embedder()
     check_model(state, body.model)
     if body.dimensions is not None and body.dimensions > embedder.dimensions:
         message = f"dimensions must be at most {embedder.dimensions}, this model's"
         raise APIError(400, message, param="dimensions")
-    inputs = await run_in_threadpool(_token_inputs, embedder, body)
-    vectors = await run_in_threadpool(embedder.embed, inputs)
+    # Tokenizing, the forward pass and turning thousands of floats into JSON all stay off the event loop
+    content = await run_in_threadpool(_embeddings, embedder, body, state.served_model_name)
+    return Response(content, media_type="application/json")
+
+
+def _embeddings(embedder: Embedder, body: EmbeddingRequest, model: str) -> bytes:
+    inputs = _token_inputs(embedder, body)
+    vectors = embedder.embed(inputs)
     if body.dimensions is not None:
         vectors = vectors[:, : body.dimensions]
         if embedder.config.normalize:
@@ -66,7 +73,7 @@ async def create_embeddings(body: EmbeddingRequest, state: ServerState) -> JSONR
         for i, v in enumerate(vectors)
     ]
     usage = {"prompt_tokens": tokens, "total_tokens": tokens}
-    return JSONResponse({"object": "list", "data": data, "model": state.served_model_name, "usage": usage})
+    return json.dumps({"object": "list", "data": data, "model": model, "usage": usage}).encode()
 
 
 def _token_inputs(embedder: Embedder, body: EmbeddingRequest) -> list[list[int]]:

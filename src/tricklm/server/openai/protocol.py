@@ -250,12 +250,13 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         d = m.model_dump(exclude_none=True)
         d["content"] = _flatten_content(m.content)
         for call in d.get("tool_calls", []):
-            call["function"]["arguments"] = _json_or_text(call["function"]["arguments"])
+            call["function"]["arguments"] = json_or_text(call["function"]["arguments"])
         out.append(d)
     return out
 
 
-def _json_or_text(text: str) -> Any:
+def json_or_text(text: str) -> Any:
+    """JSON text's value, or the text itself when it is not JSON."""
     try:
         return json.loads(text)
     except ValueError:

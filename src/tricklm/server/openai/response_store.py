@@ -37,7 +37,9 @@ class ResponseStore:
         self._lock = threading.Lock()
 
     def put(self, body: dict[str, Any], conversation: list[dict[str, Any]]) -> None:
-        nbytes = len(json.dumps(body)) + len(json.dumps(conversation))
+        # The earlier turns are the stored responses' own message objects, shared, not copied: the body
+        # (which holds this turn's output) and the newest input stand for what this entry adds
+        nbytes = len(json.dumps(body)) + len(json.dumps(conversation[-2:]))
         if nbytes > self.max_bytes:
             return  # larger than the whole store: kept nowhere, as if evicted at once
         with self._lock:

@@ -20,8 +20,9 @@ from fastapi.responses import JSONResponse, Response
 from tricklm.engine.output import Delta, OutputProcessor
 from tricklm.server.errors import APIError
 from tricklm.server.openai.chat import encode_messages, reply_grammar
+from tricklm.server.openai.protocol import json_or_text
 from tricklm.server.openai.response_store import ResponseStore
-from tricklm.server.openai.responses_protocol import ResponsesRequest, chat_dicts, json_or_text
+from tricklm.server.openai.responses_protocol import ResponsesRequest, chat_dicts
 from tricklm.server.openai.serving import check_model
 from tricklm.server.openai.tools import ParsedCall, ToolMode, ToolSetup, new_call_id
 from tricklm.server.sampling import to_sampling_params
@@ -74,7 +75,6 @@ class _Stream:
     open: _Open | None = None
     text: str = ""  # the answer so far (what the tool modes read)
     content_sent: str = ""
-    calls: list[ParsedCall] = field(default_factory=list)
 
 
 class ResponsesRenderer(Renderer):
@@ -140,7 +140,6 @@ class ResponsesRenderer(Renderer):
         if self.tools is None or self.tools.mode is ToolMode.NAMED:
             return self._close()
         content, calls = self.tools.parse(s.text)
-        s.calls = calls
         out = self._piece("message", (content or "")[len(s.content_sent) :])
         for k, call in enumerate(calls):
             out += self._close() + self._piece("function_call", call.arguments, call, key=k)

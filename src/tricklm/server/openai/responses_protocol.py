@@ -19,6 +19,7 @@ from tricklm.server.openai.protocol import (
     OpenAIBody,
     ResponseFormat,
     Tool,
+    json_or_text,
 )
 
 
@@ -83,7 +84,7 @@ class FunctionChoice(BaseModel):
 
 class TextFormat(BaseModel):
     type: Literal["text", "json_object", "json_schema"]
-    name: str | None = None
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
     schema_: dict[str, Any] | None = Field(None, alias="schema")
     description: str | None = None
     strict: bool | None = None
@@ -193,12 +194,3 @@ def _text(content: str | list[ContentPart] | None) -> str:
         if part.type not in ("input_text", "output_text", "text") or part.text is None:
             raise ValueError(f"content parts of type {part.type!r} are not supported (text only)")
     return "".join(part.text or "" for part in content)
-
-
-def json_or_text(text: str) -> Any:
-    import json
-
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text

@@ -36,7 +36,14 @@ def routing_text(path: str, body: bytes) -> str:
     return _flatten(payload.get(_PROMPT_FIELDS[path]))[:MAX_KEY_CHARS]
 
 
-_PROMPT_FIELDS = {"/v1/chat/completions": "messages", "/v1/completions": "prompt", "/generate": "prompt"}
+_PROMPT_FIELDS = {
+    "/v1/chat/completions": "messages",
+    "/v1/completions": "prompt",
+    "/v1/messages": "messages",
+    "/v1/responses": "input",
+    "/generate": "prompt",
+}
+_PROMPT_FIELDS |= {path.removeprefix("/v1"): field for path, field in _PROMPT_FIELDS.items() if path.startswith("/v1/")}
 
 
 def _flatten(value: Any) -> str:
