@@ -17,8 +17,9 @@ from tokenizers import Tokenizer as HFTokenizer
 from tricklm.model.bert import EncoderConfig, load_encoder
 from tricklm.model.config import ModelLoadError
 
-# Padded tokens a forward pass may hold (batch x longest input): bounds the activations' memory
-MAX_BATCH_TOKENS = 16384
+# Padded tokens a forward pass may hold (batch x longest input): batches of 8x this ran at half the speed
+# (benchmarks/README.md, "Embeddings")
+MAX_BATCH_TOKENS = 2048
 
 
 class InputTooLong(ValueError):
