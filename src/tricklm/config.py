@@ -16,6 +16,10 @@ T = TypeVar("T")
 DTYPES = ("float32", "bfloat16")  # torch's dtypes of these names
 
 
+# Speculative decoding's drafters (engine/speculative.py); here, so that reading a config needs no torch
+SPECULATIVE_MODES = ("none", "ngram")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: str | None = None  # None: the default model (SmolLM2-135M-Instruct)
@@ -73,8 +77,8 @@ class EngineConfig:
             raise ValueError("max_model_len must be at least 2")
         if self.kv_cache_memory is not None and self.kv_cache_memory < 1:
             raise ValueError("kv_cache_memory must be positive")
-        if self.speculative not in ("none", "ngram"):
-            raise ValueError("speculative must be none or ngram")
+        if self.speculative not in SPECULATIVE_MODES:
+            raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE_MODES)}")
         if not 1 <= self.num_speculative_tokens <= 32:
             raise ValueError("num_speculative_tokens must be between 1 and 32")
 

@@ -11,7 +11,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from tricklm.config import EngineConfig, ReplicaPlan, ServerConfig, config_from_args
+from tricklm.config import SPECULATIVE_MODES, EngineConfig, ReplicaPlan, ServerConfig, config_from_args
 from tricklm.logs import LOG_FORMATS, LOG_LEVELS
 from tricklm.model.weights.modes import PREFILL_FORMATS, QUANTIZATIONS, check_quantization
 from tricklm.server.middleware.access import KEY_ENV, read_keys
@@ -91,7 +91,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--speculative",
-        choices=("none", "ngram"),
+        choices=SPECULATIVE_MODES,
         default=d.speculative,
         help="ngram: a decoding request drafts tokens from its own prompt and output (prompt lookup), verified "
         "in the next step; several tokens a step where the text repeats its input (default: none)",

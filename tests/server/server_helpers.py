@@ -10,6 +10,19 @@ from typing import Any
 from tricklm.engine.engine import Engine
 from tricklm.tokenizer import Tokenizer
 
+# One tool, as each API writes it: its name, description and JSON schema (the schema bounds the city so a small
+# model cannot ramble)
+WEATHER_NAME, WEATHER_DESCRIPTION = "get_weather", "The weather in a city"
+WEATHER_PARAMETERS: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 30},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+    },
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+
 _EVENT = re.compile(rb"data: ([^\r\n]*)\n\n")
 DONE_EVENT = b"data: [DONE]\n\n"
 

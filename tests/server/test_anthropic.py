@@ -11,6 +11,7 @@ import anthropic
 import httpx
 import jsonschema
 import pytest
+from server_helpers import WEATHER_DESCRIPTION, WEATHER_NAME, WEATHER_PARAMETERS
 
 from tiny_models import R1_STYLE_TEMPLATE, make_thinking_model
 from tricklm.config import EngineConfig, ServerConfig
@@ -20,19 +21,7 @@ from tricklm.server.app import create_app
 from tricklm.server.testing import running_server
 
 HELLO = [{"role": "user", "content": "Write one sentence about the sea."}]
-WEATHER = {
-    "name": "get_weather",
-    "description": "The weather in a city",
-    "input_schema": {
-        "type": "object",
-        "properties": {
-            "city": {"type": "string", "maxLength": 30},
-            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-        },
-        "required": ["city", "unit"],
-        "additionalProperties": False,
-    },
-}
+WEATHER = {"name": WEATHER_NAME, "description": WEATHER_DESCRIPTION, "input_schema": WEATHER_PARAMETERS}
 ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
 GREEDY = {"temperature": 0}
 

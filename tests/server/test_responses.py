@@ -12,6 +12,7 @@ import jsonschema
 import openai
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
+from server_helpers import WEATHER_DESCRIPTION, WEATHER_NAME, WEATHER_PARAMETERS
 
 from tiny_models import R1_STYLE_TEMPLATE, make_thinking_model
 from tricklm.config import EngineConfig
@@ -23,17 +24,9 @@ from tricklm.server.testing import running_server
 
 WEATHER = {
     "type": "function",
-    "name": "get_weather",
-    "description": "The weather in a city",
-    "parameters": {
-        "type": "object",
-        "properties": {
-            "city": {"type": "string", "maxLength": 30},
-            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-        },
-        "required": ["city", "unit"],
-        "additionalProperties": False,
-    },
+    "name": WEATHER_NAME,
+    "description": WEATHER_DESCRIPTION,
+    "parameters": WEATHER_PARAMETERS,
 }
 
 

@@ -12,6 +12,7 @@ import jsonschema
 import openai
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
+from server_helpers import WEATHER_DESCRIPTION, WEATHER_NAME, WEATHER_PARAMETERS
 
 from tricklm.engine.engine import Engine
 from tricklm.engine.structured import GrammarCompiler
@@ -40,19 +41,7 @@ class Person(BaseModel):
 
 WEATHER = {
     "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "maxLength": 30},
-                "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
-            },
-            "required": ["city", "unit"],
-            "additionalProperties": False,
-        },
-    },
+    "function": {"name": WEATHER_NAME, "description": WEATHER_DESCRIPTION, "parameters": WEATHER_PARAMETERS},
 }
 TIME = {
     "type": "function",

@@ -23,9 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tricklm.config import SPECULATIVE_MODES
 from tricklm.engine.request import Request, Sampled, TokenLogprob
-
-MODES = ("none", "ngram")
 
 
 @dataclass(frozen=True)
@@ -40,8 +39,8 @@ class SpecConfig:
     max_decoding: int = 2
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"speculative must be one of {', '.join(MODES)}")
+        if self.mode not in SPECULATIVE_MODES:
+            raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE_MODES)}")
         if not 1 <= self.min_ngram <= self.max_ngram or self.max_draft < 1 or self.max_decoding < 1:
             raise ValueError("speculative settings out of range")
 
