@@ -287,3 +287,44 @@ def _prefer_token(path: Path, token_id: int) -> None:
     head[token_id] = 0.0
     head[token_id, 0] = 4.0
     save_file(weights, str(file), metadata={"format": "pt"})
+
+
+def make_cross_encoder(path: Path, roberta: bool = False, sigmoid: bool = True) -> Path:
+    """A tiny random reranker (one label) in transformers' own layout, with all-MiniLM-L6-v2's BERT tokenizer
+    (its pair template writes the document as segment 1); `sigmoid=False` names Identity as the activation,
+    as the ms-marco cross-encoders do."""
+    import shutil
+
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        XLMRobertaConfig,
+        XLMRobertaForSequenceClassification,
+    )
+
+    from tricklm.model.resolve import resolve_model
+
+    shape = {
+        "vocab_size": 30522,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 48,
+        "num_labels": 1,
+    }
+    torch.manual_seed(7 + roberta)
+    model: Any
+    if roberta:
+        # positions count from pad + 1 and there is one segment, as in XLM-R (bge-reranker)
+        config = XLMRobertaConfig(**shape, max_position_embeddings=130, type_vocab_size=1, pad_token_id=0)
+        model = XLMRobertaForSequenceClassification(config)
+    else:
+        model = BertForSequenceClassification(BertConfig(**shape, max_position_embeddings=128))
+    if not sigmoid:
+        model.config.sbert_ce_default_activation_function = "torch.nn.modules.linear.Identity"
+    with torch.no_grad():
+        for p in model.parameters():  # larger than the init's std 0.02, so that scores differ visibly
+            p.normal_(0, 0.3) if p.dim() > 1 else p.normal_(0, 0.1)
+    model.save_pretrained(path, safe_serialization=True)
+    shutil.copy(resolve_model("all-MiniLM-L6-v2") / "tokenizer.json", path / "tokenizer.json")
+    return path

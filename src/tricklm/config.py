@@ -104,7 +104,9 @@ DEFAULT_MAX_REQUEST_BYTES = 2 * 1024 * 1024
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
-    served_model_name: str | None = None
+    served_model_names: tuple[str, ...] = ()  # each model's id in /v1/models, in --model order; else its own
+    models: tuple[str, ...] = ()  # models served beside the first (--model given more than once)
+    memory_limit: int | None = None  # bytes all models together may hold (weights and KV budgets); None: no limit
     log_level: str = "info"
     log_format: str = "text"  # or "json": one object per line, access and stats fields as keys
     log_requests: bool = False  # prompt and output text in the access lines (users' data: off by default)

@@ -39,9 +39,19 @@ def _quantization(value: str) -> str:
     return value
 
 
-def _add_engine_args(p: argparse.ArgumentParser) -> None:
+def _add_engine_args(p: argparse.ArgumentParser, several: bool = False) -> None:
     d = _ENGINE_DEFAULTS
-    p.add_argument("--model", default=None, help="HF model folder or .gguf file (default: SmolLM2-135M-Instruct)")
+    if several:
+        p.add_argument(
+            "--model",
+            dest="models",
+            action="append",
+            default=[],
+            help="HF model folder, .gguf file or packaged model name (default: SmolLM2-135M-Instruct); give it "
+            "again to serve several models, each request's `model` picking one",
+        )
+    else:
+        p.add_argument("--model", default=None, help="HF model folder or .gguf file (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16"])
     p.add_argument(
         "--quantization",
@@ -105,6 +115,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The (first) model's engine config; `serve`'s other models take it with their own `model`."""
+    if hasattr(args, "models"):
+        return config_from_args(EngineConfig, args, model=args.models[0] if args.models else None)
     return config_from_args(EngineConfig, args)
 
 
@@ -112,10 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tricklm", description="A streaming LLM server for CPUs.")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve a model over HTTP (OpenAI-compatible + /generate)")
-    _add_engine_args(serve)
+    _add_engine_args(serve, several=True)
     serve.add_argument("--host", default=_SERVER_DEFAULTS.host)
     serve.add_argument("--port", type=int, default=_SERVER_DEFAULTS.port)
-    serve.add_argument("--served-model-name", default=None, help="model id shown by /v1/models")
+    serve.add_argument(
+        "--served-model-name",
+        dest="served_model_names",
+        action="append",
+        default=[],
+        help="model id shown by /v1/models and matched against requests' `model`; once per --model, in order",
+    )
+    serve.add_argument(
+        "--memory-limit",
+        type=_parse_size,
+        default=None,
+        help="refuse to start when the models' weights and KV budgets together exceed this, e.g. 8GiB",
+    )
     serve.add_argument("--log-level", default=_SERVER_DEFAULTS.log_level, choices=LOG_LEVELS)
     serve.add_argument(
         "--log-format", default=_SERVER_DEFAULTS.log_format, choices=LOG_FORMATS, help="json: one object per line"
@@ -217,7 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
 def server_config(args: argparse.Namespace) -> ServerConfig:
     keys = read_keys(args.api_key, args.api_key_file)
     origins = tuple(o.strip() for o in args.allowed_origins.split(",") if o.strip())
-    return config_from_args(ServerConfig, args, api_keys=keys, allowed_origins=origins)
+    models = tuple(args.models[1:]) if getattr(args, "models", None) else ()
+    names = tuple(args.served_model_names)
+    if len(names) > 1 + len(models):
+        raise ValueError(f"{len(names)} --served-model-name for {1 + len(models)} --model")
+    if len(set(names)) < len(names):
+        raise ValueError("each --served-model-name must be different")
+    return config_from_args(
+        ServerConfig, args, api_keys=keys, allowed_origins=origins, served_model_names=names, models=models
+    )
 
 
 def replica_setup(argv: Sequence[str]) -> tuple[EngineConfig, ServerConfig, ReplicaPlan]:
@@ -228,6 +261,8 @@ def replica_setup(argv: Sequence[str]) -> tuple[EngineConfig, ServerConfig, Repl
 def replica_plan(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig, ReplicaPlan]:
     if args.replicas < 1:
         raise ValueError("--replicas must be at least 1")
+    if len(args.models) > 1:
+        raise ValueError("--replicas serves one model: give --model once")
     cpus = args.cpus_per_replica or args.num_threads or max(1, (os.cpu_count() or 1) // args.replicas)
     if cpus < 1:
         raise ValueError("--cpus-per-replica must be at least 1")

@@ -351,7 +351,7 @@ def test_the_stats_line_reports_throughput_then_goes_quiet(
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="tricklm.stats")
     state = ServerState()
-    state.set_engine(tiny_engine)
+    state.add(tiny_engine)
     stats = StatsLogger(state, interval=1.0)
     _wait_until_idle(tiny_engine)  # the shared engine may still be finishing an earlier test's request
     stats.log_once()  # whatever the shared engine did before, counted from zero

@@ -209,7 +209,7 @@ def test_history_is_sent_and_the_next_turn_reports_cached_tokens(chat: ChatPage)
 
 def running_requests(base: str) -> float:
     text = httpx.get(base + "/metrics").text
-    found = re.search(r"^tricklm:num_requests_running (\S+)$", text, re.M)
+    found = re.search(r"^tricklm:num_requests_running\{[^}]*\} (\S+)$", text, re.M)
     assert found is not None
     return float(found.group(1))
 

@@ -384,7 +384,7 @@ def test_completions_default_to_sixteen_tokens(server: str) -> None:
 def test_disconnects_are_counted_as_aborts(server: str) -> None:
     def aborts() -> float:
         for line in httpx.get(f"{server}/metrics").text.splitlines():
-            if line.startswith('tricklm:request_success_total{finished_reason="abort"}'):
+            if line.startswith("tricklm:request_success_total{") and 'finished_reason="abort"' in line:
                 return float(line.split()[-1])
         return 0.0
 

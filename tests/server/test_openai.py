@@ -811,4 +811,4 @@ def test_speculative_decoding_is_counted_and_can_be_refused_per_request(default_
     body = {"prompt": "Hello Hello Hello Hello", "max_tokens": 4, "speculative": False}
     assert httpx.post(f"{default_server}/v1/completions", json=body, timeout=60).status_code == 200
     metrics = httpx.get(f"{default_server}/metrics", timeout=10).text
-    assert "tricklm:spec_decode_num_draft_tokens_total 0.0" in metrics
+    assert 'tricklm:spec_decode_num_draft_tokens_total{model_name="SmolLM2-135M-Instruct"} 0.0' in metrics

@@ -72,9 +72,9 @@ def test_the_index_forgets_dead_replicas_and_its_oldest_prefixes() -> None:
 
 def _page(tokens: int) -> str:
     metrics = Metrics()
-    metrics.generation_tokens.inc(tokens)
-    metrics.success.labels(finished_reason="stop").inc()
-    metrics.ttft.observe(0.1)
+    metrics.generation_tokens.labels("m").inc(tokens)
+    metrics.success.labels(model_name="m", finished_reason="stop").inc()
+    metrics.ttft.labels("m").observe(0.1)
     return metrics.render().decode()
 
 

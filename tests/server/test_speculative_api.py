@@ -29,9 +29,8 @@ def speculating() -> Iterator[str]:
 def _counters(base: str) -> dict[str, float]:
     out = {}
     for line in httpx.get(f"{base}/metrics", timeout=10).text.splitlines():
-        if line.startswith("tricklm:spec_decode_") and "_total " in line:
-            name, value = line.split(" ")
-            out[name] = float(value)
+        if line.startswith("tricklm:spec_decode_") and "_total{" in line:
+            out[line.split("{")[0]] = float(line.rsplit(" ", 1)[1])
     return out
 
 

@@ -342,9 +342,9 @@ async def speculation_counters(client: httpx.AsyncClient, base_url: str) -> tupl
         return None
     values: dict[str, float] = {}
     for line in response.text.splitlines():
-        name, _, value = line.partition(" ")
+        name = line.split("{")[0].split(" ")[0]  # summed over the series' labels (each model served)
         if name in _SPEC_COUNTERS:
-            values[name] = float(value)
+            values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
     if len(values) < len(_SPEC_COUNTERS):
         return None
     return values[_SPEC_COUNTERS[0]], values[_SPEC_COUNTERS[1]]

@@ -1,4 +1,5 @@
-"""An embedding model's engine: texts (or token ids) in, one vector each out.
+"""Encoder models' engines: texts in, one vector each out (`Embedder`), or a query and documents in, a
+relevance score each out (`Reranker`).
 
 An encoder computes a whole input at once and keeps nothing between requests, so there is no scheduler
 or cache here: a request's inputs are tokenized, sorted by length and run in padded batches of similar
@@ -9,9 +10,11 @@ threads, never the event loop).
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from tokenizers import Encoding
 from tokenizers import Tokenizer as HFTokenizer
 
 from tricklm.model.bert import EncoderConfig, load_encoder
@@ -26,7 +29,11 @@ class InputTooLong(ValueError):
     """An input is longer than the model reads; the message says by how much."""
 
 
-class Embedder:
+class EncoderEngine:
+    """What the embedding and reranking engines share: the folder's encoder and tokenizer, the batching."""
+
+    task = ""
+
     def __init__(self, folder: Path, name: str | None = None) -> None:
         self.config = EncoderConfig.from_folder(folder)
         self.model = load_encoder(folder)
@@ -41,14 +48,46 @@ class Embedder:
         self.model_name = name or folder.name
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self._lock = threading.Lock()
-
-    @property
-    def dimensions(self) -> int:
-        return self.config.hidden_size
+        self.memory_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     @property
     def max_tokens(self) -> int:
         return self.config.max_seq_length
+
+    def shutdown(self) -> None:
+        """Nothing runs between requests (a forward pass is its caller's)."""
+
+    def _batched(
+        self, inputs: list[list[int]], types: list[list[int]] | None, run: Callable[..., torch.Tensor], width: int
+    ) -> torch.Tensor:
+        """run(ids, mask[, types]) over padded batches of similar lengths; [len(inputs), width], input order."""
+        order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
+        out = torch.empty(len(inputs), width)
+        start = 0
+        while start < len(order):
+            end = start + 1
+            while end < len(order) and (end - start + 1) * len(inputs[order[end]]) <= MAX_BATCH_TOKENS:
+                end += 1
+            rows = order[start:end]
+            longest = max(len(inputs[i]) for i in rows)
+            pad = self.config.pad_token_id
+            ids = torch.tensor([inputs[i] + [pad] * (longest - len(inputs[i])) for i in rows])
+            mask = torch.tensor([[1] * len(inputs[i]) + [0] * (longest - len(inputs[i])) for i in rows])
+            args = [ids, mask]
+            if types is not None:
+                args.append(torch.tensor([types[i] + [0] * (longest - len(types[i])) for i in rows]))
+            with self._lock:
+                out[rows] = run(*args)
+            start = end
+        return out
+
+
+class Embedder(EncoderEngine):
+    task = "embed"
+
+    @property
+    def dimensions(self) -> int:
+        return self.config.hidden_size
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         """Token ids with the model's special tokens ([CLS] ... [SEP]); releases the GIL."""
@@ -66,19 +105,41 @@ class Embedder:
 
     def embed(self, inputs: list[list[int]]) -> torch.Tensor:
         """[len(inputs), dimensions] float32, in input order."""
-        order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
-        out = torch.empty(len(inputs), self.dimensions)
-        start = 0
-        while start < len(order):
-            end = start + 1
-            while end < len(order) and (end - start + 1) * len(inputs[order[end]]) <= MAX_BATCH_TOKENS:
-                end += 1
-            batch = [inputs[i] for i in order[start:end]]
-            width = max(len(ids) for ids in batch)
-            ids = torch.tensor([x + [self.config.pad_token_id] * (width - len(x)) for x in batch])
-            mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in batch])
-            with self._lock:
-                vectors = self.model(ids, mask)
-            out[order[start:end]] = vectors
-            start = end
-        return out
+        return self._batched(inputs, None, self.model, self.dimensions)
+
+
+class Reranker(EncoderEngine):
+    """A cross-encoder: each (query, document) pair read as one input, as the tokenizer's pair template
+    writes it ([CLS] query [SEP] document [SEP], the document as segment 1), scored by the model's head."""
+
+    task = "rerank"
+
+    def __init__(self, folder: Path, name: str | None = None) -> None:
+        super().__init__(folder, name)
+        # A second tokenizer that cuts the document of a pair that is too long (truncation is a tokenizer's
+        # state, and the first one must not cut)
+        self._cutter = HFTokenizer.from_str(self._tok.to_str())
+        self._cutter.enable_truncation(self.max_tokens, strategy="only_second")
+
+    def pairs(self, query: str, documents: list[str], truncate: bool) -> list[Encoding]:
+        """Each pair's encoding within the model's length: a long document is cut from its end (the query
+        is kept whole) when `truncate`, else refused; a query that leaves no room is refused either way."""
+        limit = self.max_tokens
+        query_len = len(self._tok.encode(query).ids)
+        encodings: list[Encoding] = self._tok.encode_batch([(query, d) for d in documents])
+        for i, enc in enumerate(encodings):
+            if len(enc.ids) <= limit:
+                continue
+            if not truncate or query_len >= limit - 1:
+                what = "the query" if query_len >= limit - 1 else f"document {i} with the query"
+                raise InputTooLong(f"{what} has {len(enc.ids)} tokens, more than this model reads ({limit})")
+            encodings[i] = self._cutter.encode(query, documents[i])
+        return encodings
+
+    def score(self, encodings: list[Encoding]) -> list[float]:
+        """Each pair's relevance (the first label's score, after the model's activation), in input order."""
+        ids = [list(e.ids) for e in encodings]
+        # RoBERTa-shaped models have one segment: their tokenizers write 0s, a BERT tokenizer would write 1s
+        types = [list(e.type_ids) if self.config.type_vocab_size > 1 else [0] * len(e.ids) for e in encodings]
+        scores = self._batched(ids, types, self.model.score, self.config.num_labels)
+        return [float(s) for s in scores[:, 0]]

@@ -18,7 +18,7 @@ from tricklm.engine.sampling_params import MODEL_DEFAULT_KEYS, SamplingParams
 from tricklm.engine.structured import GrammarCompiler
 from tricklm.memory import after_load, forget_load, release_freed_memory
 from tricklm.model.base import CausalLM
-from tricklm.model.resolve import DEFAULT_MODEL_NAME, resolve_model
+from tricklm.model.resolve import model_name, resolve_model
 from tricklm.model.weights.loader import load_config, load_model, read_json
 from tricklm.model.weights.qlinear import check_isa
 from tricklm.model.weights.quant import weight_bytes
@@ -66,7 +66,9 @@ class Engine:
         self.core = EngineCore(model, self.config)
         after_load()
         self.loop = EngineLoop(self.core, self.config.max_queue)
-        name = DEFAULT_MODEL_NAME if self.config.model is None else model_dir.name
+        name = model_name(self.config.model, model_dir)
+        # what it holds for its life: weights, and the KV cache's budget (resident as it fills)
+        self.memory_bytes = sum(weight_bytes(model).values()) + self.core.kv_cache.nbytes
         self.info = LoadInfo(model_dir, name, time.monotonic() - start)
         self._ids = itertools.count()
         logger.info("loaded %s from %s in %.1fs", name, model_dir, self.info.load_seconds)

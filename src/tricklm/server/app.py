@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from importlib import resources
 
@@ -18,9 +18,9 @@ from starlette.staticfiles import StaticFiles
 
 from tricklm import __version__
 from tricklm.config import ServerConfig
-from tricklm.engine.embedder import Embedder
+from tricklm.engine.embedder import EncoderEngine
 from tricklm.engine.engine import Engine
-from tricklm.server import generate
+from tricklm.server import generate, rerank
 from tricklm.server.anthropic import routes as anthropic_routes
 from tricklm.server.errors import (
     APIError,
@@ -35,7 +35,7 @@ from tricklm.server.middleware.access_log import AccessLog
 from tricklm.server.middleware.body_guard import BodyGuard
 from tricklm.server.observability.stats_log import StatsLogger
 from tricklm.server.openai import routes as openai_routes
-from tricklm.server.state import ServerState, get_state
+from tricklm.server.state import Model, ServerState, get_state
 
 logger = logging.getLogger(__name__)
 
@@ -44,15 +44,20 @@ def create_app(
     config: ServerConfig | None = None,
     *,
     engine: Engine | None = None,
-    engine_factory: Callable[[], Engine | Embedder] | None = None,
-    embedder: Embedder | None = None,
+    engine_factory: Callable[[], Model] | None = None,
+    embedder: EncoderEngine | None = None,
+    models: Sequence[Model] = (),
+    factories: Sequence[Callable[[], Model]] = (),
+    names: Sequence[str | None] = (),
 ) -> FastAPI:
     """Serve `engine`, or build one with `engine_factory` after startup (/health says 503 meanwhile), with the
     settings `config` holds (`tricklm serve`'s options; the defaults where none is given).
 
     An engine passed in is not shut down with the app (the caller owns it); a factory-built one is. An
-    `embedder` (or a factory that builds one) serves an embedding model: /v1/embeddings, and 400s from the
-    generating routes.
+    `embedder` (an encoder, or a factory that builds one) serves an embedding or reranking model:
+    /v1/embeddings or /v1/rerank, and 400s from the generating routes. Several models: `models` (built) or
+    `factories` (loaded one after another, `names` their served names if known before), in that order;
+    each request's `model` picks one.
     With `api_keys`, every route but /health and the chat page needs one (`access.py`); CORS is closed
     unless `allowed_origins` names some. A request running longer than `request_timeout` seconds ends with
     an error (streams: an error event, then [DONE]) and frees its slot; a body that takes longer than
@@ -61,33 +66,31 @@ def create_app(
     """
     config = config or ServerConfig()
     state = ServerState(
-        config.served_model_name, config.request_timeout, config.reasoning_format, config.reasoning_budget
+        config.served_model_names, config.request_timeout, config.reasoning_format, config.reasoning_budget
     )
+    built = [m for m in (engine, embedder) if m is not None] + list(models)
+    to_load = ([engine_factory] if engine_factory is not None else []) + list(factories)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if engine is not None:
-            state.set_engine(engine)
-        elif embedder is not None:
-            state.set_embedder(embedder)
-        elif engine_factory is not None:
-            state.load_in_background(engine_factory)
+        for model in built:
+            state.add(model)
+        if to_load:
+            state.load_in_background(to_load, names)
         stats = None
         if config.stats_interval:
             stats = asyncio.create_task(StatsLogger(state, config.stats_interval).run(), name="tricklm-stats")
         yield
         if stats is not None:
             stats.cancel()
-        if state.client is not None:
-            state.client.shutdown()
-        if engine is None and state.engine is not None:
-            state.engine.shutdown()
+        state.shutdown()
 
     app = FastAPI(title="tricklm", version=__version__, lifespan=lifespan)
     app.state.server = state
     app.include_router(generate.router)
     app.include_router(openai_routes.router)
     app.include_router(anthropic_routes.router)
+    app.include_router(rerank.router)
     # Outermost last: headers on everything, CORS preflight before the key check, the key before the body
     app.add_middleware(BodyGuard, max_bytes=config.max_request_bytes, body_timeout=config.body_timeout)
     app.add_middleware(KeyGuard, keys=config.api_keys, metrics_public=config.metrics_public)

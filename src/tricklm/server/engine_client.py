@@ -44,10 +44,14 @@ def _compile_timeout(param: str) -> APIError:
 
 
 class EngineClient:
-    def __init__(self, engine: Engine, metrics: Metrics, request_timeout: float | None = None) -> None:
+    def __init__(
+        self, engine: Engine, metrics: Metrics, request_timeout: float | None = None, served_name: str | None = None
+    ) -> None:
         self._engine = engine
         self._async = AsyncEngine(engine, request_timeout)
-        self._metrics = metrics
+        # The name requests and replies use (--served-model-name, else the model's own)
+        self.served_name = served_name or engine.info.model_name
+        self._metrics = metrics.for_engine(self.served_name, self.stats)
         # Its own threads: a slow compile must not hold a thread that tokenizing prompts waits for
         self._compiler = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tricklm-grammar")
         self._timed_out: set[str] = set()

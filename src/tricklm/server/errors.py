@@ -116,7 +116,16 @@ def documented_errors(*codes: int, model: type[BaseModel] = OpenAIError) -> dict
 
 
 # The API routes' paths without /v1 (as llama-server answers them)
-_BARE_PREFIXES = ("/chat/completions", "/completions", "/models", "/responses", "/messages")
+_BARE_PREFIXES = (
+    "/chat/completions",
+    "/completions",
+    "/models",
+    "/responses",
+    "/messages",
+    "/embeddings",
+    "/rerank",
+    "/v2/rerank",
+)
 
 
 def is_openai_path(path: str) -> bool:

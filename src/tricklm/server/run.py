@@ -3,26 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import os
 import socket
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 
 import uvicorn
 
 from tricklm.config import EngineConfig, ServerConfig
-from tricklm.engine.embedder import Embedder
+from tricklm.engine.embedder import Embedder, Reranker
 from tricklm.engine.engine import Engine
 from tricklm.memory import limit_fragmentation
-from tricklm.model.bert import is_encoder
-from tricklm.model.resolve import PACKAGED_MODELS, resolve_model
+from tricklm.model.bert import encoder_task
+from tricklm.model.config import ModelLoadError
+from tricklm.model.resolve import model_name, resolve_model
 from tricklm.server.app import create_app
 from tricklm.server.middleware.access import is_loopback
 from tricklm.server.middleware.slow_clients import header_deadline_protocol
-from tricklm.server.state import ServerState
+from tricklm.server.state import Model, ServerState
 
 logger = logging.getLogger("tricklm")
 
@@ -35,24 +39,35 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
             "(--api-key KEY, --api-key-file FILE or TRICKLM_API_KEY)",
             server_config.host,
         )
+    specs = [engine_config.model, *server_config.models]
     # converts a GGUF (or unzips a packaged model) on first use, with a progress bar; raises ModelLoadError
-    folder = resolve_model(engine_config.model)
+    folders = [resolve_model(spec) for spec in specs]
+    names = served_names(specs, folders, server_config.served_model_names)
     failed = threading.Event()
     server: uvicorn.Server | None = None
+    held: dict[str, int] = {}  # bytes each model loaded so far holds
 
-    def factory() -> Engine | Embedder:
-        try:
-            if is_encoder(folder):
-                return Embedder(folder, engine_config.model if engine_config.model in PACKAGED_MODELS else None)
-            return Engine(engine_config, progress=False)
-        except Exception as e:
-            logger.error("tricklm: error: %s", e)
-            failed.set()
-            if server is not None:
-                server.should_exit = True
-            raise
+    def factory(spec: str | None, folder: Path, name: str) -> Callable[[], Model]:
+        def load() -> Model:
+            try:
+                model = _load(dataclasses.replace(engine_config, model=spec), folder, name)
+                held[name] = model.memory_bytes
+                _check_memory(held, server_config.memory_limit, model)
+                if len(held) == len(specs) > 1:
+                    total = ", ".join(f"{n} {b / 2**20:.0f}" for n, b in held.items())
+                    logger.info("models hold %.0f MiB (%s MiB)", sum(held.values()) / 2**20, total)
+                return model
+            except Exception as e:
+                logger.error("tricklm: error: %s", e)
+                failed.set()
+                if server is not None:
+                    server.should_exit = True
+                raise
 
-    app = create_app(server_config, engine_factory=factory)
+        return load
+
+    loaders = [factory(s, f, n) for s, f, n in zip(specs, folders, names, strict=True)]
+    app = create_app(server_config, factories=loaders, names=names)
     config = uvicorn.Config(
         app,
         host=server_config.host,
@@ -81,6 +96,37 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
         logging.shutdown()
         os._exit(status)
     return status
+
+
+def served_names(specs: list[str | None], folders: list[Path], given: tuple[str, ...]) -> list[str]:
+    """Each model's served name: --served-model-name's, in order, else its own; two alike are refused."""
+    names = [
+        given[i] if i < len(given) else model_name(s, f) for i, (s, f) in enumerate(zip(specs, folders, strict=True))
+    ]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"two models would be served as {twice[0]}: name them with --served-model-name")
+    return names
+
+
+def _load(config: EngineConfig, folder: Path, name: str) -> Model:
+    task = encoder_task(folder)
+    if task == "embed":
+        return Embedder(folder, name)
+    if task == "rerank":
+        return Reranker(folder, name)
+    return Engine(config, progress=False)
+
+
+def _check_memory(held: dict[str, int], limit: int | None, model: Model) -> None:
+    total = sum(held.values())
+    if limit is not None and total > limit:
+        model.shutdown()
+        each = ", ".join(f"{n} {b / 2**20:.0f} MiB" for n, b in held.items())
+        raise ModelLoadError(
+            f"the models hold {total / 2**20:.0f} MiB ({each}), more than --memory-limit "
+            f"{limit / 2**20:.0f} MiB; serve fewer models, or lower --kv-cache-memory or --max-model-len"
+        )
 
 
 SHUTDOWN_MESSAGE = "the server is shutting down"
@@ -138,8 +184,7 @@ class DrainingServer(uvicorn.Server):
         stream cut mid-way), then leaves through os._exit, not interpreter teardown, which a step's native
         threads could still be inside (it ended in SIGABRT)."""
         try:
-            client = self.state.client
-            if client is not None:
+            for client in self.state.clients():
                 client.end_all(FORCED_EXIT_MESSAGE)
             deadline = time.monotonic() + FORCED_EXIT_SECONDS
             while self.server_state.tasks and time.monotonic() < deadline:
@@ -153,7 +198,8 @@ class DrainingServer(uvicorn.Server):
         self._deadline = self._loop.call_later(self.timeout, self._end_requests)
 
     def _end_requests(self) -> None:
-        client = self.state.client
-        if client is not None:
+        clients = self.state.clients()
+        if clients:
             logger.warning("shutdown timeout reached, ending the requests still in flight")
+        for client in clients:
             client.end_all(SHUTDOWN_MESSAGE)

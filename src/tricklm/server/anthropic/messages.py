@@ -19,7 +19,6 @@ from tricklm.engine.output import Delta, OutputProcessor
 from tricklm.server.anthropic.protocol import CountTokensRequest, MessagesRequest, chat_dicts, tool_input
 from tricklm.server.errors import APIError
 from tricklm.server.openai.chat import encode_messages, reply_grammar
-from tricklm.server.openai.serving import check_model
 from tricklm.server.openai.tools import ParsedCall, ToolMode, ToolSetup
 from tricklm.server.sampling import to_sampling_params
 from tricklm.server.serving import Job, Renderer, respond, start_job
@@ -31,21 +30,18 @@ _MODES = {"auto": ToolMode.AUTO, "any": ToolMode.REQUIRED, "tool": ToolMode.NAME
 
 
 async def create_message(body: MessagesRequest, request: Request, state: ServerState) -> Response:
-    client = state.require_engine()
-    check_model(state, body.model)
+    client = state.require_engine(body.model)
     tools = tool_setup(body)
     thinking = thinking_of(body)
     prompt_ids = await _prompt(body, state, tools, thinking)
     reasoning = thinking.reasoning(client, state, prompt_ids)
     params = to_sampling_params(client, body, await reply_grammar(client, tools, None), reasoning)
     job = start_job(client, [prompt_ids], params, prefix="msg", prompt_param="messages")
-    return await respond(job, MessagesRenderer(state.served_model_name, tools), body.stream, request)
+    return await respond(job, MessagesRenderer(client.served_name, tools), body.stream, request)
 
 
 async def count_tokens(body: CountTokensRequest, state: ServerState) -> JSONResponse:
     """What the template renders for these messages, tools and thinking settings, in tokens."""
-    state.require_engine()
-    check_model(state, body.model)
     ids = await _prompt(body, state, tool_setup(body), thinking_of(body))
     return JSONResponse({"input_tokens": len(ids)})
 
@@ -53,7 +49,7 @@ async def count_tokens(body: CountTokensRequest, state: ServerState) -> JSONResp
 async def _prompt(
     body: CountTokensRequest, state: ServerState, tools: ToolSetup | None, thinking: Thinking
 ) -> list[int]:
-    client = state.require_engine()
+    client = state.require_engine(body.model)
     try:
         messages = chat_dicts(body.system, body.messages)
     except ValueError as e:

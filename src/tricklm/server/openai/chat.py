@@ -16,7 +16,6 @@ from tricklm.server.openai.protocol import ChatCompletionRequest, ChatMessage, R
 from tricklm.server.openai.serving import (
     OpenAIRenderer,
     chat_logprobs,
-    check_model,
     check_supported,
     response_grammar,
 )
@@ -29,8 +28,7 @@ from tricklm.tokenizer import Tokenizer
 
 
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, state: ServerState) -> Response:
-    client = state.require_engine()
-    check_model(state, body.model)
+    client = state.require_engine(body.model)
     check_supported(body)
     tools = ToolSetup.of(body.tools, body.tool_choice, body.parallel_tool_calls)
     thinking = Thinking(body.chat_template_kwargs, body.reasoning_effort, body.reasoning_budget)
@@ -41,7 +39,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     params = to_sampling_params(client, body, await reply_grammar(client, tools, body.response_format), reasoning)
     job = start_job(client, [prompt_ids], params, body.n, prefix="chat", prompt_param="messages")
     shows_reasoning = reasoning is not None and body.include_reasoning
-    renderer = ChatRenderer(state.served_model_name, client.tokenizer, body.include_usage, tools, shows_reasoning)
+    renderer = ChatRenderer(client.served_name, client.tokenizer, body.include_usage, tools, shows_reasoning)
     renderer.fingerprint = client.system_fingerprint
     return await respond(job, renderer, body.stream, request)
 

@@ -13,7 +13,6 @@ from tricklm.server.errors import APIError
 from tricklm.server.openai.protocol import CompletionRequest
 from tricklm.server.openai.serving import (
     OpenAIRenderer,
-    check_model,
     check_supported,
     response_grammar,
     text_logprobs,
@@ -25,15 +24,14 @@ from tricklm.tokenizer import Tokenizer
 
 
 async def create_completion(body: CompletionRequest, request: Request, state: ServerState) -> Response:
-    client = state.require_engine()
-    check_model(state, body.model)
+    client = state.require_engine(body.model)
     check_supported(body)
     _check_completion_fields(body)
     prompts = await _prompt_ids(client, body.prompt)
     params = to_sampling_params(client, body, await response_grammar(client, body.response_format))
     job = start_job(client, prompts, params, body.n, prefix="text", prompt_param="prompt")
     echo = [client.tokenizer.decode(p) for p in prompts for _ in range(body.n)] if body.echo else []
-    renderer = CompletionRenderer(state.served_model_name, client.tokenizer, body.include_usage, echo)
+    renderer = CompletionRenderer(client.served_name, client.tokenizer, body.include_usage, echo)
     renderer.fingerprint = client.system_fingerprint
     return await respond(job, renderer, body.stream, request)
 

@@ -22,7 +22,6 @@ from starlette.concurrency import run_in_threadpool
 from tricklm.engine.embedder import Embedder, InputTooLong
 from tricklm.server.errors import APIError
 from tricklm.server.openai.protocol import OpenAIBody
-from tricklm.server.openai.serving import check_model
 from tricklm.server.state import ServerState
 
 MAX_INPUTS = 2048  # OpenAI's limit per request
@@ -50,17 +49,17 @@ class EmbeddingRequest(OpenAIBody):
 
 
 async def create_embeddings(body: EmbeddingRequest, state: ServerState) -> Response:
-    embedder = state.require_embedder()
-    check_model(state, body.model)
+    name, embedder = state.require_embedder(body.model)
     if body.dimensions is not None and body.dimensions > embedder.dimensions:
         message = f"dimensions must be at most {embedder.dimensions}, this model's"
         raise APIError(400, message, param="dimensions")
     # Tokenizing, the forward pass and turning thousands of floats into JSON all stay off the event loop
-    content = await run_in_threadpool(_embeddings, embedder, body, state.served_model_name)
+    content, inputs, tokens = await run_in_threadpool(_embeddings, embedder, body, name)
+    state.metrics.observe_encoder(name, inputs, tokens)
     return Response(content, media_type="application/json")
 
 
-def _embeddings(embedder: Embedder, body: EmbeddingRequest, model: str) -> bytes:
+def _embeddings(embedder: Embedder, body: EmbeddingRequest, model: str) -> tuple[bytes, int, int]:
     inputs = _token_inputs(embedder, body)
     vectors = embedder.embed(inputs)
     if body.dimensions is not None:
@@ -73,7 +72,8 @@ def _embeddings(embedder: Embedder, body: EmbeddingRequest, model: str) -> bytes
         for i, v in enumerate(vectors)
     ]
     usage = {"prompt_tokens": tokens, "total_tokens": tokens}
-    return json.dumps({"object": "list", "data": data, "model": model, "usage": usage}).encode()
+    content = json.dumps({"object": "list", "data": data, "model": model, "usage": usage}).encode()
+    return content, len(inputs), tokens
 
 
 def _token_inputs(embedder: Embedder, body: EmbeddingRequest) -> list[list[int]]:

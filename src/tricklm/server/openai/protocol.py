@@ -340,6 +340,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str
     max_model_len: int | None = None
+    task: Literal["generate", "embed", "rerank"] | None = None
 
 
 class ModelList(BaseModel):

@@ -23,7 +23,6 @@ from tricklm.server.openai.chat import encode_messages, reply_grammar
 from tricklm.server.openai.protocol import json_or_text
 from tricklm.server.openai.response_store import ResponseStore
 from tricklm.server.openai.responses_protocol import ResponsesRequest, chat_dicts
-from tricklm.server.openai.serving import check_model
 from tricklm.server.openai.tools import ParsedCall, ToolMode, ToolSetup, new_call_id
 from tricklm.server.sampling import to_sampling_params
 from tricklm.server.serving import Job, Renderer, respond, start_job
@@ -33,8 +32,7 @@ from tricklm.server.thinking import Thinking
 
 
 async def create_response(body: ResponsesRequest, request: Request, state: ServerState) -> Response:
-    client = state.require_engine()
-    check_model(state, body.model)
+    client = state.require_engine(body.model)
     chat_tools = [t.as_chat_tool() for t in body.tools or []]
     tools = ToolSetup.of(chat_tools, body.chat_tool_choice(), body.parallel_tool_calls)
     effort = body.reasoning.effort if body.reasoning else None
@@ -52,7 +50,7 @@ async def create_response(body: ResponsesRequest, request: Request, state: Serve
     grammar = await reply_grammar(client, tools, body.response_format())
     params = to_sampling_params(client, body, grammar, reasoning)
     job = start_job(client, [prompt_ids], params, prefix="resp", prompt_param="input")
-    renderer = ResponsesRenderer(state.served_model_name, body, tools)
+    renderer = ResponsesRenderer(client.served_name, body, tools)
     if body.store:
         renderer.keep_in(state.responses, conversation)
     return await respond(job, renderer, body.stream, request)

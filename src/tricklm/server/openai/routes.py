@@ -27,9 +27,8 @@ from tricklm.server.openai.protocol import (
 )
 from tricklm.server.openai.responses import create_response
 from tricklm.server.openai.responses_protocol import ResponsesRequest
-from tricklm.server.openai.serving import check_model
 from tricklm.server.sse import EVENT_STREAM
-from tricklm.server.state import ServerState, get_state
+from tricklm.server.state import GENERATE, ServedModel, get_state
 
 router = APIRouter()
 
@@ -39,31 +38,31 @@ router = APIRouter()
 @router.get("/v1/models", responses={200: {"model": ModelList}, **documented_errors(503)})
 async def list_models(request: Request) -> JSONResponse:
     state = get_state(request)
-    return JSONResponse({"object": "list", "data": [_model_card(state)]})
+    return JSONResponse({"object": "list", "data": [_model_card(m) for m in state.models if m.name]})
 
 
 @router.get("/models/{model_id:path}", include_in_schema=False)
 @router.get("/v1/models/{model_id:path}", responses={200: {"model": ModelCard}, **documented_errors(404, 503)})
 async def get_model(model_id: str, request: Request) -> JSONResponse:
-    state = get_state(request)
-    check_model(state, model_id)
-    return JSONResponse(_model_card(state))
+    model = get_state(request).find(model_id, GENERATE)
+    return JSONResponse(_model_card(model))
 
 
-def _model_card(state: ServerState) -> dict[str, Any]:
-    card: dict[str, Any] = {"id": state.served_model_name, "object": "model", "created": 0, "owned_by": "tricklm"}
-    if state.client is not None:
-        card["max_model_len"] = state.client.max_model_len
-    if state.embedder is not None:
-        card["max_model_len"] = state.embedder.max_tokens
+def _model_card(model: ServedModel) -> dict[str, Any]:
+    card: dict[str, Any] = {"id": model.name, "object": "model", "created": 0, "owned_by": "tricklm"}
+    if model.client is not None:
+        card["max_model_len"] = model.client.max_model_len
+    if model.encoder is not None:
+        card["max_model_len"] = model.encoder.max_tokens
+    if model.task is not None:
+        card["task"] = model.task  # what the model is for: generate, embed or rerank
     return card
 
 
 @router.post("/tokenize", responses={200: {"model": TokenizeResponse}, **documented_errors(400, 404, 503)})
 async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
     state = get_state(request)
-    client = state.require_engine()
-    check_model(state, body.model)
+    client = state.require_engine(body.model)
     if body.messages is not None:
         ids = await client.encode_chat(chat_messages(body.messages), body.add_generation_prompt)
     else:
@@ -74,8 +73,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
 @router.post("/detokenize", responses={200: {"model": DetokenizeResponse}, **documented_errors(400, 404, 503)})
 async def detokenize(body: DetokenizeRequest, request: Request) -> JSONResponse:
     state = get_state(request)
-    client = state.require_engine()
-    check_model(state, body.model)
+    client = state.require_engine(body.model)
     if any(t >= client.vocab_size for t in body.tokens):
         raise APIError(400, f"token ids must be below the vocabulary size {client.vocab_size}", param="tokens")
     return JSONResponse({"prompt": client.tokenizer.decode(body.tokens, skip_special_tokens=False)})

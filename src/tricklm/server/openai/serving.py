@@ -16,13 +16,7 @@ from tricklm.server.errors import APIError
 from tricklm.server.openai.protocol import ResponseFormat, SamplingFields
 from tricklm.server.serving import Job, Renderer
 from tricklm.server.sse import sse_event
-from tricklm.server.state import ServerState
 from tricklm.tokenizer import Tokenizer
-
-
-def check_model(state: ServerState, model: str | None) -> None:
-    if model is not None and model != state.served_model_name:
-        raise APIError(404, f"The model `{model}` does not exist.", "NotFoundError", "model", "model_not_found")
 
 
 def check_supported(body: SamplingFields) -> None:

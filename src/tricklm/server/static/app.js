@@ -744,7 +744,8 @@
       }
       if (!res.ok) throw new ApiError(await describeFailure(res));
       const body = await res.json();
-      modelId = body.data?.[0]?.id ?? null;
+      // The first model that writes text (a server may also serve embedding and reranking models)
+      modelId = body.data?.find((m) => !m.task || m.task === "generate")?.id ?? null;
       setModel(modelId || "no model", modelId ? "ready" : "down");
     } catch {
       setModel("not reachable", "down");
