@@ -328,3 +328,72 @@ def make_cross_encoder(path: Path, roberta: bool = False, sigmoid: bool = True) 
     model.save_pretrained(path, safe_serialization=True)
     shutil.copy(resolve_model("all-MiniLM-L6-v2") / "tokenizer.json", path / "tokenizer.json")
     return path
+
+
+def write_bert_gguf(folder: Path, path: Path) -> Path:
+    """`folder`'s BERT (a sentence-transformers folder, mean pooling) as llama.cpp's converter writes it: its
+    tensor names, float16 matrices, its metadata, and its "phantom space" vocabulary (a word-start piece
+    prefixed with U+2581, a `##` continuation without its `##`, control tokens as they are)."""
+    import gguf
+    from safetensors.torch import load_file
+
+    cfg = json.loads((folder / "config.json").read_text())
+    tok = json.loads((folder / "tokenizer.json").read_text())
+    vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
+    control = {t["content"] for t in tok["added_tokens"] if t["special"]}
+    pieces = [p if p in control else p[2:] if p.startswith("##") else "\u2581" + p for p, _ in vocab]
+    writer = gguf.GGUFWriter(str(path), "bert")
+    writer.add_block_count(cfg["num_hidden_layers"])
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(cfg["num_attention_heads"])
+    writer.add_layer_norm_eps(cfg["layer_norm_eps"])
+    writer.add_causal_attention(False)
+    writer.add_pooling_type(gguf.PoolingType.MEAN)
+    writer.add_tokenizer_model("bert")
+    writer.add_token_list(pieces)
+    writer.add_token_types([3 if p in control else 1 for p, _ in vocab])
+    writer.add_token_type_count(cfg["type_vocab_size"])
+    for add, token in (
+        (writer.add_bos_token_id, "[CLS]"),
+        (writer.add_eos_token_id, "[SEP]"),
+        (writer.add_unk_token_id, "[UNK]"),
+        (writer.add_sep_token_id, "[SEP]"),
+        (writer.add_pad_token_id, "[PAD]"),
+        (writer.add_mask_token_id, "[MASK]"),
+    ):
+        add(tok["model"]["vocab"][token])
+    layer = {
+        "attention.self.query": "attn_q",
+        "attention.self.key": "attn_k",
+        "attention.self.value": "attn_v",
+        "attention.output.dense": "attn_output",
+        "attention.output.LayerNorm": "attn_output_norm",
+        "intermediate.dense": "ffn_up",
+        "output.dense": "ffn_down",
+        "output.LayerNorm": "layer_output_norm",
+    }
+    top = {
+        "word_embeddings": "token_embd",
+        "position_embeddings": "position_embd",
+        "token_type_embeddings": "token_types",
+        "LayerNorm": "token_embd_norm",
+    }
+    for name, tensor in load_file(str(folder / "model.safetensors")).items():
+        base, _, kind = name.removeprefix("bert.").rpartition(".")
+        if base.startswith("embeddings."):
+            gguf_name = top[base.removeprefix("embeddings.")]
+        elif base.startswith("encoder.layer."):
+            i, rest = base.removeprefix("encoder.layer.").split(".", 1)
+            gguf_name = f"blk.{i}.{layer[rest]}"
+        else:
+            continue  # the pooler, which llama.cpp's converter drops
+        data = tensor.float().numpy()
+        matrix = data.ndim == 2 and gguf_name not in ("position_embd", "token_types")
+        writer.add_tensor(f"{gguf_name}.{kind}", data.astype(np.float16) if matrix else data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -14,6 +14,7 @@ import numpy as np
 import openai
 import pytest
 
+from tiny_models import write_bert_gguf
 from tricklm.engine.embedder import Embedder
 from tricklm.model.resolve import resolve_model
 from tricklm.server.app import create_app
@@ -46,6 +47,18 @@ def test_vectors_match_sentence_transformers(client: openai.OpenAI) -> None:
     cosines = (vectors * want).sum(axis=1) / np.linalg.norm(vectors, axis=1) / np.linalg.norm(want, axis=1)
     assert cosines.min() >= 0.9999, cosines.argmin()
     assert got.usage.prompt_tokens > len(texts) and got.model == MODEL
+
+
+def test_a_bert_gguf_as_llama_cpp_writes_it_gives_the_same_vectors(tmp_path: Path) -> None:
+    gguf = write_bert_gguf(resolve_model(MODEL), tmp_path / "minilm-f16.gguf")
+    embedder = Embedder(resolve_model(str(gguf)))
+    texts = json.loads((FIXTURES / f"{MODEL}-texts.json").read_text(encoding="utf-8"))
+    want = np.load(FIXTURES / f"{MODEL}-vectors.npy")
+    # the file says 512 positions where sentence-transformers' folder reads 256: cut as it did
+    vectors = embedder.embed([ids[:255] + ids[-1:] if len(ids) > 256 else ids for ids in embedder.tokenize(texts)])
+    cosines = (vectors.numpy() * want).sum(axis=1) / np.linalg.norm(want, axis=1)
+    assert cosines.min() >= 0.9999, cosines.argmin()  # float16 matrices, as the converter's default writes them
+    assert embedder.max_tokens == 512 and embedder.config.pooling == "mean" and embedder.config.normalize
 
 
 def test_formats_dimensions_and_token_inputs(client: openai.OpenAI, embedding_server: str) -> None:

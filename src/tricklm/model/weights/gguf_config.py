@@ -4,7 +4,8 @@ Hugging Face folder: config, tokenizer, a link.
 The folder holds config.json and generation_config.json (from the file's metadata), tokenizer.json and
 tokenizer_config.json with the chat template (rebuilt once by `transformers`' GGUF reader), and
 `model.gguf`, a link to the file itself: the weights are read from it at every start, tensor by tensor
-(`gguf_file.py`), never converted. A few MB, however large the model.
+(`gguf_file.py`), never converted. A few MB, however large the model. A BERT file (an embedding model) is
+the exception: its folder is a sentence-transformers one with the weights in it (`gguf_bert.py`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 from tricklm.model.config import ModelLoadError
 from tricklm.model.family import Family
 from tricklm.model.registry import gguf_family
+from tricklm.model.weights.gguf_bert import write_bert_folder
 from tricklm.model.weights.gguf_file import GGUF_LINK, ROPE_FACTOR_TENSORS, open_reader
 
 
@@ -27,13 +29,17 @@ def convert_gguf(gguf_path: Path, out_dir: Path, progress: bool = True) -> None:
     """Write `out_dir` atomically: a crash mid-way leaves no half-written folder behind."""
     reader = open_reader(gguf_path)
     meta = _metadata(reader)
-    config = gguf_hf_config(reader, meta, gguf_path)
+    bert = meta.get("general.architecture") == "bert"
+    config = None if bert else gguf_hf_config(reader, meta, gguf_path)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out_dir.parent))
     try:
-        _write_json(tmp / "config.json", config)
-        _write_json(tmp / "generation_config.json", _generation_config(meta))
-        _save_tokenizer(gguf_path, tmp, meta)
+        if config is None:
+            write_bert_folder(reader, meta, tmp)
+        else:
+            _write_json(tmp / "config.json", config)
+            _write_json(tmp / "generation_config.json", _generation_config(meta))
+            _save_tokenizer(gguf_path, tmp, meta)
         (tmp / GGUF_LINK).symlink_to(gguf_path.resolve())
         if out_dir.exists() and not (out_dir / GGUF_LINK).is_symlink():
             shutil.rmtree(out_dir)  # an older layout (float32 weights)
