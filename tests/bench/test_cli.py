@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,12 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from tiny_models import make_cross_encoder
 from tricklm.cli import main
+from tricklm.engine.embedder import Embedder, Reranker
+from tricklm.engine.engine import Engine
+from tricklm.model.resolve import resolve_model
+from tricklm.server.app import create_app
 from tricklm.server.testing import free_port, running_server
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -27,6 +32,31 @@ def bench(base: str, tmp_path: Path, *extra: str) -> tuple[int, dict[str, Any]]:
 
 
 # ---- live tricklm --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rag_server(tiny_engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A chat model (listed first), an embedding model and a reranker in one server."""
+    reranker = Reranker(make_cross_encoder(tmp_path_factory.mktemp("reranker") / "ce"), "ce")
+    models = [tiny_engine, Embedder(resolve_model("all-MiniLM-L6-v2"), "minilm"), reranker]
+    with running_server(create_app(models=models)) as base:
+        yield base
+
+
+@pytest.mark.parametrize(("endpoint", "model"), [("embeddings", "minilm"), ("rerank", "ce")])
+def test_embeddings_and_rerank_are_measured_in_texts_a_second(
+    rag_server: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], endpoint: str, model: str
+) -> None:
+    args = ["--endpoint", endpoint, "--dataset", "prompts", "--batch-size", "5", "--num-prompts", "4", "--sweep", "1,2"]
+    code, doc = bench(rag_server, tmp_path, *args)
+    assert code == 0 and doc["config"]["model"] == model  # the first listed model that does this
+    for run in doc["runs"]:
+        summary = run["summary"]
+        assert (summary["completed"], summary["failed"], summary["total_inputs"]) == (4, 0, 20)
+        assert summary["input_throughput"] > 0 and summary["total_input_tokens"] > 20
+        assert summary["e2el_ms"]["count"] == 4 and summary["ttft_ms"]["count"] == 0
+    table = capsys.readouterr().out
+    assert "texts/s" in table and "TTFT" not in table
 
 
 def test_single_run_against_tricklm(tiny_server: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -34,7 +34,14 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
         "--endpoint",
         choices=ENDPOINTS,
         default=_D.endpoint,
-        help="/v1/completions, /v1/chat/completions, /v1/messages (Anthropic's) or /v1/responses (%(default)s)",
+        help="/v1/completions, /v1/chat/completions, /v1/messages (Anthropic's), /v1/responses, /v1/embeddings "
+        "or /v1/rerank (%(default)s)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=_D.batch_size,
+        help="embeddings and rerank: texts (documents) a request (%(default)s)",
     )
     p.add_argument(
         "--dataset",

@@ -22,7 +22,15 @@ ENDPOINT_PATHS = {
     "chat": "/v1/chat/completions",
     "messages": "/v1/messages",
     "responses": "/v1/responses",
+    "embeddings": "/v1/embeddings",
+    "rerank": "/v1/rerank",
 }
+# Endpoints answered whole, for a batch of texts a request (the request's texts are its prompt)
+ENCODER_ENDPOINTS = ("embeddings", "rerank")
+# What a reranking benchmark asks of its documents (the scores' values do not matter to the timing)
+RERANK_QUERY = "Which of these passages explains how something works?"
+# A listed model's `task` (tricklm's /v1/models) that each endpoint needs
+ENDPOINT_TASKS = {"embeddings": "embed", "rerank": "rerank"}
 _ERROR_BODY_CHARS = 300
 
 
@@ -57,13 +65,23 @@ class Target:
 Messages = list[dict[str, str]]
 
 
-def request_body(target: Target, prompt: str | Messages) -> dict[str, Any]:
-    """`prompt` is the text of one user message, or a whole conversation (chat only)."""
+Prompt = str | Messages | list[str]
+
+
+def request_body(target: Target, prompt: Prompt) -> dict[str, Any]:
+    """`prompt` is the text of one user message, a whole conversation (chat only), or the texts of one
+    embeddings or rerank request."""
+    if target.endpoint in ENCODER_ENDPOINTS:
+        texts = [prompt] if isinstance(prompt, str) else [str(p) for p in prompt]
+        if target.endpoint == "embeddings":
+            return {"model": target.model, "input": texts}
+        return {"model": target.model, "query": RERANK_QUERY, "documents": texts}
+    assert not (isinstance(prompt, list) and prompt and isinstance(prompt[0], str))
     if target.endpoint in ("messages", "responses"):
-        return _agent_api_body(target, prompt)
+        return _agent_api_body(target, prompt)  # type: ignore[arg-type]
     body: dict[str, Any] = {"model": target.model}
     if isinstance(prompt, list):
-        body["messages"] = prompt
+        body["messages"] = prompt  # a conversation
     elif target.endpoint == "chat":
         body["messages"] = [{"role": "user", "content": prompt}]
     else:
@@ -94,7 +112,7 @@ def _agent_api_body(target: Target, prompt: str | Messages) -> dict[str, Any]:
 # ---- one streamed request ------------------------------------------------------------------------
 
 
-async def send_request(client: httpx.AsyncClient, target: Target, prompt: str | Messages, index: int) -> RequestRecord:
+async def send_request(client: httpx.AsyncClient, target: Target, prompt: Prompt, index: int) -> RequestRecord:
     """Send one streaming request and time it; failures of any kind end up in the record."""
     record = RequestRecord(index=index, start=time.perf_counter())
     try:
@@ -111,8 +129,11 @@ async def send_request(client: httpx.AsyncClient, target: Target, prompt: str | 
     return record
 
 
-async def _exchange(client: httpx.AsyncClient, target: Target, prompt: str | Messages, record: RequestRecord) -> None:
+async def _exchange(client: httpx.AsyncClient, target: Target, prompt: Prompt, record: RequestRecord) -> None:
     body = request_body(target, prompt)
+    if target.endpoint in ENCODER_ENDPOINTS:
+        await _whole(client, target, body, record)
+        return
     async with client.stream("POST", target.url, json=body, timeout=target.timeout) as response:
         if response.status_code != 200:
             text = (await response.aread()).decode("utf-8", "replace")
@@ -120,6 +141,30 @@ async def _exchange(client: httpx.AsyncClient, target: Target, prompt: str | Mes
             record.fail("http_status", f"HTTP {response.status_code}: {error_message(text)}")
             return
         await read_stream(sse_data(response.aiter_lines()), record)
+
+
+async def _whole(client: httpx.AsyncClient, target: Target, body: dict[str, Any], record: RequestRecord) -> None:
+    """An embeddings or rerank request: one JSON answer with an item per input."""
+    response = await client.post(target.url, json=body, timeout=target.timeout)
+    record.end = time.perf_counter()
+    text = response.text
+    if response.status_code != 200:
+        record.fail("http_status", f"HTTP {response.status_code}: {error_message(text)}")
+        return
+    try:
+        answer = json.loads(text)
+        items = answer["data" if target.endpoint == "embeddings" else "results"]
+        usage = answer.get("usage") or {}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        record.fail("bad_response", f"not an answer of {target.endpoint}: {text[:_ERROR_BODY_CHARS]!r}")
+        return
+    sent = len(body.get("input") or body.get("documents") or [])
+    if not isinstance(items, list) or len(items) != sent:
+        record.fail("bad_response", f"{sent} inputs sent, {len(items) if isinstance(items, list) else 0} answered")
+        return
+    record.inputs = sent
+    record.prompt_tokens = _int_or_none(usage.get("prompt_tokens", usage.get("total_tokens")))
+    record.finish_reason = "stop"
 
 
 async def read_stream(events: AsyncIterator[str], record: RequestRecord) -> None:
@@ -300,13 +345,17 @@ class HealthProbe:
 # ---- discovery -----------------------------------------------------------------------------------
 
 
-async def first_model_id(client: httpx.AsyncClient, base_url: str) -> str:
-    """The first model id listed by GET /v1/models."""
+async def first_model_id(client: httpx.AsyncClient, base_url: str, endpoint: str = "completions") -> str:
+    """The first model id listed by GET /v1/models that serves `endpoint` (when the list says what each
+    model is for, as tricklm's does; else the first)."""
     url = f"{base_url}/v1/models"
     try:
         response = await client.get(url, timeout=30.0)
         response.raise_for_status()
-        return str(response.json()["data"][0]["id"])
+        cards = response.json()["data"]
+        task = ENDPOINT_TASKS.get(endpoint, "generate")
+        fitting = [c for c in cards if c.get("task", task) == task]
+        return str((fitting or cards)[0]["id"])
     except httpx.HTTPError as e:
         raise BenchError(f"cannot list models at {url} ({type(e).__name__}: {e}); is the server up?") from None
     except (ValueError, KeyError, IndexError, TypeError):

@@ -34,6 +34,7 @@ class RequestRecord:
     text: str = ""  # the answer (multi-turn conversations send it back)
     turn: int | None = None  # 1, 2, ... in a multi-turn conversation
     finish_reason: str | None = None
+    inputs: int = 0  # texts embedded, or documents scored (embeddings and rerank requests)
     error_kind: str | None = None  # http_status | stream_error | connection | timeout | incomplete | ...
     error: str | None = None
 
@@ -90,6 +91,8 @@ class Summary:
     total_output_tokens: int
     request_throughput: float
     output_throughput: float
+    total_inputs: int  # texts embedded or documents scored (embeddings and rerank)
+    input_throughput: float  # of those, a second
     ttft_ms: Stats
     tpot_ms: Stats
     itl_ms: Stats
@@ -168,6 +171,8 @@ def summarize(records: Sequence[RequestRecord], duration_s: float, health: Seque
         total_output_tokens=output_tokens,
         request_throughput=_rate(len(ok), duration_s),
         output_throughput=_rate(output_tokens, duration_s),
+        total_inputs=sum(r.inputs for r in ok),
+        input_throughput=_rate(sum(r.inputs for r in ok), duration_s),
         ttft_ms=stats(_defined([ttft(r) for r in ok]), _MS),
         tpot_ms=stats(_defined([tpot(r) for r in ok]), _MS),
         itl_ms=stats([gap for r in ok for gap in itls(r)], _MS),

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tricklm import __version__
-from tricklm.bench.client import ENDPOINT_PATHS
+from tricklm.bench.client import ENCODER_ENDPOINTS, ENDPOINT_PATHS
 from tricklm.bench.metrics import RequestRecord, Stats, Summary, e2el, itls, tpot, ttft
 from tricklm.bench.runner import Benchmark, RunResult
 
@@ -42,16 +42,20 @@ def format_header(bench: Benchmark) -> str:
         system = f", a shared {c.system_prompt_len}-token system prompt" if c.system_prompt_len else ""
         workload = f"conversations of {c.turns} turns of ~{c.input_len} tokens{system}"
     eos = "ignore_eos" if c.ignore_eos else "stops at EOS"
-    return "\n".join(
-        [
-            f"server   {c.base_url}{ENDPOINT_PATHS[c.endpoint]}   model {c.model}",
-            f"workload {c.num_prompts} prompts ({workload}), {c.output_len} output tokens ({eos}), {c.warmup} warm-up",
-        ]
-    )
+    if c.endpoint in ENCODER_ENDPOINTS:
+        what = "texts" if c.endpoint == "embeddings" else "documents to rank"
+        load = f"workload {c.num_prompts} requests of {c.batch_size} {what} ({workload}), {c.warmup} warm-up"
+    else:
+        load = (
+            f"workload {c.num_prompts} prompts ({workload}), {c.output_len} output tokens ({eos}), {c.warmup} warm-up"
+        )
+    return "\n".join([f"server   {c.base_url}{ENDPOINT_PATHS[c.endpoint]}   model {c.model}", load])
 
 
 def format_run(run: RunResult, output_len: int) -> str:
     s = run.summary
+    if s.total_inputs:
+        return _encoder_run(run)
     lines = [
         f"load       {level_label(run)}",
         f"requests   {s.completed} completed, {s.failed} failed{_error_breakdown(s)}",
@@ -68,6 +72,23 @@ def format_run(run: RunResult, output_len: int) -> str:
     if run.speculation is not None and run.speculation[0] > 0:
         drafted, kept = run.speculation
         lines.append(f"speculative {kept:.0f} of {drafted:.0f} draft tokens kept ({kept / drafted:.1%} acceptance)")
+    return "\n".join(lines)
+
+
+def _encoder_run(run: RunResult) -> str:
+    """An embeddings or rerank run: inputs a second and whole-request latency (nothing streams)."""
+    s = run.summary
+    tokens = f", input tokens mean {s.total_input_tokens / s.total_inputs:.1f} a text" if s.total_input_tokens else ""
+    lines = [
+        f"load       {level_label(run)}",
+        f"requests   {s.completed} completed, {s.failed} failed{_error_breakdown(s)}",
+        f"duration   {s.duration_s:.2f} s",
+        f"throughput {s.request_throughput:.2f} req/s, {s.input_throughput:.1f} texts/s{tokens}",
+        "",
+        f"{'(ms)':<12}" + "".join(f"{name:>10}" for name in _STAT_COLUMNS),
+        _stats_row("latency", s.e2el_ms),
+        _health_line(run),
+    ]
     return "\n".join(lines)
 
 
@@ -134,11 +155,41 @@ _SWEEP_COLUMNS = (  # name, width, decimals
 )
 
 
+_ENCODER_SWEEP_COLUMNS = (
+    ("conc", 6, 0),
+    ("ok", 6, 0),
+    ("fail", 6, 0),
+    ("req/s", 8, 2),
+    ("texts/s", 10, 1),
+    ("lat p50", 10, 1),
+    ("lat p99", 10, 1),
+    ("health p99", 12, 1),
+)
+
+
 def format_sweep(runs: list[RunResult]) -> str:
     """One row per load level; latencies in ms."""
-    lines = ["".join(f"{name:>{width}}" for name, width, _ in _SWEEP_COLUMNS)]
-    lines += [_sweep_row(run) for run in runs]
+    encoder = any(run.summary.total_inputs for run in runs)
+    columns = _ENCODER_SWEEP_COLUMNS if encoder else _SWEEP_COLUMNS
+    lines = ["".join(f"{name:>{width}}" for name, width, _ in columns)]
+    lines += [_encoder_sweep_row(run) if encoder else _sweep_row(run) for run in runs]
     return "\n".join(lines)
+
+
+def _encoder_sweep_row(run: RunResult) -> str:
+    s = run.summary
+    values: list[float | int | str | None] = [
+        run.max_concurrency if run.max_concurrency is not None else "-",
+        s.completed,
+        s.failed,
+        s.request_throughput,
+        s.input_throughput,
+        s.e2el_ms.p50,
+        s.e2el_ms.p99,
+        s.health_ms.p99,
+    ]
+    cells = zip(_ENCODER_SWEEP_COLUMNS, values, strict=True)
+    return "".join(_sweep_cell(v, w, d) for (_, w, d), v in cells)
 
 
 def _sweep_row(run: RunResult) -> str:

@@ -25,6 +25,7 @@ import httpx
 from tqdm import tqdm
 
 from tricklm.bench.client import (
+    ENCODER_ENDPOINTS,
     BenchError,
     HealthProbe,
     Target,
@@ -47,7 +48,7 @@ from tricklm.bench.workload import (
 
 log = logging.getLogger(__name__)
 
-ENDPOINTS = ("completions", "chat", "messages", "responses")
+ENDPOINTS = ("completions", "chat", "messages", "responses", "embeddings", "rerank")
 DATASETS = ("random", "prompts", "rewrite", "multi-turn")
 PROBE_GRACE_S = 5.0  # how long the health probe in flight at the end of a run may take to answer
 
@@ -79,11 +80,14 @@ class BenchConfig:
     system_prompt_len: int = 0  # multi-turn: tokens of the system prompt every conversation shares
     response_format: str = "text"  # "json_object": every request asks for JSON
     json_schema: Path | None = None  # every request asks for JSON valid against this schema file
+    batch_size: int = 1  # embeddings and rerank: texts a request
 
     def __post_init__(self) -> None:
         if self.endpoint not in ENDPOINTS or self.dataset not in DATASETS:
             raise ValueError(f"endpoint must be one of {ENDPOINTS} and dataset one of {DATASETS}")
-        for name in ("num_prompts", "input_len", "output_len", "turns"):
+        if self.endpoint in ENCODER_ENDPOINTS and self.dataset == "multi-turn":
+            raise ValueError(f"{self.endpoint} takes texts, not conversations: --dataset random, prompts or rewrite")
+        for name in ("num_prompts", "input_len", "output_len", "turns", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.warmup < 0 or not 0 <= self.input_len_spread < 1:
@@ -160,7 +164,7 @@ async def run_load(
     async def one(index: int, prompt: Prompt, offset: float) -> RequestRecord:
         await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
         async with gate or contextlib.nullcontext():
-            record = await send_request(client, target, prompt.text, index)
+            record = await send_request(client, target, list(prompt.texts) or prompt.text, index)
         on_done()
         return record
 
@@ -225,7 +229,7 @@ async def run_benchmark(config: BenchConfig, progress: bool = True) -> Benchmark
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(limits=limits) as client, httpx.AsyncClient() as health_client:
         if config.model is None:
-            config = replace(config, model=await first_model_id(client, config.base_url))
+            config = replace(config, model=await first_model_id(client, config.base_url, config.endpoint))
         target = _target(config)
         tokens_per_word = await _calibrate(client, config) if config.calibrate else None
         batches = _prompt_batches(config, tokens_per_word or 1.0)
@@ -278,11 +282,15 @@ async def _calibrate(client: httpx.AsyncClient, config: BenchConfig) -> float | 
 def _prompt_batches(config: BenchConfig, tokens_per_word: float) -> list[list[Prompt]]:
     """Distinct prompts for the warm-up and for each run (so no run hits another's prefix cache)."""
     sizes = [config.warmup] + [config.num_prompts] * len(config.concurrencies)
-    total = sum(sizes)
+    batch = config.batch_size if config.endpoint in ENCODER_ENDPOINTS else 1
+    total = sum(sizes) * batch
     if config.dataset in PROMPT_SETS:
         pool = real_prompts(total, config.seed, config.dataset)
     else:  # multi-turn warms up with random prompts; its runs are conversations
         pool = random_prompts(total, config.input_len, config.input_len_spread, config.seed, tokens_per_word)
+    if config.endpoint in ENCODER_ENDPOINTS:
+        groups = [pool[i : i + batch] for i in range(0, total, batch)]
+        pool = [Prompt(g[0].text, g[0].target_len, tuple(p.text for p in g)) for g in groups]
     bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
     return [pool[a:b] for a, b in itertools.pairwise(bounds)]
 

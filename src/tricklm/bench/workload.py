@@ -35,6 +35,7 @@ CALIBRATION_WORDS = 256
 class Prompt:
     text: str
     target_len: int | None = None  # intended prompt tokens (random prompts only)
+    texts: tuple[str, ...] = ()  # an embeddings or rerank request's texts (`text` is the first)
 
 
 def random_words(rng: random.Random, count: int) -> str:
