@@ -78,7 +78,9 @@ def test_open_loop_follows_the_schedule() -> None:
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"endpoint": "embeddings"},
+        {"endpoint": "images"},
+        {"endpoint": "embeddings", "dataset": "multi-turn"},
+        {"batch_size": 0},
         {"num_prompts": 0},
         {"output_len": 0},
         {"max_concurrency": 0},
