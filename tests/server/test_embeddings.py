@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from tiny_models import write_bert_gguf
-from tricklm.engine.embedder import Embedder
+from tricklm.engine.embedder import DTYPE_ENV, Embedder
 from tricklm.model.resolve import resolve_model
 from tricklm.server.app import create_app
 from tricklm.server.testing import running_server
@@ -47,6 +47,20 @@ def test_vectors_match_sentence_transformers(client: openai.OpenAI) -> None:
     cosines = (vectors * want).sum(axis=1) / np.linalg.norm(vectors, axis=1) / np.linalg.norm(want, axis=1)
     assert cosines.min() >= 0.9999, cosines.argmin()
     assert got.usage.prompt_tokens > len(texts) and got.model == MODEL
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_both_matmul_types_are_within_the_bound(monkeypatch: pytest.MonkeyPatch, dtype: str) -> None:
+    """Whichever type the load-time probe picks on a CPU, its vectors are within cosine 0.9999."""
+    monkeypatch.setenv(DTYPE_ENV, dtype)
+    embedder = Embedder(resolve_model(MODEL), MODEL)
+    assert str(embedder.model.compute_dtype) == f"torch.{dtype}"
+    texts = json.loads((FIXTURES / f"{MODEL}-texts.json").read_text(encoding="utf-8"))
+    want = np.load(FIXTURES / f"{MODEL}-vectors.npy")
+    vectors = embedder.embed([embedder.fit(ids, truncate=True) for ids in embedder.tokenize(texts)]).numpy()
+    cosines = (vectors * want).sum(axis=1) / np.linalg.norm(want, axis=1)
+    assert cosines.min() >= 0.9999, (dtype, cosines.min())
+    embedder.shutdown()
 
 
 def test_a_bert_gguf_as_llama_cpp_writes_it_gives_the_same_vectors(tmp_path: Path) -> None:

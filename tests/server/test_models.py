@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from tiny_models import make_cross_encoder, make_tiny_model
 from tricklm.config import EngineConfig
@@ -18,6 +19,7 @@ from tricklm.engine.engine import Engine
 from tricklm.model.resolve import resolve_model
 from tricklm.options import build_parser, replica_plan, server_config
 from tricklm.server.app import create_app
+from tricklm.server.state import ServerState
 from tricklm.server.testing import free_port, running_server, wait_healthy
 
 EMBEDDER = "all-MiniLM-L6-v2"
@@ -58,6 +60,20 @@ def test_each_request_reaches_the_model_it_names(several: str) -> None:
     assert f'tricklm:encoder_inputs_total{{model_name="{EMBEDDER}"}} 1.0' in metrics
 
 
+def test_an_encoder_beside_a_generating_model_steps_back(tiny_engine: Engine) -> None:
+    """Beside a generating engine, an encoder computes on one thread at a lower priority (engine/embedder.py)."""
+    state = ServerState()
+    embedder = Embedder(resolve_model(EMBEDDER), EMBEDDER)
+    state.add(embedder)
+    assert not embedder.background
+    vector = embedder.embed(embedder.tokenize(["before"]))
+    state.add(tiny_engine)
+    assert embedder.background
+    assert torch.allclose(embedder.embed(embedder.tokenize(["before"])), vector, atol=1e-5)
+    embedder.shutdown()
+    state.shutdown()  # the engine is the session's: not owned, so only its client stops
+
+
 def test_a_wrong_or_unknown_model_is_refused_by_name(several: str) -> None:
     r = _chat(several, EMBEDDER)
     assert r.status_code == 400 and r.json()["error"]["code"] == "model_not_generative"
@@ -68,6 +84,10 @@ def test_a_wrong_or_unknown_model_is_refused_by_name(several: str) -> None:
     tokenized = httpx.post(f"{several}/tokenize", json={"model": "qwen", "prompt": "hello"}, timeout=10)
     assert tokenized.status_code == 200
     assert httpx.get(f"{several}/health", timeout=10).status_code == 200
+
+
+def test_the_default_model_can_be_named() -> None:
+    assert resolve_model("SmolLM2-135M-Instruct") == resolve_model(None)
 
 
 def test_serve_options_for_several_models() -> None:

@@ -2,27 +2,46 @@
 relevance score each out (`Reranker`).
 
 An encoder computes a whole input at once and keeps nothing between requests, so there is no scheduler
-or cache here: a request's inputs are tokenized, sorted by length and run in padded batches of similar
-lengths (little padding), one batch at a time under a lock, in the caller's thread (the server's worker
-threads, never the event loop).
+or cache here. Every forward pass runs on one thread of the engine's own (`_Worker`): requests queue their
+inputs there, and the inputs of the requests waiting together are sorted by length and run in padded
+batches of similar lengths (little padding), so a flood of one-text requests runs as batches.
+
+One thread also keeps torch's thread teams apart: each thread that runs a parallel op gets its own OpenMP
+team, and with more OpenMP threads than cores the runtime stops spinning between parallel regions, so a
+generating engine's steps (hundreds of regions each) ran twice as slow for good once embedding requests
+had run on the server's request threads. Beside a generating model (`background`), the encoder computes on
+one torch thread at a lower priority: the engine's steps come first, embeddings take what is left.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import queue
 import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tokenizers import Encoding
 from tokenizers import Tokenizer as HFTokenizer
 
-from tricklm.model.bert import EncoderConfig, load_encoder
+from tricklm.model.bert import Encoder, EncoderConfig, load_encoder
 from tricklm.model.config import ModelLoadError
+from tricklm.model.native import isa
+
+logger = logging.getLogger("tricklm")
 
 # Padded tokens a forward pass may hold (batch x longest input): batches of 8x this ran at half the speed
 # (benchmarks/README.md, "Embeddings")
 MAX_BATCH_TOKENS = 2048
+# Tokens of waiting requests run together; the first waiting request always goes whole, however long
+MAX_SHARED_TOKENS = 4 * MAX_BATCH_TOKENS
+BACKGROUND_NICE = 10  # added to the encoder thread's niceness beside a generating model
 
 
 class InputTooLong(ValueError):
@@ -35,8 +54,10 @@ class EncoderEngine:
     task = ""
 
     def __init__(self, folder: Path, name: str | None = None) -> None:
+        start = time.monotonic()
         self.config = EncoderConfig.from_folder(folder)
         self.model = load_encoder(folder)
+        self.model.compute_dtype = choose_compute_dtype(self.model, self.task == "embed")
         path = folder / "tokenizer.json"
         try:
             self._tok = HFTokenizer.from_file(str(path))
@@ -47,39 +68,173 @@ class EncoderEngine:
         self._tok.no_truncation()
         self.model_name = name or folder.name
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        self._lock = threading.Lock()
+        self.background = False  # beside a generating model: one torch thread, lower priority (set before use)
+        self._worker: _Worker | None = None
+        self._worker_lock = threading.Lock()
         self.memory_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        dtype = str(self.model.compute_dtype).removeprefix("torch.")
+        logger.info(
+            "loaded %s (%s) from %s in %.1fs: weights %.0f MiB, matmuls in %s",
+            self.model_name,
+            self.task,
+            folder,
+            time.monotonic() - start,
+            self.memory_bytes / 2**20,
+            dtype,
+        )
 
     @property
     def max_tokens(self) -> int:
         return self.config.max_seq_length
 
     def shutdown(self) -> None:
-        """Nothing runs between requests (a forward pass is its caller's)."""
+        if self._worker is not None:
+            self._worker.stop()
 
-    def _batched(
+    def _compute(
         self, inputs: list[list[int]], types: list[list[int]] | None, run: Callable[..., torch.Tensor], width: int
     ) -> torch.Tensor:
-        """run(ids, mask[, types]) over padded batches of similar lengths; [len(inputs), width], input order."""
-        order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
-        out = torch.empty(len(inputs), width)
+        """run(ids, mask[, types]) for every input, on the engine's thread with other requests' inputs;
+        [len(inputs), width] in input order. Blocks the caller until done."""
+        with self._worker_lock:
+            if self._worker is None:
+                self._worker = _Worker(self)
+        return self._worker.submit(_Job(inputs, types, run, width, self.config.pad_token_id))
+
+
+def padded_batches(
+    inputs: list[list[int]], types: list[list[int]] | None, run: Callable[..., torch.Tensor], width: int, pad: int
+) -> torch.Tensor:
+    """run(ids, mask[, types]) over padded batches of similar lengths; [len(inputs), width], input order."""
+    order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
+    out = torch.empty(len(inputs), width)
+    start = 0
+    while start < len(order):
+        end = start + 1
+        while end < len(order) and (end - start + 1) * len(inputs[order[end]]) <= MAX_BATCH_TOKENS:
+            end += 1
+        rows = order[start:end]
+        longest = max(len(inputs[i]) for i in rows)
+        ids = torch.tensor([inputs[i] + [pad] * (longest - len(inputs[i])) for i in rows])
+        mask = torch.tensor([[1] * len(inputs[i]) + [0] * (longest - len(inputs[i])) for i in rows])
+        args = [ids, mask]
+        if types is not None:
+            args.append(torch.tensor([types[i] + [0] * (longest - len(types[i])) for i in rows]))
+        out[rows] = run(*args)
+        start = end
+    return out
+
+
+DTYPE_ENV = "TRICKLM_ENCODER_DTYPE"  # float32, bfloat16 or auto (the default)
+BF16_MIN_GAIN = 1.2  # bfloat16 matmuls are taken when at least this much faster than float32
+
+
+def choose_compute_dtype(model: Encoder, may_round: bool) -> torch.dtype:
+    """The matmuls' type: $TRICKLM_ENCODER_DTYPE if set, else, for an embedding model (`may_round`),
+    bfloat16 when a probe batch runs clearly faster in it on this CPU (a Zen 4 or a Xeon with AVX-512 BF16
+    or AMX: about twice as fast, every all-MiniLM-L6-v2 vector of the tests within cosine 0.9999 of
+    float32's), else float32: AVX2 CPUs have no bfloat16 arithmetic (TRICKLM_ISA=avx2 or scalar stands for
+    one), and a reranker's scores are compared with each other and with other servers' to 1e-4."""
+    forced = os.environ.get(DTYPE_ENV, "auto")
+    if forced in ("float32", "bfloat16"):
+        return getattr(torch, forced)  # type: ignore[no-any-return]
+    if forced != "auto":
+        raise ModelLoadError(f"{DTYPE_ENV} must be float32, bfloat16 or auto, not {forced!r}")
+    if not may_round:
+        return torch.float32
+    try:
+        if isa.forced() in ("scalar", "avx2"):
+            return torch.float32
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from None
+    ids = torch.randint(1000, 2000, (8, 64))
+    mask = torch.ones_like(ids)
+    times = {}
+    for dtype in (torch.float32, torch.bfloat16, torch.float32, torch.bfloat16):
+        model.compute_dtype = dtype
+        start = time.perf_counter()
+        model(ids, mask)
+        times[dtype] = time.perf_counter() - start  # the second of each: warmed up
+    return torch.bfloat16 if times[torch.float32] >= BF16_MIN_GAIN * times[torch.bfloat16] else torch.float32
+
+
+@dataclass
+class _Job:
+    inputs: list[list[int]]
+    types: list[list[int]] | None
+    run: Callable[..., torch.Tensor]
+    width: int
+    pad: int
+    done: Future[torch.Tensor] | None = None
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(x) for x in self.inputs)
+
+
+class _Worker:
+    """The thread every forward pass of one encoder runs on, taking the waiting requests together."""
+
+    def __init__(self, owner: EncoderEngine) -> None:
+        self._owner = owner
+        self._in_background = False
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name=f"tricklm-encoder-{owner.model_name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: _Job) -> torch.Tensor:
+        job.done = Future()
+        self._jobs.put(job)
+        return job.done.result()
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+    def _step_back(self) -> None:
+        """One torch thread (this thread's team only: other threads keep their own counts) at a lower
+        priority, once a generating model is served beside (it may load after this encoder served)."""
+        if self._in_background or not self._owner.background:
+            return
+        self._in_background = True
+        torch.set_num_threads(1)
+        with contextlib.suppress(OSError, AttributeError):  # not Linux: the priority stays as it is
+            niceness = os.getpriority(os.PRIO_PROCESS, 0) + BACKGROUND_NICE
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+
+    def _serve(self) -> None:
+        while (first := self._jobs.get()) is not None:
+            self._step_back()
+            jobs = [first]
+            total = first.tokens
+            while total < MAX_SHARED_TOKENS:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    self._jobs.put(None)  # stop after these
+                    break
+                jobs.append(job)
+                total += job.tokens
+            self._run(jobs)
+
+    @staticmethod
+    def _run(jobs: list[_Job]) -> None:
+        first = jobs[0]
+        inputs = [x for job in jobs for x in job.inputs]
+        types = None if first.types is None else [t for job in jobs for t in job.types or []]
+        try:
+            out = padded_batches(inputs, types, first.run, first.width, first.pad)
+        except Exception as e:  # each request gets the error, never the thread's end
+            for job in jobs:
+                assert job.done is not None
+                job.done.set_exception(e)
+            return
         start = 0
-        while start < len(order):
-            end = start + 1
-            while end < len(order) and (end - start + 1) * len(inputs[order[end]]) <= MAX_BATCH_TOKENS:
-                end += 1
-            rows = order[start:end]
-            longest = max(len(inputs[i]) for i in rows)
-            pad = self.config.pad_token_id
-            ids = torch.tensor([inputs[i] + [pad] * (longest - len(inputs[i])) for i in rows])
-            mask = torch.tensor([[1] * len(inputs[i]) + [0] * (longest - len(inputs[i])) for i in rows])
-            args = [ids, mask]
-            if types is not None:
-                args.append(torch.tensor([types[i] + [0] * (longest - len(types[i])) for i in rows]))
-            with self._lock:
-                out[rows] = run(*args)
-            start = end
-        return out
+        for job in jobs:
+            assert job.done is not None
+            job.done.set_result(out[start : start + len(job.inputs)])
+            start += len(job.inputs)
 
 
 class Embedder(EncoderEngine):
@@ -105,7 +260,7 @@ class Embedder(EncoderEngine):
 
     def embed(self, inputs: list[list[int]]) -> torch.Tensor:
         """[len(inputs), dimensions] float32, in input order."""
-        return self._batched(inputs, None, self.model, self.dimensions)
+        return self._compute(inputs, None, self.model, self.dimensions)
 
 
 class Reranker(EncoderEngine):
@@ -141,5 +296,5 @@ class Reranker(EncoderEngine):
         ids = [list(e.ids) for e in encodings]
         # RoBERTa-shaped models have one segment: their tokenizers write 0s, a BERT tokenizer would write 1s
         types = [list(e.type_ids) if self.config.type_vocab_size > 1 else [0] * len(e.ids) for e in encodings]
-        scores = self._batched(ids, types, self.model.score, self.config.num_labels)
+        scores = self._compute(ids, types, self.model.score, self.config.num_labels)
         return [float(s) for s in scores[:, 0]]

@@ -166,6 +166,9 @@ class Encoder(nn.Module):
         self.head: nn.ModuleList | None = None
         if cfg.is_cross_encoder:
             self.head = nn.ModuleList([nn.Linear(h, h), nn.Linear(h, cfg.num_labels)])
+        # The matmuls' type (float32 weights either way): bfloat16 where the CPU multiplies it natively
+        # (`choose_compute_dtype`); the states, pooling and head stay float32
+        self.compute_dtype = torch.float32
 
     def states(self, ids: torch.Tensor, mask: torch.Tensor, types: torch.Tensor | None = None) -> torch.Tensor:
         """The last layer's token states [B, T, H] of a padded batch `ids` [B, T] (`types`: segment ids)."""
@@ -175,9 +178,10 @@ class Encoder(nn.Module):
         x: torch.Tensor = self.norm(self.word(ids) + self.position(positions) + self.token_type(segments))
         # padding never attended to: an additive bias per key, broadcast over heads and queries
         bias = torch.zeros(mask.shape, dtype=x.dtype).masked_fill(mask == 0, -math.inf)[:, None, None, :]
-        for layer in self.layers:
-            x = layer(x, bias)
-        return x
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.compute_dtype == torch.bfloat16):
+            for layer in self.layers:
+                x = layer(x, bias)
+        return x.float()
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -49,19 +49,21 @@ PACKAGED_MODELS = {"all-MiniLM-L6-v2": ("all_minilm_l6_v2", "model.zip", "all-mi
 def model_name(spec: str | None, folder: Path) -> str:
     """The name a model is served under unless one is given: the default's, a packaged model's, else its
     folder's (a GGUF's converted folder)."""
-    if spec is None:
-        return DEFAULT_MODEL_NAME
-    return spec if spec in PACKAGED_MODELS else folder.name
+    if spec is None or spec in PACKAGED_MODELS or spec == DEFAULT_MODEL_NAME:
+        return spec or DEFAULT_MODEL_NAME
+    return folder.name
 
 
 def resolve_model(spec: str | None, progress: bool = True) -> Path:
     """Return a Hugging Face folder for `spec`, converting a GGUF file into the cache on first use."""
-    if spec is None:
+    path = Path(spec).expanduser() if spec is not None else None
+    if spec is None or (spec == DEFAULT_MODEL_NAME and not (path and path.is_dir())):
+        # the default by its name too, so that it can be served beside others (--model NAME --model ...)
         gguf = default_gguf_path()
         return _converted(gguf, cache_dir() / f"{DEFAULT_MODEL_NAME}-{_file_key(gguf)}", progress)
     if spec in PACKAGED_MODELS:
         return _packaged(spec)
-    path = Path(spec).expanduser()
+    assert path is not None
     if path.is_dir():
         return path
     if path.is_file() and path.suffix == ".gguf":

@@ -96,6 +96,10 @@ class ServerState:
         else:
             slot.encoder = model
             slot.name = slot.name or model.model_name
+        if self.clients():  # encoders compute beside a generating engine in the background from now on
+            for m in self.models:
+                if m.encoder is not None:
+                    m.encoder.background = True
         return slot
 
     def load_in_background(
