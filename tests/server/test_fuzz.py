@@ -25,8 +25,11 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from tiny_models import make_cross_encoder
 from tricklm.config import EngineConfig
+from tricklm.engine.embedder import Embedder, Reranker
 from tricklm.engine.engine import Engine
+from tricklm.model.resolve import resolve_model
 from tricklm.server.app import create_app
 from tricklm.server.testing import running_server
 
@@ -37,14 +40,22 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(tiny_model_dir: Path) -> Iterator[str]:
+def fuzz_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A generating model, an embedding model and a reranker: a request that names no model reaches the one
+    its route uses."""
     # A short context bounds every generation the fuzzer can ask for
     engine = Engine(EngineConfig(model=str(tiny_model_dir), max_num_seqs=4, max_model_len=96), progress=False)
+    encoders = [
+        Embedder(resolve_model("all-MiniLM-L6-v2"), "all-MiniLM-L6-v2"),
+        Reranker(make_cross_encoder(tmp_path_factory.mktemp("fuzz") / "reranker"), "reranker"),
+    ]
     try:
-        with running_server(create_app(engine=engine)) as base:
+        with running_server(create_app(models=[engine, *encoders])) as base:
             yield base
     finally:
         engine.shutdown()
+        for encoder in encoders:
+            encoder.shutdown()
 
 
 def test_the_schema_has_every_route() -> None:
@@ -54,6 +65,8 @@ def test_the_schema_has_every_route() -> None:
         "POST /v1/completions",
         "POST /v1/messages",
         "POST /generate",
+        "POST /v1/embeddings",
+        "POST /v1/rerank",
         "GET /health",
     } <= labels
 
