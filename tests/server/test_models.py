@@ -16,9 +16,11 @@ from tiny_models import make_cross_encoder, make_tiny_model
 from tricklm.config import EngineConfig
 from tricklm.engine.embedder import Embedder
 from tricklm.engine.engine import Engine
+from tricklm.model.config import ModelLoadError
 from tricklm.model.resolve import resolve_model
 from tricklm.options import build_parser, replica_plan, server_config
 from tricklm.server.app import create_app
+from tricklm.server.run import _check_memory
 from tricklm.server.state import ServerState
 from tricklm.server.testing import free_port, running_server, wait_healthy
 
@@ -127,9 +129,12 @@ def test_tricklm_serve_with_a_chat_model_an_embedder_and_a_reranker(tiny_model_d
     assert proc.returncode == 0 and b"Traceback" not in stderr, stderr.decode(errors="replace")[-3000:]
 
 
-def test_models_over_the_memory_limit_are_refused_at_start(tiny_model_dir: Path) -> None:
-    proc, _ = _serve("--model", EMBEDDER, "--model", str(tiny_model_dir), "--memory-limit", "40MiB")
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 1
-    text = stderr.decode(errors="replace")
-    assert "more than --memory-limit 40 MiB" in text and f"{EMBEDDER} " in text, text[-3000:]
+def test_models_over_the_memory_limit_are_refused_at_start() -> None:
+    """What `tricklm serve --memory-limit` does after each model loads (server/run.py), with a real model."""
+    embedder = Embedder(resolve_model(EMBEDDER), EMBEDDER)
+    held = {"chat": 10 << 20, EMBEDDER: embedder.memory_bytes}
+    _check_memory(held, 200 << 20, embedder)  # 96 MiB: within
+    with pytest.raises(
+        ModelLoadError, match=f"hold 96 MiB .chat 10 MiB, {EMBEDDER} 86 MiB., more than --memory-limit 40"
+    ):
+        _check_memory(held, 40 << 20, embedder)
