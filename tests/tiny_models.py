@@ -397,3 +397,20 @@ def write_bert_gguf(folder: Path, path: Path) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def make_decoder_embedder(path: Path) -> Path:
+    """A tiny random Qwen3 as a sentence-transformers embedding folder, as Qwen3-Embedding is laid out:
+    the decoder's files, then modules.json with last-token pooling and Normalize."""
+    make_tiny_model(path, "Qwen3ForCausalLM")
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
+    (path / "modules.json").write_text(json.dumps(modules), encoding="utf-8")
+    (path / "1_Pooling").mkdir()
+    pooling = {"word_embedding_dimension": 64, "pooling_mode_lasttoken": True}
+    (path / "1_Pooling" / "config.json").write_text(json.dumps(pooling), encoding="utf-8")
+    (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64}), encoding="utf-8")
+    return path

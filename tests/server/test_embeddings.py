@@ -13,9 +13,11 @@ import httpx
 import numpy as np
 import openai
 import pytest
+import torch
 
-from tiny_models import write_bert_gguf
+from tiny_models import make_decoder_embedder, write_bert_gguf
 from tricklm.engine.embedder import DTYPE_ENV, Embedder
+from tricklm.model.bert import encoder_task
 from tricklm.model.resolve import resolve_model
 from tricklm.server.app import create_app
 from tricklm.server.testing import running_server
@@ -73,6 +75,30 @@ def test_a_bert_gguf_as_llama_cpp_writes_it_gives_the_same_vectors(tmp_path: Pat
     cosines = (vectors.numpy() * want).sum(axis=1) / np.linalg.norm(want, axis=1)
     assert cosines.min() >= 0.9999, cosines.argmin()  # float16 matrices, as the converter's default writes them
     assert embedder.max_tokens == 512 and embedder.config.pooling == "mean" and embedder.config.normalize
+
+
+def test_a_decoder_embedding_model_pools_its_last_token(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Qwen3-Embedding's layout (a decoder with last-token pooling): each vector is transformers' last-layer
+    state at the text's last token, normalized, whatever else is in the batch."""
+    from transformers import AutoModel
+
+    monkeypatch.setenv(DTYPE_ENV, "float32")
+    folder = make_decoder_embedder(tmp_path / "qwen3-embedding")
+    assert encoder_task(folder) == "embed"
+    embedder = Embedder(folder, "qwen3-embedding")
+    inputs = embedder.tokenize(["a short text", "a somewhat longer text than the first one, " * 3, "x"])
+    got = embedder.embed(inputs)
+    reference = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
+    for ids, vector in zip(inputs, got, strict=True):
+        with torch.no_grad():
+            state = reference(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]
+        torch.testing.assert_close(vector, torch.nn.functional.normalize(state, dim=0), atol=1e-5, rtol=0)
+    with running_server(create_app(embedder=embedder)) as base:
+        r = httpx.post(f"{base}/v1/embeddings", json={"input": ["a short text"]}, timeout=30)
+        assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 64
+        r = httpx.post(f"{base}/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 400  # served as an embedding model, though its weights could generate
+    embedder.shutdown()
 
 
 def test_formats_dimensions_and_token_inputs(client: openai.OpenAI, embedding_server: str) -> None:

@@ -30,7 +30,7 @@ import torch
 from tokenizers import Encoding
 from tokenizers import Tokenizer as HFTokenizer
 
-from tricklm.model.bert import Encoder, EncoderConfig, load_encoder
+from tricklm.model.bert import DecoderEncoder, Encoder, EncoderConfig, load_encoder
 from tricklm.model.config import ModelLoadError
 from tricklm.model.native import isa
 
@@ -129,7 +129,7 @@ DTYPE_ENV = "TRICKLM_ENCODER_DTYPE"  # float32, bfloat16 or auto (the default)
 BF16_MIN_GAIN = 1.2  # bfloat16 matmuls are taken when at least this much faster than float32
 
 
-def choose_compute_dtype(model: Encoder, may_round: bool) -> torch.dtype:
+def choose_compute_dtype(model: Encoder | DecoderEncoder, may_round: bool) -> torch.dtype:
     """The matmuls' type: $TRICKLM_ENCODER_DTYPE if set, else, for an embedding model (`may_round`),
     bfloat16 when a probe batch runs clearly faster in it on this CPU (a Zen 4 or a Xeon with AVX-512 BF16
     or AMX: about twice as fast, every all-MiniLM-L6-v2 vector of the tests within cosine 0.9999 of
@@ -299,5 +299,6 @@ class Reranker(EncoderEngine):
         ids = [list(e.ids) for e in encodings]
         # RoBERTa-shaped models have one segment: their tokenizers write 0s, a BERT tokenizer would write 1s
         types = [list(e.type_ids) if self.config.type_vocab_size > 1 else [0] * len(e.ids) for e in encodings]
+        assert isinstance(self.model, Encoder)  # cross-encoders are BERT-family
         scores = self._compute(ids, types, self.model.score, self.config.num_labels)
         return [float(s) for s in scores[:, 0]]

@@ -6,6 +6,10 @@ text (no cache, no causal mask). A sentence embedding is its token states pooled
 `modules.json` lists a Normalize module, scaled to unit length: what `SentenceTransformer.encode` computes.
 A cross-encoder (a `*ForSequenceClassification` folder with one label: a reranker) reads a query and a
 document as one pair and scores the first token's state with its classification head.
+
+A decoder embedding model (Qwen3-Embedding: a decoder's folder with sentence-transformers' `modules.json`,
+last-token pooling) reads each text causally; its forward pass is transformers' own model (`DecoderEncoder`),
+pooled and normalized here as sentence-transformers does.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ class EncoderConfig:
     pooling: str
     normalize: bool
     roberta: bool
+    decoder: bool  # a decoder embedding model (causal attention, last-token pooling)
     num_labels: int  # a cross-encoder's outputs (1 for a reranker); 0 for an embedding model
     sigmoid: bool  # a cross-encoder's score goes through a sigmoid (sentence-transformers' default for 1 label)
 
@@ -61,6 +66,7 @@ class EncoderConfig:
         st = _json(st_file) if st_file.exists() else {}
         modules = _json(folder / "modules.json") if (folder / "modules.json").exists() else []
         cross = any(a in CROSS_ENCODER_ARCHITECTURES for a in cfg.get("architectures") or [])
+        decoder = _is_decoder(cfg)
         return cls(
             vocab_size=int(cfg["vocab_size"]),
             hidden_size=int(cfg["hidden_size"]),
@@ -70,12 +76,13 @@ class EncoderConfig:
             max_position_embeddings=max_positions,
             type_vocab_size=int(cfg.get("type_vocab_size", 2)),
             layer_norm_eps=float(cfg.get("layer_norm_eps", 1e-12)),
-            pad_token_id=int(cfg.get("pad_token_id", 0)),
+            pad_token_id=int(cfg.get("pad_token_id") or 0),
             position_offset=offset,
             max_seq_length=int(st.get("max_seq_length", max_positions - offset)),
             pooling="cls" if cross else _pooling(folder, modules),
             normalize=any(str(m.get("type", "")).endswith("Normalize") for m in modules),
             roberta=roberta,
+            decoder=decoder,
             num_labels=len(cfg.get("id2label") or {"0": ""}) if cross else 0,
             sigmoid=cross and _cross_encoder_sigmoid(cfg),
         )
@@ -96,17 +103,32 @@ def _cross_encoder_sigmoid(cfg: dict[str, Any]) -> bool:
 
 
 def encoder_task(folder: Path) -> str | None:
-    """ "embed" or "rerank" when `folder` holds an encoder this module serves, None for anything else (a
-    generating model)."""
+    """The task of the model in `folder` when this module serves it ("embed" or "rerank"), None for anything
+    else (a generating model)."""
     config = folder / "config.json"
     if not config.is_file():
         return None
-    architectures = _json(config).get("architectures") or []
+    cfg = _json(config)
+    architectures = cfg.get("architectures") or []
     if any(a in CROSS_ENCODER_ARCHITECTURES for a in architectures):
         return "rerank"
     if any(a in ENCODER_ARCHITECTURES for a in architectures):
         return "embed"
+    if _is_decoder(cfg) and _pools(folder):
+        return "embed"
     return None
+
+
+def _is_decoder(cfg: dict[str, Any]) -> bool:
+    """A decoder's config (grouped-query attention, as every decoder family served here has)."""
+    names = [str(a) for a in cfg.get("architectures") or []]
+    return "num_key_value_heads" in cfg and not any(a in ENCODER_ARCHITECTURES for a in names)
+
+
+def _pools(folder: Path) -> bool:
+    """A sentence-transformers folder: its modules include a Pooling one."""
+    path = folder / "modules.json"
+    return path.is_file() and any(str(m.get("type", "")).endswith("Pooling") for m in _json(path))
 
 
 def _pooling(folder: Path, modules: list[dict[str, Any]]) -> str:
@@ -208,9 +230,35 @@ def _pool(states: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
     return (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
 
 
-def load_encoder(folder: Path) -> Encoder:
-    """An encoder with the folder's weights (safetensors, with or without a `bert.`/`roberta.` prefix)."""
+class DecoderEncoder(nn.Module):
+    """A decoder embedding model: transformers' model of the folder (float32), its last layer's states
+    pooled as the folder says (last token for Qwen3-Embedding) and normalized."""
+
+    def __init__(self, folder: Path, cfg: EncoderConfig) -> None:
+        super().__init__()
+        from transformers import AutoModel
+
+        self.config = cfg
+        try:
+            self.inner = AutoModel.from_pretrained(str(folder), dtype=torch.float32).eval()
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"{folder}: {e}") from None
+        self.compute_dtype = torch.float32
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.compute_dtype == torch.bfloat16):
+            states = self.inner(input_ids=ids, attention_mask=mask).last_hidden_state
+        pooled = _pool(states.float(), mask, self.config.pooling)
+        return F.normalize(pooled, dim=-1) if self.config.normalize else pooled
+
+
+def load_encoder(folder: Path) -> Encoder | DecoderEncoder:
+    """The folder's model: an encoder with its weights (safetensors, with or without a `bert.`/`roberta.`
+    prefix), or a decoder embedding model."""
     cfg = EncoderConfig.from_folder(folder)
+    if cfg.decoder:
+        return DecoderEncoder(folder, cfg)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{folder}: no .safetensors weights")
