@@ -289,7 +289,7 @@ def _prefer_token(path: Path, token_id: int) -> None:
     save_file(weights, str(file), metadata={"format": "pt"})
 
 
-def make_cross_encoder(path: Path, roberta: bool = False, sigmoid: bool = True) -> Path:
+def make_cross_encoder(path: Path, roberta: bool = False, sigmoid: bool = True, labels: int = 1) -> Path:
     """A tiny random reranker (one label) in transformers' own layout, with all-MiniLM-L6-v2's BERT tokenizer
     (its pair template writes the document as segment 1); `sigmoid=False` names Identity as the activation,
     as the ms-marco cross-encoders do."""
@@ -310,7 +310,7 @@ def make_cross_encoder(path: Path, roberta: bool = False, sigmoid: bool = True) 
         "num_hidden_layers": 2,
         "num_attention_heads": 4,
         "intermediate_size": 48,
-        "num_labels": 1,
+        "num_labels": labels,
     }
     torch.manual_seed(7 + roberta)
     model: Any

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from tiny_models import make_decoder_embedder, write_bert_gguf
+from tricklm.engine import embedder as encoders
 from tricklm.engine.embedder import DTYPE_ENV, Embedder
 from tricklm.model.bert import encoder_task
 from tricklm.model.resolve import resolve_model
@@ -133,6 +134,14 @@ def test_bad_input_is_a_400(embedding_server: str, body: dict[str, object], word
     r = httpx.post(f"{embedding_server}/v1/embeddings", json=body, timeout=30)
     assert r.status_code == 400, r.text
     assert words in json.dumps(r.json())
+
+
+def test_a_full_encoder_queue_is_a_429(embedding_server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(encoders, "MAX_QUEUED_JOBS", 0)
+    r = httpx.post(f"{embedding_server}/v1/embeddings", json={"input": "hi"}, timeout=30)
+    assert r.status_code == 429 and r.headers["retry-after"] and r.json()["error"]["code"] == "queue_full"
+    monkeypatch.undo()
+    assert httpx.post(f"{embedding_server}/v1/embeddings", json={"input": "hi"}, timeout=30).status_code == 200
 
 
 def test_generating_routes_refuse_an_embedding_model_and_back(embedding_server: str, tiny_server: str) -> None:

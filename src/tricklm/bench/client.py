@@ -381,8 +381,9 @@ async def count_tokens(client: httpx.AsyncClient, base_url: str, model: str, tex
 _SPEC_COUNTERS = ("tricklm:spec_decode_num_draft_tokens_total", "tricklm:spec_decode_num_accepted_tokens_total")
 
 
-async def speculation_counters(client: httpx.AsyncClient, base_url: str) -> tuple[float, float] | None:
-    """The server's draft tokens verified and kept so far (tricklm's /metrics), or None if it has none."""
+async def speculation_counters(client: httpx.AsyncClient, base_url: str, model: str) -> tuple[float, float] | None:
+    """The server's draft tokens verified and kept so far for `model` (tricklm's /metrics, whose series
+    carry model_name), or None if it has none."""
     try:
         response = await client.get(base_url + "/metrics", timeout=10)
     except httpx.HTTPError:
@@ -391,8 +392,8 @@ async def speculation_counters(client: httpx.AsyncClient, base_url: str) -> tupl
         return None
     values: dict[str, float] = {}
     for line in response.text.splitlines():
-        name = line.split("{")[0].split(" ")[0]  # summed over the series' labels (each model served)
-        if name in _SPEC_COUNTERS:
+        name = line.split("{")[0].split(" ")[0]
+        if name in _SPEC_COUNTERS and ("model_name=" not in line or f'model_name="{model}"' in line):
             values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
     if len(values) < len(_SPEC_COUNTERS):
         return None

@@ -52,9 +52,14 @@ def format_header(bench: Benchmark) -> str:
     return "\n".join([f"server   {c.base_url}{ENDPOINT_PATHS[c.endpoint]}   model {c.model}", load])
 
 
-def format_run(run: RunResult, output_len: int) -> str:
+def _encoder(bench: Benchmark) -> bool:
+    return bench.config.endpoint in ENCODER_ENDPOINTS
+
+
+def format_run(run: RunResult, output_len: int, encoder: bool = False) -> str:
+    """One run's table: an embeddings or rerank run's (`encoder`) has no tokens streaming out."""
     s = run.summary
-    if s.total_inputs:
+    if encoder:
         return _encoder_run(run)
     lines = [
         f"load       {level_label(run)}",
@@ -78,7 +83,10 @@ def format_run(run: RunResult, output_len: int) -> str:
 def _encoder_run(run: RunResult) -> str:
     """An embeddings or rerank run: inputs a second and whole-request latency (nothing streams)."""
     s = run.summary
-    tokens = f", input tokens mean {s.total_input_tokens / s.total_inputs:.1f} a text" if s.total_input_tokens else ""
+    reported = s.total_input_tokens and s.total_inputs
+    tokens = (
+        f", {s.total_input_tokens / s.total_inputs:.1f} input tokens a text (as the server counts)" if reported else ""
+    )
     lines = [
         f"load       {level_label(run)}",
         f"requests   {s.completed} completed, {s.failed} failed{_error_breakdown(s)}",
@@ -167,9 +175,8 @@ _ENCODER_SWEEP_COLUMNS = (
 )
 
 
-def format_sweep(runs: list[RunResult]) -> str:
+def format_sweep(runs: list[RunResult], encoder: bool = False) -> str:
     """One row per load level; latencies in ms."""
-    encoder = any(run.summary.total_inputs for run in runs)
     columns = _ENCODER_SWEEP_COLUMNS if encoder else _SWEEP_COLUMNS
     lines = ["".join(f"{name:>{width}}" for name, width, _ in columns)]
     lines += [_encoder_sweep_row(run) if encoder else _sweep_row(run) for run in runs]
@@ -223,9 +230,9 @@ def _sweep_cell(value: float | int | str | None, width: int, decimals: int) -> s
 def format_report(bench: Benchmark) -> str:
     parts = [format_header(bench)]
     if len(bench.runs) == 1:
-        parts.append(format_run(bench.runs[0], bench.config.output_len))
+        parts.append(format_run(bench.runs[0], bench.config.output_len, _encoder(bench)))
     else:
-        parts.append(format_sweep(bench.runs))
+        parts.append(format_sweep(bench.runs, _encoder(bench)))
     return "\n\n".join(parts)
 
 

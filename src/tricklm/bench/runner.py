@@ -194,7 +194,8 @@ async def measure(
     probe = HealthProbe(clients[1], health_url, config.health_interval, config.timeout)
     probe_task = asyncio.create_task(probe.run()) if config.health_path else None
     label = f"concurrency {max_concurrency}" if max_concurrency else f"rate {config.request_rate:g}/s"
-    spec_before = await speculation_counters(clients[1], config.base_url)
+    assert config.model is not None
+    spec_before = await speculation_counters(clients[1], config.base_url, config.model)
     with tqdm(total=len(prompts), desc=label, unit="req", file=sys.stderr, disable=not progress) as bar:
         start = time.perf_counter()
         if conversations:
@@ -211,7 +212,7 @@ async def measure(
         with contextlib.suppress(asyncio.CancelledError):
             await probe_task
     health = probe.finish()
-    spec_after = await speculation_counters(clients[1], config.base_url)
+    spec_after = await speculation_counters(clients[1], config.base_url, config.model)
     speculation = None
     if spec_before is not None and spec_after is not None:
         speculation = (spec_after[0] - spec_before[0], spec_after[1] - spec_before[1])

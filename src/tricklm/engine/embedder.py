@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,6 +41,7 @@ logger = logging.getLogger("tricklm")
 MAX_BATCH_TOKENS = 2048
 # Tokens of waiting requests run together; the first waiting request always goes whole, however long
 MAX_SHARED_TOKENS = 4 * MAX_BATCH_TOKENS
+MAX_QUEUED_JOBS = 256  # requests waiting for one encoder before more are refused (a 429 from the server)
 BACKGROUND_NICE = 10  # added to the encoder thread's niceness beside a generating model
 
 
@@ -67,10 +68,12 @@ class EncoderEngine:
         self._tok.no_padding()
         self._tok.no_truncation()
         self.model_name = name or folder.name
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        # token ids a request may send: in the tokenizer and in the model's table
+        self.vocab_size = min(self._tok.get_vocab_size(with_added_tokens=True), self.config.vocab_size)
         self.background = False  # beside a generating model: one torch thread, lower priority (set before use)
         self._worker: _Worker | None = None
         self._worker_lock = threading.Lock()
+        self._closed = False
         self.memory_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         dtype = str(self.model.compute_dtype).removeprefix("torch.")
         logger.info(
@@ -88,15 +91,19 @@ class EncoderEngine:
         return self.config.max_seq_length
 
     def shutdown(self) -> None:
-        if self._worker is not None:
-            self._worker.stop()
-
-    def _compute(
-        self, inputs: list[list[int]], types: list[list[int]] | None, run: Callable[..., torch.Tensor], width: int
-    ) -> torch.Tensor:
-        """run(ids, mask[, types]) for every input, on the engine's thread with other requests' inputs;
-        [len(inputs), width] in input order. Blocks the caller until done."""
         with self._worker_lock:
+            self._closed = True
+            if self._worker is not None:
+                self._worker.stop()
+
+    def _submit(
+        self, inputs: list[list[int]], types: list[list[int]] | None, run: Callable[..., torch.Tensor], width: int
+    ) -> Future[torch.Tensor]:
+        """run(ids, mask[, types]) for every input, on the engine's thread with other requests' inputs: a
+        future of [len(inputs), width] in input order (EncoderBusy, EncoderStopped if it cannot be queued)."""
+        with self._worker_lock:
+            if self._closed:
+                raise EncoderStopped(f"{self.model_name} was shut down")
             if self._worker is None:
                 self._worker = _Worker(self)
         return self._worker.submit(_Job(inputs, types, run, width, self.config.pad_token_id))
@@ -161,6 +168,14 @@ def choose_compute_dtype(model: Encoder | DecoderEncoder, may_round: bool) -> to
     return torch.bfloat16 if fp32 >= BF16_MIN_GAIN * bf16 else torch.float32
 
 
+class EncoderBusy(RuntimeError):
+    """More requests wait for the encoder than it queues (MAX_QUEUED_JOBS): the caller is told to retry."""
+
+
+class EncoderStopped(RuntimeError):
+    """The encoder was shut down: nothing more runs on it."""
+
+
 @dataclass
 class _Job:
     inputs: list[list[int]]
@@ -168,7 +183,7 @@ class _Job:
     run: Callable[..., torch.Tensor]
     width: int
     pad: int
-    done: Future[torch.Tensor] | None = None
+    done: Future[torch.Tensor] = field(default_factory=Future)
 
     @property
     def tokens(self) -> int:
@@ -176,26 +191,39 @@ class _Job:
 
 
 class _Worker:
-    """The thread every forward pass of one encoder runs on, taking the waiting requests together."""
+    """The thread every forward pass of one encoder runs on, taking the waiting requests together. Callers
+    get a future: a server awaits it on its event loop, holding no thread of its pool while it waits."""
 
     def __init__(self, owner: EncoderEngine) -> None:
         self._owner = owner
         self._in_background = False
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._queued = 0  # jobs submitted and not yet taken (approximate across threads: a bound, not a count)
+        self._stopped = False
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._serve, name=f"tricklm-encoder-{owner.model_name}", daemon=True)
         self._thread.start()
 
-    def submit(self, job: _Job) -> torch.Tensor:
-        job.done = Future()
-        self._jobs.put(job)
-        return job.done.result()
+    def submit(self, job: _Job) -> Future[torch.Tensor]:
+        with self._lock:
+            if self._stopped:
+                raise EncoderStopped(f"{self._owner.model_name} was shut down")
+            if self._queued >= MAX_QUEUED_JOBS:
+                raise EncoderBusy(f"{self._queued} requests are waiting for {self._owner.model_name}; retry later")
+            self._queued += 1
+            self._jobs.put(job)
+        return job.done
 
     def stop(self) -> None:
-        self._jobs.put(None)
+        """Jobs still queued fail with EncoderStopped; the one running finishes."""
+        with self._lock:
+            self._stopped = True
+            self._jobs.put(None)
 
     def _step_back(self) -> None:
-        """One torch thread (this thread's team only: other threads keep their own counts) at a lower
-        priority, once a generating model is served beside (it may load after this encoder served)."""
+        """One torch thread at a lower priority, once a generating model is served beside (it may load after
+        this encoder served). torch's count also becomes the default of threads that start torch work later;
+        the engines set theirs at every step."""
         if self._in_background or not self._owner.background:
             return
         self._in_background = True
@@ -204,38 +232,50 @@ class _Worker:
             niceness = os.getpriority(os.PRIO_PROCESS, 0) + BACKGROUND_NICE
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
 
+    def _take(self) -> _Job | None:
+        job = self._jobs.get()
+        with self._lock:
+            self._queued -= job is not None
+        return job
+
     def _serve(self) -> None:
-        while (first := self._jobs.get()) is not None:
+        while (first := self._take()) is not None:
             self._step_back()
             jobs = [first]
             total = first.tokens
-            while total < MAX_SHARED_TOKENS:
-                try:
-                    job = self._jobs.get_nowait()
-                except queue.Empty:
-                    break
+            while total < MAX_SHARED_TOKENS and not self._jobs.empty():
+                job = self._take()
                 if job is None:
                     self._jobs.put(None)  # stop after these
                     break
                 jobs.append(job)
                 total += job.tokens
-            self._run(jobs)
+            # a caller that stopped waiting (its client left, its time ran out) cancelled its future
+            live = [job for job in jobs if job.done.set_running_or_notify_cancel()]
+            if live:
+                self._run(live)
+        while (job := self._jobs.get_nowait() if not self._jobs.empty() else None) is not None:
+            if job.done.set_running_or_notify_cancel():
+                job.done.set_exception(EncoderStopped(f"{self._owner.model_name} was shut down"))
 
-    @staticmethod
-    def _run(jobs: list[_Job]) -> None:
+    def _run(self, jobs: list[_Job]) -> None:
         first = jobs[0]
         inputs = [x for job in jobs for x in job.inputs]
         types = None if first.types is None else [t for job in jobs for t in job.types or []]
         try:
             out = padded_batches(inputs, types, first.run, first.width, first.pad)
-        except Exception as e:  # each request gets the error, never the thread's end
-            for job in jobs:
-                assert job.done is not None
-                job.done.set_exception(e)
+        except Exception as e:  # each request gets an error, never the thread's end
+            if len(jobs) == 1:
+                first.done.set_exception(e)
+                return
+            for job in jobs:  # each alone, so that only the request at fault gets it
+                try:
+                    job.done.set_result(padded_batches(job.inputs, job.types, job.run, job.width, job.pad))
+                except Exception as alone:
+                    job.done.set_exception(alone)
             return
         start = 0
         for job in jobs:
-            assert job.done is not None
             job.done.set_result(out[start : start + len(job.inputs)])
             start += len(job.inputs)
 
@@ -261,9 +301,13 @@ class Embedder(EncoderEngine):
             raise InputTooLong(f"an input has {len(ids)} tokens, more than this model reads ({limit})")
         return ids[: limit - 1] + ids[-1:]
 
+    def embed_later(self, inputs: list[list[int]]) -> Future[torch.Tensor]:
+        """A future of [len(inputs), dimensions] float32, in input order."""
+        return self._submit(inputs, None, self.model, self.dimensions)
+
     def embed(self, inputs: list[list[int]]) -> torch.Tensor:
-        """[len(inputs), dimensions] float32, in input order."""
-        return self._compute(inputs, None, self.model, self.dimensions)
+        """[len(inputs), dimensions] float32, in input order (blocks the caller)."""
+        return self.embed_later(inputs).result()
 
 
 class Reranker(EncoderEngine):
@@ -274,6 +318,11 @@ class Reranker(EncoderEngine):
 
     def __init__(self, folder: Path, name: str | None = None) -> None:
         super().__init__(folder, name)
+        if self.config.num_labels != 1:
+            # a score per label (an NLI model's three) is not one relevance to sort by
+            raise ModelLoadError(f"{folder}: a reranker has one label, this cross-encoder has {self.config.num_labels}")
+        # What the pair template adds around the query and a document (3 for BERT, 4 for RoBERTa)
+        self._pair_tokens = self._tok.post_processor.num_special_tokens_to_add(True) if self._tok.post_processor else 0
         # A second tokenizer that cuts the document of a pair that is too long (truncation is a tokenizer's
         # state, and the first one must not cut)
         self._cutter = HFTokenizer.from_str(self._tok.to_str())
@@ -283,22 +332,27 @@ class Reranker(EncoderEngine):
         """Each pair's encoding within the model's length: a long document is cut from its end (the query
         is kept whole) when `truncate`, else refused; a query that leaves no room is refused either way."""
         limit = self.max_tokens
-        query_len = len(self._tok.encode(query).ids)
+        query_len = len(self._tok.encode(query, add_special_tokens=False).ids)
+        if query_len + self._pair_tokens >= limit:
+            raise InputTooLong(f"the query has {query_len} tokens: it leaves no room in this model's {limit}")
         encodings: list[Encoding] = self._tok.encode_batch([(query, d) for d in documents])
         for i, enc in enumerate(encodings):
             if len(enc.ids) <= limit:
                 continue
-            if not truncate or query_len >= limit - 1:
-                what = "the query" if query_len >= limit - 1 else f"document {i} with the query"
-                raise InputTooLong(f"{what} has {len(enc.ids)} tokens, more than this model reads ({limit})")
+            if not truncate:
+                raise InputTooLong(f"document {i} with the query has {len(enc.ids)} tokens, more than {limit}")
             encodings[i] = self._cutter.encode(query, documents[i])
         return encodings
 
-    def score(self, encodings: list[Encoding]) -> list[float]:
-        """Each pair's relevance (the first label's score, after the model's activation), in input order."""
+    def score_later(self, encodings: list[Encoding]) -> Future[torch.Tensor]:
+        """A future of each pair's relevance [len(encodings), 1] (the label's score, after the model's
+        activation), in input order."""
         ids = [list(e.ids) for e in encodings]
         # RoBERTa-shaped models have one segment: their tokenizers write 0s, a BERT tokenizer would write 1s
         types = [list(e.type_ids) if self.config.type_vocab_size > 1 else [0] * len(e.ids) for e in encodings]
         assert isinstance(self.model, Encoder)  # cross-encoders are BERT-family
-        scores = self._compute(ids, types, self.model.score, self.config.num_labels)
-        return [float(s) for s in scores[:, 0]]
+        return self._submit(ids, types, self.model.score, self.config.num_labels)
+
+    def score(self, encodings: list[Encoding]) -> list[float]:
+        """Each pair's relevance, in input order (blocks the caller)."""
+        return [float(s) for s in self.score_later(encodings).result()[:, 0]]

@@ -83,7 +83,7 @@ class EncoderConfig:
             normalize=any(str(m.get("type", "")).endswith("Normalize") for m in modules),
             roberta=roberta,
             decoder=decoder,
-            num_labels=len(cfg.get("id2label") or {"0": ""}) if cross else 0,
+            num_labels=_labels(cfg) if cross else 0,
             sigmoid=cross and _cross_encoder_sigmoid(cfg),
         )
 
@@ -99,7 +99,11 @@ def _cross_encoder_sigmoid(cfg: dict[str, Any]) -> bool:
     named = st.get("activation_fn") or cfg.get("sbert_ce_default_activation_function")
     if named:
         return str(named).endswith("Sigmoid")
-    return len(cfg.get("id2label") or {"0": ""}) == 1
+    return _labels(cfg) == 1
+
+
+def _labels(cfg: dict[str, Any]) -> int:
+    return len(cfg.get("id2label") or {"0": ""})  # transformers writes no id2label for one label
 
 
 def encoder_task(folder: Path) -> str | None:
@@ -151,6 +155,11 @@ def _json(path: Path) -> Any:
         raise ModelLoadError(f"{path} could not be read: {e}") from None
 
 
+def matmuls_in(dtype: torch.dtype) -> torch.autocast:
+    """The matmuls (and attention) of the block in bfloat16 when `dtype` is, float32 weights either way."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+
+
 class EncoderLayer(nn.Module):
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
@@ -200,7 +209,7 @@ class Encoder(nn.Module):
         x: torch.Tensor = self.norm(self.word(ids) + self.position(positions) + self.token_type(segments))
         # padding never attended to: an additive bias per key, broadcast over heads and queries
         bias = torch.zeros(mask.shape, dtype=x.dtype).masked_fill(mask == 0, -math.inf)[:, None, None, :]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.compute_dtype == torch.bfloat16):
+        with matmuls_in(self.compute_dtype):
             for layer in self.layers:
                 x = layer(x, bias)
         return x.float()
@@ -247,7 +256,7 @@ class DecoderEncoder(nn.Module):
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.compute_dtype == torch.bfloat16):
+        with matmuls_in(self.compute_dtype):
             states = self.inner(input_ids=ids, attention_mask=mask).last_hidden_state
         pooled = _pool(states.float(), mask, self.config.pooling)
         return F.normalize(pooled, dim=-1) if self.config.normalize else pooled

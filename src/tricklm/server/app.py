@@ -49,6 +49,7 @@ def create_app(
     models: Sequence[Model] = (),
     factories: Sequence[Callable[[], Model]] = (),
     names: Sequence[str | None] = (),
+    on_load_error: Callable[[Exception], None] | None = None,
 ) -> FastAPI:
     """Serve `engine`, or build one with `engine_factory` after startup (/health says 503 meanwhile), with the
     settings `config` holds (`tricklm serve`'s options; the defaults where none is given).
@@ -76,7 +77,7 @@ def create_app(
         for model in built:
             state.add(model)
         if to_load:
-            state.load_in_background(to_load, names)
+            state.load_in_background(to_load, names, on_load_error)
         stats = None
         if config.stats_interval:
             stats = asyncio.create_task(StatsLogger(state, config.stats_interval).run(), name="tricklm-stats")

@@ -18,8 +18,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from tricklm.engine.embedder import InputTooLong, Reranker
-from tricklm.server.errors import APIError, documented_errors
+from tricklm.server.errors import documented_errors
+from tricklm.server.openai.embeddings import encoder_errors, encoder_result, encoder_usage
 from tricklm.server.openai.protocol import OpenAIBody
 from tricklm.server.state import get_state
 
@@ -65,13 +65,18 @@ router = APIRouter()
 
 @router.post("/rerank", include_in_schema=False)
 @router.post("/v2/rerank", include_in_schema=False)
-@router.post("/v1/rerank", responses={200: {"model": RerankResponse}, **documented_errors(400, 404, 503)})
+@router.post("/v1/rerank", responses={200: {"model": RerankResponse}, **documented_errors(400, 404, 429, 503, 504)})
 async def rerank(body: RerankRequest, request: Request) -> JSONResponse:
     """The documents by relevance to the query, most relevant first, from a reranking model."""
     state = get_state(request)
     name, reranker = state.require_reranker(body.model)
     texts = body.texts()
-    scores, tokens = await run_in_threadpool(_scores, reranker, body.query, texts, body.truncate)
+    hint = "" if body.truncate else "; send truncate: true to cut long documents"
+    with encoder_errors("documents", hint):
+        pairs = await run_in_threadpool(reranker.pairs, body.query, texts, body.truncate)
+        future = reranker.score_later(pairs)
+    scores = [float(s) for s in (await encoder_result(state, future))[:, 0]]
+    tokens = sum(len(p.ids) for p in pairs)
     state.metrics.observe_encoder(name, len(texts), tokens)
     # Highest first; equal scores keep the documents' order (a stable sort), so a reply never shuffles
     order = sorted(range(len(texts)), key=lambda i: -scores[i])[: body.top_n]
@@ -81,14 +86,5 @@ async def rerank(body: RerankRequest, request: Request) -> JSONResponse:
         if body.return_documents:
             result["document"] = {"text": texts[i]}
         results.append(result)
-    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+    usage = encoder_usage(tokens)
     return JSONResponse({"id": f"rerank-{uuid.uuid4().hex}", "model": name, "results": results, "usage": usage})
-
-
-def _scores(reranker: Reranker, query: str, documents: list[str], truncate: bool) -> tuple[list[float], int]:
-    try:
-        pairs = reranker.pairs(query, documents, truncate)
-    except InputTooLong as e:
-        hint = "; send truncate: true to cut long documents" if not truncate else ""
-        raise APIError(400, f"{e}{hint}", param="documents", code="context_length_exceeded") from None
-    return reranker.score(pairs), sum(len(p.ids) for p in pairs)

@@ -46,28 +46,30 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
     failed = threading.Event()
     server: uvicorn.Server | None = None
     held: dict[str, int] = {}  # bytes each model loaded so far holds
+    engine_config = _share_cores(engine_config, sum(encoder_task(f) is None for f in folders))
 
     def factory(spec: str | None, folder: Path, name: str) -> Callable[[], Model]:
         def load() -> Model:
-            try:
-                model = _load(dataclasses.replace(engine_config, model=spec), folder, name)
-                held[name] = model.memory_bytes
-                _check_memory(held, server_config.memory_limit, model)
-                if len(held) == len(specs) > 1:
-                    total = ", ".join(f"{n} {b / 2**20:.0f}" for n, b in held.items())
-                    logger.info("models hold %.0f MiB (%s MiB)", sum(held.values()) / 2**20, total)
-                return model
-            except Exception as e:
-                logger.error("tricklm: error: %s", e)
-                failed.set()
-                if server is not None:
-                    server.should_exit = True
-                raise
+            # refused before its weights come in, where its files alone are over the limit
+            _check_memory({**held, name: _file_bytes(folder)}, server_config.memory_limit, None)
+            model = _load(dataclasses.replace(engine_config, model=spec), folder, name)
+            held[name] = model.memory_bytes
+            _check_memory(held, server_config.memory_limit, model)
+            if len(held) == len(specs) > 1:
+                total = ", ".join(f"{n} {b / 2**20:.0f}" for n, b in held.items())
+                logger.info("models hold %.0f MiB (%s MiB)", sum(held.values()) / 2**20, total)
+            return model
 
         return load
 
+    def on_load_error(e: Exception) -> None:
+        logger.error("tricklm: error: %s", e)
+        failed.set()
+        if server is not None:
+            server.should_exit = True
+
     loaders = [factory(s, f, n) for s, f, n in zip(specs, folders, names, strict=True)]
-    app = create_app(server_config, factories=loaders, names=names)
+    app = create_app(server_config, factories=loaders, names=names, on_load_error=on_load_error)
     config = uvicorn.Config(
         app,
         host=server_config.host,
@@ -118,10 +120,28 @@ def _load(config: EngineConfig, folder: Path, name: str) -> Model:
     return Engine(config, progress=False)
 
 
-def _check_memory(held: dict[str, int], limit: int | None, model: Model) -> None:
+def _share_cores(config: EngineConfig, generating: int) -> EngineConfig:
+    """Several generating models share the cores between them unless their threads were chosen: each
+    engine's thread has its own OpenMP team, and with more OpenMP threads than cores the runtime stops
+    spinning between parallel regions, which made decode steps twice as slow (engine/embedder.py)."""
+    if generating < 2 or config.num_threads is not None or config.decode_threads is not None:
+        return config
+    threads = max(1, (os.cpu_count() or 1) // generating)
+    logger.info("%d generating models: %d threads each (--num-threads to choose)", generating, threads)
+    return dataclasses.replace(config, num_threads=threads, decode_threads=threads)
+
+
+def _file_bytes(folder: Path) -> int:
+    """The weights' files of a model folder (a converted GGUF's link to its file included)."""
+    files = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf")]
+    return sum(p.resolve().stat().st_size for p in files if p.resolve().is_file())
+
+
+def _check_memory(held: dict[str, int], limit: int | None, model: Model | None) -> None:
     total = sum(held.values())
     if limit is not None and total > limit:
-        model.shutdown()
+        if model is not None:
+            model.shutdown()
         each = ", ".join(f"{n} {b / 2**20:.0f} MiB" for n, b in held.items())
         raise ModelLoadError(
             f"the models hold {total / 2**20:.0f} MiB ({each}), more than --memory-limit "

@@ -89,8 +89,9 @@ class ServerState:
     def add(self, model: Model, owned: bool = False, slot: ServedModel | None = None) -> ServedModel:
         """Serve `model` (in `slot`, a place kept for it while it loaded, or a new one)."""
         slot = slot or self._slot()
+        slot.owned = owned
         if isinstance(model, Engine):
-            slot.engine, slot.owned = model, owned
+            slot.engine = model
             slot.client = EngineClient(model, self.metrics, self.request_timeout, slot.name)
             slot.name = slot.client.served_name
         else:
@@ -103,10 +104,13 @@ class ServerState:
         return slot
 
     def load_in_background(
-        self, factories: Sequence[Callable[[], Model]], names: Sequence[str | None] = ()
+        self,
+        factories: Sequence[Callable[[], Model]],
+        names: Sequence[str | None] = (),
+        on_error: Callable[[Exception], None] | None = None,
     ) -> threading.Thread:
-        """Load the models one after another (a model that fails stops the rest); each slot answers 503
-        while it waits. `names`: each model's served name when known before it loads."""
+        """Load the models one after another (a model that fails stops the rest, and `on_error` hears of
+        it); each slot answers 503 while it waits. `names`: each model's served name when known before."""
         slots = [self._slot(names[i] if i < len(names) else None) for i in range(len(factories))]
 
         def load() -> None:
@@ -117,6 +121,8 @@ class ServerState:
                     slot.load_error = f"{type(e).__name__}: {e}"
                     for rest in slots[i + 1 :]:
                         rest.load_error = f"not loaded: {slot.name or 'an earlier model'} failed to load"
+                    if on_error is not None:
+                        on_error(e)
                     return
 
         thread = threading.Thread(target=load, name="tricklm-load", daemon=True)
@@ -201,6 +207,8 @@ class ServerState:
                 model.client.shutdown()
             if model.owned and model.engine is not None:
                 model.engine.shutdown()
+            if model.owned and model.encoder is not None:
+                model.encoder.shutdown()
 
 
 def _wrong_task(model: ServedModel, task: str) -> APIError:

@@ -11,7 +11,6 @@ normalizes embeddings by default (`--embd-normalize 2`), so the folder ends with
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from safetensors.torch import save_file
 
 from tricklm.model.config import ModelLoadError
 from tricklm.model.weights.blocks import dequantize_rows
+from tricklm.model.weights.gguf_config import write_json
 
 _TOP = {
     "token_embd": "embeddings.word_embeddings",
@@ -66,7 +66,7 @@ def write_bert_folder(reader: Any, meta: dict[str, Any], out: Path) -> None:
         "layer_norm_eps": float(meta.get("bert.attention.layer_norm_epsilon", 1e-12)),
         "pad_token_id": int(meta.get("tokenizer.ggml.padding_token_id", 0)),
     }
-    _write_json(out / "config.json", config)
+    write_json(out / "config.json", config)
     save_file(dict(_tensors(reader)), str(out / "model.safetensors"))
     (out / "tokenizer.json").write_text(_tokenizer(tokens, types, meta), encoding="utf-8")
     modules = [
@@ -74,12 +74,12 @@ def write_bert_folder(reader: Any, meta: dict[str, Any], out: Path) -> None:
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
         {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
     ]
-    _write_json(out / "modules.json", modules)
+    write_json(out / "modules.json", modules)
     (out / "1_Pooling").mkdir()
-    _write_json(
+    write_json(
         out / "1_Pooling" / "config.json", {"word_embedding_dimension": config["hidden_size"], _POOLING[pooling]: True}
     )
-    _write_json(out / "sentence_bert_config.json", {"max_seq_length": context})
+    write_json(out / "sentence_bert_config.json", {"max_seq_length": context})
 
 
 def _tensors(reader: Any) -> Any:
@@ -105,8 +105,9 @@ def _vocabulary(reader: Any) -> tuple[list[str], list[int]]:
 
 
 def _bert_piece(token: str, kind: int) -> str:
-    """Undo llama.cpp's phantom-space rewrite of one piece."""
-    if kind == _CONTROL:
+    """Undo llama.cpp's phantom-space rewrite of one piece (older converters left every `[...]` token as
+    it was, whatever its type)."""
+    if kind == _CONTROL or (token.startswith("[") and token.endswith("]")):
         return token
     return token[1:] if token.startswith("\u2581") else "##" + token
 
@@ -133,7 +134,3 @@ def _tokenizer(tokens: list[str], types: list[int], meta: dict[str, Any]) -> str
     tok.add_special_tokens([AddedToken(p, special=True) for p, k in zip(pieces, types, strict=True) if k == _CONTROL])
     text: str = tok.to_str()
     return text
-
-
-def _write_json(path: Path, value: Any) -> None:
-    path.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")

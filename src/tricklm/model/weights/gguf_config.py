@@ -21,7 +21,6 @@ import numpy as np
 from tricklm.model.config import ModelLoadError
 from tricklm.model.family import Family
 from tricklm.model.registry import gguf_family
-from tricklm.model.weights.gguf_bert import write_bert_folder
 from tricklm.model.weights.gguf_file import GGUF_LINK, ROPE_FACTOR_TENSORS, open_reader
 
 
@@ -35,10 +34,12 @@ def convert_gguf(gguf_path: Path, out_dir: Path, progress: bool = True) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out_dir.parent))
     try:
         if config is None:
+            from tricklm.model.weights.gguf_bert import write_bert_folder  # it imports this module
+
             write_bert_folder(reader, meta, tmp)
         else:
-            _write_json(tmp / "config.json", config)
-            _write_json(tmp / "generation_config.json", _generation_config(meta))
+            write_json(tmp / "config.json", config)
+            write_json(tmp / "generation_config.json", _generation_config(meta))
             _save_tokenizer(gguf_path, tmp, meta)
         (tmp / GGUF_LINK).symlink_to(gguf_path.resolve())
         if out_dir.exists() and not (out_dir / GGUF_LINK).is_symlink():
@@ -164,7 +165,7 @@ def _save_tokenizer(gguf_path: Path, out_dir: Path, meta: dict[str, Any]) -> Non
     cfg = json.loads(cfg_path.read_text())
     if template and "chat_template" not in cfg:
         cfg["chat_template"] = template
-        _write_json(cfg_path, cfg)
+        write_json(cfg_path, cfg)
 
 
 # Pre-tokenizers whose BPE takes a word that is in the vocabulary whole, before any merge (Llama 3's
@@ -177,7 +178,7 @@ def _ignore_merges(path: Path) -> None:
     data = json.loads(path.read_text(encoding="utf-8"))
     if data.get("model", {}).get("type") == "BPE":
         data["model"]["ignore_merges"] = True
-        _write_json(path, data)
+        write_json(path, data)
 
 
 def _sentencepiece_prefix(path: Path) -> None:
@@ -198,8 +199,8 @@ def _sentencepiece_prefix(path: Path) -> None:
             {"type": "Replace", "pattern": {"String": " "}, "content": space},
         ],
     }
-    _write_json(path, data)
+    write_json(path, data)
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
+def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -68,7 +68,7 @@ class Metrics:
         self.encoder_tokens.labels(model_name).inc(tokens)
 
     def render(self) -> bytes:
-        for engine in self._engines.values():
+        for engine in list(self._engines.values()):  # a model loading may add one meanwhile
             engine.scrape()
         return generate_latest(self.registry)
 

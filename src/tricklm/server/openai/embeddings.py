@@ -10,8 +10,12 @@ default.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+from collections.abc import Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
@@ -19,8 +23,8 @@ from fastapi.responses import Response
 from pydantic import Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
-from tricklm.engine.embedder import Embedder, InputTooLong
-from tricklm.server.errors import APIError
+from tricklm.engine.embedder import Embedder, EncoderBusy, EncoderStopped, InputTooLong
+from tricklm.server.errors import APIError, overloaded, unavailable
 from tricklm.server.openai.protocol import OpenAIBody
 from tricklm.server.state import ServerState
 
@@ -53,27 +57,60 @@ async def create_embeddings(body: EmbeddingRequest, state: ServerState) -> Respo
     if body.dimensions is not None and body.dimensions > embedder.dimensions:
         message = f"dimensions must be at most {embedder.dimensions}, this model's"
         raise APIError(400, message, param="dimensions")
-    # Tokenizing, the forward pass and turning thousands of floats into JSON all stay off the event loop
-    content, inputs, tokens = await run_in_threadpool(_embeddings, embedder, body, name)
-    state.metrics.observe_encoder(name, inputs, tokens)
+    # Tokenizing and turning thousands of floats into JSON stay off the event loop; the forward pass is the
+    # encoder's thread's, awaited here without holding a thread of the pool (chat requests tokenize there)
+    inputs = await run_in_threadpool(_token_inputs, embedder, body)
+    with encoder_errors("input", ""):
+        future = embedder.embed_later(inputs)
+    vectors = await encoder_result(state, future)
+    content = await run_in_threadpool(_payload, embedder, body, name, inputs, vectors)
+    state.metrics.observe_encoder(name, len(inputs), sum(len(ids) for ids in inputs))
     return Response(content, media_type="application/json")
 
 
-def _embeddings(embedder: Embedder, body: EmbeddingRequest, model: str) -> tuple[bytes, int, int]:
-    inputs = _token_inputs(embedder, body)
-    vectors = embedder.embed(inputs)
+async def encoder_result(state: ServerState, result: Future[torch.Tensor]) -> torch.Tensor:
+    """An encoder's answer, awaited on the event loop within the server's request timeout; a request that
+    is cancelled or times out takes its inputs out of the encoder's queue if they are still waiting."""
+    try:
+        return await asyncio.wait_for(asyncio.wrap_future(result), timeout=state.request_timeout)
+    except TimeoutError:
+        message = f"the request ran longer than {state.request_timeout:g} s"
+        raise APIError(504, message, "timeout_error", code="request_timeout") from None
+    finally:
+        result.cancel()  # a no-op once it is done
+
+
+@contextmanager
+def encoder_errors(param: str, hint: str) -> Iterator[None]:
+    """An encoder's refusals as HTTP errors: too long an input (400, with `hint`), a full queue (429), an
+    encoder that was shut down (503)."""
+    try:
+        yield
+    except InputTooLong as e:
+        raise APIError(400, f"{e}{hint}", param=param, code="context_length_exceeded") from None
+    except EncoderBusy as e:
+        raise overloaded(str(e)) from None
+    except EncoderStopped as e:
+        raise unavailable(str(e)) from None
+
+
+def encoder_usage(tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": tokens, "total_tokens": tokens}
+
+
+def _payload(
+    embedder: Embedder, body: EmbeddingRequest, model: str, inputs: list[list[int]], vectors: torch.Tensor
+) -> bytes:
     if body.dimensions is not None:
         vectors = vectors[:, : body.dimensions]
         if embedder.config.normalize:
             vectors = torch.nn.functional.normalize(vectors, dim=-1)
-    tokens = sum(len(ids) for ids in inputs)
     data = [
         {"object": "embedding", "index": i, "embedding": _encoded(v, body.encoding_format)}
         for i, v in enumerate(vectors)
     ]
-    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
-    content = json.dumps({"object": "list", "data": data, "model": model, "usage": usage}).encode()
-    return content, len(inputs), tokens
+    usage = encoder_usage(sum(len(ids) for ids in inputs))
+    return json.dumps({"object": "list", "data": data, "model": model, "usage": usage}).encode()
 
 
 def _token_inputs(embedder: Embedder, body: EmbeddingRequest) -> list[list[int]]:
@@ -89,12 +126,8 @@ def _token_inputs(embedder: Embedder, body: EmbeddingRequest) -> list[list[int]]
     for ids in raw:
         if any(not 0 <= t < embedder.vocab_size for t in ids):
             raise APIError(400, f"token ids must be in [0, {embedder.vocab_size})", param="input")
-    try:
+    with encoder_errors("input", "; send truncate: true to cut it"):
         return [embedder.fit(ids, body.truncate) for ids in raw]
-    except InputTooLong as e:
-        raise APIError(
-            400, f"{e}; send truncate: true to cut it", param="input", code="context_length_exceeded"
-        ) from None
 
 
 def _encoded(vector: torch.Tensor, fmt: str) -> Any:

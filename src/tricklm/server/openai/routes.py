@@ -116,7 +116,7 @@ async def delete_response(response_id: str, request: Request) -> JSONResponse:
 
 
 @router.post("/embeddings", include_in_schema=False)
-@router.post("/v1/embeddings", responses=documented_errors(400, 404, 503))
+@router.post("/v1/embeddings", responses=documented_errors(400, 404, 429, 503, 504))
 async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
     """Vectors of texts or token ids, from an embedding model (`tricklm serve --model all-MiniLM-L6-v2`)."""
     return await create_embeddings(body, get_state(request))
