@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from tricklm.model.config import ModelLoadError
 from tricklm.model.weights.blocks import dequantize_rows
-from tricklm.model.weights.gguf_config import write_json
+from tricklm.model.weights.files import write_json
 
 _TOP = {
     "token_embd": "embeddings.word_embeddings",

@@ -21,6 +21,8 @@ import numpy as np
 from tricklm.model.config import ModelLoadError
 from tricklm.model.family import Family
 from tricklm.model.registry import gguf_family
+from tricklm.model.weights.files import write_json
+from tricklm.model.weights.gguf_bert import write_bert_folder
 from tricklm.model.weights.gguf_file import GGUF_LINK, ROPE_FACTOR_TENSORS, open_reader
 
 
@@ -34,8 +36,6 @@ def convert_gguf(gguf_path: Path, out_dir: Path, progress: bool = True) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out_dir.parent))
     try:
         if config is None:
-            from tricklm.model.weights.gguf_bert import write_bert_folder  # it imports this module
-
             write_bert_folder(reader, meta, tmp)
         else:
             write_json(tmp / "config.json", config)
@@ -200,7 +200,3 @@ def _sentencepiece_prefix(path: Path) -> None:
         ],
     }
     write_json(path, data)
-
-
-def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
