@@ -3,6 +3,7 @@ refuses a model that does not do what it does, and each generating model has its
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from tricklm.model.config import ModelLoadError
 from tricklm.model.resolve import resolve_model
 from tricklm.options import build_parser, replica_plan, server_config
 from tricklm.server.app import create_app
-from tricklm.server.run import _check_memory
+from tricklm.server.run import _check_memory, _share_cores
 from tricklm.server.state import ServerState
 from tricklm.server.testing import free_port, running_server, wait_healthy
 
@@ -86,6 +87,15 @@ def test_a_wrong_or_unknown_model_is_refused_by_name(several: str) -> None:
     tokenized = httpx.post(f"{several}/tokenize", json={"model": "qwen", "prompt": "hello"}, timeout=10)
     assert tokenized.status_code == 200
     assert httpx.get(f"{several}/health", timeout=10).status_code == 200
+
+
+def test_several_generating_models_share_the_cores() -> None:
+    cores = os.cpu_count() or 1
+    shared = _share_cores(EngineConfig(), 2)
+    assert shared.num_threads == shared.decode_threads == max(1, cores // 2)
+    assert _share_cores(EngineConfig(), 1) == EngineConfig()  # one model: every core, as alone
+    chosen = EngineConfig(num_threads=2)
+    assert _share_cores(chosen, 3) == chosen  # threads given: as given
 
 
 def test_the_default_model_can_be_named() -> None:

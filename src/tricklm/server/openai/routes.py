@@ -38,7 +38,9 @@ router = APIRouter()
 @router.get("/v1/models", responses={200: {"model": ModelList}, **documented_errors(503)})
 async def list_models(request: Request) -> JSONResponse:
     state = get_state(request)
-    return JSONResponse({"object": "list", "data": [_model_card(m) for m in state.models if m.name]})
+    # a model that failed to load is not listed (/health says why)
+    cards = [_model_card(m) for m in state.models if m.name and not m.load_error]
+    return JSONResponse({"object": "list", "data": cards})
 
 
 @router.get("/models/{model_id:path}", include_in_schema=False)
