@@ -74,8 +74,7 @@ async def rerank(body: RerankRequest, request: Request) -> JSONResponse:
     hint = "" if body.truncate else "; send truncate: true to cut long documents"
     with encoder_errors("documents", hint):
         pairs = await run_in_threadpool(reranker.pairs, body.query, texts, body.truncate)
-        future = reranker.score_later(pairs)
-    scores = [float(s) for s in (await encoder_result(state, future))[:, 0]]
+        scores = [float(s) for s in (await encoder_result(state, reranker.score_later(pairs)))[:, 0]]
     tokens = sum(len(p.ids) for p in pairs)
     state.metrics.observe_encoder(name, len(texts), tokens)
     # Highest first; equal scores keep the documents' order (a stable sort), so a reply never shuffles

@@ -18,6 +18,7 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from fastapi.responses import Response
 from pydantic import Field, field_validator
@@ -61,8 +62,7 @@ async def create_embeddings(body: EmbeddingRequest, state: ServerState) -> Respo
     # encoder's thread's, awaited here without holding a thread of the pool (chat requests tokenize there)
     inputs = await run_in_threadpool(_token_inputs, embedder, body)
     with encoder_errors("input", ""):
-        future = embedder.embed_later(inputs)
-    vectors = await encoder_result(state, future)
+        vectors = await encoder_result(state, embedder.embed_later(inputs))
     content = await run_in_threadpool(_payload, embedder, body, name, inputs, vectors)
     state.metrics.observe_encoder(name, len(inputs), sum(len(ids) for ids in inputs))
     return Response(content, media_type="application/json")
@@ -101,13 +101,16 @@ def encoder_usage(tokens: int) -> dict[str, int]:
 def _payload(
     embedder: Embedder, body: EmbeddingRequest, model: str, inputs: list[list[int]], vectors: torch.Tensor
 ) -> bytes:
+    values = vectors.numpy()
     if body.dimensions is not None:
-        vectors = vectors[:, : body.dimensions]
+        # numpy, not torch: a torch op of this size on a request thread would start an OpenMP team there
+        # (engine/embedder.py says what that costs the chat engine)
+        values = values[:, : body.dimensions]
         if embedder.config.normalize:
-            vectors = torch.nn.functional.normalize(vectors, dim=-1)
+            values = values / np.maximum(np.linalg.norm(values, axis=1, keepdims=True), 1e-12)
     data = [
         {"object": "embedding", "index": i, "embedding": _encoded(v, body.encoding_format)}
-        for i, v in enumerate(vectors)
+        for i, v in enumerate(values)
     ]
     usage = encoder_usage(sum(len(ids) for ids in inputs))
     return json.dumps({"object": "list", "data": data, "model": model, "usage": usage}).encode()
@@ -130,7 +133,7 @@ def _token_inputs(embedder: Embedder, body: EmbeddingRequest) -> list[list[int]]
         return [embedder.fit(ids, body.truncate) for ids in raw]
 
 
-def _encoded(vector: torch.Tensor, fmt: str) -> Any:
+def _encoded(vector: np.ndarray, fmt: str) -> Any:
     if fmt == "base64":
-        return base64.b64encode(vector.numpy().astype("<f4").tobytes()).decode()
+        return base64.b64encode(vector.astype("<f4").tobytes()).decode()
     return vector.tolist()
