@@ -45,8 +45,13 @@ def start_server(model: str | None, port: int, *extra: str) -> subprocess.Popen[
     cmd = [sys.executable, "-m", "tricklm", "serve", "--host", "127.0.0.1", "--port", str(port), *extra]
     if model:
         cmd += ["--model", model]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
+    return wait_healthy(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port)
+
+
+def wait_healthy(proc: subprocess.Popen[bytes], port: int, timeout: float = 300) -> subprocess.Popen[bytes]:
+    """`proc` once its /health on `port` answers 200 (it is killed, and the benchmark ends, if it exits or
+    does not within `timeout` seconds)."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"the server exited with {proc.returncode}")
@@ -57,7 +62,7 @@ def start_server(model: str | None, port: int, *extra: str) -> subprocess.Popen[
             pass
         time.sleep(0.5)
     proc.kill()
-    raise SystemExit("the server did not become healthy within 300 s")
+    raise SystemExit(f"the server did not become healthy within {timeout:g} s")
 
 
 def bench(base: str, endpoint: str, args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:

@@ -26,8 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-from api_overhead import cpu_name, free_port, start_server
+from api_overhead import cpu_name, free_port, start_server, wait_healthy
 
 from tricklm.bench.runner import BenchConfig, run_benchmark
 from tricklm.bench.workload import load_prompt_set
@@ -91,17 +90,7 @@ def llama_gguf(out: Path) -> Path | None:
 def start_llama(binary: Path, gguf: Path, port: int, slots: int) -> subprocess.Popen[bytes]:
     cmd = [str(binary), "-m", str(gguf), "--embedding", "--pooling", "mean", "-t", "2", "-np", str(slots)]
     cmd += ["-c", str(512 * slots), "-b", "2048", "-ub", "2048", "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise SystemExit("llama-server did not become ready")
+    return wait_healthy(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port, 120)
 
 
 def served_rates(base: str, rounds: int) -> dict[tuple[int, int, int], float]:

@@ -179,42 +179,27 @@ def format_sweep(runs: list[RunResult], encoder: bool = False) -> str:
     """One row per load level; latencies in ms."""
     columns = _ENCODER_SWEEP_COLUMNS if encoder else _SWEEP_COLUMNS
     lines = ["".join(f"{name:>{width}}" for name, width, _ in columns)]
-    lines += [_encoder_sweep_row(run) if encoder else _sweep_row(run) for run in runs]
+    lines += [_sweep_row(run, encoder) for run in runs]
     return "\n".join(lines)
 
 
-def _encoder_sweep_row(run: RunResult) -> str:
+def _sweep_row(run: RunResult, encoder: bool) -> str:
     s = run.summary
-    values: list[float | int | str | None] = [
+    level: list[float | int | str | None] = [
         run.max_concurrency if run.max_concurrency is not None else "-",
         s.completed,
         s.failed,
         s.request_throughput,
-        s.input_throughput,
-        s.e2el_ms.p50,
-        s.e2el_ms.p99,
-        s.health_ms.p99,
     ]
-    cells = zip(_ENCODER_SWEEP_COLUMNS, values, strict=True)
-    return "".join(_sweep_cell(v, w, d) for (_, w, d), v in cells)
-
-
-def _sweep_row(run: RunResult) -> str:
-    s = run.summary
-    values: list[float | int | str | None] = [
-        run.max_concurrency if run.max_concurrency is not None else "-",
-        s.completed,
-        s.failed,
-        s.request_throughput,
-        s.output_throughput,
-        s.ttft_ms.p50,
-        s.ttft_ms.p99,
-        s.tpot_ms.p50,
-        s.itl_ms.p50,
-        s.e2el_ms.p50,
-        s.health_ms.p99,
-    ]
-    return "".join(_sweep_cell(v, w, d) for (_, w, d), v in zip(_SWEEP_COLUMNS, values, strict=True))
+    columns: tuple[tuple[str, int, int], ...]
+    if encoder:
+        columns = _ENCODER_SWEEP_COLUMNS
+        figures = [s.input_throughput, s.e2el_ms.p50, s.e2el_ms.p99]
+    else:
+        columns = _SWEEP_COLUMNS
+        figures = [s.output_throughput, s.ttft_ms.p50, s.ttft_ms.p99, s.tpot_ms.p50, s.itl_ms.p50, s.e2el_ms.p50]
+    values = [*level, *figures, s.health_ms.p99]
+    return "".join(_sweep_cell(v, w, d) for (_, w, d), v in zip(columns, values, strict=True))
 
 
 def _sweep_cell(value: float | int | str | None, width: int, decimals: int) -> str:
