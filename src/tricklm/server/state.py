@@ -130,16 +130,6 @@ class ServerState:
         self.load_thread = thread
         return thread
 
-    @property
-    def served_model_name(self) -> str:
-        """The first model's name (what a one-model server serves)."""
-        return next((m.name for m in self.models if m.name), "unknown")
-
-    @property
-    def client(self) -> EngineClient | None:
-        """The first generating model's client, if one is loaded."""
-        return next((m.client for m in self.models if m.client is not None), None)
-
     def clients(self) -> list[EngineClient]:
         return [m.client for m in self.models if m.client is not None]
 
