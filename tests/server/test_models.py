@@ -86,6 +86,10 @@ def test_a_wrong_or_unknown_model_is_refused_by_name(several: str) -> None:
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     tokenized = httpx.post(f"{several}/tokenize", json={"model": "qwen", "prompt": "hello"}, timeout=10)
     assert tokenized.status_code == 200
+    generated = httpx.post(f"{several}/generate", json={"model": "qwen", "prompt": "hi", "max_tokens": 2}, timeout=30)
+    assert generated.status_code == 200 and generated.json()["completion_tokens"] == 2
+    unknown = httpx.post(f"{several}/generate", json={"model": "gpt-4o", "prompt": "hi"}, timeout=30)
+    assert unknown.status_code == 404 and "does not exist" in unknown.json()["detail"]
     assert httpx.get(f"{several}/health", timeout=10).status_code == 200
 
 

@@ -37,6 +37,7 @@ class GenerateRequest(BaseModel):
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1], description="Same seed, same text")
     stop: str | list[str] | None = Field(None, description="Stop strings (not included in the output)")
     response_format: ResponseFormat | None = Field(None, description="As OpenAI's: text, json_object, json_schema")
+    model: str | None = Field(None, description="Which served model (unset: the first that generates text)")
 
     def sampling_values(self) -> dict[str, Any]:
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
@@ -65,7 +66,7 @@ class GenerateResponse(BaseModel):
     },
 )
 async def generate(body: GenerateRequest, request: Request) -> Response:
-    client = get_state(request).require_engine()
+    client = get_state(request).require_engine(body.model)
     ids = await client.encode_text(body.prompt)
     params = to_sampling_params(client, body, await response_grammar(client, body.response_format))
     job = start_job(client, [ids], params, prefix="gen")
