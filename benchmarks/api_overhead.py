@@ -20,6 +20,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,24 @@ def start_server(model: str | None, port: int, *extra: str) -> subprocess.Popen[
     if model:
         cmd += ["--model", model]
     return wait_healthy(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), port)
+
+
+@contextmanager
+def stopping(proc: subprocess.Popen[bytes]) -> Iterator[subprocess.Popen[bytes]]:
+    """`proc`, terminated (and waited for) however the block ends."""
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+@contextmanager
+def serving(model: str | None, *extra: str) -> Iterator[str]:
+    """A `tricklm serve` of `model` (None: the default) on a free port, healthy: its base URL, stopped after."""
+    port = free_port()
+    with stopping(start_server(model, port, *extra)):
+        yield f"http://127.0.0.1:{port}"
 
 
 def wait_healthy(proc: subprocess.Popen[bytes], port: int, timeout: float = 300) -> subprocess.Popen[bytes]:
@@ -83,24 +103,17 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=64)
     args = p.parse_args()
     print(f"CPU: {cpu_name()}, TRICKLM_ISA={os.environ.get('TRICKLM_ISA', '(auto: the best this CPU has)')}")
-    port = free_port()
-    server = start_server(args.model, port)
-    base = f"http://127.0.0.1:{port}"
     rows = []
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            # Every run sends the same prompts: one untimed run first, so that every measured run finds
-            # them in the prefix cache and the rounds differ only by the API
-            bench(base, "chat", args, Path(tmp) / "warmup.json")
-            for r in range(args.rounds):
-                order = ENDPOINTS[r % 3 :] + ENDPOINTS[: r % 3]
-                for endpoint in order:
-                    for run in bench(base, endpoint, args, Path(tmp) / f"{endpoint}-{r}.json"):
-                        s = run["summary"]
-                        rows.append((r, endpoint, run["max_concurrency"], s))
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
+    with serving(args.model) as base, tempfile.TemporaryDirectory() as tmp:
+        # Every run sends the same prompts: one untimed run first, so that every measured run finds
+        # them in the prefix cache and the rounds differ only by the API
+        bench(base, "chat", args, Path(tmp) / "warmup.json")
+        for r in range(args.rounds):
+            order = ENDPOINTS[r % 3 :] + ENDPOINTS[: r % 3]
+            for endpoint in order:
+                for run in bench(base, endpoint, args, Path(tmp) / f"{endpoint}-{r}.json"):
+                    s = run["summary"]
+                    rows.append((r, endpoint, run["max_concurrency"], s))
     head = (
         "round",
         "endpoint",

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from api_overhead import cpu_name, free_port, start_server, wait_healthy
+from api_overhead import cpu_name, free_port, serving, stopping, wait_healthy
 
 from tricklm.bench.runner import BenchConfig, run_benchmark
 from tricklm.bench.workload import load_prompt_set
@@ -106,13 +106,8 @@ def main() -> None:
     ours: dict[str, dict[tuple[int, int, int], float]] = {}
     for dtype in ("float32", "auto"):
         os.environ[DTYPE_ENV] = dtype  # the server inherits it
-        port = free_port()
-        server = start_server(MODEL, port)
-        try:
-            ours[dtype] = served_rates(f"http://127.0.0.1:{port}", args.rounds)
-        finally:
-            server.terminate()
-            server.wait(timeout=60)
+        with serving(MODEL) as base:
+            ours[dtype] = served_rates(base, args.rounds)
     del os.environ[DTYPE_ENV]
     llama: dict[tuple[int, int, int], float] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,12 +115,8 @@ def main() -> None:
         for slots in LLAMA_SLOTS if gguf else ():
             port = free_port()
             assert gguf is not None
-            proc = start_llama(args.llama_server, gguf, port, slots)
-            try:
+            with stopping(start_llama(args.llama_server, gguf, port, slots)):
                 rates = served_rates(f"http://127.0.0.1:{port}", args.rounds)
-            finally:
-                proc.terminate()
-                proc.wait(timeout=60)
             print(f"llama-server -np {slots}: " + ", ".join(f"{r:.1f}" for r in rates.values()) + " texts/s")
             llama = {k: max(v, llama.get(k, 0.0)) for k, v in rates.items()}
     library = {b: max((library_rate(b) or 0.0) for _ in range(args.rounds)) for b in (1, 64)}

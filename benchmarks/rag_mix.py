@@ -18,7 +18,7 @@ import statistics
 import time
 
 import httpx
-from api_overhead import cpu_name, free_port, start_server
+from api_overhead import cpu_name, serving
 
 from tricklm.bench.runner import BenchConfig, run_benchmark
 from tricklm.bench.workload import load_prompt_set
@@ -111,13 +111,8 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=64)
     args = p.parse_args()
     print(f"CPU: {cpu_name()}, TRICKLM_ISA={os.environ.get('TRICKLM_ISA', '(auto)')}")
-    port = free_port()
-    server = start_server(None, port, "--model", CHAT, "--model", EMBEDDER)
-    try:
-        asyncio.run(measure(f"http://127.0.0.1:{port}", args))
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
+    with serving(None, "--model", CHAT, "--model", EMBEDDER) as base:
+        asyncio.run(measure(base, args))
 
 
 if __name__ == "__main__":

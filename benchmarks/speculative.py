@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from api_overhead import cpu_name, free_port, start_server
+from api_overhead import cpu_name, serving
 
 
 def bench(base: str, args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
@@ -51,14 +51,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
             for mode in ("none", "ngram") if r % 2 == 0 else ("ngram", "none"):
-                port = free_port()
-                server = start_server(args.model, port, "--speculative", mode, *args.serve_args.split())
-                try:
-                    for run in bench(f"http://127.0.0.1:{port}", args, Path(tmp) / f"{mode}-{r}.json"):
+                with serving(args.model, "--speculative", mode, *args.serve_args.split()) as base:
+                    for run in bench(base, args, Path(tmp) / f"{mode}-{r}.json"):
                         results[(r, mode, run["max_concurrency"])] = run
-                finally:
-                    server.terminate()
-                    server.wait(timeout=60)
     model = args.model or "the default"
     print(f"dataset {args.dataset}, temperature {args.temperature}, up to {args.output_len} tokens, model {model}")
     head = ("round", "streams", "none tok/s", "ngram tok/s", "ratio", "acceptance", "ITL p50 none/ngram (ms)")
