@@ -43,6 +43,7 @@ MAX_BATCH_TOKENS = 2048
 MAX_SHARED_TOKENS = 4 * MAX_BATCH_TOKENS
 MAX_QUEUED_JOBS = 256  # requests waiting for one encoder before more are refused (a 429 from the server)
 BACKGROUND_NICE = 10  # added to the encoder thread's niceness beside a generating model
+STOP_SECONDS = 30.0  # a shutdown waits this long at most for the encoder's pass in progress
 
 
 class InputTooLong(ValueError):
@@ -215,10 +216,14 @@ class _Worker:
         return job.done
 
     def stop(self) -> None:
-        """Jobs still queued fail with EncoderStopped; the one running finishes."""
+        """Jobs still queued fail with EncoderStopped; the one running finishes, and so does the thread
+        (within STOP_SECONDS): a process that exits while a thread is still inside torch's native code
+        aborted in its teardown ("terminate called without an active exception")."""
         with self._lock:
             self._stopped = True
             self._jobs.put(None)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=STOP_SECONDS)
 
     def _step_back(self) -> None:
         """One torch thread at a lower priority, once a generating model is served beside (it may load after
